@@ -1,0 +1,424 @@
+"""Process plumbing for the benchmark harness: free ports, the nginx backend and proxy configs,
+the Turnout config, readiness probes and /proc accounting (CPU time and RSS of a process tree).
+
+Everything here listens on 127.0.0.1 only, and every process it starts lives in its own process
+group so that `Proc.stop()` can take down a master together with its workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+LOOPBACK = "127.0.0.1"
+ONE_MIB = 1024 * 1024
+# 100 bytes: the size of a typical small JSON API answer.
+SMALL_BODY = "turnout-bench " + "x" * 85 + "\n"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class StartError(RuntimeError):
+    """A server did not come up; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that the OS just handed out (bind port 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def taskset_prefix(cores: frozenset[int] | None) -> list[str]:
+    """The `taskset -c` prefix that pins a command to `cores`, or nothing when not pinning."""
+    if cores is None:
+        return []
+    return ["taskset", "-c", ",".join(str(c) for c in sorted(cores))]
+
+
+class Proc:
+    """A child process in its own process group; `stop()` ends the whole group."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        *,
+        stdout_devnull: bool = False,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("ab")
+        stdout: IO[bytes] | int = subprocess.DEVNULL if stdout_devnull else self._log
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=self._log,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        """The process id of the group leader."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """True while the group leader has not exited."""
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last `lines` lines of the process's stderr log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the group, wait up to `grace` seconds, then SIGKILL whatever is left."""
+        if self.popen.poll() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        # Workers can outlive a leader that died abruptly; the group id still reaches them.
+        _signal_group(self.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def run_bounded(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion in its own process group; kill the group on timeout/Ctrl-C."""
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = popen.communicate(timeout=timeout)
+    except BaseException:
+        _signal_group(popen.pid, signal.SIGKILL)
+        popen.wait()
+        raise
+    return subprocess.CompletedProcess(argv, popen.returncode, out, None)
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+def port_open(port: int) -> bool:
+    """True when 127.0.0.1:`port` accepts a TCP connection."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_status(port: int, path: str, headers: dict[str, str] | None = None) -> int | None:
+    """GET http://127.0.0.1:`port``path`; the status code, or None when nothing answered."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=2.0)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_for_port(proc: Proc, port: int, deadline_s: float) -> None:
+    """Wait until `port` accepts connections; raise StartError if `proc` dies or time runs out."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        if port_open(port):
+            return
+        time.sleep(0.05)
+    raise StartError(
+        f"{proc.name}: port {port} not open after {deadline_s:.0f}s:\n{proc.log_tail()}"
+    )
+
+
+def wait_for_turnout(
+    proc: Proc, port: int, admin_port: int, probe_path: str, deadline_s: float
+) -> str:
+    """Wait until Turnout serves; return how readiness was established.
+
+    Ready means the data port accepts connections and admin `/readyz` answers 200. An admin plane
+    that does not answer at all (not built yet, or a stand-in command) falls back to one
+    successful GET of `probe_path` through the proxy.
+    """
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        if port_open(port):
+            readyz = http_status(admin_port, "/readyz")
+            if readyz == 200:
+                return "admin /readyz = 200"
+            if readyz is None and http_status(port, probe_path) == 200:
+                return f"admin silent; GET {probe_path} through the proxy = 200"
+        time.sleep(0.1)
+    raise StartError(f"{proc.name} not ready after {deadline_s:.0f}s:\n{proc.log_tail()}")
+
+
+# --- nginx -----------------------------------------------------------------------------------
+
+
+def _nginx_common(prefix: Path, workers: int) -> str:
+    # Every path nginx might write lives under the private prefix; nothing touches /var.
+    return f"""
+worker_processes {workers};
+worker_rlimit_nofile 16384;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+"""
+
+
+def _nginx_http_common(prefix: Path) -> str:
+    return f"""
+    access_log off;
+    client_body_temp_path {prefix}/tmp-body;
+    proxy_temp_path {prefix}/tmp-proxy;
+    fastcgi_temp_path {prefix}/tmp-fastcgi;
+    uwsgi_temp_path {prefix}/tmp-uwsgi;
+    scgi_temp_path {prefix}/tmp-scgi;
+    keepalive_timeout 75s;
+    # nginx closes a client connection every 1000 requests by default; Turnout does not, so
+    # both sides keep connections open for the whole run.
+    keepalive_requests 1000000;
+"""
+
+
+def write_backend_conf(prefix: Path, port: int) -> Path:
+    """Write the backend nginx config (and its 1 MiB file) under `prefix`; return the conf path.
+
+    `/small` answers 100 bytes, `/1m` a 1 MiB static file, `/upload` reads the whole POST body
+    (up to 2 MiB) before answering 200 "ok".
+    """
+    www = prefix / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    (www / "1m").write_bytes(os.urandom(ONE_MIB))
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        _nginx_common(prefix, 1)
+        + f"""
+http {{
+{_nginx_http_common(prefix)}
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    server {{
+        listen {LOOPBACK}:{port} backlog=4096;
+        root {www};
+        location = /small {{
+            default_type text/plain;
+            return 200 "{SMALL_BODY.rstrip()}\\n";
+        }}
+        location = /1m {{ }}
+        location = /upload {{
+            client_max_body_size 2m;
+            client_body_buffer_size 2m;
+            # `return` would answer before the body is read (nginx discards it afterwards).
+            # A mirror with mirror_request_body makes nginx read the whole body first, like an
+            # application would; the content phase then 404s and error_page turns it into 200.
+            mirror /_sink;
+            mirror_request_body on;
+            log_not_found off;
+            error_page 404 405 =200 @ok;
+        }}
+        location = /_sink {{ internal; return 204; }}
+        location @ok {{ default_type text/plain; return 200 "ok"; }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def write_proxy_conf(prefix: Path, port: int, backend_port: int, workers: int) -> Path:
+    """Write an nginx reverse-proxy config in front of the backend; return the conf path."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        _nginx_common(prefix, workers)
+        + f"""
+http {{
+{_nginx_http_common(prefix)}
+    upstream backend {{
+        server {LOOPBACK}:{backend_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {LOOPBACK}:{port} backlog=4096;
+        # The default 1m limit is exactly the upload size; 2m leaves room, like Turnout's 64MiB.
+        client_max_body_size 2m;
+        # Keep request bodies in memory rather than temp files, as a tuned deployment would.
+        client_body_buffer_size 2m;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # The same header work Turnout does (contract section 3): Host passed unchanged,
+            # forwarding headers set, a request id generated and echoed.
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $request_id;
+            add_header X-Request-Id $request_id;
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def nginx_argv(nginx: str, prefix: Path, conf: Path, cores: frozenset[int] | None) -> list[str]:
+    """The command line that runs the `nginx` binary in the foreground on a private prefix."""
+    return [
+        *taskset_prefix(cores),
+        nginx,
+        "-p",
+        f"{prefix}/",
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+    ]
+
+
+# --- Turnout ---------------------------------------------------------------------------------
+
+
+def turnout_config(
+    port: int, admin_port: int, workers: int, backend_port: int, features: bool
+) -> dict[str, Any]:
+    """The Turnout routing table (contract section 1) for one benchmark run.
+
+    Plain: one upstream `backend`, split 100. With `features`: upstreams `blue` and `green` on the
+    same backend endpoint, split 90/10, sticky by header `x-user`, override on header `x-canary`,
+    so every request pays for overrides, sticky hashing and the weighted choice.
+    """
+    endpoint = f"{LOOPBACK}:{backend_port}"
+    route: dict[str, Any] = {"name": "bench", "match": {"path_prefix": "/"}}
+    upstreams: dict[str, Any]
+    if features:
+        upstreams = {"blue": {"endpoints": [endpoint]}, "green": {"endpoints": [endpoint]}}
+        route["overrides"] = [{"header": "x-canary", "to": "green"}]
+        route["split"] = {"blue": 90, "green": 10}
+        route["sticky"] = {"header": "x-user"}
+    else:
+        upstreams = {"backend": {"endpoints": [endpoint]}}
+        route["split"] = {"backend": 100}
+    return {
+        "listen": f"{LOOPBACK}:{port}",
+        "admin": f"{LOOPBACK}:{admin_port}",
+        "workers": workers,
+        "upstreams": upstreams,
+        "routes": [route],
+    }
+
+
+def write_turnout_conf(path: Path, config: dict[str, Any]) -> Path:
+    """Write `config` as YAML to `path` and return it."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# --- /proc accounting ------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str]:
+    # The command name (field 2) may contain spaces and parentheses; split after the last ')'.
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants that are alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry))[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Sum of utime + stime of `pids` (all threads of each), in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        # After the ')' field 3 (state) is index 0, so utime (14) and stime (15) are 11 and 12.
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of one process in MiB (VmRSS), 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """RSS of a process tree: the sum and the largest single process, in MiB."""
+
+    total_mib: float
+    max_mib: float
+
+
+def tree_memory(pids: list[int]) -> Memory:
+    """RSS sum and per-process maximum over `pids`."""
+    sizes = [rss_mib(pid) for pid in pids] or [0.0]
+    return Memory(total_mib=sum(sizes), max_mib=max(sizes))

@@ -1,0 +1,1 @@
+"""Turnout: a traffic-splitting reverse proxy."""

@@ -1,0 +1,1285 @@
+"""Routing-table file -> validated `ConfigSpec`, or every error in the file at once.
+
+The YAML is composed, not constructed: we walk PyYAML's node tree, so every value keeps its line
+and column, and we read scalars from their source text instead of trusting YAML 1.1's type
+guesses (`NO` stays the string "NO", `010` is never octal 8). Each problem becomes a
+`ConfigIssue` (`file:line:col: key.path: message`); checking goes on after a problem so that one
+run reports all of them.
+
+Pure core: this module never imports os, io, time, sockets or asyncio; the caller reads the file
+and passes its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import yaml
+from yaml.events import AliasEvent, StreamEndEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
+
+from proxy.spec import (
+    ALL_METHODS,
+    ConfigSpec,
+    Drain,
+    Endpoint,
+    HealthCheck,
+    Limits,
+    Match,
+    Mirror,
+    Override,
+    Rollout,
+    RouteSpec,
+    Sticky,
+    Timeouts,
+    UpstreamSpec,
+)
+
+__all__ = [
+    "NAME_RE",
+    "ConfigError",
+    "ConfigIssue",
+    "config_sha256",
+    "format_duration",
+    "format_size",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+    "spec_to_dict",
+    "summary",
+]
+
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+# RFC 9110 token: what a header or cookie name may be made of.
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+_ENDPOINT_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\Z")
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_INT_RE = re.compile(r"[+-]?[0-9]+\Z")
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
+_LEADING_ZERO_RE = re.compile(r"[+-]?0[0-9]")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)\Z")
+_SIZE_RE = re.compile(r"([0-9]+)(B|KiB|MiB|GiB)\Z")
+_JSON_PATH_RE = re.compile(r"[^.\s]+(?:\.[^.\s]+)*\Z")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_SIZE_UNITS = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10, "B": 1}
+# A bound on every duration: far above any sensible timeout or step, and far below the values
+# that overflow event-loop timers.
+_MAX_DURATION = 24 * 3600.0
+_MAX_WEIGHT = 1_000_000.0
+_MAX_RETRIES = 10
+
+_YAML_TAG = "tag:yaml.org,2002:"
+_STR = _YAML_TAG + "str"
+_NULL = _YAML_TAG + "null"
+_YAML_GUESSES = frozenset(_YAML_TAG + name for name in ("bool", "int", "float", "timestamp"))
+# Explicit tags that only restate a core type; anything else (!!python/..., !!binary, !custom)
+# is refused.
+_ALLOWED_TAGS = frozenset(
+    _YAML_TAG + name for name in ("str", "int", "float", "bool", "null", "seq", "map")
+)
+# Put on nodes the composer has already reported, so the schema check stays quiet about them.
+_INVALID = "turnout:already-reported"
+
+_DURATION_HINT = "use e.g. 250ms, 2s, 1m, 1h"
+_SIZE_HINT = "use bytes or e.g. 512KiB, 1MiB, 1GiB"
+_NAME_HINT = "lower-case letters, digits, '_' and '-', starting with a letter or digit"
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file; line and col are 1-based."""
+
+    file: str
+    line: int
+    col: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}"
+        if self.path:
+            return f"{where}: {self.path}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file failed validation; `issues` lists every problem found, in file order."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+def config_sha256(text: str) -> str:
+    """Hex sha256 of the file's text (utf-8), the identity of a config generation."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- durations and sizes ---------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """`250ms`, `2s`, `1.5m`, `1h` or `0` -> seconds; ValueError with a message otherwise."""
+    if text == "0":
+        return 0.0
+    found = _DURATION_RE.match(text)
+    if found is None:
+        raise ValueError(f"bad duration '{text}' ({_DURATION_HINT})")
+    number, unit = found.groups()
+    # Division, not multiplication by 0.001, so that "250ms" is exactly 0.25.
+    seconds = float(number) / 1000.0 if unit == "ms" else float(number) * _SECONDS[unit]
+    if not math.isfinite(seconds):
+        raise ValueError(f"bad duration '{text}' ({_DURATION_HINT})")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> the shortest duration text in the largest whole unit; parses back exactly."""
+    if seconds == 0:
+        return "0s"
+    candidates = [(seconds / factor, unit) for unit, factor in _SECONDS.items()]
+    candidates.append((seconds * 1000.0, "ms"))
+    for count, unit in candidates:
+        if count.is_integer() and count >= 1:
+            text = f"{int(count)}{unit}"
+            if parse_duration(text) == seconds:
+                return text
+    return f"{_positional(seconds)}s"
+
+
+def _positional(value: float) -> str:
+    """The shortest round-tripping decimal of a non-negative float, without an exponent."""
+    text = repr(value)
+    if "e" not in text:
+        return text
+    mantissa, _, exponent = text.partition("e")
+    digits = mantissa.replace(".", "")
+    point = (mantissa.index(".") if "." in mantissa else len(mantissa)) + int(exponent)
+    if point <= 0:
+        return "0." + "0" * -point + digits
+    if point >= len(digits):
+        return digits + "0" * (point - len(digits))
+    return f"{digits[:point]}.{digits[point:]}"
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `512B`, `512KiB`, `1MiB`, `1GiB` -> bytes; ValueError with a message otherwise."""
+    if text.isascii() and text.isdigit():
+        return int(text)
+    found = _SIZE_RE.match(text)
+    if found is None:
+        raise ValueError(f"bad size '{text}' ({_SIZE_HINT})")
+    return int(found.group(1)) * _SIZE_UNITS[found.group(2)]
+
+
+def format_size(size: int) -> str:
+    """Bytes -> `1MiB`-style text when the size is a whole number of a unit, else plain bytes."""
+    for unit, factor in _SIZE_UNITS.items():
+        if factor > 1 and size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_address(text: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port); ValueError with the reason otherwise."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if not _IPV6_RE.match(host):
+            raise ValueError(f"'{host}' is not an IPv6 address")
+        if not rest.startswith(":"):
+            raise ValueError("expected [v6-address]:port, e.g. [::1]:9901")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:8080")
+        if ":" in host:
+            raise ValueError("put an IPv6 address in brackets, e.g. [::1]:9901")
+        if not host:
+            raise ValueError("the host is missing")
+        if not _ENDPOINT_HOST_RE.match(host):
+            raise ValueError(f"'{host}' is not a host name or IP address")
+    if not _PORT_RE.match(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# --- YAML -------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """A composer that records aliases, foreign tags and extra documents instead of obeying.
+
+    Aliases would let one node appear under two key paths (and let a small file expand to a
+    huge one); refusing them keeps every value at exactly one place in the file.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.problems: list[tuple[yaml.Mark, str]] = []
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        """Compose one node, swapping aliases and foreign tags for reported placeholders."""
+        if self.check_event(AliasEvent):
+            event = self.get_event()  # type: ignore[no-untyped-call]  # unannotated in stubs
+            self.problems.append(
+                (event.start_mark, "YAML aliases (*name) are not supported; write the value out")
+            )
+            return ScalarNode(_INVALID, "", event.start_mark, event.end_mark)
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in stubs
+        tag: str | None = getattr(event, "tag", None)
+        node = super().compose_node(parent, index)
+        if node is not None and tag is not None and tag != "!" and tag not in _ALLOWED_TAGS:
+            shown = "!!" + tag[len(_YAML_TAG) :] if tag.startswith(_YAML_TAG) else tag
+            self.problems.append((event.start_mark, f"YAML tag '{shown}' is not supported"))
+            node.tag = _INVALID
+        return node
+
+    def get_single_node(self) -> Node | None:
+        """The first document's root; a second document is recorded as a problem."""
+        self.get_event()  # type: ignore[no-untyped-call]  # drops the stream start
+        document = None
+        if not self.check_event(StreamEndEvent):
+            document = self.compose_document()
+        if not self.check_event(StreamEndEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in stubs
+            self.problems.append((event.start_mark, "only one YAML document is allowed per file"))
+        return document
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _compose(text: str, file: str, issues: list[ConfigIssue]) -> Node | None:
+    """Text -> root node (None when there is none or the YAML is broken); problems to `issues`."""
+    try:
+        # The reader checks every character up front, so even construction can fail.
+        loader = _Loader(text)
+    except ReaderError as exc:
+        line, col = _position(text, int(exc.position))
+        issues.append(ConfigIssue(file, line, col, "", f"not readable as YAML: {exc.reason}"))
+        return None
+    # yaml.compose() with our loader, spelled out so that the loader's problems are reachable.
+    node: Node | None = None
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        message = f"YAML syntax error: {exc.problem or exc.context}"
+        if exc.problem and exc.context:
+            message += f" ({exc.context})"
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        issues.append(ConfigIssue(file, line, col, "", message))
+    finally:
+        loader.dispose()
+    for mark, message in loader.problems:
+        issues.append(ConfigIssue(file, mark.line + 1, mark.column + 1, "", message))
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _is_plain(node: ScalarNode) -> bool:
+    """Plain (unquoted, not `!!str`) scalars are the only ones that may be numbers or booleans."""
+    return node.style is None and node.tag != _STR
+
+
+def _describe(node: Node) -> str:
+    """How a node reads in an error message: `a list`, `a string 'x'`, `nothing`."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    text = str(node.value)
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    if not isinstance(node, ScalarNode) or not _is_plain(node):
+        return f"a string '{shown}'"
+    if node.tag == _NULL:
+        return "nothing" if text == "" else "null"
+    if text.lower() in ("true", "false"):
+        return f"a boolean '{shown}'"
+    if _INT_RE.match(text):
+        return f"an integer '{shown}'"
+    if _NUMBER_RE.match(text):
+        return f"a number '{shown}'"
+    if node.tag in _YAML_GUESSES:
+        # YAML 1.1 reads it as a number, bool or date, we do not: name no kind at all.
+        return f"'{shown}'"
+    return f"a string '{shown}'"
+
+
+_Items = dict[str, tuple[ScalarNode, Node]]
+
+
+class _Checker:
+    """Walks the node tree against the schema, collecting issues; never stops early.
+
+    Every `_x` method reports its own problems and returns None for a value it could not read;
+    callers then carry on with a default, since the spec is thrown away when any issue exists.
+    """
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.issues: list[ConfigIssue] = []
+        self.known: frozenset[str] | None = None
+
+    def error(self, node: Node, path: str, message: str) -> None:
+        """Record one issue at the node's position."""
+        mark = node.start_mark
+        self.issues.append(ConfigIssue(self.file, mark.line + 1, mark.column + 1, path, message))
+
+    # --- structure ---
+
+    def _pairs(self, node: MappingNode, path: str) -> Iterator[tuple[str, ScalarNode, Node]]:
+        """The mapping's (key, key node, value node), duplicates and odd keys reported."""
+        seen: dict[str, ScalarNode] = {}
+        for key, value in node.value:
+            if key.tag == _INVALID:
+                continue
+            if not isinstance(key, ScalarNode):
+                self.error(key, path, f"keys must be plain strings, got {_describe(key)}")
+                continue
+            name = str(key.value)
+            first = seen.get(name)
+            if first is not None:
+                self.error(
+                    key,
+                    _join(path, name),
+                    f"duplicate key '{name}' (first at line {first.start_mark.line + 1})",
+                )
+                continue
+            seen[name] = key
+            yield name, key, value
+
+    def _map(self, node: Node, path: str) -> MappingNode | None:
+        if node.tag == _INVALID:
+            return None
+        if not isinstance(node, MappingNode):
+            self.error(node, path, f"expected a mapping, got {_describe(node)}")
+            return None
+        return node
+
+    def _mapping(
+        self, node: Node, path: str, allowed: Sequence[str], required: Sequence[str] = ()
+    ) -> _Items | None:
+        """A mapping with a fixed set of keys -> {key: (key node, value node)}."""
+        mapping = self._map(node, path)
+        if mapping is None:
+            return None
+        items: _Items = {}
+        for name, key, value in self._pairs(mapping, path):
+            if name in allowed:
+                items[name] = (key, value)
+            else:
+                self.error(
+                    key, _join(path, name), f"unknown key '{name}' (allowed: {', '.join(allowed)})"
+                )
+        for name in required:
+            if name not in items:
+                self.error(mapping, path, f"missing required key '{name}'")
+        return items
+
+    def _list(self, node: Node, path: str) -> list[Node] | None:
+        if node.tag == _INVALID:
+            return None
+        if not isinstance(node, SequenceNode):
+            self.error(node, path, f"expected a list, got {_describe(node)}")
+            return None
+        return list(node.value)
+
+    def _field(
+        self,
+        items: _Items,
+        key: str,
+        path: str,
+        read: Callable[[Node, str], _T | None],
+        default: _T,
+    ) -> _T:
+        """Read an optional key with `read`; its default when absent or unreadable."""
+        item = items.get(key)
+        if item is None:
+            return default
+        value = read(item[1], _join(path, key))
+        return default if value is None else value
+
+    # --- scalars ---
+
+    def _scalar(self, node: Node, path: str, expected: str) -> ScalarNode | None:
+        if node.tag == _INVALID:
+            return None
+        if not isinstance(node, ScalarNode) or (_is_plain(node) and node.tag == _NULL):
+            self.error(node, path, f"expected {expected}, got {_describe(node)}")
+            return None
+        return node
+
+    def _string(self, node: Node, path: str) -> str | None:
+        """Any non-null scalar, as written: a string is never re-typed by YAML 1.1 rules."""
+        scalar = self._scalar(node, path, "a string")
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        if _CONTROL_RE.search(text):
+            self.error(node, path, "control characters are not allowed")
+            return None
+        return text
+
+    def _text_field(
+        self, node: Node, path: str, check: Callable[[str], str | None], what: str = "a string"
+    ) -> str | None:
+        """A string checked by `check`, which returns an error message or None."""
+        scalar = self._scalar(node, path, what)
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        problem = check(text)
+        if problem is not None:
+            self.error(node, path, problem)
+            return None
+        return text
+
+    def _bool(self, node: Node, path: str) -> bool | None:
+        scalar = self._scalar(node, path, "true or false")
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        if _is_plain(scalar):
+            if text.lower() in ("true", "false"):
+                return text.lower() == "true"
+            if text.lower() in ("yes", "no", "on", "off", "y", "n"):
+                self.error(node, path, f"'{text}' is ambiguous in YAML; write true or false")
+                return None
+        self.error(node, path, f"expected true or false, got {_describe(scalar)}")
+        return None
+
+    def _int(
+        self, node: Node, path: str, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
+        scalar = self._scalar(node, path, "an integer")
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        if not _is_plain(scalar) or not _INT_RE.match(text):
+            self.error(node, path, f"expected an integer, got {_describe(scalar)}")
+            return None
+        if _LEADING_ZERO_RE.match(text):
+            self.error(node, path, f"leading zeros are ambiguous in '{text}' (YAML 1.1 octal)")
+            return None
+        return self._in_range(node, path, int(text), minimum, maximum)
+
+    def _number(
+        self,
+        node: Node,
+        path: str,
+        minimum: float,
+        maximum: float,
+        above_minimum: bool = False,
+    ) -> float | None:
+        """A decimal int or float (no exponent, no bool, no string) in [minimum, maximum].
+
+        `above_minimum` makes the lower bound exclusive.
+        """
+        scalar = self._scalar(node, path, "a number")
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        if not _is_plain(scalar) or not _NUMBER_RE.match(text):
+            self.error(node, path, f"expected a number, got {_describe(scalar)}")
+            return None
+        if _LEADING_ZERO_RE.match(text):
+            self.error(node, path, f"leading zeros are ambiguous in '{text}' (YAML 1.1 octal)")
+            return None
+        value = float(text)
+        if above_minimum and not minimum < value <= maximum:
+            self.error(
+                node, path, f"must be > {_show_number(minimum)} and <= {_show_number(maximum)}"
+            )
+            return None
+        return self._in_range(node, path, value, minimum, maximum)
+
+    def _in_range(
+        self, node: Node, path: str, value: _N, minimum: _N | None, maximum: _N | None
+    ) -> _N | None:
+        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+            low, high = _show_number(minimum), _show_number(maximum)
+            self.error(node, path, f"must be from {low} to {high}")
+            return None
+        if minimum is not None and value < minimum:
+            self.error(node, path, f"must be >= {_show_number(minimum)}")
+            return None
+        if maximum is not None and value > maximum:
+            self.error(node, path, f"must be <= {_show_number(maximum)}")
+            return None
+        return value
+
+    def _duration(self, node: Node, path: str, positive: bool = True) -> float | None:
+        scalar = self._scalar(node, path, f"a duration ({_DURATION_HINT})")
+        if scalar is None:
+            return None
+        try:
+            seconds = parse_duration(str(scalar.value))
+        except ValueError as exc:
+            self.error(node, path, str(exc))
+            return None
+        if positive and seconds == 0:
+            self.error(node, path, "must be > 0")
+            return None
+        if seconds > _MAX_DURATION:
+            self.error(node, path, "must be at most 24h")
+            return None
+        return seconds
+
+    def _positive_duration(self, node: Node, path: str) -> float | None:
+        return self._duration(node, path, positive=True)
+
+    def _any_duration(self, node: Node, path: str) -> float | None:
+        return self._duration(node, path, positive=False)
+
+    def _size(self, node: Node, path: str, minimum: int) -> int | None:
+        scalar = self._scalar(node, path, f"a size ({_SIZE_HINT})")
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        if _is_plain(scalar) and _LEADING_ZERO_RE.match(text):
+            self.error(node, path, f"leading zeros are ambiguous in '{text}' (YAML 1.1 octal)")
+            return None
+        try:
+            size = parse_size(text)
+        except ValueError as exc:
+            self.error(node, path, str(exc))
+            return None
+        return self._in_range(node, path, size, minimum, None)
+
+    def _address(self, node: Node, path: str) -> tuple[str, int] | None:
+        scalar = self._scalar(node, path, "host:port")
+        if scalar is None:
+            return None
+        text = str(scalar.value)
+        try:
+            return _split_address(text)
+        except ValueError as exc:
+            self.error(node, path, f"bad address '{text}': {exc}")
+            return None
+
+    def _name(self, node: Node, path: str, what: str) -> str | None:
+        scalar = self._scalar(node, path, f"a {what} name")
+        if scalar is None:
+            return None
+        name = str(scalar.value)
+        if not NAME_RE.match(name):
+            self.error(node, path, f"bad {what} name '{name}' (use {_NAME_HINT})")
+            return None
+        return name
+
+    def _upstream_ref(self, node: Node, path: str) -> str | None:
+        """An upstream name that must exist among `upstreams` (checked when those were read)."""
+        scalar = self._scalar(node, path, "an upstream name")
+        if scalar is None:
+            return None
+        name = str(scalar.value)
+        if self.known is not None and name not in self.known:
+            self.error(node, path, _unknown_upstream(name, self.known))
+            return None
+        return name
+
+    def _header_name(self, node: Node, path: str) -> str | None:
+        name = self._text_field(node, path, _check_token, "a header name")
+        return None if name is None else name.lower()
+
+    def _cookie_name(self, node: Node, path: str) -> str | None:
+        return self._text_field(node, path, _check_token, "a cookie name")
+
+    # --- sections ---
+
+    def check(self, root: Node) -> ConfigSpec | None:
+        """The whole file; None when the root is unusable."""
+        items = self._mapping(root, "", _TOP_KEYS, ("upstreams", "routes"))
+        if items is None:
+            return None
+        default = ConfigSpec(upstreams=(), routes=())
+        upstreams = self._field(items, "upstreams", "", self._upstreams, default.upstreams)
+        routes = self._field(items, "routes", "", self._routes, default.routes)
+        listen = self._address_field(items, "listen", default.listen)
+        admin = self._address_field(items, "admin", default.admin)
+        if listen is not None and admin is not None and _same_socket(listen, admin):
+            key, other = ("admin", "listen") if "admin" in items else ("listen", "admin")
+            self.error(items[key][1], key, f"must not be the same address as {other}")
+        return ConfigSpec(
+            upstreams=upstreams,
+            routes=routes,
+            listen=default.listen if listen is None else listen,
+            admin=default.admin if admin is None else admin,
+            workers=self._field(items, "workers", "", self._workers, default.workers),
+            state_file=self._field(items, "state_file", "", self._state_file, None),
+            timeouts=self._field(items, "timeouts", "", self._timeouts, default.timeouts),
+            limits=self._field(items, "limits", "", self._limits, default.limits),
+            drain=self._field(items, "drain", "", self._drain, default.drain),
+        )
+
+    def _address_field(
+        self, items: _Items, key: str, default: tuple[str, int]
+    ) -> tuple[str, int] | None:
+        """The top-level address `key`: its default when absent, None when unreadable."""
+        if key not in items:
+            return default
+        return self._address(items[key][1], key)
+
+    def _workers(self, node: Node, path: str) -> int | None:
+        if isinstance(node, ScalarNode) and str(node.value) == "auto":
+            return 0  # ConfigSpec's spelling of "auto"; the caller counts the CPUs.
+        if isinstance(node, ScalarNode) and _is_plain(node) and _INT_RE.match(str(node.value)):
+            return self._int(node, path, minimum=1)
+        self.error(node, path, f"expected an integer >= 1 or 'auto', got {_describe(node)}")
+        return None
+
+    def _state_file(self, node: Node, path: str) -> str | None:
+        name = self._text_field(node, path, _check_file_name)
+        if name is None:
+            return None
+        folder = posixpath.dirname(self.file)
+        return posixpath.normpath(posixpath.join(folder, name))
+
+    def _timeouts(self, node: Node, path: str) -> Timeouts | None:
+        items = self._mapping(node, path, _TIMEOUT_KEYS)
+        if items is None:
+            return None
+        d = Timeouts()
+        read = self._positive_duration
+        return Timeouts(
+            connect=self._field(items, "connect", path, read, d.connect),
+            response=self._field(items, "response", path, read, d.response),
+            idle=self._field(items, "idle", path, read, d.idle),
+            client_keepalive=self._field(items, "client_keepalive", path, read, d.client_keepalive),
+        )
+
+    def _limits(self, node: Node, path: str) -> Limits | None:
+        items = self._mapping(node, path, _LIMIT_KEYS)
+        if items is None:
+            return None
+        d = Limits()
+
+        def size(n: Node, p: str) -> int | None:
+            return self._size(n, p, minimum=1)
+
+        def count(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=1)
+
+        return Limits(
+            max_request_body=self._field(items, "max_request_body", path, size, d.max_request_body),
+            max_connections=self._field(items, "max_connections", path, count, d.max_connections),
+            max_header_size=self._field(items, "max_header_size", path, size, d.max_header_size),
+            max_headers=self._field(items, "max_headers", path, count, d.max_headers),
+        )
+
+    def _drain(self, node: Node, path: str) -> Drain | None:
+        items = self._mapping(node, path, _DRAIN_KEYS)
+        if items is None:
+            return None
+        d = Drain()
+        read = self._any_duration
+        return Drain(
+            reload=self._field(items, "reload", path, read, d.reload),
+            shutdown=self._field(items, "shutdown", path, read, d.shutdown),
+            delay=self._field(items, "delay", path, read, d.delay),
+        )
+
+    def _upstreams(self, node: Node, path: str) -> tuple[UpstreamSpec, ...] | None:
+        mapping = self._map(node, path)
+        if mapping is None:
+            return None
+        entries = [
+            (name, key, value)
+            for name, key, value in self._pairs(mapping, path)
+            if self._name(key, _join(path, name), "upstream") is not None
+        ]
+        if not mapping.value:
+            self.error(mapping, path, "at least one upstream is required")
+        # Set before the bodies are read so that references are checked even when a body is bad.
+        self.known = frozenset(name for name, _, _ in entries)
+        return tuple(self._upstream(name, value, _join(path, name)) for name, _, value in entries)
+
+    def _upstream(self, name: str, node: Node, path: str) -> UpstreamSpec:
+        items = self._mapping(node, path, _UPSTREAM_KEYS, ("endpoints",)) or {}
+        return UpstreamSpec(
+            name=name,
+            endpoints=self._field(items, "endpoints", path, self._endpoints, ()),
+            health=self._field(items, "health", path, self._health, None),
+        )
+
+    def _endpoints(self, node: Node, path: str) -> tuple[Endpoint, ...] | None:
+        elements = self._list(node, path)
+        if elements is None:
+            return None
+        if not elements:
+            self.error(node, path, "at least one endpoint is required")
+        endpoints: list[Endpoint] = []
+        seen: set[tuple[str, int]] = set()
+        for index, element in enumerate(elements):
+            where = f"{path}[{index}]"
+            address = self._address(element, where)
+            if address is None:
+                continue
+            identity = (address[0].lower(), address[1])
+            if identity in seen:
+                self.error(element, where, f"duplicate endpoint '{_format_address(*address)}'")
+                continue
+            seen.add(identity)
+            endpoints.append(Endpoint(host=address[0], port=address[1]))
+        return tuple(endpoints)
+
+    def _health(self, node: Node, path: str) -> HealthCheck | None:
+        items = self._mapping(node, path, _HEALTH_KEYS)
+        if items is None:
+            return None
+        d = HealthCheck()
+
+        def at_least_one(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=1)
+
+        read = self._positive_duration
+        return HealthCheck(
+            path=self._field(items, "path", path, self._http_path, d.path),
+            interval=self._field(items, "interval", path, read, d.interval),
+            timeout=self._field(items, "timeout", path, read, d.timeout),
+            unhealthy_after=self._field(
+                items, "unhealthy_after", path, at_least_one, d.unhealthy_after
+            ),
+            healthy_after=self._field(items, "healthy_after", path, at_least_one, d.healthy_after),
+        )
+
+    def _http_path(self, node: Node, path: str) -> str | None:
+        return self._text_field(node, path, _check_http_path, "a path")
+
+    def _routes(self, node: Node, path: str) -> tuple[RouteSpec, ...] | None:
+        elements = self._list(node, path)
+        if elements is None:
+            return None
+        if not elements:
+            self.error(node, path, "at least one route is required")
+        routes: list[RouteSpec] = []
+        first_line: dict[str, int] = {}
+        for index, element in enumerate(elements):
+            where = f"{path}[{index}]"
+            items = self._mapping(element, where, _ROUTE_KEYS, ("name", "split"))
+            if items is None:
+                continue
+            route = self._route(items, where)
+            name_node = items.get("name")
+            if name_node is not None and route.name:
+                seen_at = first_line.get(route.name)
+                if seen_at is not None:
+                    self.error(
+                        name_node[1],
+                        f"{where}.name",
+                        f"duplicate route name '{route.name}' (first at line {seen_at})",
+                    )
+                else:
+                    first_line[route.name] = name_node[1].start_mark.line + 1
+            routes.append(route)
+        return tuple(routes)
+
+    def _route(self, items: _Items, path: str) -> RouteSpec:
+        def route_name(n: Node, p: str) -> str | None:
+            return self._name(n, p, "route")
+
+        def retries(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=0, maximum=_MAX_RETRIES)
+
+        return RouteSpec(
+            name=self._field(items, "name", path, route_name, ""),
+            split=self._field(items, "split", path, self._split, ()),
+            match=self._field(items, "match", path, self._match, Match()),
+            overrides=self._field(items, "overrides", path, self._overrides, ()),
+            sticky=self._field(items, "sticky", path, self._sticky, None),
+            mirror=self._field(items, "mirror", path, self._mirror, None),
+            retries=self._field(items, "retries", path, retries, 2),
+            rollout=self._field(items, "rollout", path, self._rollout, None),
+        )
+
+    def _match(self, node: Node, path: str) -> Match | None:
+        items = self._mapping(node, path, _MATCH_KEYS)
+        if items is None:
+            return None
+        host = self._field(items, "host", path, self._host_pattern, None)
+        prefix = self._field(items, "path_prefix", path, self._http_path, "/")
+        return Match(host=host, path_prefix=prefix)
+
+    def _host_pattern(self, node: Node, path: str) -> str | None:
+        host = self._text_field(node, path, _check_host_pattern, "a host name")
+        return None if host is None else host.lower()
+
+    def _overrides(self, node: Node, path: str) -> tuple[Override, ...] | None:
+        elements = self._list(node, path)
+        if elements is None:
+            return None
+        overrides: list[Override] = []
+        for index, element in enumerate(elements):
+            where = f"{path}[{index}]"
+            items = self._mapping(element, where, _OVERRIDE_KEYS, ("to",))
+            if items is None:
+                continue
+            self._one_of(element, items, where)
+            overrides.append(
+                Override(
+                    to=self._field(items, "to", where, self._upstream_ref, ""),
+                    header=self._field(items, "header", where, self._header_name, None),
+                    cookie=self._field(items, "cookie", where, self._cookie_name, None),
+                    value=self._field(items, "value", where, self._string_value, None),
+                )
+            )
+        return tuple(overrides)
+
+    def _string_value(self, node: Node, path: str) -> str | None:
+        return self._string(node, path)
+
+    def _one_of(self, node: Node, items: _Items, path: str) -> None:
+        if "header" in items and "cookie" in items:
+            self.error(node, path, "give exactly one of 'header' or 'cookie', not both")
+        elif "header" not in items and "cookie" not in items:
+            self.error(node, path, "missing 'header' or 'cookie' (give exactly one)")
+
+    def _split(self, node: Node, path: str) -> tuple[tuple[str, float], ...] | None:
+        mapping = self._map(node, path)
+        if mapping is None:
+            return None
+        if not mapping.value:
+            self.error(mapping, path, "at least one upstream with a weight is required")
+            return None
+        weights: list[tuple[str, float]] = []
+        readable = True
+        for name, key, value in self._pairs(mapping, path):
+            where = _join(path, name)
+            if self.known is not None and name not in self.known:
+                self.error(key, where, _unknown_upstream(name, self.known))
+            weight = self._number(value, where, 0.0, _MAX_WEIGHT)
+            if weight is None:
+                readable = False
+                continue
+            weights.append((name, weight))
+        if readable and weights and all(weight == 0 for _, weight in weights):
+            self.error(mapping, path, "weights are all 0; at least one must be > 0")
+        return tuple(weights)
+
+    def _sticky(self, node: Node, path: str) -> Sticky | None:
+        items = self._mapping(node, path, _STICKY_KEYS)
+        if items is None:
+            return None
+        self._one_of(node, items, path)
+        if "set" in items and "header" in items and "cookie" not in items:
+            key = items["set"][0]
+            self.error(key, f"{path}.set", "'set' is only allowed with 'cookie'")
+        return Sticky(
+            header=self._field(items, "header", path, self._header_name, None),
+            cookie=self._field(items, "cookie", path, self._cookie_name, None),
+            set=self._field(items, "set", path, self._bool, False),
+        )
+
+    def _mirror(self, node: Node, path: str) -> Mirror | None:
+        items = self._mapping(node, path, _MIRROR_KEYS, ("to",))
+        if items is None:
+            return None
+        d = Mirror(to="")
+
+        def percent(n: Node, p: str) -> float | None:
+            return self._number(n, p, 0.0, 100.0)
+
+        def max_body(n: Node, p: str) -> int | None:
+            return self._size(n, p, minimum=0)
+
+        def in_flight(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=1)
+
+        return Mirror(
+            to=self._field(items, "to", path, self._upstream_ref, ""),
+            percent=self._field(items, "percent", path, percent, d.percent),
+            max_body=self._field(items, "max_body", path, max_body, d.max_body),
+            methods=self._field(items, "methods", path, self._methods, None),
+            max_in_flight=self._field(items, "max_in_flight", path, in_flight, d.max_in_flight),
+            timeout=self._field(items, "timeout", path, self._positive_duration, d.timeout),
+            compare_json=self._field(items, "compare_json", path, self._bool, d.compare_json),
+            compare_json_ignore=self._field(
+                items, "ignore_fields", path, self._json_paths, d.compare_json_ignore
+            ),
+        )
+
+    def _methods(self, node: Node, path: str) -> frozenset[str] | None:
+        elements = self._list(node, path)
+        if elements is None:
+            return None
+        if not elements:
+            self.error(node, path, "must not be empty (leave 'methods' out to mirror every method)")
+            return None
+        methods: set[str] = set()
+        for index, element in enumerate(elements):
+            method = self._text_field(element, f"{path}[{index}]", _check_method, "a method")
+            if method is None:
+                continue
+            if method in methods:
+                self.error(element, f"{path}[{index}]", f"duplicate method '{method}'")
+            methods.add(method)
+        return frozenset(methods)
+
+    def _json_paths(self, node: Node, path: str) -> tuple[str, ...] | None:
+        elements = self._list(node, path)
+        if elements is None:
+            return None
+        fields = (
+            self._text_field(element, f"{path}[{index}]", _check_json_path, "a JSON path")
+            for index, element in enumerate(elements)
+        )
+        return tuple(field for field in fields if field is not None)
+
+    def _rollout(self, node: Node, path: str) -> Rollout | None:
+        items = self._mapping(node, path, _ROLLOUT_KEYS, ("baseline", "canary"))
+        if items is None:
+            return None
+        d = Rollout(baseline="", canary="")
+        baseline = self._field(items, "baseline", path, self._upstream_ref, "")
+        canary = self._field(items, "canary", path, self._upstream_ref, "")
+        if baseline and baseline == canary:
+            self.error(items["canary"][1], f"{path}.canary", "must differ from baseline")
+
+        def min_requests(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=1)
+
+        def error_rate(n: Node, p: str) -> float | None:
+            return self._number(n, p, 0.0, 1.0)
+
+        read = self._positive_duration
+        return Rollout(
+            baseline=baseline,
+            canary=canary,
+            steps=self._field(items, "steps", path, self._steps, d.steps),
+            interval=self._field(items, "interval", path, read, d.interval),
+            min_requests=self._field(items, "min_requests", path, min_requests, d.min_requests),
+            max_error_rate=self._field(items, "max_error_rate", path, error_rate, d.max_error_rate),
+            max_p99=self._field(items, "max_p99", path, read, d.max_p99),
+        )
+
+    def _steps(self, node: Node, path: str) -> tuple[float, ...] | None:
+        elements = self._list(node, path)
+        if elements is None:
+            return None
+        if not elements:
+            self.error(node, path, "at least one step is required")
+            return None
+        steps: list[float] = []
+        for index, element in enumerate(elements):
+            where = f"{path}[{index}]"
+            step = self._number(element, where, 0.0, 100.0, above_minimum=True)
+            if step is None:
+                continue
+            if steps and step <= steps[-1]:
+                self.error(
+                    element,
+                    where,
+                    f"steps must increase: {_show_number(step)} is not above "
+                    f"{_show_number(steps[-1])}",
+                )
+                continue
+            steps.append(step)
+        return tuple(steps)
+
+
+_TOP_KEYS = (
+    "listen",
+    "admin",
+    "workers",
+    "state_file",
+    "timeouts",
+    "limits",
+    "drain",
+    "upstreams",
+    "routes",
+)
+_TIMEOUT_KEYS = ("connect", "response", "idle", "client_keepalive")
+_LIMIT_KEYS = ("max_request_body", "max_connections", "max_header_size", "max_headers")
+_DRAIN_KEYS = ("reload", "shutdown", "delay")
+_UPSTREAM_KEYS = ("endpoints", "health")
+_HEALTH_KEYS = ("path", "interval", "timeout", "unhealthy_after", "healthy_after")
+_ROUTE_KEYS = ("name", "match", "overrides", "split", "sticky", "mirror", "retries", "rollout")
+_MATCH_KEYS = ("host", "path_prefix")
+_OVERRIDE_KEYS = ("header", "cookie", "value", "to")
+_STICKY_KEYS = ("header", "cookie", "set")
+_MIRROR_KEYS = (
+    "to",
+    "percent",
+    "max_body",
+    "methods",
+    "max_in_flight",
+    "timeout",
+    "compare_json",
+    "ignore_fields",
+)
+_ROLLOUT_KEYS = (
+    "baseline",
+    "canary",
+    "steps",
+    "interval",
+    "min_requests",
+    "max_error_rate",
+    "max_p99",
+)
+
+
+def _show_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _unknown_upstream(name: str, known: frozenset[str]) -> str:
+    return f"unknown upstream '{name}' (known: {', '.join(sorted(known))})"
+
+
+def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    wildcard = ("0.0.0.0", "::")
+    return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
+
+
+def _check_token(text: str) -> str | None:
+    if _TOKEN_RE.match(text):
+        return None
+    return f"bad name '{text}' (letters, digits and !#$%&'*+-.^_`|~ only)"
+
+
+def _check_http_path(text: str) -> str | None:
+    if not text.startswith("/"):
+        return f"must start with '/', got '{text}'"
+    if any(char in text for char in "?# ") or _CONTROL_RE.search(text):
+        return f"bad path '{text}' (no query, fragment, spaces or control characters)"
+    return None
+
+
+def _check_file_name(text: str) -> str | None:
+    if not text or _CONTROL_RE.search(text):
+        return "expected a file path"
+    return None
+
+
+def _check_host_pattern(text: str) -> str | None:
+    host = text.lower()
+    if host.startswith("["):
+        if host.endswith("]") and _IPV6_RE.match(host[1:-1]):
+            return None
+        return f"bad host '{text}' (a port is not allowed; the Host header's port is ignored)"
+    if ":" in host:
+        return f"bad host '{text}': a port is not allowed (the Host header's port is ignored)"
+    bare = host[2:] if host.startswith("*.") else host
+    if "*" in bare:
+        return f"bad host '{text}': the only wildcard is a leading '*.', e.g. *.example.com"
+    if not _HOSTNAME_RE.match(bare):
+        return f"bad host '{text}' (expected e.g. api.example.com or *.example.com)"
+    return None
+
+
+def _check_method(text: str) -> str | None:
+    if text in ALL_METHODS:
+        return None
+    return f"unknown method '{text}' (use upper case: {', '.join(ALL_METHODS)})"
+
+
+def _check_json_path(text: str) -> str | None:
+    if _JSON_PATH_RE.match(text):
+        return None
+    return f"bad JSON path '{text}' (dotted keys, e.g. meta.request_id)"
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def parse_config(text: str, path: str) -> ConfigSpec:
+    """Validate a routing-table file's text; raise ConfigError listing every problem.
+
+    `path` names the file in messages, and `state_file` is resolved relative to its folder
+    (the result is absolute when `path` is).
+    """
+    issues: list[ConfigIssue] = []
+    root = _compose(text, path, issues)
+    spec: ConfigSpec | None = None
+    if root is None or (
+        isinstance(root, ScalarNode) and root.tag == _NULL and root.value in ("", "~")
+    ):
+        if not issues:
+            issues.append(
+                ConfigIssue(
+                    path,
+                    1,
+                    1,
+                    "",
+                    "the file is empty; expected a mapping with upstreams and routes",
+                )
+            )
+    elif not isinstance(root, MappingNode):
+        if root.tag != _INVALID:
+            mark = root.start_mark
+            issues.append(
+                ConfigIssue(
+                    path,
+                    mark.line + 1,
+                    mark.column + 1,
+                    "",
+                    f"the top level must be a mapping with upstreams and routes, "
+                    f"got {_describe(root)}",
+                )
+            )
+    else:
+        checker = _Checker(path)
+        spec = checker.check(root)
+        issues.extend(checker.issues)
+    if issues or spec is None:
+        raise ConfigError(sorted(issues, key=lambda issue: (issue.line, issue.col)))
+    return spec
+
+
+def summary(spec: ConfigSpec, path: str) -> str:
+    """The one line `turnout validate` prints for a good file."""
+    upstreams = len(spec.upstreams)
+    routes = len(spec.routes)
+    workers = "auto" if spec.workers == 0 else str(spec.workers)
+    return (
+        f"{path}: OK — {upstreams} upstream{'s' if upstreams != 1 else ''}, "
+        f"{routes} route{'s' if routes != 1 else ''}, "
+        f"listen {_format_address(*spec.listen)}, admin {_format_address(*spec.admin)}, "
+        f"workers {workers}"
+    )
+
+
+def _number_out(value: float) -> float | int:
+    """Whole numbers as ints, so that a dump reads `90` rather than `90.0`."""
+    return int(value) if value.is_integer() else value
+
+
+def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
+    """The config in force as JSON-able data, in the file's own schema.
+
+    Durations are strings (`2s`, `250ms`), sizes are ints, absent optional parts are left out,
+    and `state_file` is the resolved path; dumped to YAML it parses back to an equal spec
+    (given a config path in the same folder, or an absolute `state_file`).
+    """
+    out: dict[str, object] = {
+        "listen": _format_address(*spec.listen),
+        "admin": _format_address(*spec.admin),
+        "workers": "auto" if spec.workers == 0 else spec.workers,
+    }
+    if spec.state_file is not None:
+        out["state_file"] = spec.state_file
+    out["timeouts"] = {
+        "connect": format_duration(spec.timeouts.connect),
+        "response": format_duration(spec.timeouts.response),
+        "idle": format_duration(spec.timeouts.idle),
+        "client_keepalive": format_duration(spec.timeouts.client_keepalive),
+    }
+    out["limits"] = {
+        "max_request_body": spec.limits.max_request_body,
+        "max_connections": spec.limits.max_connections,
+        "max_header_size": spec.limits.max_header_size,
+        "max_headers": spec.limits.max_headers,
+    }
+    out["drain"] = {
+        "reload": format_duration(spec.drain.reload),
+        "shutdown": format_duration(spec.drain.shutdown),
+        "delay": format_duration(spec.drain.delay),
+    }
+    out["upstreams"] = {upstream.name: _upstream_dict(upstream) for upstream in spec.upstreams}
+    out["routes"] = [_route_dict(route) for route in spec.routes]
+    return out
+
+
+def _upstream_dict(upstream: UpstreamSpec) -> dict[str, object]:
+    out: dict[str, object] = {
+        "endpoints": [endpoint.address for endpoint in upstream.endpoints],
+    }
+    if upstream.health is not None:
+        health = upstream.health
+        out["health"] = {
+            "path": health.path,
+            "interval": format_duration(health.interval),
+            "timeout": format_duration(health.timeout),
+            "unhealthy_after": health.unhealthy_after,
+            "healthy_after": health.healthy_after,
+        }
+    return out
+
+
+def _route_dict(route: RouteSpec) -> dict[str, object]:
+    match: dict[str, object] = {"path_prefix": route.match.path_prefix}
+    if route.match.host is not None:
+        match["host"] = route.match.host
+    out: dict[str, object] = {"name": route.name, "match": match}
+    if route.overrides:
+        out["overrides"] = [_override_dict(override) for override in route.overrides]
+    out["split"] = {name: _number_out(weight) for name, weight in route.split}
+    if route.sticky is not None:
+        sticky: dict[str, object] = {}
+        if route.sticky.header is not None:
+            sticky["header"] = route.sticky.header
+        if route.sticky.cookie is not None:
+            sticky["cookie"] = route.sticky.cookie
+            sticky["set"] = route.sticky.set
+        out["sticky"] = sticky
+    if route.mirror is not None:
+        out["mirror"] = _mirror_dict(route.mirror)
+    out["retries"] = route.retries
+    if route.rollout is not None:
+        rollout = route.rollout
+        out["rollout"] = {
+            "baseline": rollout.baseline,
+            "canary": rollout.canary,
+            "steps": [_number_out(step) for step in rollout.steps],
+            "interval": format_duration(rollout.interval),
+            "min_requests": rollout.min_requests,
+            "max_error_rate": _number_out(rollout.max_error_rate),
+            "max_p99": format_duration(rollout.max_p99),
+        }
+    return out
+
+
+def _override_dict(override: Override) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if override.header is not None:
+        out["header"] = override.header
+    if override.cookie is not None:
+        out["cookie"] = override.cookie
+    if override.value is not None:
+        out["value"] = override.value
+    out["to"] = override.to
+    return out
+
+
+def _mirror_dict(mirror: Mirror) -> dict[str, object]:
+    out: dict[str, object] = {
+        "to": mirror.to,
+        "percent": _number_out(mirror.percent),
+        "max_body": mirror.max_body,
+    }
+    if mirror.methods is not None:
+        out["methods"] = [method for method in ALL_METHODS if method in mirror.methods]
+    out["max_in_flight"] = mirror.max_in_flight
+    out["timeout"] = format_duration(mirror.timeout)
+    out["compare_json"] = mirror.compare_json
+    out["ignore_fields"] = list(mirror.compare_json_ignore)
+    return out

@@ -1,0 +1,155 @@
+"""The control channel between the supervisor and its workers.
+
+One `socket.socketpair(AF_UNIX, SOCK_STREAM)` per worker; the worker gets its end as an inherited
+file descriptor (`--control-fd`). Messages are orjson objects, one per line, in both directions.
+The channel carries control only (tables, health, stats); requests never cross it.
+
+supervisor -> worker
+    {"op": "table", "generation": int, "sha256": str, "path": str, "text": str,
+     "split_overrides": {route: [{upstream: weight}, "runtime" | "rollout"]}}
+        the config file's text, already validated by the supervisor; the worker parses it with
+        `parse_config(text, path)` and compiles it with `compile_table`. Sent at start and
+        after every successful reload, in generation order.
+    {"op": "health", "down": [[upstream, "host:port"], ...]}
+        endpoints that fail their active health checks (everything else is up).
+    {"op": "stats", "id": int}
+        asks for the worker's counters; answered by a stats message with the same id.
+
+worker -> supervisor
+    {"op": "ready", "generation": int, "pid": int}   listening, first table applied
+    {"op": "applied", "generation": int}             after each later table swap
+    {"op": "stats", "id": int, "data": {...}}        answer to a stats request
+
+End of file on the channel means the other side is gone: a worker that sees it shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+# The table message carries the whole config file (up to 64 MiB, larger once JSON-escaped);
+# a line must fit in the stream's buffer.
+LINE_LIMIT = 256 * 1024 * 1024
+
+OP_TABLE = "table"
+OP_HEALTH = "health"
+OP_STATS = "stats"
+OP_READY = "ready"
+OP_APPLIED = "applied"
+
+
+class ControlError(Exception):
+    """A malformed message on the control channel (not JSON, not an object, or too long)."""
+
+
+def encode(msg: Mapping[str, object]) -> bytes:
+    """One message as a line: compact JSON and a newline (orjson never emits raw newlines)."""
+    return orjson.dumps(msg) + b"\n"
+
+
+def table_message(
+    *,
+    generation: int,
+    sha256: str,
+    path: str,
+    text: str,
+    split_overrides: Mapping[str, tuple[Mapping[str, float], str]],
+) -> dict[str, object]:
+    """Build a `table` message; `split_overrides` maps route -> (weights, source)."""
+    return {
+        "op": OP_TABLE,
+        "generation": generation,
+        "sha256": sha256,
+        "path": path,
+        "text": text,
+        "split_overrides": {
+            route: [dict(weights), source] for route, (weights, source) in split_overrides.items()
+        },
+    }
+
+
+def health_message(down: Iterable[tuple[str, str]]) -> dict[str, object]:
+    """Build a `health` message from (upstream, "host:port") pairs that fail their checks."""
+    return {"op": OP_HEALTH, "down": [[upstream, endpoint] for upstream, endpoint in down]}
+
+
+def parse_split_overrides(raw: object) -> dict[str, tuple[dict[str, float], str]]:
+    """The `split_overrides` of a table message back as route -> (weights, source)."""
+    if not isinstance(raw, dict):
+        return {}
+    result: dict[str, tuple[dict[str, float], str]] = {}
+    for route, pair in raw.items():
+        weights, source = pair
+        result[str(route)] = ({str(k): float(v) for k, v in weights.items()}, str(source))
+    return result
+
+
+class ControlChannel:
+    """Newline-delimited orjson messages over an asyncio stream pair.
+
+    `send` only buffers (it never blocks the loop); call `drain` where back-pressure matters,
+    such as after a big table message. Sending on a closed channel does nothing: the peer is
+    gone and `recv` on this side reports it as end of file.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def recv(self) -> dict[str, Any] | None:
+        """The next message, or None at end of file (the peer closed or died).
+
+        Raises ControlError for a line that is not a JSON object or exceeds LINE_LIMIT.
+        """
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            # EOF, possibly in the middle of a line: the peer is gone either way.
+            return None
+        except asyncio.LimitOverrunError as exc:
+            raise ControlError(f"control message longer than {LINE_LIMIT} bytes") from exc
+        except ConnectionError:
+            return None
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ControlError(f"control message is not JSON: {exc}") from exc
+        if not isinstance(msg, dict):
+            raise ControlError("control message is not a JSON object")
+        return msg
+
+    def send(self, msg: Mapping[str, object]) -> None:
+        """Queue one message for sending."""
+        if self._writer.is_closing():
+            return
+        self._writer.write(encode(msg))
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its high-water mark (ConnectionError if gone)."""
+        await self._writer.drain()
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called or the transport was lost."""
+        return self._writer.is_closing()
+
+    def close(self) -> None:
+        """Close the channel; the peer sees end of file."""
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the transport is closed (after `close`), ignoring a broken connection."""
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+
+
+async def open_channel(sock: socket.socket) -> ControlChannel:
+    """Wrap a connected stream socket (one end of the socketpair) in a ControlChannel."""
+    reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
+    return ControlChannel(reader, writer)

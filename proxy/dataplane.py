@@ -1,0 +1,1088 @@
+"""The data plane: client connections, one exchange per request, streaming both ways.
+
+Built on asyncio protocols (uvloop) and llhttp through httptools rather than aiohttp's web and
+client layers: a request costs callbacks, not coroutines and tasks, which is what lets a Python
+proxy keep up with NGINX (see docs/benchmarks.md). The life of a request:
+
+1. `ClientConnection` feeds bytes to the request parser; `on_headers_complete` has the head.
+2. The exchange snapshots `ctx.generation` once and keeps it (table, pools, bound counters).
+3. `routing.decide` picks route and upstream; no route -> local 404, no endpoint -> local 503.
+4. An `UpstreamConnection` from the endpoint's pool carries the request; bodies are streamed and
+   each side's transport pauses the other when its buffer fills (backpressure).
+5. Failures are mapped once: connect failure -> next endpoint; reset before any response byte ->
+   retried for idempotent methods with a small body; then 502/503/504 with a JSON body.
+6. Counters bound at compile time are updated; one access-log line is written.
+
+This module must never buffer a whole body, never block, and never let an exception from one
+exchange escape into the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections import deque
+from time import perf_counter
+from typing import TYPE_CHECKING, cast
+
+import httptools
+import orjson
+
+from proxy.headers import (
+    HOP_BY_HOP,
+    IDEMPOTENT_RETRY_METHODS,
+    RETRY_BODY_LIMIT,
+    connection_tokens,
+    forwarded_for,
+)
+from proxy.routing import RequestView, decide, normalize_host, parse_cookies
+from proxy.upstream import (
+    FRAMING_CHUNKED,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    EndpointPool,
+    UpstreamConnection,
+)
+
+if TYPE_CHECKING:
+    from proxy.worker import Generation, WorkerContext
+
+log = logging.getLogger("turnout.dataplane")
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+# Request headers the parser callback must look at; everything else is copied untouched.
+_H_HOST = 1
+_H_CONTENT_LENGTH = 2
+_H_TRANSFER_ENCODING = 3
+_H_CONNECTION = 4
+_H_HOP = 5
+_H_UPGRADE = 6
+_H_EXPECT = 7
+_H_XFF = 8
+_H_REQUEST_ID = 9
+_H_DROP = 10
+_H_COOKIE = 11
+_SPECIAL: dict[bytes, int] = {
+    b"host": _H_HOST,
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TRANSFER_ENCODING,
+    b"connection": _H_CONNECTION,
+    b"keep-alive": _H_HOP,
+    b"proxy-connection": _H_HOP,
+    b"proxy-authenticate": _H_HOP,
+    b"proxy-authorization": _H_HOP,
+    b"te": _H_HOP,
+    b"trailer": _H_HOP,
+    b"upgrade": _H_UPGRADE,
+    b"expect": _H_EXPECT,
+    b"x-forwarded-for": _H_XFF,
+    b"x-request-id": _H_REQUEST_ID,
+    b"x-forwarded-proto": _H_DROP,
+    b"x-forwarded-host": _H_DROP,
+    b"cookie": _H_COOKIE,
+}
+
+# Response headers never copied to the client (framing and our own are rebuilt).
+_RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id"}
+
+# Why reading from the client is paused; reading resumes only when no reason is left.
+PAUSE_BACKPRESSURE = 1
+PAUSE_PIPELINE = 2
+PAUSE_CONNECTING = 4
+
+# Bytes of request body held while the endpoint connection is being opened.
+CONNECT_BUFFER = 64 * 1024
+
+
+class HeadError(Exception):
+    """A request the proxy refuses before any byte reaches an upstream."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+class Exchange:
+    """One request and its response through the proxy."""
+
+    __slots__ = (
+        "attempts",
+        "body_done",
+        "bytes_in",
+        "bytes_out",
+        "chunked_in",
+        "client_closed",
+        "conn",
+        "conn_tokens",
+        "connect_task",
+        "content_length",
+        "cookie_values",
+        "deadline",
+        "decision",
+        "endpoint",
+        "endpoint_address",
+        "expect_continue",
+        "failed_open",
+        "finished",
+        "gen",
+        "head",
+        "head_size",
+        "header_count",
+        "hop_names",
+        "host",
+        "host_count",
+        "in_flight_counted",
+        "keep_alive",
+        "kept_headers",
+        "last_io",
+        "method",
+        "mirrored",
+        "pending",
+        "pending_size",
+        "reason",
+        "request_id",
+        "request_id_in",
+        "response_chunked",
+        "response_framing",
+        "response_started",
+        "retained",
+        "retained_size",
+        "route_name",
+        "set_cookie",
+        "start_time",
+        "started",
+        "stats",
+        "status",
+        "te_values",
+        "tried",
+        "tunnel",
+        "upgrade",
+        "upgrade_values",
+        "upstream",
+        "upstream_conn",
+        "upstream_name",
+        "url",
+        "version",
+        "wanted",
+        "xff",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.url = b""
+        self.kept_headers: list[tuple[bytes, bytes, bytes]] = []  # (lower name, name, value)
+        self.wanted: dict[str, str] = {}
+        self.cookie_values: list[str] = []
+        self.head_size = 0
+        self.header_count = 0
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.content_length: int | None = None
+        self.chunked_in = False
+        self.te_values: list[bytes] = []
+        self.conn_tokens: list[bytes] = []
+        self.upgrade_values: list[bytes] = []
+        self.hop_names: list[bytes] = []
+        self.expect_continue = False
+        self.xff: list[bytes] = []
+        self.request_id_in: bytes | None = None
+        self.method = ""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.upgrade = False
+        self.started = False
+        self.in_flight_counted = False
+        self.finished = False
+        self.body_done = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.retained: list[bytes] | None = []
+        self.retained_size = 0
+        self.request_id = ""
+        self.head = b""
+        self.gen: Generation | None = None
+        self.decision = ""
+        self.route_name = ""
+        self.upstream_name = ""
+        self.reason = ""
+        self.stats = conn.ctx.no_route_stats()
+        self.upstream: object = None
+        self.upstream_conn: UpstreamConnection | None = None
+        self.endpoint: EndpointPool | None = None
+        self.endpoint_address = ""
+        self.mirrored = False
+        self.connect_task: asyncio.Task[None] | None = None
+        self.tried: set[EndpointPool] = set()
+        self.attempts = 0
+        self.failed_open = False
+        self.set_cookie: str | None = None
+        self.response_started = False
+        self.response_chunked = False
+        self.response_framing = FRAMING_LENGTH
+        self.status = 0
+        self.start_time = 0.0
+        self.last_io = 0.0
+        self.deadline = 0.0
+        self.client_closed = False
+        self.tunnel = False
+
+    # ---- request head -------------------------------------------------------------------
+
+    def add_header(
+        self, name: bytes, value: bytes, limits_headers: int, wanted: frozenset[bytes]
+    ) -> None:
+        """Classify one request header line (called by the parser, in order)."""
+        self.header_count += 1
+        if self.header_count > limits_headers:
+            raise HeadError(431, "too many header fields")
+        lname = name.lower()
+        kind = _SPECIAL.get(lname)
+        if kind is None:
+            self.kept_headers.append((lname, name, value))
+            if lname in wanted:
+                self.wanted.setdefault(lname.decode("latin-1"), value.decode("latin-1"))
+            return
+        if kind == _H_HOST:
+            self.host_count += 1
+            self.host = value
+            self.kept_headers.append((lname, name, value))
+        elif kind == _H_CONTENT_LENGTH:
+            # llhttp already rejects duplicates and non-digits; this keeps the value.
+            self.content_length = int(value)
+            self.kept_headers.append((lname, name, value))
+        elif kind == _H_TRANSFER_ENCODING:
+            self.te_values.append(value)
+        elif kind == _H_CONNECTION:
+            self.conn_tokens.append(value)
+        elif kind == _H_UPGRADE:
+            self.upgrade_values.append(value)
+        elif kind == _H_EXPECT:
+            if value.strip().lower() == b"100-continue":
+                self.expect_continue = True
+            else:
+                raise HeadError(417, "unsupported expectation")
+        elif kind == _H_XFF:
+            self.xff.append(value.strip())
+        elif kind == _H_REQUEST_ID:
+            if self.request_id_in is None:
+                self.request_id_in = value
+        elif kind == _H_COOKIE:
+            self.kept_headers.append((lname, name, value))
+            self.cookie_values.append(value.decode("latin-1"))
+        # _H_HOP and _H_DROP: not forwarded.
+
+    def finish_head(self, parser: httptools.HttpRequestParser) -> None:
+        """Validate the complete head and remember what the response needs."""
+        self.method = parser.get_method().decode("ascii")
+        self.version = parser.get_http_version()
+        self.keep_alive = bool(parser.should_keep_alive())
+        if self.te_values:
+            if self.version != "1.1":
+                # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+                raise HeadError(400, "transfer-encoding in an HTTP/1.0 request")
+            self.chunked_in = True
+        if self.version == "1.1" and self.host_count != 1:
+            raise HeadError(400, "an HTTP/1.1 request needs exactly one Host header")
+        if self.host_count > 1:
+            raise HeadError(400, "more than one Host header")
+        if self.method == "CONNECT":
+            raise HeadError(405, "CONNECT is not supported by a reverse proxy")
+        tokens = connection_tokens(self.conn_tokens) if self.conn_tokens else frozenset()
+        if (
+            parser.should_upgrade()
+            and self.upgrade_values
+            and b"upgrade" in tokens
+            and any(b"websocket" in v.lower() for v in self.upgrade_values)
+        ):
+            self.upgrade = True
+        extra = tokens - {b"close", b"keep-alive", b"upgrade"}
+        if extra:
+            # Headers named by Connection are hop-by-hop too (RFC 9110 section 7.6.1).
+            self.kept_headers = [h for h in self.kept_headers if h[0] not in extra]
+            self.wanted = {k: v for k, v in self.wanted.items() if k.encode() not in extra}
+        ctx = self.conn.ctx
+        limit = ctx.limits.max_request_body
+        if self.content_length is not None and self.content_length > limit:
+            raise HeadError(413, "request body larger than limits.max_request_body")
+        if self.request_id_in is not None:
+            self.request_id = self.request_id_in.decode("latin-1")
+        else:
+            self.request_id = _new_request_id()
+
+    # ---- routing and forwarding ---------------------------------------------------------
+
+    def begin(self) -> None:
+        """Decide where the request goes and start the first attempt."""
+        conn = self.conn
+        ctx = conn.ctx
+        self.started = True
+        self.start_time = perf_counter()
+        self.last_io = ctx.now
+        gen = ctx.generation
+        self.gen = gen
+        table = gen.table
+        url = self.url
+        if url[:1] != b"/":
+            if url == b"*" and self.method == "OPTIONS":
+                path = "*"
+            else:
+                try:
+                    parsed = httptools.parse_url(url)
+                except httptools.HttpParserInvalidURLError:
+                    self.local_error(400, "invalid request target", close=True)
+                    return
+                path = (parsed.path or b"/").decode("latin-1")
+                if parsed.host and self.host is None:
+                    self.host = parsed.host
+        else:
+            q = url.find(b"?")
+            path = (url if q < 0 else url[:q]).decode("latin-1")
+        host = normalize_host(self.host.decode("latin-1")) if self.host is not None else ""
+        cookies = (
+            parse_cookies(self.cookie_values, table.cookie_names)
+            if table.cookie_names and self.cookie_values
+            else {}
+        )
+        view = RequestView(self.method, host, path, self.wanted, cookies)
+        rnd = random.random
+        decision = decide(table, view, rnd(), rnd(), _new_request_id)
+        route = decision.route
+        if route is None or decision.upstream is None:
+            self.local_error(404, "no route matches the request", close=False)
+            return
+        upstream_name = decision.upstream
+        self.route_name = route.name
+        self.upstream_name = upstream_name
+        self.decision = decision.reason
+        self.set_cookie = decision.set_cookie
+        stats = gen.stats[route.index][upstream_name]
+        self.stats = stats
+        stats.in_flight += 1
+        self.in_flight_counted = True
+        pool = gen.pools.get(upstream_name)
+        if pool is None or not pool.endpoints:
+            self.local_error(503, f"upstream '{upstream_name}' has no endpoints", close=False)
+            return
+        self.upstream = pool
+        self.head = self._build_head(route.name)
+        if (
+            self.expect_continue
+            and not self.body_done
+            and (self.chunked_in or (self.content_length or 0) > 0)
+        ):
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.attempt()
+
+    def _build_head(self, route: str) -> bytes:
+        parts = [f"{self.method} ".encode("latin-1"), self.url, b" HTTP/1.1\r\n"]
+        for _, name, value in self.kept_headers:
+            parts += (name, b": ", value, b"\r\n")
+        conn = self.conn
+        parts += (b"X-Forwarded-For: ", forwarded_for(self.xff, conn.client_ip), b"\r\n")
+        parts.append(b"X-Forwarded-Proto: http\r\n")
+        if self.host is not None:
+            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
+        parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
+        if self.upgrade:
+            parts.append(b"Connection: upgrade\r\n")
+            for value in self.upgrade_values:
+                parts += (b"Upgrade: ", value, b"\r\n")
+        elif self.chunked_in:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def attempt(self) -> None:
+        """Send the request to an endpoint: a pooled connection now, or a new one."""
+        pool = self.upstream
+        assert pool is not None
+        ctx = self.conn.ctx
+        endpoint, failed_open = pool.pick(random.random(), self.tried)  # type: ignore[attr-defined]
+        if failed_open:
+            self.failed_open = True
+            ctx.count_fail_open(pool.name)  # type: ignore[attr-defined]
+        self.endpoint = endpoint
+        self.endpoint_address = endpoint.address
+        self.tried.add(endpoint)
+        self.attempts += 1
+        endpoint.in_flight += 1
+        conn = endpoint.take_idle(ctx.now)
+        if conn is not None:
+            self._send_on(conn, reused=True)
+            return
+        self.conn.pause(PAUSE_CONNECTING)
+        self.connect_task = ctx.tasks.spawn(self._connect(endpoint), name="connect")
+
+    async def _connect(self, endpoint: EndpointPool) -> None:
+        ctx = self.conn.ctx
+        try:
+            async with asyncio.timeout(ctx.timeouts.connect):
+                upstream_conn = await endpoint.connect(ctx.loop)
+        except asyncio.CancelledError:
+            if self.finished:
+                return
+            raise
+        except (OSError, TimeoutError) as exc:
+            self.connect_task = None
+            if self.finished:
+                return
+            self._attempt_failed(
+                "timeout" if isinstance(exc, TimeoutError) else "connect", nothing_sent=True
+            )
+            return
+        self.connect_task = None
+        if self.finished:
+            endpoint.in_flight -= 1
+            endpoint.release(upstream_conn, ctx.now)
+            return
+        self.conn.unpause(PAUSE_CONNECTING)
+        self._send_on(upstream_conn, reused=False)
+
+    def _send_on(self, upstream_conn: UpstreamConnection, reused: bool) -> None:
+        ctx = self.conn.ctx
+        self.upstream_conn = upstream_conn
+        upstream_conn.start(self, self.method == "HEAD")
+        upstream_conn.write(self.head)
+        if self.retained is not None and self.attempts > 1:
+            for chunk in self.retained:
+                self._write_body(upstream_conn, chunk)
+        else:
+            for chunk in self.pending:
+                self._write_body(upstream_conn, chunk)
+        self.pending = []
+        self.pending_size = 0
+        if self.body_done and self.chunked_in:
+            upstream_conn.write(b"0\r\n\r\n")
+        self.deadline = ctx.now + ctx.timeouts.response
+        ctx.watch(self)
+
+    def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
+        if self.chunked_in:
+            upstream_conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            upstream_conn.write(chunk)
+
+    def _attempt_failed(self, kind: str, nothing_sent: bool) -> None:
+        """An attempt ended before any response byte: retry or answer with an error."""
+        endpoint = self.endpoint
+        ctx = self.conn.ctx
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            ctx.passive_result(endpoint, 0)
+            self.endpoint = None
+        self.upstream_conn = None
+        self.stats.errors[kind] += 1
+        can_retry = (
+            self.attempts <= self._route_retries()
+            and not self.client_closed
+            and not self.response_started
+        )
+        if can_retry and not nothing_sent:
+            # Bytes went out: only a method that may run twice, with its body kept, is retried.
+            can_retry = self.method in IDEMPOTENT_RETRY_METHODS and self.retained is not None
+        if can_retry:
+            self.stats.retries += 1
+            self.attempt()
+            return
+        self.conn.unpause(PAUSE_CONNECTING)
+        if kind == "timeout":
+            self.local_error(504, "upstream timed out", close=not self.body_done)
+        else:
+            self.local_error(502, f"upstream {kind} failure", close=not self.body_done)
+
+    def _route_retries(self) -> int:
+        gen = self.gen
+        if gen is None:
+            return 0
+        route = gen.route_by_name.get(self.route_name)
+        return route.retries if route is not None else 0
+
+    # ---- request body -------------------------------------------------------------------
+
+    def body(self, chunk: bytes) -> None:
+        """A piece of the request body from the client."""
+        size = len(chunk)
+        self.bytes_in += size
+        ctx = self.conn.ctx
+        self.last_io = ctx.now
+        if self.bytes_in > ctx.limits.max_request_body:
+            if not self.response_started:
+                self.local_error(
+                    413, "request body larger than limits.max_request_body", close=True
+                )
+            else:
+                self.conn.abort()
+            return
+        retained = self.retained
+        if retained is not None:
+            self.retained_size += size
+            if self.retained_size > RETRY_BODY_LIMIT:
+                self.retained = None
+            else:
+                retained.append(chunk)
+        if self.finished:
+            return
+        upstream_conn = self.upstream_conn
+        if upstream_conn is not None:
+            self._write_body(upstream_conn, chunk)
+        else:
+            self.pending.append(chunk)
+            self.pending_size += size
+            if self.pending_size > CONNECT_BUFFER:
+                self.conn.pause(PAUSE_CONNECTING)
+
+    def body_complete(self) -> None:
+        """The client sent its whole request."""
+        self.body_done = True
+        if self.finished:
+            return
+        upstream_conn = self.upstream_conn
+        if upstream_conn is not None and self.chunked_in:
+            upstream_conn.write(b"0\r\n\r\n")
+
+    # ---- ResponseSink: the upstream side ------------------------------------------------
+
+    def upstream_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body_framing: int,
+        keep_alive: bool,
+    ) -> None:
+        """Relay the response head, with framing and hop-by-hop headers rebuilt."""
+        conn = self.conn
+        ctx = conn.ctx
+        ctx.unwatch(self)
+        self.last_io = ctx.now
+        self.status = status
+        self.response_started = True
+        drop = _RESPONSE_DROP
+        extra: frozenset[bytes] | None = None
+        for name, value in headers:
+            if name.lower() == b"connection":
+                tokens = connection_tokens([value]) - {b"close", b"keep-alive", b"upgrade"}
+                if tokens:
+                    extra = extra | tokens if extra else tokens
+        if extra:
+            drop = drop | extra
+        close = not self.keep_alive or not self.body_done or conn.closing
+        if status == 101:
+            close = False
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+        if body_framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
+            chunked = self.version == "1.1"
+            self.response_chunked = chunked
+            if not chunked:
+                close = True
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop:
+                continue
+            if lname == b"content-length" and (status == 204 or body_framing == FRAMING_CHUNKED):
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
+        if self.set_cookie is not None:
+            parts.append(self._cookie_header())
+        if status == 101:
+            parts.append(b"Connection: upgrade\r\n")
+            for value in self.upgrade_values:
+                parts += (b"Upgrade: ", value, b"\r\n")
+        else:
+            if self.response_chunked:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            if close:
+                parts.append(b"Connection: close\r\n")
+                conn.close_after = True
+            elif self.version == "1.0":
+                parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.response_framing = body_framing
+        conn.write(b"".join(parts))
+        if body_framing != FRAMING_NONE:
+            ctx.watch(self)
+            self.deadline = 0.0
+
+    def _cookie_header(self) -> bytes:
+        gen = self.gen
+        assert gen is not None
+        route = gen.route_by_name[self.route_name]
+        sticky = route.sticky
+        assert sticky is not None
+        assert sticky.cookie is not None
+        assert self.set_cookie is not None
+        return (
+            f"Set-Cookie: {sticky.cookie}={self.set_cookie}; Path=/; Max-Age=31536000; "
+            "HttpOnly; SameSite=Lax\r\n"
+        ).encode("latin-1")
+
+    def upstream_body(self, data: bytes) -> None:
+        """Relay a piece of the response body."""
+        conn = self.conn
+        self.last_io = conn.ctx.now
+        self.bytes_out += len(data)
+        if self.response_chunked:
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            conn.write(data)
+
+    def upstream_complete(self) -> None:
+        """The response ended: release the connection, record, and serve the next request."""
+        conn = self.conn
+        if self.response_chunked:
+            conn.write(b"0\r\n\r\n")
+        upstream_conn = self.upstream_conn
+        endpoint = self.endpoint
+        ctx = conn.ctx
+        if upstream_conn is not None and endpoint is not None:
+            endpoint.in_flight -= 1
+            ctx.passive_result(endpoint, self.status)
+            if self.body_done:
+                endpoint.release(upstream_conn, ctx.now)
+            else:
+                # The request is not fully sent: this connection cannot carry another.
+                upstream_conn.close()
+                conn.close_after = True
+            self.endpoint = None
+            self.upstream_conn = None
+        self._finish()
+
+    def upstream_lost(self, got_response_bytes: bool) -> None:
+        """The endpoint connection broke before the response ended."""
+        if self.finished:
+            return
+        if not self.response_started and not got_response_bytes:
+            self._attempt_failed("reset", nothing_sent=False)
+            return
+        # Part of the response is already out: the client must see a broken response, never a
+        # clean short one, so its connection is cut without the final chunk.
+        self.stats.errors["reset"] += 1
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.endpoint = None
+        self.upstream_conn = None
+        if self.response_started:
+            self.conn.abort()
+            self._finish(broken=True)
+        else:
+            self.local_error(502, "upstream sent a malformed response", close=True)
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """The endpoint accepted the WebSocket upgrade: both sides become a byte tunnel."""
+        self.tunnel = True
+        conn = self.conn
+        self.stats.observe(101, perf_counter() - self.start_time)
+        conn.start_tunnel(self)
+        if rest:
+            self.upstream_data(rest)
+
+    def upstream_data(self, data: bytes) -> None:
+        """Tunnelled bytes from the endpoint."""
+        self.last_io = self.conn.ctx.now
+        self.bytes_out += len(data)
+        self.conn.write(data)
+
+    def upstream_pause_writing(self) -> None:
+        """The endpoint's socket buffer is full: stop reading the client."""
+        self.conn.pause(PAUSE_BACKPRESSURE)
+
+    def upstream_resume_writing(self) -> None:
+        """The endpoint drained: read the client again."""
+        self.conn.unpause(PAUSE_BACKPRESSURE)
+
+    # ---- endings ------------------------------------------------------------------------
+
+    def local_error(self, status: int, message: str, close: bool) -> None:
+        """Answer with a proxy-made JSON error (or cut the connection if a response began)."""
+        conn = self.conn
+        if self.response_started:
+            conn.abort()
+            self._finish(broken=True)
+            return
+        self.status = status
+        self.response_started = True
+        body = orjson.dumps({"error": message, "request_id": self.request_id})
+        close = close or not self.keep_alive or not self.body_done or conn.closing
+        head = (
+            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"X-Request-Id: %b\r\n"
+            % (status, REASONS.get(status, b"Error"), len(body), self.request_id.encode("latin-1"))
+        )
+        if close:
+            head += b"Connection: close\r\n"
+            conn.close_after = True
+        self.bytes_out += len(body)
+        conn.write(head + b"\r\n" + body if self.method != "HEAD" else head + b"\r\n")
+        upstream_conn = self.upstream_conn
+        if upstream_conn is not None:
+            upstream_conn.detach()
+            upstream_conn.abort()
+            self.upstream_conn = None
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.endpoint = None
+        self._finish()
+
+    def timed_out(self) -> None:
+        """The sweeper saw this exchange pass its deadline or sit idle too long."""
+        if self.finished:
+            return
+        if not self.response_started:
+            if self.upstream_conn is not None and not self.upstream_conn.got_bytes:
+                self.stats.errors["timeout"] += 1
+                self.local_error(504, "upstream timed out", close=True)
+                return
+            self.local_error(408, "request body idle too long", close=True)
+            return
+        self.stats.errors["timeout"] += 1
+        self.conn.abort()
+        upstream_conn = self.upstream_conn
+        if upstream_conn is not None:
+            upstream_conn.detach()
+            upstream_conn.abort()
+            self.upstream_conn = None
+        self._finish(broken=True)
+
+    def client_lost(self) -> None:
+        """The client went away mid-exchange: drop the upstream side too."""
+        self.client_closed = True
+        if self.finished:
+            return
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        upstream_conn = self.upstream_conn
+        if upstream_conn is not None:
+            upstream_conn.detach()
+            upstream_conn.abort()
+            self.upstream_conn = None
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.endpoint = None
+        if not self.response_started or self.status == 0:
+            self.status = 499
+        self._finish(broken=True)
+
+    def _finish(self, broken: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        ctx = conn.ctx
+        ctx.unwatch(self)
+        stats = self.stats
+        if self.in_flight_counted:
+            stats.in_flight -= 1
+        if not self.tunnel:
+            stats.observe(self.status, perf_counter() - self.start_time)
+        if ctx.access_log is not None:
+            ctx.access_log.record(self, perf_counter() - self.start_time)
+        if broken:
+            conn.close_after = True
+        conn.exchange_done(self)
+
+
+class ClientConnection(asyncio.Protocol):
+    """A downstream connection: parses requests and runs their exchanges in order."""
+
+    __slots__ = (
+        "client_ip",
+        "close_after",
+        "closing",
+        "ctx",
+        "current",
+        "error",
+        "idle_since",
+        "parser",
+        "parsing",
+        "paused",
+        "queue",
+        "transport",
+        "tunnel",
+        "write_paused",
+    )
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: Exchange | None = None
+        self.current: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.client_ip = ""
+        self.paused = 0
+        self.write_paused = False
+        self.close_after = False
+        self.closing = False
+        self.tunnel: Exchange | None = None
+        self.idle_since = 0.0
+        self.error: BaseException | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.idle_since = self.ctx.now
+        self.ctx.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.last_io = self.ctx.now
+            tunnel.bytes_in += len(data)
+            upstream_conn = tunnel.upstream_conn
+            if upstream_conn is not None:
+                upstream_conn.write(data)
+            return
+        if self.close_after and self.current is None:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError:
+            # httptools hides the callback's exception; the callbacks keep it in self.error.
+            error = self.error
+            self.error = None
+            if isinstance(error, HeadError):
+                self._reject(error.status, error.message)
+            else:
+                log.error("request handling failed", exc_info=error)
+                self._reject(500, "internal error")
+        except httptools.HttpParserError as exc:
+            self._reject(400, f"malformed request: {exc}")
+        except Exception:
+            log.exception("request handling failed")
+            self._reject(500, "internal error")
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the client: finish what is in flight, then close.
+        if self.current is None and self.tunnel is None:
+            return None
+        self.close_after = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.connection_closed(self)
+        self.transport = None
+        current = self.current
+        if current is not None:
+            current.client_lost()
+        for queued in self.queue:
+            queued.client_closed = True
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        current = self.tunnel or self.current
+        if current is not None and current.upstream_conn is not None:
+            current.upstream_conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        current = self.tunnel or self.current
+        if current is not None and current.upstream_conn is not None:
+            current.upstream_conn.resume_reading()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.parsing = Exchange(self)
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+        ex.head_size += len(url)
+        if ex.head_size > self.ctx.limits.max_header_size:
+            self.error = HeadError(431, "request head larger than limits.max_header_size")
+            raise self.error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.method:
+            return  # trailer fields come after the head and are not forwarded
+        ex.head_size += len(name) + len(value) + 4
+        limits = self.ctx.limits
+        try:
+            if ex.head_size > limits.max_header_size:
+                raise HeadError(431, "request head larger than limits.max_header_size")
+            ex.add_header(name, value, limits.max_headers, self.ctx.generation.wanted_headers)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        try:
+            ex.finish_head(self.parser)
+            if self.current is None:
+                self.current = ex
+                ex.begin()
+            else:
+                self.queue.append(ex)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        try:
+            if ex.started:
+                ex.body(body)
+            else:
+                ex.bytes_in += len(body)
+                ex.pending.append(body)
+                if ex.bytes_in > self.ctx.limits.max_request_body:
+                    raise HeadError(413, "request body larger than limits.max_request_body")
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        self.parsing = None
+        if ex.started:
+            ex.body_complete()
+        else:
+            ex.body_done = True
+        if ex.upgrade:
+            return
+        if self.current is not None and not self.current.finished:
+            # Pipelined requests wait until the current response is out.
+            self.pause(PAUSE_PIPELINE)
+
+    # exchange plumbing
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client."""
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def pause(self, reason: int) -> None:
+        """Stop reading the client for `reason` (reasons are bit flags)."""
+        was = self.paused
+        self.paused = was | reason
+        if not was and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def unpause(self, reason: int) -> None:
+        """Drop one reason to pause; read again when none is left."""
+        was = self.paused
+        if not was & reason:
+            return
+        self.paused = was & ~reason
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """An exchange finished: close, or go on with the next pipelined request."""
+        if ex is not self.current:
+            return
+        self.current = None
+        if self.close_after or self.transport is None:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.current = nxt
+            nxt.begin()
+            return
+        self.idle_since = self.ctx.now
+        self.unpause(PAUSE_PIPELINE)
+        if self.closing:
+            self.close()
+
+    def _reject(self, status: int, message: str) -> None:
+        ex = self.parsing or Exchange(self)
+        if not ex.request_id:
+            ex.request_id = _new_request_id()
+        self.parsing = None
+        self.close_after = True
+        if self.current is not None and self.current is not ex:
+            # A response is in progress: the broken follow-up request just ends the connection.
+            return
+        self.current = ex
+        ex.local_error(status, message, close=True)
+
+    def _upgraded(self, rest: bytes) -> None:
+        ex = self.current
+        if ex is None or not ex.upgrade:
+            # An Upgrade we do not proxy (e.g. h2c): answer the request normally, then close.
+            self.close_after = True
+            return
+        if rest:
+            ex.pending.append(rest)
+            ex.pending_size += len(rest)
+
+    def start_tunnel(self, ex: Exchange) -> None:
+        """The upgrade completed: from now on bytes flow untouched both ways."""
+        self.tunnel = ex
+        self.close_after = True
+        self.ctx.unwatch(ex)
+        self.ctx.watch(ex)
+        ex.deadline = 0.0
+        upstream_conn = ex.upstream_conn
+        if upstream_conn is not None:
+            for chunk in ex.pending:
+                upstream_conn.write(chunk)
+        ex.pending = []
+
+    def close(self) -> None:
+        """Close the connection after what is buffered has been written."""
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection now (a broken response must look broken)."""
+        transport = self.transport
+        if transport is not None:
+            transport.abort()

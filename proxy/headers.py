@@ -1,0 +1,63 @@
+"""Header rules of contract section 3: hop-by-hop stripping and the forwarding headers.
+
+Works on raw `bytes` names and values as the C parser hands them over, so the data plane never
+decodes a header it only copies. Pure core: no I/O, no asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# RFC 9110 section 7.6.1 plus the legacy ones the contract names. Lower-case.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Headers the proxy sets itself; copies from the other side are dropped so there is one value.
+REQUEST_REPLACED: frozenset[bytes] = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"expect"}
+)
+RESPONSE_REPLACED: frozenset[bytes] = frozenset({b"x-request-id", b"content-length"})
+
+IDEMPOTENT_RETRY_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+RETRY_BODY_LIMIT = 64 * 1024
+
+
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The lower-cased tokens of every `Connection` header value (`close`, header names...)."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def is_chunked(transfer_encoding: bytes) -> bool:
+    """Whether `chunked` is the final transfer coding (RFC 9112 section 6.3)."""
+    last = transfer_encoding.rsplit(b",", 1)[-1]
+    return last.strip().lower() == b"chunked"
+
+
+def forwarded_for(existing: list[bytes], client: str) -> bytes:
+    """X-Forwarded-For: the values received, in order, with the client's address appended."""
+    encoded = client.encode("ascii", "replace")
+    if not existing:
+        return encoded
+    return b", ".join([*existing, encoded])
+
+
+def has_token(values: Iterable[bytes], token: bytes) -> bool:
+    """Whether a comma-separated header (e.g. Upgrade, Connection) lists `token`."""
+    return token in connection_tokens(values)

@@ -1,0 +1,188 @@
+"""Validated configuration, as plain immutable data.
+
+`proxy.config` turns YAML into these objects (or a list of errors); `proxy.table` compiles them
+into the routing table. Nothing here does I/O, and nothing here may import asyncio, sockets,
+time, random or os: this is the pure core.
+
+Durations are float seconds, sizes are int bytes, names are validated strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Timeouts of section 1 of the contract, in seconds."""
+
+    connect: float = 2.0
+    response: float = 30.0
+    idle: float = 60.0
+    client_keepalive: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request and per-worker limits."""
+
+    max_request_body: int = 64 * 1024 * 1024
+    max_connections: int = 10000
+    max_header_size: int = 64 * 1024
+    max_headers: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Drain bounds for reload and shutdown, in seconds."""
+
+    reload: float = 30.0
+    shutdown: float = 25.0
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health check of every endpoint of an upstream."""
+
+    path: str = "/"
+    interval: float = 2.0
+    timeout: float = 1.0
+    unhealthy_after: int = 3
+    healthy_after: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One `host:port` of an upstream. `host` has no brackets, even for IPv6."""
+
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """The endpoint as written in config and in metrics: `host:port`, `[v6]:port`."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """A named version of the service."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    health: HealthCheck | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """Pin requests to `to` by header or cookie; `value` None means: present at all."""
+
+    to: str
+    header: str | None = None  # lower-cased
+    cookie: str | None = None
+    value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    """Sticky split: exactly one of header (lower-cased) and cookie is set."""
+
+    header: str | None = None
+    cookie: str | None = None
+    set: bool = False
+
+
+ALL_METHODS: tuple[str, ...] = (
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "PATCH",
+    "DELETE",
+    "OPTIONS",
+    "TRACE",
+    "CONNECT",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """Shadow traffic: a sampled copy of the route's requests sent to `to`.
+
+    `methods` None means every method. `compare_json_ignore` lists dotted JSON paths whose
+    values are volatile (ids, timestamps) and are ignored by the body comparison; the
+    comparison is on when `compare_json` is true.
+    """
+
+    to: str
+    percent: float = 100.0
+    max_body: int = 1024 * 1024
+    methods: frozenset[str] | None = None
+    max_in_flight: int = 64
+    timeout: float = 10.0
+    compare_json: bool = False
+    compare_json_ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """Automated canary analysis settings of a route (contract section 5)."""
+
+    baseline: str
+    canary: str
+    steps: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 100.0)
+    interval: float = 60.0
+    min_requests: int = 50
+    max_error_rate: float = 0.01
+    max_p99: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Route match. `host` lower-cased without port; `*.example.com` is a suffix match."""
+
+    host: str | None = None
+    path_prefix: str = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One route: match, overrides, split and the optional features."""
+
+    name: str
+    split: tuple[tuple[str, float], ...]  # (upstream, weight) in file order
+    match: Match = field(default_factory=Match)
+    overrides: tuple[Override, ...] = ()
+    sticky: Sticky | None = None
+    mirror: Mirror | None = None
+    retries: int = 2
+    rollout: Rollout | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSpec:
+    """The whole validated routing table file.
+
+    `listen` and `admin` are (host, port); `workers` is resolved to an int by the caller when
+    the file says `auto` (stored here as 0). `state_file` is an absolute path or None.
+    """
+
+    upstreams: tuple[UpstreamSpec, ...]
+    routes: tuple[RouteSpec, ...]
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin: tuple[str, int] = ("127.0.0.1", 9901)
+    workers: int = 1
+    state_file: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    drain: Drain = field(default_factory=Drain)
+
+    def upstream(self, name: str) -> UpstreamSpec:
+        """The upstream called `name` (the config guarantees it exists)."""
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)

@@ -1,0 +1,731 @@
+"""The supervisor: the one process that knows the config, and the parent of every worker.
+
+`turnout run` always has this shape, also with `workers: 1`:
+
+    supervisor (this module)                      workers (proxy.worker), N processes
+      reads + validates the config file             bind `listen` with SO_REUSEPORT
+      admin plane (aiohttp) on `admin`              serve the data plane
+      reloads: SIGHUP, POST /admin/reload, watch    apply each table they are sent
+      restarts workers that die                     drain on SIGTERM and exit
+      SIGTERM/SIGINT: the shutdown sequence
+
+Supervisor and worker talk over one socketpair per worker (`proxy.control`). Workers run in their
+own session so a Ctrl-C in a terminal reaches only the supervisor, which forwards exactly one
+SIGTERM to each worker (a worker treats a second signal as "exit now").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp.helpers
+import aiohttp.http_parser
+import uvloop
+
+from proxy.admin import AdminServer, Readiness, ReloadOutcome, create_admin_app, is_loopback
+from proxy.config import ConfigError, config_sha256, parse_config, spec_to_dict
+from proxy.control import (
+    OP_APPLIED,
+    OP_READY,
+    OP_STATS,
+    ControlChannel,
+    ControlError,
+    open_channel,
+    table_message,
+)
+from proxy.spec import ConfigSpec
+from proxy.table import Table, compile_table
+from proxy.tasks import TaskSet
+from proxy.watch import watch_file
+
+log = logging.getLogger("turnout.supervisor")
+
+TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
+
+# Restart back-off for a worker that died: 0.1 s, doubling to 5 s; a worker that stayed up for
+# 10 s counts as healthy again and its next crash restarts it quickly.
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+BACKOFF_RESET_AFTER = 10.0
+
+# Workers get drain.delay + drain.shutdown to exit after SIGTERM; this margin covers their own
+# teardown (closing idle clients, flushing the access log) before they are killed.
+EXIT_MARGIN = 5.0
+# After SIGKILL, how long to wait for the kernel to reap the workers.
+KILL_REAP_TIMEOUT = 2.0
+# Background tasks left at the very end (watch, readers) get this long to stop.
+TASKS_STOP_TIMEOUT = 2.0
+
+# Static settings: bound once at start. A reload that changes them is applied only on restart.
+STATIC_SETTINGS = ("listen", "admin", "workers")
+
+
+class ConfigLoadError(Exception):
+    """The config file could not be read or is invalid; `lines` holds one message per error."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def read_config_text(path: str) -> str:
+    """The file's text (UTF-8); OSError or UnicodeDecodeError when it cannot be read."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def load_config(path: str) -> tuple[str, ConfigSpec]:
+    """Read and validate a config file: (text, spec), or ConfigLoadError with every problem."""
+    try:
+        text = read_config_text(path)
+    except OSError as exc:
+        raise ConfigLoadError([f"{path}: cannot read the config file: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigLoadError([f"{path}: the config file is not UTF-8 text: {exc}"]) from exc
+    try:
+        return text, parse_config(text, path)
+    except ConfigError as exc:
+        raise ConfigLoadError([str(issue) for issue in exc.issues]) from exc
+
+
+def admin_token() -> str | None:
+    """The admin token from the environment; unset and empty both mean: no authentication."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def startup_refusals(spec: ConfigSpec, token: str | None) -> list[str]:
+    """Reasons not to start at all (empty list: go ahead)."""
+    reasons: list[str] = []
+    # The admin plane parses HTTP with aiohttp; its pure-Python parser is slow and lenient, and
+    # a silent fallback to it is how request smuggling bugs get in.
+    if aiohttp.helpers.NO_EXTENSIONS:
+        reasons.append(
+            "aiohttp's C extensions are disabled (AIOHTTP_NO_EXTENSIONS is set); "
+            "unset it: the admin plane needs aiohttp's C HTTP parser"
+        )
+    elif aiohttp.http_parser.HttpRequestParser is aiohttp.http_parser.HttpRequestParserPy:
+        reasons.append(
+            "aiohttp's C HTTP parser is not available in this installation; "
+            "reinstall aiohttp from a wheel built with its C extensions"
+        )
+    host = spec.admin[0]
+    if token is None and not is_loopback(host):
+        reasons.append(
+            f"admin listens on {host}, which is not a loopback address, and {TOKEN_ENV} "
+            f"is not set; set {TOKEN_ENV} or bind admin to 127.0.0.1"
+        )
+    return reasons
+
+
+def resolve_workers(spec: ConfigSpec) -> int:
+    """`workers: auto` (stored as 0) is the number of CPUs this process may run on."""
+    return spec.workers or len(os.sched_getaffinity(0))
+
+
+def describe_exit(returncode: int) -> str:
+    """`exit code 3` or `killed by SIGKILL`."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _utc_iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """One generation of the config: the file's text, its spec and the compiled table."""
+
+    generation: int
+    sha256: str
+    text: str
+    spec: ConfigSpec
+    table: Table
+    loaded_at: datetime
+
+
+@dataclass(slots=True)
+class WorkerHandle:
+    """A running worker process and the supervisor's end of its control channel."""
+
+    index: int
+    process: asyncio.subprocess.Process
+    channel: ControlChannel
+    started_at: float
+    pid: int
+    ready: bool = False
+    generation: int = 0
+    pending_stats: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+
+
+class Supervisor:
+    """Owns the config, the admin plane and the worker processes; `run` is the whole life."""
+
+    def __init__(
+        self,
+        path: str,
+        text: str,
+        spec: ConfigSpec,
+        *,
+        access_log: bool = True,
+        token: str | None = None,
+        worker_argv: Sequence[str] = (sys.executable, "-m", "proxy.worker"),
+    ) -> None:
+        # Absolute, so the watch, reloads and workers (which parse the same path) agree even if
+        # something changes the working directory.
+        self.path = os.path.abspath(path)
+        self._access_log = access_log
+        self._worker_argv = tuple(worker_argv)
+        self._worker_count = resolve_workers(spec)
+        self._static = {name: getattr(spec, name) for name in STATIC_SETTINGS}
+        sha = config_sha256(text)
+        self._split_overrides: dict[str, tuple[dict[str, float], str]] = {}
+        self._current = LoadedConfig(
+            generation=1,
+            sha256=sha,
+            text=text,
+            spec=spec,
+            table=compile_table(spec, generation=1, sha256=sha),
+            loaded_at=datetime.now(UTC),
+        )
+        self._last_error: str | None = None
+        self._last_failed_sha: str | None = None
+        self._pending_restart: list[str] = []
+        self._reload_lock = asyncio.Lock()
+        self.reload_counts = {"success": 0, "failure": 0}
+
+        self._workers: dict[int, WorkerHandle] = {}
+        self._slot_tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("supervisor")
+        self._stats_seq = 0
+
+        self._stopping = False
+        self._draining = False
+        self._fatal: str | None = None
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._watch_stop = asyncio.Event()
+
+        app = create_admin_app(self, token=token)
+        self.admin_app = app
+        self._admin = AdminServer(app, *spec.admin)
+
+    # --- state, as the admin plane and metrics see it -----------------------------------------
+
+    @property
+    def current(self) -> LoadedConfig:
+        """The config generation in force."""
+        return self._current
+
+    @property
+    def table(self) -> Table:
+        """The supervisor's own compiled table of the generation in force (for explain)."""
+        return self._current.table
+
+    def readiness(self) -> Readiness:
+        """Ready: config loaded, every live worker has reported ready, and not draining."""
+        if self._draining:
+            return Readiness(False, "draining")
+        live = list(self._workers.values())
+        ready = sum(1 for handle in live if handle.ready)
+        # A slot whose worker is being restarted has no live worker; at least one must serve.
+        if ready == 0 or ready < len(live):
+            return Readiness(False, f"waiting for workers ({ready}/{self._worker_count} ready)")
+        return Readiness(True, "ready")
+
+    def config_view(self) -> dict[str, Any]:
+        """The body of GET /admin/config."""
+        current = self._current
+        return {
+            "generation": current.generation,
+            "sha256": current.sha256,
+            "loaded_at": _utc_iso(current.loaded_at),
+            "path": self.path,
+            "last_error": self._last_error,
+            "config": spec_to_dict(current.spec),
+            "workers": [
+                {
+                    "index": handle.index,
+                    "pid": handle.pid,
+                    "generation": handle.generation,
+                    "ready": handle.ready,
+                }
+                for handle in sorted(self._workers.values(), key=lambda h: h.index)
+            ],
+            "pending_restart": list(self._pending_restart),
+            "reloads": dict(self.reload_counts),
+        }
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        """Read the file and, when its content changed and is valid, make it the new generation.
+
+        Same sha256 as the config in force: a no-op. Invalid: logged, counted, kept in
+        `last_error`, and the old config stays. Reloads run one at a time.
+        """
+        async with self._reload_lock:
+            return await self._reload(trigger)
+
+    async def _reload(self, trigger: str) -> ReloadOutcome:
+        current = self._current
+        try:
+            text = await asyncio.to_thread(read_config_text, self.path)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            return self._reload_failed(trigger, None, [f"{self.path}: cannot read: {reason}"])
+        sha = config_sha256(text)
+        if sha == current.sha256:
+            # The file is back to (or still at) the config in force: nothing is wrong any more.
+            self._last_error = None
+            self._last_failed_sha = None
+            level = logging.DEBUG if trigger == "watch" else logging.INFO
+            log.log(
+                level,
+                "reload (%s): file unchanged, generation %d stays",
+                trigger,
+                current.generation,
+            )
+            return ReloadOutcome(current.generation, changed=False)
+        if trigger == "watch" and sha == self._last_failed_sha:
+            # Another event on a file already rejected: do not log and count it twice.
+            return ReloadOutcome(current.generation, changed=False, errors=self._last_errors())
+        try:
+            # Parsing a big file takes a while; keep the admin plane (and its probes) answering.
+            spec = await asyncio.to_thread(parse_config, text, self.path)
+        except ConfigError as exc:
+            return self._reload_failed(trigger, sha, [str(issue) for issue in exc.issues])
+
+        # Compile to the side, then swap one reference; no await in between, so nothing sees a
+        # half-made generation.
+        generation = current.generation + 1
+        table = self._compile(spec, generation, sha)
+        self._current = LoadedConfig(
+            generation=generation,
+            sha256=sha,
+            text=text,
+            spec=spec,
+            table=table,
+            loaded_at=datetime.now(UTC),
+        )
+        self.reload_counts["success"] += 1
+        self._last_error = None
+        self._last_failed_sha = None
+        self._broadcast_table()
+        log.info("reload (%s): generation %d in force (sha256 %s)", trigger, generation, sha[:12])
+        self._check_static_settings(spec)
+        return ReloadOutcome(generation, changed=True)
+
+    def _compile(self, spec: ConfigSpec, generation: int, sha: str) -> Table:
+        """Compile with the runtime split overrides, dropping those the new file invalidates."""
+        try:
+            return compile_table(
+                spec, generation=generation, sha256=sha, split_overrides=self._split_overrides
+            )
+        except ValueError:
+            # An override names an upstream the new file no longer has. The file is the
+            # authority once it changes, so such overrides go.
+            self._split_overrides = self._valid_overrides(spec, generation, sha)
+        return compile_table(
+            spec, generation=generation, sha256=sha, split_overrides=self._split_overrides
+        )
+
+    def _valid_overrides(
+        self, spec: ConfigSpec, generation: int, sha: str
+    ) -> dict[str, tuple[dict[str, float], str]]:
+        kept: dict[str, tuple[dict[str, float], str]] = {}
+        for route, override in self._split_overrides.items():
+            try:
+                compile_table(
+                    spec, generation=generation, sha256=sha, split_overrides={route: override}
+                )
+            except ValueError as exc:
+                log.warning("route %s: dropping the %s split: %s", route, override[1], exc)
+            else:
+                kept[route] = override
+        return kept
+
+    def _reload_failed(self, trigger: str, sha: str | None, errors: list[str]) -> ReloadOutcome:
+        self.reload_counts["failure"] += 1
+        self._last_error = "\n".join(errors)
+        self._last_failed_sha = sha
+        log.error(
+            "reload (%s) failed; generation %d stays in force:\n  %s",
+            trigger,
+            self._current.generation,
+            "\n  ".join(errors),
+        )
+        return ReloadOutcome(self._current.generation, changed=False, errors=tuple(errors))
+
+    def _last_errors(self) -> tuple[str, ...]:
+        return tuple(self._last_error.split("\n")) if self._last_error else ()
+
+    def _check_static_settings(self, spec: ConfigSpec) -> None:
+        changed = [name for name in STATIC_SETTINGS if getattr(spec, name) != self._static[name]]
+        if changed and changed != self._pending_restart:
+            log.warning(
+                "%s changed in the file; restart turnout to apply (they are bound at start)",
+                ", ".join(changed),
+            )
+        self._pending_restart = changed
+
+    def _table_message(self) -> dict[str, object]:
+        current = self._current
+        return table_message(
+            generation=current.generation,
+            sha256=current.sha256,
+            path=self.path,
+            text=current.text,
+            split_overrides=self._split_overrides,
+        )
+
+    def _broadcast_table(self) -> None:
+        # Encoded once for all workers: the text can be large.
+        self.broadcast(self._table_message())
+
+    def broadcast(self, msg: dict[str, object]) -> None:
+        """Send one control message to every live worker (e.g. a `health` message)."""
+        for handle in self._workers.values():
+            self._send(handle, msg)
+
+    def _send(self, handle: WorkerHandle, msg: dict[str, object]) -> None:
+        handle.channel.send(msg)
+        self._tasks.spawn(self._drain_channel(handle), name=f"drain-worker-{handle.index}")
+
+    async def _drain_channel(self, handle: WorkerHandle) -> None:
+        # A worker that died mid-write is noticed (and restarted) by its slot; nothing to do here.
+        with contextlib.suppress(ConnectionError):
+            await handle.channel.drain()
+
+    async def _on_file_change(self) -> None:
+        await self.reload("watch")
+
+    # --- stats ----------------------------------------------------------------------------------
+
+    # The deadline is the caller's (a scrape has its own), so it is a parameter.
+    async def request_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
+        """Ask every ready worker for its stats; the answers that arrive within `timeout`."""
+        self._stats_seq += 1
+        request_id = self._stats_seq
+        loop = asyncio.get_running_loop()
+        asked: list[tuple[WorkerHandle, asyncio.Future[dict[str, Any]]]] = []
+        for handle in self._workers.values():
+            if not handle.ready:
+                continue
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            handle.pending_stats[request_id] = future
+            handle.channel.send({"op": OP_STATS, "id": request_id})
+            asked.append((handle, future))
+        if not asked:
+            return []
+        await asyncio.wait([future for _, future in asked], timeout=timeout)
+        answers: list[dict[str, Any]] = []
+        for handle, future in sorted(asked, key=lambda pair: pair[0].index):
+            handle.pending_stats.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                answers.append(future.result())
+            else:
+                future.cancel()
+        return answers
+
+    # --- workers --------------------------------------------------------------------------------
+
+    async def _run_slot(self, index: int) -> None:
+        """Keep one worker running in slot `index` until shutdown, restarting it when it dies."""
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_START
+        ever_ready = False
+        while not self._stopping:
+            try:
+                handle = await self._spawn(index)
+            except OSError as exc:
+                log.error("worker %d: cannot start: %s", index, exc)
+                returncode, uptime, was_ready = 1, 0.0, False
+            else:
+                returncode = await self._supervise(handle)
+                uptime = loop.time() - handle.started_at
+                was_ready = handle.ready
+            if self._stopping:
+                return
+            if not ever_ready and not was_ready:
+                # The first worker of a slot never came up (port taken, bad environment):
+                # restarting would only loop; stop with an error instead.
+                self._fail(
+                    f"worker {index} exited ({describe_exit(returncode)}) before it was ready"
+                )
+                return
+            ever_ready = True
+            if uptime >= BACKOFF_RESET_AFTER:
+                delay = BACKOFF_START
+            log.error(
+                "worker %d exited unexpectedly (%s); restarting in %.1fs",
+                index,
+                describe_exit(returncode),
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _spawn(self, index: int) -> WorkerHandle:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            fd = child_sock.fileno()
+            argv = [*self._worker_argv, "--control-fd", str(fd), "--index", str(index)]
+            if not self._access_log:
+                argv.append("--no-access-log")
+            # stdout/stderr are inherited: stdout carries the access log, stderr the events.
+            process = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(fd,), start_new_session=True
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            # The child has its own copy; ours would keep the channel open after the child dies.
+            child_sock.close()
+        channel = await open_channel(parent_sock)
+        handle = WorkerHandle(
+            index=index,
+            process=process,
+            channel=channel,
+            started_at=asyncio.get_running_loop().time(),
+            pid=process.pid,
+        )
+        self._workers[index] = handle
+        self._send(handle, self._table_message())
+        if self._stopping:
+            # Shutdown began while this worker was starting: it drains like the others.
+            self._signal(handle, signal.SIGTERM)
+        return handle
+
+    async def _supervise(self, handle: WorkerHandle) -> int:
+        """Serve one worker's messages until it exits; returns its exit status."""
+        reader = self._tasks.spawn(self._read_worker(handle), name=f"read-worker-{handle.index}")
+        returncode = await handle.process.wait()
+        reader.cancel()
+        handle.channel.close()
+        for future in handle.pending_stats.values():
+            future.cancel()
+        if self._workers.get(handle.index) is handle:
+            del self._workers[handle.index]
+        return returncode
+
+    async def _read_worker(self, handle: WorkerHandle) -> None:
+        while True:
+            try:
+                msg = await handle.channel.recv()
+            except ControlError as exc:
+                # A worker that speaks garbage is broken; its slot restarts it.
+                log.error("worker %d (pid %d): %s; killing it", handle.index, handle.pid, exc)
+                self._signal(handle, signal.SIGKILL)
+                return
+            if msg is None:
+                return
+            op = msg.get("op")
+            if op == OP_READY:
+                handle.ready = True
+                handle.pid = int(msg.get("pid", handle.pid))
+                handle.generation = int(msg.get("generation", 0))
+                log.info(
+                    "worker %d ready (pid %d, generation %d)",
+                    handle.index,
+                    handle.pid,
+                    handle.generation,
+                )
+            elif op == OP_APPLIED:
+                handle.generation = int(msg.get("generation", 0))
+            elif op == OP_STATS:
+                future = handle.pending_stats.get(int(msg.get("id", -1)))
+                if future is not None and not future.done():
+                    data = msg.get("data")
+                    future.set_result(data if isinstance(data, dict) else {})
+            else:
+                log.warning("worker %d: unknown control message %r", handle.index, op)
+
+    def _signal(self, handle: WorkerHandle, signum: signal.Signals) -> None:
+        # The process may have exited since we last looked; that is fine.
+        with contextlib.suppress(ProcessLookupError):
+            handle.process.send_signal(signum)
+
+    def _fail(self, reason: str) -> None:
+        log.error("%s; shutting down", reason)
+        self._fatal = reason
+        self._begin_stop()
+
+    # --- signals and shutdown -------------------------------------------------------------------
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        # Set here, in the signal handler, so /readyz is 503 from the very next request.
+        self._draining = True
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        """Start the shutdown sequence, as a first SIGTERM would (used by `turnout demo`)."""
+        if not self._stopping:
+            self._begin_stop()
+
+    def _on_stop_signal(self, signum: signal.Signals) -> None:
+        if not self._stopping:
+            log.info("%s received: draining (send it again to exit at once)", signum.name)
+            self._begin_stop()
+            return
+        log.warning("%s received again: killing the workers and exiting now", signum.name)
+        for handle in self._workers.values():
+            self._signal(handle, signal.SIGKILL)
+        self._force.set()
+
+    def _on_hangup(self) -> None:
+        if not self._stopping:
+            self._tasks.spawn(self.reload("SIGHUP"), name="reload-sighup")
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; the exit status (0 clean, 1 refused or forced)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        try:
+            return await self._serve()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    async def _serve(self) -> int:
+        spec = self._current.spec
+        try:
+            await self._admin.start()
+        except OSError as exc:
+            log.error("cannot listen for admin on %s:%d: %s", *spec.admin, exc.strerror)
+            return 1
+        if spec.state_file is None:
+            log.warning(
+                "no state_file: runtime split changes and rollout state are kept in memory only"
+            )
+        log.info(
+            "turnout supervisor (pid %d): config %s generation 1, admin on %s:%d, %d worker(s)",
+            os.getpid(),
+            self.path,
+            *spec.admin,
+            self._worker_count,
+        )
+        for index in range(self._worker_count):
+            self._slot_tasks.append(self._tasks.spawn(self._run_slot(index), name=f"slot-{index}"))
+        self._tasks.spawn(
+            watch_file(self.path, self._on_file_change, self._watch_stop), name="config-watch"
+        )
+        await self._stop.wait()
+        return await self._shutdown()
+
+    async def _shutdown(self) -> int:
+        """The shutdown sequence. A second signal sets `_force` and cuts every wait short."""
+        drain = self._current.spec.drain
+
+        # 1. /readyz already answers 503 (set in the signal handler), so load balancers stop
+        #    sending new connections while the workers keep serving for drain.delay.
+        # 2. No more reloads from the file.
+        self._watch_stop.set()
+
+        # 3. Forward SIGTERM once to every worker. Each runs its own drain: serve on for
+        #    drain.delay, close the listener, give in-flight requests up to drain.shutdown,
+        #    close idle keep-alive clients, exit 0.
+        for handle in self._workers.values():
+            self._signal(handle, signal.SIGTERM)
+
+        # 4. Wait for every worker to exit, bounded by the drain budget plus a margin.
+        budget = drain.delay + drain.shutdown + EXIT_MARGIN
+        all_exited = await self._wait_slots(budget)
+
+        # 5. Forced path: SIGKILL whoever is still there (after the budget, or on a second
+        #    signal, whose handler already sent SIGKILL).
+        if not all_exited:
+            stragglers = list(self._workers.values())
+            if stragglers and not self._force.is_set():
+                log.warning(
+                    "%d worker(s) still running %.1fs after SIGTERM; killing them",
+                    len(stragglers),
+                    budget,
+                )
+            for handle in stragglers:
+                self._signal(handle, signal.SIGKILL)
+            await self._wait_slots(KILL_REAP_TIMEOUT, forced_ok=True)
+        if self._force.is_set():
+            # A second signal means now: no graceful close of the admin plane.
+            return 1
+
+        # 6. Stop the admin plane last, so /healthz and /readyz (503) answered during the drain.
+        await self._admin.stop()
+
+        # 7. Background tasks: the watch, channel readers.
+        await self._tasks.cancel_all(TASKS_STOP_TIMEOUT)
+        log.info("turnout stopped")
+        return 1 if self._fatal else 0
+
+    async def _wait_slots(self, seconds: float, *, forced_ok: bool = False) -> bool:
+        """Wait until every slot's worker has exited: True; False at the deadline or on force.
+
+        With `forced_ok`, a second signal does not cut the wait short (used while reaping).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        pending = {task for task in self._slot_tasks if not task.done()}
+        force_wait = self._tasks.spawn(self._force.wait(), name="force-wait")
+        try:
+            while pending:
+                if self._force.is_set() and not forced_ok:
+                    return False
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                waiting: set[asyncio.Future[Any]] = set(pending)
+                if not forced_ok:
+                    waiting.add(force_wait)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending -= done
+            return True
+        finally:
+            force_wait.cancel()
+
+
+def run_supervisor(path: str, *, access_log: bool = True) -> int:
+    """`turnout run`: validate, check the start conditions, then serve until stopped.
+
+    Errors that prevent the start go to stderr and give exit status 1.
+    """
+    path = os.path.abspath(path)
+    try:
+        text, spec = load_config(path)
+    except ConfigLoadError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return 1
+    token = admin_token()
+    refusals = startup_refusals(spec, token)
+    if refusals:
+        for reason in refusals:
+            print(f"turnout: refusing to start: {reason}", file=sys.stderr)
+        return 1
+
+    async def main() -> int:
+        supervisor = Supervisor(path, text, spec, access_log=access_log, token=token)
+        return await supervisor.run()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())

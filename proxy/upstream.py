@@ -1,0 +1,418 @@
+"""Connections to endpoints: the HTTP/1.1 client protocol and the keep-alive pools.
+
+One `UpstreamConnection` carries one request at a time (no pipelining to endpoints). Response
+bytes are parsed by llhttp (httptools) and handed to a `ResponseSink` (the data plane's exchange)
+as they arrive, so bodies stream with backpressure instead of being buffered.
+
+Pools are per endpoint, LIFO (the most recently used connection is the warmest and the least
+likely to have been closed by the endpoint), and drop connections idle longer than
+`POOL_IDLE_TIMEOUT`, which is kept below the keep-alive timeouts common servers use (Node,
+uvicorn and Apache close after 5 s) so the proxy closes first and rarely reuses a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Protocol, cast
+
+import httptools
+
+from proxy.headers import is_chunked
+from proxy.routing import pick_endpoint
+from proxy.spec import Endpoint, UpstreamSpec
+
+log = logging.getLogger("turnout.upstream")
+
+POOL_IDLE_TIMEOUT = 4.0
+POOL_MAX_IDLE = 256
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to, for the request it is carrying."""
+
+    def upstream_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body_framing: int,
+        keep_alive: bool,
+    ) -> None:
+        """The response head arrived (interim 1xx responses are not reported)."""
+
+    def upstream_body(self, data: bytes) -> None:
+        """A piece of the response body."""
+
+    def upstream_complete(self) -> None:
+        """The response ended cleanly."""
+
+    def upstream_lost(self, got_response_bytes: bool) -> None:
+        """The connection broke before the response ended."""
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """A 101 response ended the HTTP part; `rest` are the first tunnelled bytes."""
+
+    def upstream_pause_writing(self) -> None:
+        """The endpoint does not take request bytes as fast as the client sends them."""
+
+    def upstream_resume_writing(self) -> None:
+        """The endpoint drained its buffer."""
+
+    def upstream_data(self, data: bytes) -> None:
+        """Raw tunnelled bytes after an upgrade."""
+
+
+# How the response body is delimited (RFC 9112 section 6.3).
+FRAMING_NONE = 0  # no body: HEAD, 204, 304
+FRAMING_LENGTH = 1
+FRAMING_CHUNKED = 2
+FRAMING_CLOSE = 3  # until the endpoint closes the connection
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to an endpoint."""
+
+    __slots__ = (
+        "_body_framing",
+        "_headers",
+        "_interim",
+        "_parser",
+        "_reason",
+        "endpoint",
+        "got_bytes",
+        "head_request",
+        "idle_since",
+        "reusable",
+        "sink",
+        "transport",
+        "tunnel",
+        "uses",
+    )
+
+    def __init__(self, endpoint: EndpointPool) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._interim = False
+        self._body_framing = FRAMING_LENGTH
+        self.head_request = False
+        self.got_bytes = False
+        self.reusable = False
+        self.tunnel = False
+        self.idle_since = 0.0
+        self.uses = 0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            sink = self.sink
+            if sink is not None:
+                sink.upstream_data(data)
+            return
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: the endpoint broke the protocol; never reuse it.
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.tunnel = True
+            self.sink = sink
+            sink.upstream_upgraded(data[upgrade.args[0] :])
+        except httptools.HttpParserError:
+            self.reusable = False
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        # A close-delimited body ends here; anything else ending here is a broken response.
+        if self.sink is not None and not self.tunnel and self._body_framing == FRAMING_CLOSE:
+            sink = self.sink
+            self.sink = None
+            self.reusable = False
+            sink.upstream_complete()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        self.endpoint.forget(self)
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            if self.tunnel or self._body_framing == FRAMING_CLOSE:
+                sink.upstream_complete()
+            else:
+                sink.upstream_lost(self.got_bytes)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume_writing()
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        headers = self._headers
+        self._headers = []
+        reason = self._reason
+        self._reason = b""
+        if 100 <= status < 200 and status != 101:
+            # Interim responses (100 Continue, 103) are consumed here; the proxy answers
+            # Expect: 100-continue itself.
+            self._interim = True
+            return
+        keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        if self.head_request or status in (204, 304) or status == 101:
+            framing = FRAMING_NONE
+        else:
+            framing = FRAMING_CLOSE
+            for name, value in headers:
+                lname = name.lower()
+                if lname == b"transfer-encoding":
+                    framing = FRAMING_CHUNKED if is_chunked(value) else FRAMING_CLOSE
+                    break
+                if lname == b"content-length":
+                    framing = FRAMING_LENGTH
+        if framing == FRAMING_CLOSE:
+            keep_alive = False
+        self._body_framing = framing
+        self.reusable = keep_alive
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_head(status, reason, headers, framing, keep_alive)
+        if self.head_request and sink is not None and self.sink is sink:
+            # llhttp cannot be told this answers a HEAD, so it would wait for the announced
+            # body: finish here and give the connection a fresh parser.
+            self._parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None and data:
+            sink.upstream_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._body_framing == FRAMING_CLOSE or self.tunnel:
+            return
+        self._finish()
+
+    # the request side
+
+    def _finish(self) -> None:
+        sink = self.sink
+        self.sink = None
+        if sink is not None:
+            sink.upstream_complete()
+
+    def start(self, sink: ResponseSink, head_request: bool) -> None:
+        """Carry one request for `sink`; the caller then writes the request bytes."""
+        self.sink = sink
+        self.head_request = head_request
+        self.got_bytes = False
+        self.reusable = False
+        self._interim = False
+        self._body_framing = FRAMING_LENGTH
+        self.uses += 1
+
+    def write(self, data: bytes) -> None:
+        """Send request bytes."""
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def detach(self) -> None:
+        """Stop reporting to the current sink (the client went away)."""
+        self.sink = None
+        self.reusable = False
+
+    def pause_reading(self) -> None:
+        """Backpressure from the client side."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """The client drained its buffer."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def close(self) -> None:
+        """Close the connection (buffered bytes are still flushed)."""
+        self.reusable = False
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self.reusable = False
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
+
+class EndpointPool:
+    """Idle connections, requests in flight and health of one endpoint."""
+
+    __slots__ = (
+        "active_up",
+        "address",
+        "connections",
+        "draining",
+        "ejected_until",
+        "ejections",
+        "endpoint",
+        "healthy",
+        "idle",
+        "in_flight",
+        "passive_failures",
+        "upstream",
+    )
+
+    def __init__(self, upstream: str, endpoint: Endpoint) -> None:
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.address = endpoint.address
+        self.idle: list[UpstreamConnection] = []
+        self.connections: set[UpstreamConnection] = set()
+        self.in_flight = 0
+        # `healthy` is what request routing reads: the active check says up and passive
+        # ejection is not in force. `refresh` recomputes it when either changes.
+        self.healthy = True
+        self.active_up = True
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.passive_failures = 0
+        self.draining = False
+
+    def refresh(self, now: float) -> None:
+        """Recompute `healthy` from the active check and passive ejection."""
+        self.healthy = self.active_up and not (self.ejected_until and now < self.ejected_until)
+
+    def take_idle(self, now: float) -> UpstreamConnection | None:
+        """The warmest idle connection that is still open and fresh, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            if now - conn.idle_since > POOL_IDLE_TIMEOUT:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        """Open a new connection (the caller bounds the time)."""
+        endpoint = self.endpoint
+        _, protocol = await loop.create_connection(
+            lambda: UpstreamConnection(self), endpoint.host, endpoint.port
+        )
+        self.connections.add(protocol)
+        return protocol
+
+    def release(self, conn: UpstreamConnection, now: float) -> None:
+        """Return a connection after a response; keep it only if it can carry another."""
+        if (
+            conn.reusable
+            and not self.draining
+            and len(self.idle) < POOL_MAX_IDLE
+            and conn.transport is not None
+            and not conn.transport.is_closing()
+        ):
+            conn.idle_since = now
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: drop it from the pool."""
+        self.connections.discard(conn)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections past the pool's idle timeout."""
+        idle = self.idle
+        if idle and now - idle[0].idle_since > POOL_IDLE_TIMEOUT:
+            keep = [c for c in idle if now - c.idle_since <= POOL_IDLE_TIMEOUT]
+            for conn in idle:
+                if now - conn.idle_since > POOL_IDLE_TIMEOUT:
+                    conn.close()
+            self.idle[:] = keep
+
+    def drain(self) -> None:
+        """Take no new requests; close idle connections now, busy ones when their request ends."""
+        self.draining = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+    def close_all(self) -> None:
+        """Drop every connection, busy ones too (end of a drain period)."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.abort()
+        self.idle.clear()
+
+
+class UpstreamPool:
+    """The endpoints of one upstream in one worker."""
+
+    __slots__ = ("endpoints", "name", "spec")
+
+    def __init__(self, spec: UpstreamSpec, endpoints: tuple[EndpointPool, ...]) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.endpoints = endpoints
+
+    def pick(self, rand: float, exclude: set[EndpointPool] | None) -> tuple[EndpointPool, bool]:
+        """The endpoint for the next attempt: healthy, fewest in flight, not tried yet if possible.
+
+        Returns the endpoint and whether the choice failed open (no healthy endpoint).
+        """
+        endpoints = self.endpoints
+        if len(endpoints) == 1:
+            only = endpoints[0]
+            return only, not only.healthy
+        candidates = endpoints
+        if exclude:
+            remaining = tuple(e for e in endpoints if e not in exclude)
+            if remaining:
+                candidates = remaining
+        index, failed_open = pick_endpoint(
+            [e.in_flight for e in candidates], [e.healthy for e in candidates], rand
+        )
+        return candidates[index], failed_open

@@ -1,0 +1,455 @@
+"""A worker process: the data plane of one process, driven by the supervisor.
+
+Started by the supervisor as `python -m proxy.worker --control-fd FD --index I`. It binds
+`listen` with SO_REUSEPORT, applies every table the supervisor sends (compiled here, swapped by
+one reference), answers stats requests, and on SIGTERM runs the drain sequence. It never reads
+the config file itself: the supervisor is the one source of truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import uvloop
+
+from proxy.accesslog import AccessLog
+from proxy.config import parse_config
+from proxy.control import (
+    OP_APPLIED,
+    OP_HEALTH,
+    OP_READY,
+    OP_STATS,
+    OP_TABLE,
+    ControlChannel,
+    open_channel,
+    parse_split_overrides,
+)
+from proxy.dataplane import ClientConnection, Exchange
+from proxy.spec import Limits, Timeouts
+from proxy.stats import RouteUpstreamStats
+from proxy.table import CompiledRoute, Table, compile_table
+from proxy.tasks import TaskSet
+from proxy.upstream import EndpointPool, UpstreamPool
+
+log = logging.getLogger("turnout.worker")
+
+TICK = 0.1
+ACCEPT_BATCH = 64
+
+# Passive ejection: this many consecutive failures (connect/reset or 5xx) take an endpoint out
+# for EJECT_BASE seconds, doubling on each ejection in a row up to EJECT_MAX.
+PASSIVE_FAILURES = 5
+EJECT_BASE = 5.0
+EJECT_MAX = 60.0
+
+
+class Generation:
+    """Everything one config generation needs at request time, swapped as one reference."""
+
+    __slots__ = ("no_route", "pools", "route_by_name", "stats", "table", "wanted_headers")
+
+    def __init__(
+        self,
+        table: Table,
+        pools: dict[str, UpstreamPool],
+        stats: tuple[dict[str, RouteUpstreamStats], ...],
+        no_route: RouteUpstreamStats,
+    ) -> None:
+        self.table = table
+        self.pools = pools
+        self.stats = stats
+        self.no_route = no_route
+        self.route_by_name: dict[str, CompiledRoute] = {r.name: r for r in table.routes}
+        self.wanted_headers = frozenset(name.encode("latin-1") for name in table.header_names)
+
+
+class WorkerContext:
+    """The state of one worker shared by its connections: the current generation and timers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, index: int, access_log: bool) -> None:
+        self.loop = loop
+        self.index = index
+        self.now = loop.time()
+        self.tasks = TaskSet(f"worker-{index}")
+        self.access_log = AccessLog() if access_log else None
+        self.generation: Generation = None  # type: ignore[assignment]  # set before serving
+        self.limits = Limits()
+        self.timeouts = Timeouts()
+        self.connections: set[ClientConnection] = set()
+        self.watched: set[Exchange] = set()
+        self.endpoints: dict[tuple[str, str], EndpointPool] = {}
+        self.down: set[tuple[str, str]] = set()
+        self.fail_open: dict[str, int] = {}
+        self.closing = False
+        self.listener: socket.socket | None = None
+        self.accepting = False
+        self.idle_event = asyncio.Event()
+        self._ticks = 0
+
+    # ---- tables --------------------------------------------------------------------------
+
+    def apply(self, table: Table) -> None:
+        """Swap in a new table; keep warm pools, health and counters of what stays."""
+        old = self.generation
+        endpoints: dict[tuple[str, str], EndpointPool] = {}
+        pools: dict[str, UpstreamPool] = {}
+        for name, upstream in table.upstreams.items():
+            members = []
+            for endpoint in upstream.endpoints:
+                key = (name, endpoint.address)
+                pool = self.endpoints.get(key)
+                if pool is None or pool.draining:
+                    pool = EndpointPool(name, endpoint)
+                    pool.active_up = key not in self.down
+                    pool.refresh(self.now)
+                endpoints[key] = pool
+                members.append(pool)
+            pools[name] = UpstreamPool(upstream, tuple(members))
+        removed = [pool for key, pool in self.endpoints.items() if key not in endpoints]
+        self.endpoints = endpoints
+        carried: dict[tuple[str, str], RouteUpstreamStats] = {}
+        if old is not None:
+            for per_route in old.stats:
+                for counters in per_route.values():
+                    carried[(counters.route, counters.upstream)] = counters
+        stats = tuple(
+            {
+                upstream: carried.get((route.name, upstream))
+                or RouteUpstreamStats(route.name, upstream)
+                for upstream in route.upstreams
+            }
+            for route in table.routes
+        )
+        no_route = old.no_route if old is not None else RouteUpstreamStats("", "")
+        self.generation = Generation(table, pools, stats, no_route)
+        spec = table.spec
+        self.limits = spec.limits
+        self.timeouts = spec.timeouts
+        for pool in removed:
+            # Requests already on these endpoints finish; nothing new is sent there.
+            pool.drain()
+            self.tasks.spawn(self._close_later(pool, spec.drain.reload), name="drain-endpoint")
+
+    async def _close_later(self, pool: EndpointPool, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        pool.close_all()
+
+    def set_down(self, down: set[tuple[str, str]]) -> None:
+        """Endpoints failing active health checks, from the supervisor."""
+        self.down = down
+        for key, pool in self.endpoints.items():
+            pool.active_up = key not in down
+            pool.refresh(self.now)
+
+    # ---- hooks the data plane calls ------------------------------------------------------
+
+    def no_route_stats(self) -> RouteUpstreamStats:
+        """Counters for requests that matched no route (route="" upstream="")."""
+        gen = self.generation
+        return gen.no_route
+
+    def watch(self, ex: Exchange) -> None:
+        """Let the ticker enforce this exchange's deadline and idle timeout."""
+        self.watched.add(ex)
+
+    def unwatch(self, ex: Exchange) -> None:
+        """The exchange needs no timer now."""
+        self.watched.discard(ex)
+
+    def count_fail_open(self, upstream: str) -> None:
+        """No endpoint of `upstream` was healthy: all were tried anyway."""
+        self.fail_open[upstream] = self.fail_open.get(upstream, 0) + 1
+
+    def passive_result(self, endpoint: EndpointPool, status: int) -> None:
+        """Outcome of one attempt: 0 for a connect/reset/timeout failure, else the status."""
+        if 0 < status < 500:
+            endpoint.passive_failures = 0
+            endpoint.ejections = 0
+            return
+        endpoint.passive_failures += 1
+        if endpoint.passive_failures >= PASSIVE_FAILURES:
+            endpoint.passive_failures = 0
+            backoff = min(EJECT_MAX, EJECT_BASE * (2**endpoint.ejections))
+            endpoint.ejections += 1
+            endpoint.ejected_until = self.now + backoff
+            endpoint.refresh(self.now)
+            log.warning(
+                "endpoint %s of %s ejected for %.0fs after %d consecutive failures",
+                endpoint.address,
+                endpoint.upstream,
+                backoff,
+                PASSIVE_FAILURES,
+            )
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        """A client connected."""
+        self.connections.add(conn)
+        if len(self.connections) >= self.limits.max_connections:
+            self.stop_accepting()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """A client connection ended."""
+        self.connections.discard(conn)
+        if (
+            not self.closing
+            and not self.accepting
+            and self.listener is not None
+            and len(self.connections) < self.limits.max_connections
+        ):
+            self.start_accepting()
+        if self.closing and not self.connections:
+            self.idle_event.set()
+
+    # ---- listening -----------------------------------------------------------------------
+
+    def listen(self, host: str, port: int) -> None:
+        """Bind `listen` with SO_REUSEPORT so every worker shares the port."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.listener = sock
+        self.start_accepting()
+
+    def start_accepting(self) -> None:
+        """Watch the listening socket for new connections."""
+        if self.listener is not None and not self.accepting:
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+            self.accepting = True
+
+    def stop_accepting(self) -> None:
+        """Leave new connections in the kernel's backlog (max_connections reached, or drain)."""
+        if self.listener is not None and self.accepting:
+            self.loop.remove_reader(self.listener.fileno())
+            self.accepting = False
+
+    def _accept(self) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: stop for a tick rather than spin on a full table.
+                log.error("accept failed: %s", exc)
+                self.stop_accepting()
+                self.loop.call_later(TICK, self.start_accepting)
+                return
+            sock.setblocking(False)
+            self.tasks.spawn(self._adopt(sock), name="adopt")
+            if len(self.connections) + len(self.tasks) >= self.limits.max_connections:
+                self.stop_accepting()
+                return
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock)
+        except OSError:
+            sock.close()
+
+    def close_listener(self) -> None:
+        """Stop accepting and close the listening socket: new connections are refused."""
+        self.stop_accepting()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    # ---- timers --------------------------------------------------------------------------
+
+    async def ticker(self) -> None:
+        """Coarse clock, deadlines, idle timeouts and the access-log flush, every TICK."""
+        while True:
+            await asyncio.sleep(TICK)
+            self.tick()
+
+    def tick(self) -> None:
+        """One pass of the timers (also called directly by tests)."""
+        now = self.loop.time()
+        self.now = now
+        idle = self.timeouts.idle
+        expired = [
+            ex
+            for ex in self.watched
+            if (ex.deadline and now > ex.deadline) or (not ex.deadline and now - ex.last_io > idle)
+        ]
+        for ex in expired:
+            self.watched.discard(ex)
+            ex.timed_out()
+        self._ticks += 1
+        if self._ticks % 10 == 0:
+            keepalive = self.timeouts.client_keepalive
+            for conn in [c for c in self.connections if c.current is None]:
+                if now - conn.idle_since > keepalive:
+                    conn.close()
+            for pool in self.endpoints.values():
+                pool.sweep(now)
+                if pool.ejected_until and now >= pool.ejected_until:
+                    pool.ejected_until = 0.0
+                    pool.refresh(now)
+        if self.access_log is not None:
+            self.access_log.flush()
+
+    # ---- stats ---------------------------------------------------------------------------
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """This worker's counters for the supervisor (only series of the current table)."""
+        gen = self.generation
+        routes = [s.snapshot() for per_route in gen.stats for s in per_route.values()]
+        return {
+            "generation": gen.table.generation,
+            "pid": os.getpid(),
+            "routes": routes,
+            "no_route": gen.no_route.snapshot(),
+            "fail_open": dict(self.fail_open),
+            "endpoints": [
+                {
+                    "upstream": pool.upstream,
+                    "endpoint": pool.address,
+                    "healthy": pool.healthy,
+                    "active_up": pool.active_up,
+                    "ejected": bool(pool.ejected_until),
+                    "in_flight": pool.in_flight,
+                }
+                for pool in self.endpoints.values()
+            ],
+            "connections": len(self.connections),
+        }
+
+    # ---- shutdown ------------------------------------------------------------------------
+
+    async def drain(self, delay: float, budget: float) -> None:
+        """The shutdown sequence of contract section 6, for this worker."""
+        # 1. Keep serving for drain.delay: the supervisor already answers /readyz with 503, so
+        #    load balancers stop sending new connections here while we still take them.
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # 2. Close the listener: from now on new connections are refused by the kernel.
+        self.close_listener()
+        self.closing = True
+        # 3. Idle keep-alive clients are closed now; busy ones get `Connection: close` on the
+        #    response they are waiting for and close after it.
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.current is None:
+                conn.close()
+        # 4. In-flight requests get up to drain.shutdown to finish.
+        if self.connections:
+            try:
+                async with asyncio.timeout(budget):
+                    await self.idle_event.wait()
+            except TimeoutError:
+                pass
+        # 5. Whatever is still running at the deadline is cut, and counted in the log.
+        left = [c for c in self.connections if c.current is not None]
+        if left:
+            log.warning(
+                "worker %d: cutting %d request(s) still running at the deadline",
+                self.index,
+                len(left),
+            )
+        for conn in list(self.connections):
+            conn.abort()
+        for pool in self.endpoints.values():
+            pool.close_all()
+        if self.access_log is not None:
+            self.access_log.flush()
+
+
+async def _control_loop(ctx: WorkerContext, channel: ControlChannel, stop: asyncio.Event) -> None:
+    ready = False
+    while True:
+        msg = await channel.recv()
+        if msg is None:
+            # The supervisor is gone: nobody will ever send SIGTERM, so drain on our own.
+            log.error("worker %d: supervisor went away; shutting down", ctx.index)
+            stop.set()
+            return
+        op = msg.get("op")
+        if op == OP_TABLE:
+            spec = parse_config(msg["text"], msg["path"])
+            table = compile_table(
+                spec,
+                generation=int(msg["generation"]),
+                sha256=str(msg["sha256"]),
+                split_overrides=parse_split_overrides(msg.get("split_overrides")),
+            )
+            ctx.apply(table)
+            if not ready:
+                host, port = spec.listen
+                ctx.listen(host, port)
+                ready = True
+                channel.send({"op": OP_READY, "generation": table.generation, "pid": os.getpid()})
+            else:
+                channel.send({"op": OP_APPLIED, "generation": table.generation})
+        elif op == OP_HEALTH:
+            ctx.set_down({(str(u), str(e)) for u, e in msg.get("down", [])})
+        elif op == OP_STATS:
+            channel.send({"op": OP_STATS, "id": msg.get("id"), "data": ctx.stats_snapshot()})
+
+
+async def serve(control_fd: int, index: int, access_log: bool) -> int:
+    """Run one worker until it is told to stop; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    ctx = WorkerContext(loop, index, access_log)
+    sock = socket.socket(fileno=control_fd)
+    channel = await open_channel(sock)
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            # A second signal means now.
+            os._exit(1)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    control = ctx.tasks.spawn(_control_loop(ctx, channel, stop), name="control")
+    ticker = ctx.tasks.spawn(ctx.ticker(), name="ticker")
+    stopped = ctx.tasks.spawn(stop.wait(), name="stop")
+    await asyncio.wait([control, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if control.done() and not stop.is_set():
+        exc = control.exception()
+        log.error("worker %d: control channel failed: %r", index, exc)
+        return 1
+    gen = ctx.generation
+    drain = gen.table.spec.drain if gen is not None else None
+    await ctx.drain(drain.delay if drain else 0.0, drain.shutdown if drain else 0.0)
+    ticker.cancel()
+    control.cancel()
+    channel.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a worker process."""
+    parser = argparse.ArgumentParser(prog="turnout-worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--no-access-log", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s worker[{args.index}] %(levelname)s %(name)s: %(message)s",
+    )
+    return uvloop.run(serve(args.control_fd, args.index, not args.no_access_log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: the fake-upstream thread and a factory for Turnout subprocesses.
+
+Integration modules build their own module-scoped upstreams and Turnout (one process serves many
+tests); `turnout_factory` is for tests that need a process of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.turnout import TurnoutProcess, start_turnout
+from tests.support.upstreams import UpstreamHost
+
+TurnoutFactory = Callable[..., TurnoutProcess]
+
+
+@pytest.fixture(scope="session")
+def upstream_host() -> Iterator[UpstreamHost]:
+    """The event-loop thread that runs every fake upstream of the session."""
+    host = UpstreamHost()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def turnout_factory(tmp_path: Path) -> Iterator[TurnoutFactory]:
+    """`factory(config, access_log=False)` starts a Turnout; all are killed at teardown."""
+    started: list[TurnoutProcess] = []
+
+    def factory(config: dict[str, Any], *, access_log: bool = False) -> TurnoutProcess:
+        folder = tmp_path / f"turnout{len(started)}"
+        folder.mkdir()
+        turnout = start_turnout(config, folder, access_log=access_log)
+        started.append(turnout)
+        return turnout
+
+    yield factory
+    for turnout in started:
+        turnout.close()
