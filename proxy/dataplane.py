@@ -48,8 +48,12 @@ from proxy.upstream import (
     EndpointPool,
     UpstreamConnection,
 )
+from proxy.writes import CoalescingProtocol
+from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
+    from proxy.mirror import MirrorCopy
+    from proxy.table import CompiledRoute
     from proxy.worker import Generation, WorkerContext
 
 log = logging.getLogger("turnout.dataplane")
@@ -151,6 +155,8 @@ class Exchange:
         "expect_continue",
         "failed_open",
         "finished",
+        "frames_down",
+        "frames_up",
         "gen",
         "head",
         "head_size",
@@ -163,6 +169,7 @@ class Exchange:
         "kept_headers",
         "last_io",
         "method",
+        "mirror",
         "mirrored",
         "pending",
         "pending_size",
@@ -240,6 +247,9 @@ class Exchange:
         self.endpoint: EndpointPool | None = None
         self.endpoint_address = ""
         self.mirrored = False
+        self.mirror: MirrorCopy | None = None
+        self.frames_down: FrameTracker | None = None
+        self.frames_up: FrameTracker | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.tried: set[EndpointPool] = set()
         self.attempts = 0
@@ -393,7 +403,10 @@ class Exchange:
             self.local_error(503, f"upstream '{upstream_name}' has no endpoints", close=False)
             return
         self.upstream = pool
-        self.head = self._build_head(route.name)
+        added = self._added_headers()
+        self.head = self._build_head(added)
+        if decision.mirror is not None:
+            self._start_mirror(gen, route, decision.mirror, added)
         if (
             self.expect_continue
             and not self.body_done
@@ -402,16 +415,23 @@ class Exchange:
             conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.attempt()
 
-    def _build_head(self, route: str) -> bytes:
+    def _added_headers(self) -> list[tuple[bytes, bytes]]:
+        """The forwarding headers the proxy sets (contract section 3)."""
+        added = [
+            (b"X-Forwarded-For", forwarded_for(self.xff, self.conn.client_ip)),
+            (b"X-Forwarded-Proto", b"http"),
+        ]
+        if self.host is not None:
+            added.append((b"X-Forwarded-Host", self.host))
+        added.append((b"X-Request-Id", self.request_id.encode("latin-1")))
+        return added
+
+    def _build_head(self, added: list[tuple[bytes, bytes]]) -> bytes:
         parts = [f"{self.method} ".encode("latin-1"), self.url, b" HTTP/1.1\r\n"]
         for _, name, value in self.kept_headers:
             parts += (name, b": ", value, b"\r\n")
-        conn = self.conn
-        parts += (b"X-Forwarded-For: ", forwarded_for(self.xff, conn.client_ip), b"\r\n")
-        parts.append(b"X-Forwarded-Proto: http\r\n")
-        if self.host is not None:
-            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
-        parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
+        for name, value in added:
+            parts += (name, b": ", value, b"\r\n")
         if self.upgrade:
             parts.append(b"Connection: upgrade\r\n")
             for value in self.upgrade_values:
@@ -420,6 +440,36 @@ class Exchange:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
+
+    def _start_mirror(
+        self,
+        gen: Generation,
+        route: CompiledRoute,
+        verdict: str,
+        added: list[tuple[bytes, bytes]],
+    ) -> None:
+        mirror_stats = gen.mirror_stats[route.index]
+        mirror = route.mirror
+        if mirror_stats is None or mirror is None:
+            return
+        if verdict == "skip":
+            mirror_stats.outcomes["skipped"] += 1
+            return
+        shadow = gen.table.upstreams[mirror.to]
+        headers = [(name, value) for _, name, value in self.kept_headers]
+        headers += added
+        has_body = self.chunked_in or (self.content_length or 0) > 0
+        copy = self.conn.ctx.mirrorer().start(
+            route, shadow, mirror_stats, self.method, self.url, headers, has_body
+        )
+        if copy is None:
+            return
+        self.mirror = copy
+        self.mirrored = True
+        for chunk in self.pending:
+            copy.feed(chunk)
+        if self.body_done:
+            copy.end()
 
     def attempt(self) -> None:
         """Send the request to an endpoint: a pooled connection now, or a new one."""
@@ -500,6 +550,7 @@ class Exchange:
             ctx.passive_result(endpoint, 0)
             self.endpoint = None
         self.upstream_conn = None
+        self.conn.unpause(PAUSE_CONNECTING)
         self.stats.errors[kind] += 1
         can_retry = (
             self.attempts <= self._route_retries()
@@ -549,6 +600,9 @@ class Exchange:
                 self.retained = None
             else:
                 retained.append(chunk)
+        mirror = self.mirror
+        if mirror is not None:
+            mirror.feed(chunk)
         if self.finished:
             return
         upstream_conn = self.upstream_conn
@@ -563,6 +617,8 @@ class Exchange:
     def body_complete(self) -> None:
         """The client sent its whole request."""
         self.body_done = True
+        if self.mirror is not None:
+            self.mirror.end()
         if self.finished:
             return
         upstream_conn = self.upstream_conn
@@ -629,6 +685,14 @@ class Exchange:
         parts.append(b"\r\n")
         self.response_framing = body_framing
         conn.write(b"".join(parts))
+        mirror = self.mirror
+        if mirror is not None:
+            content_type = None
+            for name, value in headers:
+                if name.lower() == b"content-type":
+                    content_type = value.decode("latin-1")
+                    break
+            mirror.primary_head(status, content_type)
         if body_framing != FRAMING_NONE:
             ctx.watch(self)
             self.deadline = 0.0
@@ -655,6 +719,9 @@ class Exchange:
             conn.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             conn.write(data)
+        mirror = self.mirror
+        if mirror is not None and mirror.wants_primary_body:
+            mirror.primary_body(data)
 
     def upstream_complete(self) -> None:
         """The response ended: release the connection, record, and serve the next request."""
@@ -701,6 +768,8 @@ class Exchange:
     def upstream_upgraded(self, rest: bytes) -> None:
         """The endpoint accepted the WebSocket upgrade: both sides become a byte tunnel."""
         self.tunnel = True
+        self.frames_down = FrameTracker()
+        self.frames_up = FrameTracker()
         conn = self.conn
         self.stats.observe(101, perf_counter() - self.start_time)
         conn.start_tunnel(self)
@@ -711,7 +780,45 @@ class Exchange:
         """Tunnelled bytes from the endpoint."""
         self.last_io = self.conn.ctx.now
         self.bytes_out += len(data)
+        if self.frames_down is not None:
+            self.frames_down.feed(data)
         self.conn.write(data)
+
+    def go_away(self) -> None:
+        """End this exchange now: shutdown, or its endpoint was removed and drained.
+
+        A WebSocket gets a close frame with 1001 (going away) both ways when both directions
+        sit at a frame boundary; otherwise, and for plain HTTP, the connections are cut.
+        """
+        if self.finished:
+            return
+        conn = self.conn
+        upstream_conn = self.upstream_conn
+        down, up = self.frames_down, self.frames_up
+        if (
+            self.tunnel
+            and upstream_conn is not None
+            and down is not None
+            and up is not None
+            and down.at_boundary
+            and up.at_boundary
+        ):
+            conn.write(close_frame(GOING_AWAY, None))
+            upstream_conn.write(close_frame(GOING_AWAY, os.urandom(4)))
+            upstream_conn.detach()
+            upstream_conn.close()
+            conn.close_after = True
+        else:
+            conn.abort()
+            if upstream_conn is not None:
+                upstream_conn.detach()
+                upstream_conn.abort()
+        self.upstream_conn = None
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.endpoint = None
+        self._finish(broken=not self.tunnel)
 
     def upstream_pause_writing(self) -> None:
         """The endpoint's socket buffer is full: stop reading the client."""
@@ -733,6 +840,9 @@ class Exchange:
         self.status = status
         self.response_started = True
         body = orjson.dumps({"error": message, "request_id": self.request_id})
+        mirror = self.mirror
+        if mirror is not None:
+            mirror.primary_head(status, "application/json")
         close = close or not self.keep_alive or not self.body_done or conn.closing
         head = (
             b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -800,6 +910,12 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        mirror = self.mirror
+        if mirror is not None:
+            if self.body_done:
+                mirror.primary_end()
+            else:
+                mirror.cancel()
         conn = self.conn
         ctx = conn.ctx
         ctx.unwatch(self)
@@ -815,7 +931,7 @@ class Exchange:
         conn.exchange_done(self)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(CoalescingProtocol):
     """A downstream connection: parses requests and runs their exchanges in order."""
 
     __slots__ = (
@@ -830,14 +946,13 @@ class ClientConnection(asyncio.Protocol):
         "parsing",
         "paused",
         "queue",
-        "transport",
         "tunnel",
         "write_paused",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx.batcher)
         self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
         self.current: Exchange | None = None
@@ -870,6 +985,8 @@ class ClientConnection(asyncio.Protocol):
         if tunnel is not None:
             tunnel.last_io = self.ctx.now
             tunnel.bytes_in += len(data)
+            if tunnel.frames_up is not None:
+                tunnel.frames_up.feed(data)
             upstream_conn = tunnel.upstream_conn
             if upstream_conn is not None:
                 upstream_conn.write(data)
@@ -1000,12 +1117,6 @@ class ClientConnection(asyncio.Protocol):
 
     # exchange plumbing
 
-    def write(self, data: bytes) -> None:
-        """Send bytes to the client."""
-        transport = self.transport
-        if transport is not None:
-            transport.write(data)
-
     def pause(self, reason: int) -> None:
         """Stop reading the client for `reason` (reasons are bit flags)."""
         was = self.paused
@@ -1072,17 +1183,21 @@ class ClientConnection(asyncio.Protocol):
         upstream_conn = ex.upstream_conn
         if upstream_conn is not None:
             for chunk in ex.pending:
+                if ex.frames_up is not None:
+                    ex.frames_up.feed(chunk)
                 upstream_conn.write(chunk)
         ex.pending = []
 
     def close(self) -> None:
         """Close the connection after what is buffered has been written."""
+        self.flush()
         transport = self.transport
         if transport is not None:
             transport.close()
 
     def abort(self) -> None:
         """Cut the connection now (a broken response must look broken)."""
+        self.flush()
         transport = self.transport
         if transport is not None:
             transport.abort()

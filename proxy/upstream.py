@@ -23,6 +23,7 @@ import httptools
 from proxy.headers import is_chunked
 from proxy.routing import pick_endpoint
 from proxy.spec import Endpoint, UpstreamSpec
+from proxy.writes import CoalescingProtocol, WriteBatcher
 
 log = logging.getLogger("turnout.upstream")
 
@@ -64,6 +65,9 @@ class ResponseSink(Protocol):
     def upstream_data(self, data: bytes) -> None:
         """Raw tunnelled bytes after an upgrade."""
 
+    def go_away(self) -> None:
+        """The endpoint is being closed under the request (drain deadline, shutdown)."""
+
 
 # How the response body is delimited (RFC 9112 section 6.3).
 FRAMING_NONE = 0  # no body: HEAD, 204, 304
@@ -72,7 +76,7 @@ FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3  # until the endpoint closes the connection
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(CoalescingProtocol):
     """One keep-alive connection to an endpoint."""
 
     __slots__ = (
@@ -87,14 +91,13 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "reusable",
         "sink",
-        "transport",
         "tunnel",
         "uses",
     )
 
     def __init__(self, endpoint: EndpointPool) -> None:
+        super().__init__(endpoint.batcher)
         self.endpoint = endpoint
-        self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
@@ -189,7 +192,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True
             return
         keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
-        if self.head_request or status in (204, 304) or status == 101:
+        if status == 101:
+            # llhttp reports the 101 message as complete before it stops at the upgrade: mark
+            # the tunnel now so on_message_complete does not end the exchange.
+            self.tunnel = True
+            framing = FRAMING_NONE
+        elif self.head_request or status in (204, 304):
             framing = FRAMING_NONE
         else:
             framing = FRAMING_CLOSE
@@ -244,12 +252,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_framing = FRAMING_LENGTH
         self.uses += 1
 
-    def write(self, data: bytes) -> None:
-        """Send request bytes."""
-        transport = self.transport
-        if transport is not None:
-            transport.write(data)
-
     def detach(self) -> None:
         """Stop reporting to the current sink (the client went away)."""
         self.sink = None
@@ -270,6 +272,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close the connection (buffered bytes are still flushed)."""
         self.reusable = False
+        self.flush()
         transport = self.transport
         if transport is not None:
             transport.close()
@@ -288,6 +291,7 @@ class EndpointPool:
     __slots__ = (
         "active_up",
         "address",
+        "batcher",
         "connections",
         "draining",
         "ejected_until",
@@ -300,8 +304,9 @@ class EndpointPool:
         "upstream",
     )
 
-    def __init__(self, upstream: str, endpoint: Endpoint) -> None:
+    def __init__(self, upstream: str, endpoint: Endpoint, batcher: WriteBatcher) -> None:
         self.upstream = upstream
+        self.batcher = batcher
         self.endpoint = endpoint
         self.address = endpoint.address
         self.idle: list[UpstreamConnection] = []
@@ -381,9 +386,15 @@ class EndpointPool:
         self.idle.clear()
 
     def close_all(self) -> None:
-        """Drop every connection, busy ones too (end of a drain period)."""
+        """End every connection, busy ones too (end of a drain period).
+
+        Requests still running are told first, so a WebSocket can leave with a close frame.
+        """
         self.draining = True
         for conn in list(self.connections):
+            sink = conn.sink
+            if sink is not None:
+                sink.go_away()
             conn.abort()
         self.idle.clear()
 

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -33,10 +33,14 @@ from proxy.control import (
 )
 from proxy.dataplane import ClientConnection, Exchange
 from proxy.spec import Limits, Timeouts
-from proxy.stats import RouteUpstreamStats
+from proxy.stats import MirrorStats, RouteUpstreamStats
 from proxy.table import CompiledRoute, Table, compile_table
 from proxy.tasks import TaskSet
 from proxy.upstream import EndpointPool, UpstreamPool
+from proxy.writes import WriteBatcher
+
+if TYPE_CHECKING:
+    from proxy.mirror import Mirrorer
 
 log = logging.getLogger("turnout.worker")
 
@@ -53,7 +57,15 @@ EJECT_MAX = 60.0
 class Generation:
     """Everything one config generation needs at request time, swapped as one reference."""
 
-    __slots__ = ("no_route", "pools", "route_by_name", "stats", "table", "wanted_headers")
+    __slots__ = (
+        "mirror_stats",
+        "no_route",
+        "pools",
+        "route_by_name",
+        "stats",
+        "table",
+        "wanted_headers",
+    )
 
     def __init__(
         self,
@@ -61,8 +73,10 @@ class Generation:
         pools: dict[str, UpstreamPool],
         stats: tuple[dict[str, RouteUpstreamStats], ...],
         no_route: RouteUpstreamStats,
+        mirror_stats: tuple[MirrorStats | None, ...],
     ) -> None:
         self.table = table
+        self.mirror_stats = mirror_stats
         self.pools = pools
         self.stats = stats
         self.no_route = no_route
@@ -78,6 +92,7 @@ class WorkerContext:
         self.index = index
         self.now = loop.time()
         self.tasks = TaskSet(f"worker-{index}")
+        self.batcher = WriteBatcher(loop)
         self.access_log = AccessLog() if access_log else None
         self.generation: Generation = None  # type: ignore[assignment]  # set before serving
         self.limits = Limits()
@@ -92,6 +107,15 @@ class WorkerContext:
         self.accepting = False
         self.idle_event = asyncio.Event()
         self._ticks = 0
+        self._mirrorer: Mirrorer | None = None
+
+    def mirrorer(self) -> Mirrorer:
+        """The shadow-traffic sender, created on first use (it owns an HTTP client session)."""
+        if self._mirrorer is None:
+            from proxy.mirror import Mirrorer
+
+            self._mirrorer = Mirrorer(self.loop)
+        return self._mirrorer
 
     # ---- tables --------------------------------------------------------------------------
 
@@ -106,7 +130,7 @@ class WorkerContext:
                 key = (name, endpoint.address)
                 pool = self.endpoints.get(key)
                 if pool is None or pool.draining:
-                    pool = EndpointPool(name, endpoint)
+                    pool = EndpointPool(name, endpoint, self.batcher)
                     pool.active_up = key not in self.down
                     pool.refresh(self.now)
                 endpoints[key] = pool
@@ -128,7 +152,21 @@ class WorkerContext:
             for route in table.routes
         )
         no_route = old.no_route if old is not None else RouteUpstreamStats("", "")
-        self.generation = Generation(table, pools, stats, no_route)
+        carried_mirror: dict[tuple[str, str], MirrorStats] = {}
+        if old is not None:
+            for shadow in old.mirror_stats:
+                if shadow is not None:
+                    carried_mirror[(shadow.route, shadow.upstream)] = shadow
+        mirror_stats = tuple(
+            (
+                carried_mirror.get((route.name, route.mirror.to))
+                or MirrorStats(route.name, route.mirror.to)
+            )
+            if route.mirror is not None
+            else None
+            for route in table.routes
+        )
+        self.generation = Generation(table, pools, stats, no_route, mirror_stats)
         spec = table.spec
         self.limits = spec.limits
         self.timeouts = spec.timeouts
@@ -313,6 +351,7 @@ class WorkerContext:
             "pid": os.getpid(),
             "routes": routes,
             "no_route": gen.no_route.snapshot(),
+            "mirror": [m.snapshot() for m in gen.mirror_stats if m is not None],
             "fail_open": dict(self.fail_open),
             "endpoints": [
                 {
@@ -341,9 +380,12 @@ class WorkerContext:
         self.closing = True
         # 3. Idle keep-alive clients are closed now; busy ones get `Connection: close` on the
         #    response they are waiting for and close after it.
+        #    WebSockets are told to go away (close frame 1001) rather than held to the deadline.
         for conn in list(self.connections):
             conn.closing = True
-            if conn.current is None:
+            if conn.tunnel is not None:
+                conn.tunnel.go_away()
+            elif conn.current is None:
                 conn.close()
         # 4. In-flight requests get up to drain.shutdown to finish.
         if self.connections:
@@ -364,6 +406,8 @@ class WorkerContext:
             conn.abort()
         for pool in self.endpoints.values():
             pool.close_all()
+        if self._mirrorer is not None:
+            await self._mirrorer.close()
         if self.access_log is not None:
             self.access_log.flush()
 
