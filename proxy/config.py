@@ -831,7 +831,8 @@ class _Checker:
 
     def _host_pattern(self, node: Node, path: str) -> str | None:
         host = self._text_field(node, path, _check_host_pattern, "a host name")
-        return None if host is None else host.lower()
+        # Stored as the request's Host is compared: lower-case, IPv6 without brackets.
+        return None if host is None else host.lower().removeprefix("[").removesuffix("]")
 
     def _overrides(self, node: Node, path: str) -> tuple[Override, ...] | None:
         elements = self._list(node, path)
@@ -849,13 +850,10 @@ class _Checker:
                     to=self._field(items, "to", where, self._upstream_ref, ""),
                     header=self._field(items, "header", where, self._header_name, None),
                     cookie=self._field(items, "cookie", where, self._cookie_name, None),
-                    value=self._field(items, "value", where, self._string_value, None),
+                    value=self._field(items, "value", where, self._string, None),
                 )
             )
         return tuple(overrides)
-
-    def _string_value(self, node: Node, path: str) -> str | None:
-        return self._string(node, path)
 
     def _one_of(self, node: Node, items: _Items, path: str) -> None:
         if "header" in items and "cookie" in items:
@@ -1082,16 +1080,17 @@ def _check_file_name(text: str) -> str | None:
 
 def _check_host_pattern(text: str) -> str | None:
     host = text.lower()
-    if host.startswith("["):
-        if host.endswith("]") and _IPV6_RE.match(host[1:-1]):
-            return None
-        return f"bad host '{text}' (a port is not allowed; the Host header's port is ignored)"
+    if host.startswith("[") and host.endswith("]") and _IPV6_RE.match(host[1:-1]):
+        return None
+    if host.count(":") >= 2 and _IPV6_RE.match(host):
+        return None  # a bare IPv6 literal: too many colons to be host:port
     if ":" in host:
         return f"bad host '{text}': a port is not allowed (the Host header's port is ignored)"
     bare = host[2:] if host.startswith("*.") else host
     if "*" in bare:
         return f"bad host '{text}': the only wildcard is a leading '*.', e.g. *.example.com"
-    if not _HOSTNAME_RE.match(bare):
+    # A trailing dot (the fully qualified form) is allowed; the table drops it.
+    if not _HOSTNAME_RE.match(bare.removesuffix(".")):
         return f"bad host '{text}' (expected e.g. api.example.com or *.example.com)"
     return None
 

@@ -47,6 +47,7 @@ from proxy.upstream import (
     FRAMING_NONE,
     EndpointPool,
     UpstreamConnection,
+    UpstreamPool,
 )
 from proxy.writes import CoalescingProtocol
 from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
@@ -242,7 +243,7 @@ class Exchange:
         self.upstream_name = ""
         self.reason = ""
         self.stats = conn.ctx.no_route_stats()
-        self.upstream: object = None
+        self.upstream: UpstreamPool | None = None
         self.upstream_conn: UpstreamConnection | None = None
         self.endpoint: EndpointPool | None = None
         self.endpoint_address = ""
@@ -476,10 +477,10 @@ class Exchange:
         pool = self.upstream
         assert pool is not None
         ctx = self.conn.ctx
-        endpoint, failed_open = pool.pick(random.random(), self.tried)  # type: ignore[attr-defined]
+        endpoint, failed_open = pool.pick(random.random(), self.tried)
         if failed_open:
             self.failed_open = True
-            ctx.count_fail_open(pool.name)  # type: ignore[attr-defined]
+            ctx.count_fail_open(pool.name)
         self.endpoint = endpoint
         self.endpoint_address = endpoint.address
         self.tried.add(endpoint)
@@ -487,7 +488,7 @@ class Exchange:
         endpoint.in_flight += 1
         conn = endpoint.take_idle(ctx.now)
         if conn is not None:
-            self._send_on(conn, reused=True)
+            self._send_on(conn)
             return
         self.conn.pause(PAUSE_CONNECTING)
         self.connect_task = ctx.tasks.spawn(self._connect(endpoint), name="connect")
@@ -498,26 +499,19 @@ class Exchange:
             async with asyncio.timeout(ctx.timeouts.connect):
                 upstream_conn = await endpoint.connect(ctx.loop)
         except asyncio.CancelledError:
-            if self.finished:
-                return
-            raise
+            # Only _drop_attempt cancels a connect, and it has already cleaned up.
+            return
         except (OSError, TimeoutError) as exc:
             self.connect_task = None
-            if self.finished:
-                return
             self._attempt_failed(
                 "timeout" if isinstance(exc, TimeoutError) else "connect", nothing_sent=True
             )
             return
         self.connect_task = None
-        if self.finished:
-            endpoint.in_flight -= 1
-            endpoint.release(upstream_conn, ctx.now)
-            return
         self.conn.unpause(PAUSE_CONNECTING)
-        self._send_on(upstream_conn, reused=False)
+        self._send_on(upstream_conn)
 
-    def _send_on(self, upstream_conn: UpstreamConnection, reused: bool) -> None:
+    def _send_on(self, upstream_conn: UpstreamConnection) -> None:
         ctx = self.conn.ctx
         self.upstream_conn = upstream_conn
         upstream_conn.start(self, self.method == "HEAD")
@@ -530,9 +524,14 @@ class Exchange:
                 self._write_body(upstream_conn, chunk)
         self.pending = []
         self.pending_size = 0
-        if self.body_done and self.chunked_in:
-            upstream_conn.write(b"0\r\n\r\n")
-        self.deadline = ctx.now + ctx.timeouts.response
+        if self.body_done:
+            if self.chunked_in:
+                upstream_conn.write(b"0\r\n\r\n")
+            self.deadline = ctx.now + ctx.timeouts.response
+        else:
+            # While the body streams, the idle timeout applies; the response timeout starts
+            # when the whole request is out (a long upload is not a slow upstream).
+            self.deadline = 0.0
         ctx.watch(self)
 
     def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
@@ -569,6 +568,22 @@ class Exchange:
             self.local_error(504, "upstream timed out", close=not self.body_done)
         else:
             self.local_error(502, f"upstream {kind} failure", close=not self.body_done)
+
+    def _drop_attempt(self) -> None:
+        """Abandon the attempt in progress: cancel its connect or cut its connection."""
+        task = self.connect_task
+        if task is not None:
+            self.connect_task = None
+            task.cancel()
+        upstream_conn = self.upstream_conn
+        if upstream_conn is not None:
+            self.upstream_conn = None
+            upstream_conn.detach()
+            upstream_conn.abort()
+        endpoint = self.endpoint
+        if endpoint is not None:
+            self.endpoint = None
+            endpoint.in_flight -= 1
 
     def _route_retries(self) -> int:
         gen = self.gen
@@ -622,8 +637,12 @@ class Exchange:
         if self.finished:
             return
         upstream_conn = self.upstream_conn
-        if upstream_conn is not None and self.chunked_in:
-            upstream_conn.write(b"0\r\n\r\n")
+        if upstream_conn is not None:
+            if self.chunked_in:
+                upstream_conn.write(b"0\r\n\r\n")
+            if not self.response_started:
+                ctx = self.conn.ctx
+                self.deadline = ctx.now + ctx.timeouts.response
 
     # ---- ResponseSink: the upstream side ------------------------------------------------
 
@@ -757,6 +776,7 @@ class Exchange:
         endpoint = self.endpoint
         if endpoint is not None:
             endpoint.in_flight -= 1
+            self.conn.ctx.passive_result(endpoint, 0)
             self.endpoint = None
         self.upstream_conn = None
         if self.response_started:
@@ -807,17 +827,11 @@ class Exchange:
             upstream_conn.write(close_frame(GOING_AWAY, os.urandom(4)))
             upstream_conn.detach()
             upstream_conn.close()
+            self.upstream_conn = None
             conn.close_after = True
         else:
             conn.abort()
-            if upstream_conn is not None:
-                upstream_conn.detach()
-                upstream_conn.abort()
-        self.upstream_conn = None
-        endpoint = self.endpoint
-        if endpoint is not None:
-            endpoint.in_flight -= 1
-            self.endpoint = None
+        self._drop_attempt()
         self._finish(broken=not self.tunnel)
 
     def upstream_pause_writing(self) -> None:
@@ -835,6 +849,7 @@ class Exchange:
         conn = self.conn
         if self.response_started:
             conn.abort()
+            self._drop_attempt()
             self._finish(broken=True)
             return
         self.status = status
@@ -854,15 +869,7 @@ class Exchange:
             conn.close_after = True
         self.bytes_out += len(body)
         conn.write(head + b"\r\n" + body if self.method != "HEAD" else head + b"\r\n")
-        upstream_conn = self.upstream_conn
-        if upstream_conn is not None:
-            upstream_conn.detach()
-            upstream_conn.abort()
-            self.upstream_conn = None
-        endpoint = self.endpoint
-        if endpoint is not None:
-            endpoint.in_flight -= 1
-            self.endpoint = None
+        self._drop_attempt()
         self._finish()
 
     def timed_out(self) -> None:
@@ -870,19 +877,18 @@ class Exchange:
         if self.finished:
             return
         if not self.response_started:
-            if self.upstream_conn is not None and not self.upstream_conn.got_bytes:
+            if self.deadline or self.conn.paused & PAUSE_BACKPRESSURE:
+                # The request is out (or the endpoint stopped reading it): the upstream is slow.
                 self.stats.errors["timeout"] += 1
+                if self.endpoint is not None:
+                    self.conn.ctx.passive_result(self.endpoint, 0)
                 self.local_error(504, "upstream timed out", close=True)
-                return
-            self.local_error(408, "request body idle too long", close=True)
+            else:
+                self.local_error(408, "request body idle too long", close=True)
             return
         self.stats.errors["timeout"] += 1
         self.conn.abort()
-        upstream_conn = self.upstream_conn
-        if upstream_conn is not None:
-            upstream_conn.detach()
-            upstream_conn.abort()
-            self.upstream_conn = None
+        self._drop_attempt()
         self._finish(broken=True)
 
     def client_lost(self) -> None:
@@ -890,18 +896,7 @@ class Exchange:
         self.client_closed = True
         if self.finished:
             return
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
-        upstream_conn = self.upstream_conn
-        if upstream_conn is not None:
-            upstream_conn.detach()
-            upstream_conn.abort()
-            self.upstream_conn = None
-        endpoint = self.endpoint
-        if endpoint is not None:
-            endpoint.in_flight -= 1
-            self.endpoint = None
+        self._drop_attempt()
         if not self.response_started or self.status == 0:
             self.status = 499
         self._finish(broken=True)
