@@ -92,13 +92,15 @@ class RouteUpstreamStats:
 class MirrorStats:
     """Counters of one route's shadow traffic in one worker."""
 
-    __slots__ = ("mismatch", "outcomes", "route", "upstream")
+    __slots__ = ("body_mismatch", "mismatch", "outcomes", "route", "upstream")
 
     def __init__(self, route: str, upstream: str) -> None:
         self.route = route
         self.upstream = upstream
         self.outcomes = dict.fromkeys(MIRROR_OUTCOMES, 0)
+        # Status codes that differ; JSON bodies that differ (beyond ignored fields).
         self.mismatch = 0
+        self.body_mismatch = 0
 
     def snapshot(self) -> dict[str, object]:
         """A JSON-able copy for the supervisor."""
@@ -107,4 +109,5 @@ class MirrorStats:
             "upstream": self.upstream,
             "outcomes": dict(self.outcomes),
             "mismatch": self.mismatch,
+            "body_mismatch": self.body_mismatch,
         }

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from hashlib import blake2b
 from math import log
 
-# 52 bits of the digest scaled into (0, 1); (h + 0.5) * 2**-52 is exactly representable, is never
-# 0 (the logarithm would be -inf) and never 1 (the score would be infinite).
+# The top 52 bits h of the digest give x = (h + 0.5) * 2**-52, computed exactly: never 0 (the
+# logarithm would be -inf) and never 1 (the score would be infinite).
 _SCALE = 2.0**-52
 _SEP = b"\x00"
 
@@ -34,7 +34,7 @@ def key_unit(key: str, salt: str) -> float:
     """
     data = salt.encode("utf-8", "surrogatepass") + _SEP + key.encode("utf-8", "surrogatepass")
     digest = blake2b(data, digest_size=8).digest()
-    return ((int.from_bytes(digest) >> 12) + 0.5) * _SCALE
+    return ((int.from_bytes(digest, "big") >> 12) + 0.5) * _SCALE
 
 
 def choose(key: str, upstreams: Sequence[str], weights: Sequence[float]) -> str:
@@ -52,7 +52,7 @@ def choose(key: str, upstreams: Sequence[str], weights: Sequence[float]) -> str:
     for name, weight in zip(upstreams, weights, strict=True):
         if weight > 0.0:
             digest = blake2b(name.encode() + suffix, digest_size=8).digest()
-            score = weight / -log(((int.from_bytes(digest) >> 12) + 0.5) * _SCALE)
+            score = weight / -log(((int.from_bytes(digest, "big") >> 12) + 0.5) * _SCALE)
             if score > best_score:
                 best = name
                 best_score = score

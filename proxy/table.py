@@ -118,9 +118,10 @@ def compile_split(
     # Rounding must never leave a gap above the last bound: bisect needs it to be exactly 1.0.
     cumulative[-1] = 1.0
     shares = {name: value * 100.0 / total for name, value in zip(names, values, strict=True)}
-    # Give the rounding residue to the last positive upstream so the shares add up to 100.
-    last = positive[-1][0]
-    shares[last] = 100.0 - sum(share for name, share in shares.items() if name != last)
+    # The largest share absorbs the rounding residue (relatively the least change) so the
+    # shares add up to 100.
+    largest = max(positive, key=lambda pair: pair[1])[0]
+    shares[largest] = 100.0 - sum(share for name, share in shares.items() if name != largest)
     return CompiledSplit(
         upstreams=tuple(name for name, _ in positive),
         weights=tuple(value for _, value in positive),

@@ -6,16 +6,14 @@ tests); `turnout_factory` is for tests that need a process of their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.turnout import TurnoutProcess, start_turnout
+from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
 from tests.support.upstreams import UpstreamHost
-
-TurnoutFactory = Callable[..., TurnoutProcess]
 
 
 @pytest.fixture(scope="session")

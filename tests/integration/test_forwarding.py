@@ -41,16 +41,28 @@ def hop(upstream_host: UpstreamHost) -> Iterator[RawUpstream]:
 
 
 @pytest.fixture(scope="module")
+def pooled(upstream_host: UpstreamHost) -> Iterator[RawUpstream]:
+    upstream = upstream_host.raw("pooled", "ok")
+    yield upstream
+    upstream_host.stop(upstream)
+
+
+@pytest.fixture(scope="module")
 def turnout(
-    blue: EchoUpstream, hop: RawUpstream, tmp_path_factory: pytest.TempPathFactory
+    blue: EchoUpstream,
+    hop: RawUpstream,
+    pooled: RawUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[TurnoutProcess]:
     config: dict[str, Any] = {
         "upstreams": {
             "blue": {"endpoints": [blue.address]},
             "hop": {"endpoints": [hop.address]},
+            "pooled": {"endpoints": [pooled.address]},
         },
         "routes": [
             {"name": "hop", "match": {"path_prefix": "/hop"}, "split": {"hop": 100}},
+            {"name": "pooled", "match": {"path_prefix": "/pooled"}, "split": {"pooled": 100}},
             {"name": "main", "split": {"blue": 100}},
         ],
     }
@@ -216,3 +228,20 @@ def test_upstream_identity_header_reaches_client(turnout: TurnoutProcess) -> Non
     response, _ = echo(turnout, "/plain")
     assert response.header_values("x-upstream") == ["blue"]
     assert response.header("content-type") == "application/json"
+
+
+def test_upstream_connections_are_pooled_and_reused(
+    turnout: TurnoutProcess, pooled: RawUpstream
+) -> None:
+    # Sequential requests, from one client connection and then from fresh ones, need only the
+    # one keep-alive upstream connection (a little slack for a pool that keeps a spare).
+    with RawConnection(turnout.port) as conn:
+        for index in range(25):
+            assert conn.request("GET", f"/pooled/ka/{index}").body == pooled.body
+    for index in range(25):
+        with RawConnection(turnout.port) as conn:
+            assert conn.request("GET", f"/pooled/fresh/{index}").body == pooled.body
+    targets = [request.target for request in pooled.requests]
+    expected = [f"/pooled/ka/{i}" for i in range(25)] + [f"/pooled/fresh/{i}" for i in range(25)]
+    assert targets == expected
+    assert pooled.connections <= 2, f"{pooled.connections} upstream connections for 50 requests"

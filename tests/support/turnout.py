@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -263,3 +264,7 @@ def start_turnout(
         turnout.close()
         raise
     return turnout
+
+
+TurnoutFactory = Callable[..., TurnoutProcess]
+"""The `turnout_factory` fixture: `factory(config, *, access_log=False) -> TurnoutProcess`."""

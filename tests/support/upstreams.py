@@ -7,8 +7,9 @@ or session-scoped fixtures can share them across tests whose event loops are fun
 - `EchoUpstream` (aiohttp) answers JSON describing the request it saw, plus a few special paths
   chosen by the *last* path segments, so that they work behind any route prefix:
   `.../status/{code}`, `.../slow?ms=`, `.../bytes?n=` (chunked), `.../fixed?n=` (Content-Length),
-  `.../sha?n=&seed=&mode=chunked|fixed`, `.../upload`, `.../slowupload?delay_ms=`,
-  `.../cookies`, `.../ws` (WebSocket echo). Every response carries `X-Upstream: <name>`.
+  `.../sha?n=&seed=&mode=chunked|fixed`, `.../upload`, `.../slowupload?pause_ms=` (a pause
+  per 256 KiB read), `.../cookies`, `.../ws` (WebSocket echo). Every response carries
+  `X-Upstream: <name>`.
 - `RawUpstream` speaks HTTP/1.1 by hand over asyncio streams for the faults a library would not
   produce: truncated bodies, resets, silent closes, HTTP/1.0 close-delimited bodies, hop-by-hop
   response headers. It records every request and counts connections.
@@ -36,6 +37,7 @@ T = TypeVar("T")
 Headers = list[tuple[str, str]]
 
 BLOCK = 65536
+SLOW_READ_STEP = 256 * 1024
 
 
 # -- deterministic payloads ------------------------------------------------------------------
@@ -172,15 +174,21 @@ class EchoUpstream:
         }.get(last, self._echo)
         return await handler(request)
 
-    async def describe(self, request: web.Request, *, delay_s: float = 0.0) -> dict[str, Any]:
-        """Read the whole body (streamed) and describe the request."""
+    async def describe(self, request: web.Request, *, pause_s: float = 0.0) -> dict[str, Any]:
+        """Read the whole body (streamed) and describe the request.
+
+        With `pause_s`, the body is read slowly: a pause after every 256 KiB.
+        """
         digest = hashlib.sha256()
         length = 0
+        unpaused = 0
         async for chunk in request.content.iter_chunked(BLOCK):
             digest.update(chunk)
             length += len(chunk)
-            if delay_s:
-                await asyncio.sleep(delay_s)
+            unpaused += len(chunk)
+            if pause_s and unpaused >= SLOW_READ_STEP:
+                unpaused = 0
+                await asyncio.sleep(pause_s)
         return {
             "upstream": self.name,
             "method": request.method,
@@ -246,8 +254,8 @@ class EchoUpstream:
         return response
 
     async def _slow_upload(self, request: web.Request) -> web.StreamResponse:
-        delay_s = int(request.query.get("delay_ms", "2")) / 1000
-        return self._json(await self.describe(request, delay_s=delay_s))
+        pause_s = int(request.query.get("pause_ms", "8")) / 1000
+        return self._json(await self.describe(request, pause_s=pause_s))
 
     async def _cookies(self, request: web.Request) -> web.StreamResponse:
         await self.describe(request)
