@@ -89,7 +89,15 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the group, wait up to `grace` seconds, then SIGKILL whatever is left."""
+        """SIGTERM the group, wait up to `grace` seconds, then SIGKILL whatever is left.
+
+        Children that moved to their own session (Turnout's workers do) are not in the group;
+        they are found through the process tree first and killed if they outlive the wait.
+        """
+        descendants = [
+            (pid, start) for pid in process_tree(self.pid)[1:] if (start := _start_time(pid))
+        ]
+        deadline = time.monotonic() + grace
         if self.popen.poll() is None:
             _signal_group(self.pid, signal.SIGTERM)
             try:
@@ -99,7 +107,23 @@ class Proc:
                 self.popen.wait(5)
         # Workers can outlive a leader that died abruptly; the group id still reaches them.
         _signal_group(self.pid, signal.SIGKILL)
+        while time.monotonic() < deadline and any(_start_time(p) == s for p, s in descendants):
+            time.sleep(0.05)
+        for pid, start in descendants:
+            # The start time guards against a recycled pid.
+            if _start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         self._log.close()
+
+
+def _start_time(pid: int) -> int:
+    """Start time of `pid` in clock ticks since boot (field 22), 0 when it is gone or a zombie."""
+    try:
+        fields = _stat_fields(pid)
+        return 0 if fields[0] == "Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -152,18 +176,18 @@ def http_status(port: int, path: str, headers: dict[str, str] | None = None) -> 
         conn.close()
 
 
-def wait_for_port(proc: Proc, port: int, deadline_s: float) -> None:
-    """Wait until `port` accepts connections; raise StartError if `proc` dies or time runs out."""
+def wait_for_http(proc: Proc, port: int, path: str, deadline_s: float) -> None:
+    """Wait until GET `path` on `port` answers 200; raise StartError if `proc` dies or time runs
+    out. An open port alone is not enough: an nginx master listens before its workers exist.
+    """
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if not proc.alive():
             raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
-        if port_open(port):
+        if port_open(port) and http_status(port, path) == 200:
             return
         time.sleep(0.05)
-    raise StartError(
-        f"{proc.name}: port {port} not open after {deadline_s:.0f}s:\n{proc.log_tail()}"
-    )
+    raise StartError(f"{proc.name}: no 200 for {path} after {deadline_s:.0f}s:\n{proc.log_tail()}")
 
 
 def wait_for_turnout(
@@ -265,8 +289,13 @@ http {{
     return conf
 
 
-def write_proxy_conf(prefix: Path, port: int, backend_port: int, workers: int) -> Path:
-    """Write an nginx reverse-proxy config in front of the backend; return the conf path."""
+def write_proxy_conf(
+    prefix: Path, port: int, backend_port: int, workers: int, keepalive: int
+) -> Path:
+    """Write an nginx reverse-proxy config in front of the backend; return the conf path.
+
+    `keepalive` is the number of idle upstream connections each worker keeps.
+    """
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(
@@ -276,7 +305,7 @@ http {{
 {_nginx_http_common(prefix)}
     upstream backend {{
         server {LOOPBACK}:{backend_port};
-        keepalive 64;
+        keepalive {keepalive};
         keepalive_requests 1000000;
     }}
     server {{
@@ -366,6 +395,21 @@ def _stat_fields(pid: int) -> list[str]:
     return text.rsplit(")", 1)[1].split()
 
 
+def cpu_snapshot() -> dict[int, int]:
+    """utime + stime in clock ticks of every process now alive, by pid."""
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = _stat_fields(int(entry))
+            # After the ')' field 3 (state) is index 0, so utime (14) and stime (15) are 11, 12.
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks
+
+
 def process_tree(root: int) -> list[int]:
     """`root` and all its descendants that are alive now."""
     children: dict[int, list[int]] = {}
@@ -386,16 +430,17 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """Sum of utime + stime of `pids` (all threads of each), in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = _stat_fields(pid)
-        except OSError:
-            continue
-        # After the ')' field 3 (state) is index 0, so utime (14) and stime (15) are 11 and 12.
-        ticks += int(fields[11]) + int(fields[12])
+def cpu_used(before: dict[int, int], after: dict[int, int], pids: list[int]) -> float:
+    """CPU seconds (all threads, user + system) that `pids` used between two snapshots."""
+    return sum(after.get(pid, 0) - before.get(pid, 0) for pid in pids) / CLK_TCK
+
+
+def cpu_used_by_others(before: dict[int, int], after: dict[int, int], ours: set[int]) -> float:
+    """CPU seconds used between two snapshots by processes not in `ours` (background noise).
+
+    Processes that both started and ended in between are not seen, so this is a lower bound.
+    """
+    ticks = sum(t - before.get(pid, 0) for pid, t in after.items() if pid not in ours)
     return ticks / CLK_TCK
 
 

@@ -41,6 +41,8 @@ LATENCY_SCRIPT = HERE / "latency.py"
 # Both proxies see this header: with --features it makes Turnout hash a sticky key per request.
 STICKY_HEADER = ("x-user", "bench-user")
 WRK_THREADS = 2
+# Other processes using more than this share of one core during a run make it noisy.
+NOISY_BACKGROUND_PCT = 10
 RESULT_MARK = "TURNOUT_BENCH "
 # wrk's done() hook prints one JSON line with exact figures (latency in microseconds from the
 # same histogram `--latency` prints, rounded there to two decimals).
@@ -105,6 +107,7 @@ class Settings:
     turnout_cmd: list[str]
     fixed_rate: float | None
     fixed_rate_connections: int
+    keepalive: int
     quick: bool
 
 
@@ -115,6 +118,18 @@ class Subject:
     label: str
     port: int
     proc: bl.Proc
+
+
+@dataclass(frozen=True)
+class Lab:
+    """What every run needs: settings, tool paths, CPU sets, folders and the backend."""
+
+    settings: Settings
+    tools: dict[str, str]
+    pinning: Pinning
+    tmp: Path
+    raw_dir: Path
+    backend: Subject
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,7 @@ class RunResult:
     cpu_us_per_req: float
     rss_total_mib: float
     rss_max_mib: float
+    background_cpu_pct: float
     errors: dict[str, int]
 
     @property
@@ -163,7 +179,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--quick", action="store_true", help="1 repeat, 3 s runs, 1 s warm-up")
     parser.add_argument(
-        "--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS)
+        "--scenarios",
+        nargs="+",
+        choices=list(SCENARIOS),
+        default=list(SCENARIOS),
+        metavar="NAME",
+        help=f"any of {', '.join(SCENARIOS)} (default: all)",
     )
     parser.add_argument("--workers", default="1,2", help="comma list of worker counts (1,2)")
     parser.add_argument("--repeat", type=int, help="interleaved runs per proxy (3; quick 1)")
@@ -196,7 +217,18 @@ def parse_args(argv: list[str] | None) -> Settings:
         help="instead of wrk: open-loop latency at RPS through direct, Turnout and NGINX",
     )
     parser.add_argument(
-        "--fixed-rate-connections", type=int, default=16, help="connections for --fixed-rate"
+        "--fixed-rate-connections",
+        type=int,
+        default=16,
+        metavar="N",
+        help="keep-alive connections for --fixed-rate (16)",
+    )
+    parser.add_argument(
+        "--nginx-keepalive",
+        type=int,
+        default=64,
+        metavar="N",
+        help="idle upstream connections each nginx worker keeps (`keepalive N`; default 64)",
     )
     args = parser.parse_args(argv)
     try:
@@ -217,6 +249,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         turnout_cmd=shlex.split(args.turnout_cmd),
         fixed_rate=args.fixed_rate,
         fixed_rate_connections=args.fixed_rate_connections,
+        keepalive=args.nginx_keepalive,
         quick=quick,
     )
     if not workers or min(workers) < 1 or settings.repeat < 1 or settings.duration < 1:
@@ -289,8 +322,8 @@ def choose_pinning(pin: bool, workers: list[int]) -> Pinning:
 
 def start_backend(
     tmp: Path, tools: dict[str, str], pinning: Pinning, stack: contextlib.ExitStack
-) -> int:
-    """Start the backend nginx (1 worker) and return its port."""
+) -> Subject:
+    """Start the backend nginx (1 worker) and check it serves the scenario paths."""
     prefix = tmp / "backend"
     port = bl.free_port()
     conf = bl.write_backend_conf(prefix, port)
@@ -300,76 +333,51 @@ def start_backend(
         prefix / "error.log",
     )
     stack.callback(proc.stop)
-    bl.wait_for_port(proc, port, 10.0)
-    for path in ("/small", "/1m"):
-        if bl.http_status(port, path) != 200:
-            raise bl.StartError(f"backend GET {path} did not answer 200:\n{proc.log_tail()}")
-    return port
+    bl.wait_for_http(proc, port, "/small", 10.0)
+    if bl.http_status(port, "/1m") != 200:
+        raise bl.StartError(f"backend GET /1m did not answer 200:\n{proc.log_tail()}")
+    return Subject("backend", port, proc)
 
 
-def start_nginx_proxy(
-    label: str,
-    tmp: Path,
-    tools: dict[str, str],
-    backend_port: int,
-    workers: int,
-    pinning: Pinning,
-    stack: contextlib.ExitStack,
-) -> Subject:
+def start_nginx_proxy(lab: Lab, label: str, workers: int, stack: contextlib.ExitStack) -> Subject:
     """Start an nginx reverse proxy with `workers` workers in front of the backend."""
-    prefix = tmp / f"{label}-w{workers}"
+    prefix = lab.tmp / f"{label}-w{workers}"
     port = bl.free_port()
-    conf = bl.write_proxy_conf(prefix, port, backend_port, workers)
-    proc = bl.Proc(
-        label, bl.nginx_argv(tools["nginx"], prefix, conf, pinning.proxy), prefix / "error.log"
-    )
+    conf = bl.write_proxy_conf(prefix, port, lab.backend.port, workers, lab.settings.keepalive)
+    argv = bl.nginx_argv(lab.tools["nginx"], prefix, conf, lab.pinning.proxy)
+    proc = bl.Proc(label, argv, prefix / "error.log")
     stack.callback(proc.stop)
-    bl.wait_for_port(proc, port, 10.0)
+    bl.wait_for_http(proc, port, "/small", 10.0)
     return Subject(label, port, proc)
 
 
-def start_turnout(
-    settings: Settings,
-    tmp: Path,
-    backend_port: int,
-    workers: int,
-    pinning: Pinning,
-    stack: contextlib.ExitStack,
-) -> Subject:
+def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subject:
     """Write the Turnout config, start Turnout and wait until it is ready."""
+    settings = lab.settings
     port, admin_port = bl.free_port(), bl.free_port()
-    config = bl.turnout_config(port, admin_port, workers, backend_port, settings.features)
-    conf = bl.write_turnout_conf(tmp / f"turnout-w{workers}.yaml", config)
-    argv = [*bl.taskset_prefix(pinning.proxy), *settings.turnout_cmd, "run", str(conf)]
+    config = bl.turnout_config(port, admin_port, workers, lab.backend.port, settings.features)
+    conf = bl.write_turnout_conf(lab.tmp / f"turnout-w{workers}.yaml", config)
+    argv = [*bl.taskset_prefix(lab.pinning.proxy), *settings.turnout_cmd, "run", str(conf)]
     if not settings.access_log:
         argv.append("--no-access-log")
     print(f"  starting: {shlex.join(argv)}", flush=True)
     # The access log is JSON lines on stdout; with --access-log it still costs what it costs
     # to format and write, but /dev/null keeps the disk out of the figures.
-    proc = bl.Proc(
-        "turnout", argv, tmp / f"turnout-w{workers}.stderr.log", stdout_devnull=True, cwd=REPO
-    )
+    log = lab.tmp / f"turnout-w{workers}.stderr.log"
+    proc = bl.Proc("turnout", argv, log, stdout_devnull=True, cwd=REPO)
     stack.callback(proc.stop)
     how = bl.wait_for_turnout(proc, port, admin_port, "/small", 15.0)
     print(f"  turnout ready ({how})", flush=True)
     return Subject("turnout", port, proc)
 
 
-def start_subjects(
-    settings: Settings,
-    tmp: Path,
-    tools: dict[str, str],
-    backend_port: int,
-    workers: int,
-    pinning: Pinning,
-    stack: contextlib.ExitStack,
-) -> list[Subject]:
+def start_subjects(lab: Lab, workers: int, stack: contextlib.ExitStack) -> list[Subject]:
     """NGINX first, then Turnout (or, with --dry, a second nginx proxy in its place)."""
-    nginx = start_nginx_proxy("nginx", tmp, tools, backend_port, workers, pinning, stack)
-    if settings.dry:
-        other = start_nginx_proxy("nginx-b", tmp, tools, backend_port, workers, pinning, stack)
+    nginx = start_nginx_proxy(lab, "nginx", workers, stack)
+    if lab.settings.dry:
+        other = start_nginx_proxy(lab, "nginx-b", workers, stack)
     else:
-        other = start_turnout(settings, tmp, backend_port, workers, pinning, stack)
+        other = start_turnout(lab, workers, stack)
     return [nginx, other]
 
 
@@ -391,12 +399,12 @@ def write_lua(tmp: Path, scenario: Scenario) -> Path:
 
 
 def run_wrk(
-    wrk: str, url: str, connections: int, seconds: int, script: Path, pinning: Pinning
+    lab: Lab, url: str, connections: int, seconds: int, script: Path
 ) -> tuple[dict[str, float], str]:
     """Run wrk once; return the done() figures and the full output."""
     argv = [
-        *bl.taskset_prefix(pinning.load),
-        wrk,
+        *bl.taskset_prefix(lab.pinning.load),
+        lab.tools["wrk"],
         f"-t{min(WRK_THREADS, connections)}",
         f"-c{connections}",
         f"-d{seconds}s",
@@ -418,31 +426,36 @@ def run_wrk(
     raise BenchError(f"wrk exited {done.returncode} without a result:\n{done.stdout[-2000:]}")
 
 
-def measure(
-    subject: Subject,
-    scenario: Scenario,
-    connections: int,
-    workers: int,
-    repeat: int,
-    settings: Settings,
-    tools: dict[str, str],
-    script: Path,
-    pinning: Pinning,
-    raw_dir: Path,
-) -> RunResult:
-    """Warm up, then one measured wrk run with the proxy's CPU time and RSS around it."""
+@dataclass(frozen=True)
+class Shape:
+    """Which load one run applies: scenario, connections, worker count and repeat number."""
+
+    scenario: Scenario
+    connections: int
+    workers: int
+    repeat: int
+    script: Path
+
+
+def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -> RunResult:
+    """Warm up, then one measured wrk run with CPU time and RSS of the proxy around it."""
     if not subject.proc.alive():
         raise BenchError(f"{subject.label} is gone:\n{subject.proc.log_tail()}")
+    scenario, connections = shape.scenario, shape.connections
     url = f"http://{bl.LOOPBACK}:{subject.port}{scenario.path}"
-    if settings.warmup:
-        run_wrk(tools["wrk"], url, connections, settings.warmup, script, pinning)
+    if lab.settings.warmup:
+        run_wrk(lab, url, connections, lab.settings.warmup, shape.script)
     pids = bl.process_tree(subject.proc.pid)
-    cpu_before = bl.cpu_seconds(pids)
-    figures, output = run_wrk(tools["wrk"], url, connections, settings.duration, script, pinning)
-    cpu_used = bl.cpu_seconds(pids) - cpu_before
+    # Everything this harness runs; CPU used by any other process is background noise.
+    ours = {os.getpid()}
+    for started in (lab.backend, *subjects):
+        ours.update(bl.process_tree(started.proc.pid))
+    before = bl.cpu_snapshot()
+    figures, output = run_wrk(lab, url, connections, lab.settings.duration, shape.script)
+    after = bl.cpu_snapshot()
     memory = bl.tree_memory(pids)
-    name = f"{scenario.name}-c{connections}-w{workers}-{subject.label}-{repeat}.txt"
-    (raw_dir / name).write_text(output)
+    name = f"{scenario.name}-c{connections}-w{shape.workers}-{subject.label}-{shape.repeat}.txt"
+    (lab.raw_dir / name).write_text(output)
     if not subject.proc.alive():
         raise BenchError(f"{subject.label} died during the run:\n{subject.proc.log_tail()}")
     requests = int(figures["requests"])
@@ -451,17 +464,18 @@ def measure(
     return RunResult(
         scenario=scenario.name,
         connections=connections,
-        workers=workers,
+        workers=shape.workers,
         proxy=subject.label,
-        repeat=repeat,
+        repeat=shape.repeat,
         requests=requests,
         rps=requests / seconds,
         mib_s=moved / seconds / bl.ONE_MIB,
         p50_ms=figures["p50_us"] / 1000,
         p99_ms=figures["p99_us"] / 1000,
-        cpu_us_per_req=cpu_used * 1e6 / requests if requests else 0.0,
+        cpu_us_per_req=bl.cpu_used(before, after, pids) * 1e6 / requests if requests else 0.0,
         rss_total_mib=memory.total_mib,
         rss_max_mib=memory.max_mib,
+        background_cpu_pct=bl.cpu_used_by_others(before, after, ours) / seconds * 100,
         errors={
             key: int(figures[key])
             for key in ("status", "connect", "read", "write", "timeout")
@@ -476,38 +490,21 @@ def describe(r: RunResult) -> str:
     return (
         f"  {r.scenario:<12} c{r.connections:<4} w{r.workers} {r.proxy:<8} #{r.repeat}: "
         f"{r.rps:>9.0f} req/s {r.mib_s:>8.1f} MiB/s  p50 {r.p50_ms:.3f} ms  p99 {r.p99_ms:.3f} ms"
-        f"  {r.cpu_us_per_req:.1f} µs/req  RSS {r.rss_total_mib:.1f} MiB{errors}"
+        f"  {r.cpu_us_per_req:.1f} µs/req  RSS {r.rss_total_mib:.1f} MiB"
+        f"  bg {r.background_cpu_pct:.0f}%{errors}"
     )
 
 
-def wrk_session(
-    settings: Settings,
-    tools: dict[str, str],
-    subjects: list[Subject],
-    workers: int,
-    tmp: Path,
-    pinning: Pinning,
-    raw_dir: Path,
-    report: Report,
-) -> None:
+def wrk_session(lab: Lab, subjects: list[Subject], workers: int, report: Report) -> None:
     """Every scenario, interleaving the proxies run by run."""
-    for scenario in settings.scenarios:
-        script = write_lua(tmp, scenario)
+    lab.raw_dir.mkdir(parents=True, exist_ok=True)
+    for scenario in lab.settings.scenarios:
+        script = write_lua(lab.tmp, scenario)
         for connections in scenario.connections:
-            for repeat in range(1, settings.repeat + 1):
+            for repeat in range(1, lab.settings.repeat + 1):
+                shape = Shape(scenario, connections, workers, repeat, script)
                 for subject in subjects:
-                    result = measure(
-                        subject,
-                        scenario,
-                        connections,
-                        workers,
-                        repeat,
-                        settings,
-                        tools,
-                        script,
-                        pinning,
-                        raw_dir,
-                    )
+                    result = measure(lab, subjects, subject, shape)
                     report.runs.append(result)
                     print(describe(result), flush=True)
 
@@ -515,15 +512,14 @@ def wrk_session(
 # --- fixed-rate latency ----------------------------------------------------------------------
 
 
-def latency_session(
-    settings: Settings, backend_port: int, subjects: list[Subject], pinning: Pinning
-) -> list[LatencyResult]:
+def latency_session(lab: Lab, subjects: list[Subject]) -> list[LatencyResult]:
     """Run benchmarks/latency.py (pinned with the load side) on direct, Turnout, NGINX."""
+    settings = lab.settings
     assert settings.fixed_rate is not None
     nginx, other = subjects
-    targets = [("direct", backend_port), (other.label, other.port), (nginx.label, nginx.port)]
+    targets = [("direct", lab.backend.port), (other.label, other.port), (nginx.label, nginx.port)]
     argv = [
-        *bl.taskset_prefix(pinning.load),
+        *bl.taskset_prefix(lab.pinning.load),
         sys.executable,
         str(LATENCY_SCRIPT),
         "--rate",
@@ -569,6 +565,7 @@ class Row:
     cpu_us_per_req: float
     rss_total_mib: float
     rss_max_mib: float
+    background_cpu_pct: float
     errors: int
     runs_with_errors: int
 
@@ -594,6 +591,7 @@ def median_rows(runs: list[RunResult]) -> list[Row]:
                 cpu_us_per_req=statistics.median(r.cpu_us_per_req for r in group),
                 rss_total_mib=statistics.median(r.rss_total_mib for r in group),
                 rss_max_mib=statistics.median(r.rss_max_mib for r in group),
+                background_cpu_pct=statistics.median(r.background_cpu_pct for r in group),
                 errors=sum(r.error_count for r in group),
                 runs_with_errors=sum(1 for r in group if r.error_count),
             )
@@ -606,8 +604,8 @@ def results_table(rows: list[Row]) -> list[str]:
     nginx_rps = {(r.scenario, r.connections, r.workers): r.rps for r in rows if r.proxy == "nginx"}
     lines = [
         "| scenario | conns | workers | proxy | req/s | MiB/s | p50 ms | p99 ms | CPU µs/req "
-        "| RSS MiB (sum / max proc) | errors | req/s vs nginx |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| RSS MiB (sum / max proc) | errors | req/s vs nginx | bg CPU % |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = nginx_rps.get((r.scenario, r.connections, r.workers))
@@ -616,7 +614,8 @@ def results_table(rows: list[Row]) -> list[str]:
         lines.append(
             f"| {r.scenario} | {r.connections} | {r.workers} | {r.proxy} | {r.rps:.0f} "
             f"| {r.mib_s:.1f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.cpu_us_per_req:.1f} "
-            f"| {r.rss_total_mib:.1f} / {r.rss_max_mib:.1f} | {errors} | {ratio} |"
+            f"| {r.rss_total_mib:.1f} / {r.rss_max_mib:.1f} | {errors} | {ratio} "
+            f"| {r.background_cpu_pct:.0f} |"
         )
     return lines
 
@@ -625,15 +624,15 @@ def runs_table(runs: list[RunResult]) -> list[str]:
     """Every single run, for judging the spread behind the medians."""
     lines = [
         "| scenario | conns | workers | proxy | # | req/s | p50 ms | p99 ms | CPU µs/req "
-        "| RSS MiB | errors |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| RSS MiB | bg CPU % | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
         lines.append(
             f"| {r.scenario} | {r.connections} | {r.workers} | {r.proxy} | {r.repeat} "
             f"| {r.rps:.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.cpu_us_per_req:.1f} "
-            f"| {r.rss_total_mib:.1f} | {errors} |"
+            f"| {r.rss_total_mib:.1f} | {r.background_cpu_pct:.0f} | {errors} |"
         )
     return lines
 
@@ -672,6 +671,10 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
     """The whole markdown report."""
     s = report.settings
     candidate = "nginx-b (a second nginx, --dry)" if s.dry else shlex.join(s.turnout_cmd)
+    if s.fixed_rate is None:
+        load = f"wrk -t{WRK_THREADS}"
+    else:
+        load = f"benchmarks/latency.py at {s.fixed_rate:.0f} req/s, samples pooled"
     lines = [
         f"# Turnout benchmark, {datetime.now().isoformat(timespec='seconds')}"
         + ("" if complete else " (INCOMPLETE)"),
@@ -680,8 +683,7 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
         f"- pinning: {report.pinning.description}",
         f"- candidate: {candidate}; features {'on' if s.features else 'off'}; "
         f"access log {'on' if s.access_log else 'off'}",
-        f"- {s.repeat} interleaved run(s) of {s.duration} s after {s.warmup} s warm-up; "
-        f"wrk -t{WRK_THREADS}; medians shown",
+        f"- {s.repeat} interleaved run(s) of {s.duration} s after {s.warmup} s warm-up; {load}",
         "",
     ]
     if report.runs:
@@ -703,9 +705,10 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
 # --- main ------------------------------------------------------------------------------------
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # SystemExit unwinds the stack, so every `finally` and ExitStack stops its processes.
-    raise SystemExit(128 + signum)
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Handled like Ctrl-C: the stack unwinds through every ExitStack (stopping the processes)
+    # and the partial report is still written.
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -720,35 +723,32 @@ def _session_dir() -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables and write benchmarks/out/results-<timestamp>.md."""
     settings = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     tools = ensure_tools(settings.pin)
     pinning = choose_pinning(settings.pin, settings.workers)
     report = Report(settings, pinning)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     raw_dir = OUT_DIR / f"raw-{stamp}"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
     print(f"pinning: {pinning.description}", flush=True)
     complete = False
     status = 1
     started = time.monotonic()
     try:
         with _session_dir() as tmp, contextlib.ExitStack() as stack:
-            backend_port = start_backend(tmp, tools, pinning, stack)
-            print(f"backend nginx on {bl.LOOPBACK}:{backend_port}", flush=True)
+            backend = start_backend(tmp, tools, pinning, stack)
+            print(f"backend nginx on {bl.LOOPBACK}:{backend.port}", flush=True)
+            lab = Lab(settings, tools, pinning, tmp, raw_dir, backend)
             for workers in settings.workers:
                 print(f"== {workers} worker(s)", flush=True)
                 with contextlib.ExitStack() as per_workers:
-                    subjects = start_subjects(
-                        settings, tmp, tools, backend_port, workers, pinning, per_workers
-                    )
-                    if settings.fixed_rate is not None:
-                        results = latency_session(settings, backend_port, subjects, pinning)
+                    subjects = start_subjects(lab, workers, per_workers)
+                    if settings.fixed_rate is None:
+                        wrk_session(lab, subjects, workers, report)
+                    else:
+                        results = latency_session(lab, subjects)
                         report.latency[workers] = results
                         print("\n".join(format_latency_table(results)), flush=True)
-                    else:
-                        wrk_session(
-                            settings, tools, subjects, workers, tmp, pinning, raw_dir, report
-                        )
         complete = True
         status = 0
     except (bl.StartError, BenchError) as exc:
@@ -758,6 +758,27 @@ def main(argv: list[str] | None = None) -> int:
         report.notes.append("interrupted")
         print("interrupted; all processes stopped", file=sys.stderr)
         status = 130
+    noisy = [r for r in report.runs if r.background_cpu_pct > NOISY_BACKGROUND_PCT]
+    if noisy:
+        report.notes.append(
+            f"{len(noisy)} of {len(report.runs)} runs had other processes using more than "
+            f"{NOISY_BACKGROUND_PCT}% of a core (bg CPU %): the machine was not quiet, rerun"
+        )
+    churn = sorted(
+        {
+            f"c{r.connections} w{r.workers}"
+            for r in report.runs
+            if r.connections > settings.keepalive * r.workers
+        }
+    )
+    if churn:
+        report.notes.append(
+            f"nginx keeps {settings.keepalive} idle upstream connections per worker "
+            f"(`keepalive`); with more requests in flight than that ({', '.join(churn)}) it "
+            "opens and closes a backend connection for the excess requests, which dominates "
+            "its figures; Turnout's pool keeps more (POOL_MAX_IDLE in proxy/upstream.py). "
+            "Rerun with --nginx-keepalive 256 to compare like with like"
+        )
     flagged = [r for r in report.runs if r.error_count]
     report.notes += [
         f"run {r.scenario} c{r.connections} w{r.workers} {r.proxy} #{r.repeat} had errors: "
@@ -768,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     out = OUT_DIR / f"results-{stamp}.md"
     out.write_text(text)
     print("\n" + text)
-    print(f"written: {out} (raw wrk output in {raw_dir}); took {time.monotonic() - started:.0f} s")
+    raw = f" (raw wrk output in {raw_dir})" if raw_dir.exists() else ""
+    print(f"written: {out}{raw}; took {time.monotonic() - started:.0f} s")
     return status
 
 

@@ -130,7 +130,8 @@ class HeadError(Exception):
         self.message = message
 
 
-def _new_request_id() -> str:
+def _new_sticky_id() -> str:
+    # Sticky ids are long-lived and end up in cookies: unguessable, not just unique.
     return os.urandom(16).hex()
 
 
@@ -347,7 +348,7 @@ class Exchange:
         if self.request_id_in is not None:
             self.request_id = self.request_id_in.decode("latin-1")
         else:
-            self.request_id = _new_request_id()
+            self.request_id = ctx.new_request_id()
 
     # ---- routing and forwarding ---------------------------------------------------------
 
@@ -385,7 +386,7 @@ class Exchange:
         )
         view = RequestView(self.method, host, path, self.wanted, cookies)
         rnd = random.random
-        decision = decide(table, view, rnd(), rnd(), _new_request_id)
+        decision = decide(table, view, rnd(), rnd(), _new_sticky_id)
         route = decision.route
         if route is None or decision.upstream is None:
             self.local_error(404, "no route matches the request", close=False)
@@ -1149,7 +1150,7 @@ class ClientConnection(CoalescingProtocol):
     def _reject(self, status: int, message: str) -> None:
         ex = self.parsing or Exchange(self)
         if not ex.request_id:
-            ex.request_id = _new_request_id()
+            ex.request_id = self.ctx.new_request_id()
         self.parsing = None
         self.close_after = True
         if self.current is not None and self.current is not ex:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -107,7 +108,15 @@ class WorkerContext:
         self.accepting = False
         self.idle_event = asyncio.Event()
         self._ticks = 0
+        # Request ids: a random prefix per worker process and a counter, unique without a
+        # system call per request.
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count()
         self._mirrorer: Mirrorer | None = None
+
+    def new_request_id(self) -> str:
+        """A fresh X-Request-Id (32 hex digits)."""
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def mirrorer(self) -> Mirrorer:
         """The shadow-traffic sender, created on first use (it owns an HTTP client session)."""
