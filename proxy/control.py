@@ -126,9 +126,13 @@ class ControlChannel:
 
     def send(self, msg: Mapping[str, object]) -> None:
         """Queue one message for sending."""
+        self.send_encoded(encode(msg))
+
+    def send_encoded(self, line: bytes) -> None:
+        """Queue a message already encoded with `encode` (one encoding for many channels)."""
         if self._writer.is_closing():
             return
-        self._writer.write(encode(msg))
+        self._writer.write(line)
 
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark (ConnectionError if gone)."""

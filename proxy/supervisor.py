@@ -40,6 +40,7 @@ from proxy.control import (
     OP_STATS,
     ControlChannel,
     ControlError,
+    encode,
     open_channel,
     table_message,
 )
@@ -325,7 +326,7 @@ class Supervisor:
         self.reload_counts["success"] += 1
         self._last_error = None
         self._last_failed_sha = None
-        self._broadcast_table()
+        self.broadcast(self._table_message())
         log.info("reload (%s): generation %d in force (sha256 %s)", trigger, generation, sha[:12])
         self._check_static_settings(spec)
         return ReloadOutcome(generation, changed=True)
@@ -393,17 +394,15 @@ class Supervisor:
             split_overrides=self._split_overrides,
         )
 
-    def _broadcast_table(self) -> None:
-        # Encoded once for all workers: the text can be large.
-        self.broadcast(self._table_message())
-
     def broadcast(self, msg: dict[str, object]) -> None:
         """Send one control message to every live worker (e.g. a `health` message)."""
+        # Encoded once for all workers: a table message carries the whole file.
+        line = encode(msg)
         for handle in self._workers.values():
-            self._send(handle, msg)
+            self._send(handle, line)
 
-    def _send(self, handle: WorkerHandle, msg: dict[str, object]) -> None:
-        handle.channel.send(msg)
+    def _send(self, handle: WorkerHandle, line: bytes) -> None:
+        handle.channel.send_encoded(line)
         self._tasks.spawn(self._drain_channel(handle), name=f"drain-worker-{handle.index}")
 
     async def _drain_channel(self, handle: WorkerHandle) -> None:
@@ -507,7 +506,7 @@ class Supervisor:
             pid=process.pid,
         )
         self._workers[index] = handle
-        self._send(handle, self._table_message())
+        self._send(handle, encode(self._table_message()))
         if self._stopping:
             # Shutdown began while this worker was starting: it drains like the others.
             self._signal(handle, signal.SIGTERM)
