@@ -49,7 +49,7 @@ from proxy.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from proxy.writes import CoalescingProtocol
+from proxy.writes import WRITE_HIGH, WRITE_LOW, CoalescingProtocol
 from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
@@ -969,6 +969,7 @@ class ClientConnection(CoalescingProtocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

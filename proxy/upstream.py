@@ -23,7 +23,7 @@ import httptools
 from proxy.headers import is_chunked
 from proxy.routing import pick_endpoint
 from proxy.spec import Endpoint, UpstreamSpec
-from proxy.writes import CoalescingProtocol, WriteBatcher
+from proxy.writes import WRITE_HIGH, WRITE_LOW, CoalescingProtocol, WriteBatcher
 
 log = logging.getLogger("turnout.upstream")
 
@@ -116,6 +116,7 @@ class UpstreamConnection(CoalescingProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

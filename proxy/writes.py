@@ -36,6 +36,12 @@ class WriteBatcher:
             proto.flush()
 
 
+# Write-buffer bounds per connection: large enough that a streamed body is not paused and
+# resumed every few reads, small enough that 10,000 connections cannot pin much memory.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
+
+
 class CoalescingProtocol(asyncio.Protocol):
     """A protocol whose `write` is batched through a `WriteBatcher`."""
 
