@@ -407,7 +407,8 @@ class Exchange:
         self.upstream = pool
         added = self._added_headers()
         self.head = self._build_head(added)
-        if decision.mirror is not None:
+        if decision.mirror is not None and not self.upgrade:
+            # A WebSocket cannot be replayed as a plain request: upgrades are never mirrored.
             self._start_mirror(gen, route, decision.mirror, added)
         if (
             self.expect_continue

@@ -177,6 +177,9 @@ class WorkerContext:
             for route in table.routes
         )
         self.generation = Generation(table, pools, stats, no_route, mirror_stats)
+        if any(route.mirror is not None for route in table.routes):
+            # Create the sender (and import aiohttp) now, not on the first mirrored request.
+            self.mirrorer()
         spec = table.spec
         self.limits = spec.limits
         self.timeouts = spec.timeouts

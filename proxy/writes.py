@@ -40,6 +40,8 @@ class WriteBatcher:
 # resumed every few reads, small enough that 10,000 connections cannot pin much memory.
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
+# Small batches (a head and a short body) are cheaper joined than handed to writev.
+JOIN_BELOW = 16 * 1024
 
 
 class CoalescingProtocol(asyncio.Protocol):
@@ -71,6 +73,8 @@ class CoalescingProtocol(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             if len(out) == 1:
                 transport.write(out[0])
+            elif sum(map(len, out)) < JOIN_BELOW:
+                transport.write(b"".join(out))
             else:
-                # writelines hands the pieces to one writev: no join, no copy of a big body.
+                # writelines hands the pieces to one writev: no copy of a big body.
                 transport.writelines(out)
