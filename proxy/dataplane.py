@@ -652,9 +652,10 @@ class Exchange:
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes, bytes]],
         body_framing: int,
         keep_alive: bool,
+        connection: list[bytes],
     ) -> None:
         """Relay the response head, with framing and hop-by-hop headers rebuilt."""
         conn = self.conn
@@ -664,14 +665,12 @@ class Exchange:
         self.status = status
         self.response_started = True
         drop = _RESPONSE_DROP
-        extra: frozenset[bytes] | None = None
-        for name, value in headers:
-            if name.lower() == b"connection":
-                tokens = connection_tokens([value]) - {b"close", b"keep-alive", b"upgrade"}
-                if tokens:
-                    extra = extra | tokens if extra else tokens
-        if extra:
-            drop = drop | extra
+        if connection:
+            extra = connection_tokens(connection) - {b"close", b"keep-alive", b"upgrade"}
+            if extra:
+                drop = drop | extra
+        if status == 204 or body_framing == FRAMING_CHUNKED:
+            drop = drop | {b"content-length"}
         close = not self.keep_alive or not self.body_done or conn.closing
         if status == 101:
             close = False
@@ -681,13 +680,9 @@ class Exchange:
             self.response_chunked = chunked
             if not chunked:
                 close = True
-        for name, value in headers:
-            lname = name.lower()
-            if lname in drop:
-                continue
-            if lname == b"content-length" and (status == 204 or body_framing == FRAMING_CHUNKED):
-                continue
-            parts += (name, b": ", value, b"\r\n")
+        for lname, name, value in headers:
+            if lname not in drop:
+                parts += (name, b": ", value, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
         if self.set_cookie is not None:
             parts.append(self._cookie_header())
@@ -709,8 +704,8 @@ class Exchange:
         mirror = self.mirror
         if mirror is not None:
             content_type = None
-            for name, value in headers:
-                if name.lower() == b"content-type":
+            for lname, _, value in headers:
+                if lname == b"content-type":
                     content_type = value.decode("latin-1")
                     break
             mirror.primary_head(status, content_type)

@@ -38,11 +38,15 @@ class ResponseSink(Protocol):
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes, bytes]],
         body_framing: int,
         keep_alive: bool,
+        connection: list[bytes],
     ) -> None:
-        """The response head arrived (interim 1xx responses are not reported)."""
+        """The response head arrived (interim 1xx responses are not reported).
+
+        `headers` are (lower-cased name, name, value); `connection` the Connection values.
+        """
 
     def upstream_body(self, data: bytes) -> None:
         """A piece of the response body."""
@@ -75,16 +79,21 @@ FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3  # until the endpoint closes the connection
 
+_FRAMING_HEADERS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
+
 
 class UpstreamConnection(CoalescingProtocol):
     """One keep-alive connection to an endpoint."""
 
     __slots__ = (
         "_body_framing",
+        "_connection",
+        "_has_length",
         "_headers",
         "_interim",
         "_parser",
         "_reason",
+        "_te",
         "endpoint",
         "got_bytes",
         "head_request",
@@ -100,7 +109,11 @@ class UpstreamConnection(CoalescingProtocol):
         self.endpoint = endpoint
         self.sink: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
+        # (lower-cased name, name, value): names are lower-cased once, here.
+        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._te: bytes | None = None
+        self._has_length = False
+        self._connection: list[bytes] = []
         self._reason = b""
         self._interim = False
         self._body_framing = FRAMING_LENGTH
@@ -175,7 +188,15 @@ class UpstreamConnection(CoalescingProtocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        lname = name.lower()
+        self._headers.append((lname, name, value))
+        if lname in _FRAMING_HEADERS:
+            if lname == b"transfer-encoding":
+                self._te = value
+            elif lname == b"content-length":
+                self._has_length = True
+            else:
+                self._connection.append(value)
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -187,6 +208,10 @@ class UpstreamConnection(CoalescingProtocol):
         self._headers = []
         reason = self._reason
         self._reason = b""
+        te, has_length, connection = self._te, self._has_length, self._connection
+        self._te, self._has_length = None, False
+        if connection:
+            self._connection = []
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103) are consumed here; the proxy answers
             # Expect: 100-continue itself.
@@ -200,22 +225,19 @@ class UpstreamConnection(CoalescingProtocol):
             framing = FRAMING_NONE
         elif self.head_request or status in (204, 304):
             framing = FRAMING_NONE
+        elif te is not None:
+            framing = FRAMING_CHUNKED if is_chunked(te) else FRAMING_CLOSE
+        elif has_length:
+            framing = FRAMING_LENGTH
         else:
             framing = FRAMING_CLOSE
-            for name, value in headers:
-                lname = name.lower()
-                if lname == b"transfer-encoding":
-                    framing = FRAMING_CHUNKED if is_chunked(value) else FRAMING_CLOSE
-                    break
-                if lname == b"content-length":
-                    framing = FRAMING_LENGTH
         if framing == FRAMING_CLOSE:
             keep_alive = False
         self._body_framing = framing
         self.reusable = keep_alive
         sink = self.sink
         if sink is not None:
-            sink.upstream_head(status, reason, headers, framing, keep_alive)
+            sink.upstream_head(status, reason, headers, framing, keep_alive, connection)
         if self.head_request and sink is not None and self.sink is sink:
             # llhttp cannot be told this answers a HEAD, so it would wait for the announced
             # body: finish here and give the connection a fresh parser.
