@@ -112,6 +112,13 @@ _SPECIAL: dict[bytes, int] = {
 # Response headers never copied to the client (framing and our own are rebuilt).
 _RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id"}
 
+# Connection options that are not header names, and headers whose removal would change the
+# framing or the target: a `Connection: content-length` must not smuggle a body (it would be
+# sent without its length) nor `Connection: host` strip the Host.
+_NEVER_HOP = frozenset(
+    {b"close", b"keep-alive", b"upgrade", b"content-length", b"host", b"transfer-encoding"}
+)
+
 # Why reading from the client is paused; reading resumes only when no reason is left.
 PAUSE_BACKPRESSURE = 1
 PAUSE_PIPELINE = 2
@@ -175,6 +182,7 @@ class Exchange:
         "mirrored",
         "pending",
         "pending_size",
+        "raw_head",
         "reason",
         "request_id",
         "request_id_in",
@@ -210,6 +218,7 @@ class Exchange:
         self.wanted: dict[str, str] = {}
         self.cookie_values: list[str] = []
         self.head_size = 0
+        self.raw_head = 0
         self.header_count = 0
         self.host: bytes | None = None
         self.host_count = 0
@@ -336,7 +345,7 @@ class Exchange:
             and any(b"websocket" in v.lower() for v in self.upgrade_values)
         ):
             self.upgrade = True
-        extra = tokens - {b"close", b"keep-alive", b"upgrade"}
+        extra = tokens - _NEVER_HOP
         if extra:
             # Headers named by Connection are hop-by-hop too (RFC 9110 section 7.6.1).
             self.kept_headers = [h for h in self.kept_headers if h[0] not in extra]
@@ -372,9 +381,18 @@ class Exchange:
                 except httptools.HttpParserInvalidURLError:
                     self.local_error(400, "invalid request target", close=True)
                     return
-                path = (parsed.path or b"/").decode("latin-1")
-                if parsed.host and self.host is None:
-                    self.host = parsed.host
+                raw_path = parsed.path or b"/"
+                path = raw_path.decode("latin-1")
+                if parsed.host:
+                    # RFC 9112 section 3.2.2: the target's authority wins over Host, and the
+                    # request goes on in origin form with a Host made from that authority.
+                    authority = parsed.host
+                    if parsed.port:
+                        authority += b":%d" % parsed.port
+                    self.host = authority
+                    self.kept_headers = [h for h in self.kept_headers if h[0] != b"host"]
+                    self.kept_headers.append((b"host", b"Host", authority))
+                    self.url = raw_path + (b"?" + parsed.query if parsed.query else b"")
         else:
             q = url.find(b"?")
             path = (url if q < 0 else url[:q]).decode("latin-1")
@@ -412,6 +430,7 @@ class Exchange:
             self._start_mirror(gen, route, decision.mirror, added)
         if (
             self.expect_continue
+            and self.version == "1.1"
             and not self.body_done
             and (self.chunked_in or (self.content_length or 0) > 0)
         ):
@@ -435,6 +454,10 @@ class Exchange:
             parts += (name, b": ", value, b"\r\n")
         for name, value in added:
             parts += (name, b": ", value, b"\r\n")
+        if self.host is None:
+            # An HTTP/1.0 request may come without Host; HTTP/1.1 requires the field, empty when
+            # the target has no authority (RFC 9112 section 3.2).
+            parts.append(b"Host: \r\n")
         if self.upgrade:
             parts.append(b"Connection: upgrade\r\n")
             for value in self.upgrade_values:
@@ -500,14 +523,19 @@ class Exchange:
         try:
             async with asyncio.timeout(ctx.timeouts.connect):
                 upstream_conn = await endpoint.connect(ctx.loop)
-        except asyncio.CancelledError:
-            # Only _drop_attempt cancels a connect, and it has already cleaned up.
-            return
         except (OSError, TimeoutError) as exc:
+            if self.connect_task is None:
+                return  # the exchange was abandoned meanwhile
             self.connect_task = None
             self._attempt_failed(
                 "timeout" if isinstance(exc, TimeoutError) else "connect", nothing_sent=True
             )
+            return
+        if self.connect_task is None:
+            # The exchange was abandoned while connecting: the fresh connection is still good,
+            # keep it warm in the pool (cancelling the connect instead could leak its socket).
+            upstream_conn.reusable = True
+            endpoint.release(upstream_conn, ctx.now)
             return
         self.connect_task = None
         self.conn.unpause(PAUSE_CONNECTING)
@@ -517,6 +545,8 @@ class Exchange:
         ctx = self.conn.ctx
         self.upstream_conn = upstream_conn
         upstream_conn.start(self, self.method == "HEAD")
+        if self.conn.write_paused:
+            upstream_conn.pause_reading()
         upstream_conn.write(self.head)
         if self.retained is not None and self.attempts > 1:
             for chunk in self.retained:
@@ -573,10 +603,9 @@ class Exchange:
 
     def _drop_attempt(self) -> None:
         """Abandon the attempt in progress: cancel its connect or cut its connection."""
-        task = self.connect_task
-        if task is not None:
-            self.connect_task = None
-            task.cancel()
+        # A connect in progress is left to finish (bounded by timeouts.connect); it sees
+        # connect_task cleared and parks its connection in the pool.
+        self.connect_task = None
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
             self.upstream_conn = None
@@ -610,13 +639,7 @@ class Exchange:
             else:
                 self.conn.abort()
             return
-        retained = self.retained
-        if retained is not None:
-            self.retained_size += size
-            if self.retained_size > RETRY_BODY_LIMIT:
-                self.retained = None
-            else:
-                retained.append(chunk)
+        self.keep_for_retry(chunk)
         mirror = self.mirror
         if mirror is not None:
             mirror.feed(chunk)
@@ -630,6 +653,16 @@ class Exchange:
             self.pending_size += size
             if self.pending_size > CONNECT_BUFFER:
                 self.conn.pause(PAUSE_CONNECTING)
+
+    def keep_for_retry(self, chunk: bytes) -> None:
+        """Keep body bytes for a retry while the body stays within RETRY_BODY_LIMIT."""
+        retained = self.retained
+        if retained is not None:
+            self.retained_size += len(chunk)
+            if self.retained_size > RETRY_BODY_LIMIT:
+                self.retained = None
+            else:
+                retained.append(chunk)
 
     def body_complete(self) -> None:
         """The client sent its whole request."""
@@ -666,7 +699,7 @@ class Exchange:
         self.response_started = True
         drop = _RESPONSE_DROP
         if connection:
-            extra = connection_tokens(connection) - {b"close", b"keep-alive", b"upgrade"}
+            extra = connection_tokens(connection) - _NEVER_HOP
             if extra:
                 drop = drop | extra
         if status == 204 or body_framing == FRAMING_CHUNKED:
@@ -692,7 +725,13 @@ class Exchange:
                 parts += (b"Upgrade: ", value, b"\r\n")
         else:
             if self.response_chunked:
-                parts.append(b"Transfer-Encoding: chunked\r\n")
+                codings = b""
+                if body_framing == FRAMING_CLOSE:
+                    # A body coded (gzip...) but not chunked: keep the codings, add chunked.
+                    for lname, _, value in headers:
+                        if lname == b"transfer-encoding":
+                            codings = value + b", "
+                parts += (b"Transfer-Encoding: ", codings, b"chunked\r\n")
             if close:
                 parts.append(b"Connection: close\r\n")
                 conn.close_after = True
@@ -988,6 +1027,13 @@ class ClientConnection(CoalescingProtocol):
             return
         try:
             self.parser.feed_data(data)
+            ex = self.parsing
+            if ex is not None and not ex.method:
+                # llhttp holds a header line until it is complete: bound the head by the bytes
+                # fed while it is still incomplete, not only by the fields reported so far.
+                ex.raw_head += len(data)
+                if ex.raw_head > self.ctx.limits.max_header_size:
+                    self._reject(431, "request head larger than limits.max_header_size")
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError:
@@ -1087,6 +1133,7 @@ class ClientConnection(CoalescingProtocol):
             else:
                 ex.bytes_in += len(body)
                 ex.pending.append(body)
+                ex.keep_for_retry(body)
                 if ex.bytes_in > self.ctx.limits.max_request_body:
                     raise HeadError(413, "request body larger than limits.max_request_body")
         except Exception as exc:
@@ -1134,9 +1181,14 @@ class ClientConnection(CoalescingProtocol):
         if self.close_after or self.transport is None:
             self.close()
             return
+        # Whatever paused reading for the finished exchange no longer applies.
+        self.unpause(PAUSE_BACKPRESSURE)
         if self.queue:
             nxt = self.queue.popleft()
             self.current = nxt
+            # Read on: the next request's body may still be on its way. on_message_complete
+            # pauses again if yet another request is complete before this one is answered.
+            self.unpause(PAUSE_PIPELINE)
             nxt.begin()
             return
         self.idle_since = self.ctx.now

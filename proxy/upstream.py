@@ -268,6 +268,8 @@ class UpstreamConnection(CoalescingProtocol):
     def start(self, sink: ResponseSink, head_request: bool) -> None:
         """Carry one request for `sink`; the caller then writes the request bytes."""
         self.sink = sink
+        # A pooled connection may have been paused by its previous request's slow client.
+        self.resume_reading()
         self.head_request = head_request
         self.got_bytes = False
         self.reusable = False
@@ -373,12 +375,15 @@ class EndpointPool:
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
         """Return a connection after a response; keep it only if it can carry another."""
+        transport = conn.transport
         if (
             conn.reusable
             and not self.draining
+            and transport is not None
+            and not transport.is_closing()
+            # Request bytes still unsent (the endpoint answered early): not reusable.
+            and not transport.get_write_buffer_size()
             and len(self.idle) < POOL_MAX_IDLE
-            and conn.transport is not None
-            and not conn.transport.is_closing()
         ):
             conn.idle_since = now
             self.idle.append(conn)
