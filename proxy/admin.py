@@ -5,6 +5,8 @@ it holds no state of its own. Routes are added by small `add_*_routes(app)` func
 features (metrics, runtime splits, rollout, explain) plug in without touching the others.
 
 Security: with a token, every call but the probes and /metrics needs `Authorization: Bearer`.
+Errors are JSON too: `{"error": "..."}` with 400 (bad input), 404 (unknown route) or 500 (the
+state file could not be written; nothing changed). docs/admin.md describes every call.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+
+from proxy.metrics import CONTENT_TYPE
+from proxy.routing import explain, make_view
+from proxy.table import Table
 
 log = logging.getLogger("turnout.admin")
 
@@ -46,8 +54,17 @@ class Readiness:
     reason: str
 
 
+class RouteNotFound(LookupError):
+    """The route named in the call does not exist in the table in force (404)."""
+
+
 class AdminBackend(Protocol):
     """What the admin routes need from the supervisor."""
+
+    @property
+    def table(self) -> Table:
+        """The routing table in force (explain and input checks read it)."""
+        ...
 
     def readiness(self) -> Readiness:
         """Ready means: a config is loaded, the workers serve it, and not draining."""
@@ -59,6 +76,22 @@ class AdminBackend(Protocol):
 
     async def reload(self, trigger: str) -> ReloadOutcome:
         """Reload the config file now; `trigger` names the cause for the log."""
+        ...
+
+    def routes_view(self) -> dict[str, Any]:
+        """The body of GET /admin/routes."""
+        ...
+
+    async def set_split(self, route: str, weights: Mapping[str, float] | None) -> dict[str, Any]:
+        """Put a runtime split in force on `route` (None: drop it); the route's new state.
+
+        RouteNotFound for an unknown route, ValueError for weights the table rejects, OSError
+        when the state file cannot be written (then nothing changed).
+        """
+        ...
+
+    async def metrics(self) -> bytes:
+        """The Prometheus text of all workers, aggregated."""
         ...
 
 
@@ -128,12 +161,194 @@ def add_core_routes(app: web.Application) -> None:
     app.router.add_post("/admin/reload", _post_reload)
 
 
+# --- metrics ----------------------------------------------------------------------------------
+
+
+async def _get_metrics(request: web.Request) -> web.Response:
+    body = await request.app[BACKEND].metrics()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_metrics_routes(app: web.Application) -> None:
+    """`GET /metrics`: every worker's counters, aggregated (docs/metrics.md)."""
+    app.router.add_get("/metrics", _get_metrics)
+
+
+# --- routes and runtime splits ----------------------------------------------------------------
+
+
+def error_response(message: str, status: int) -> web.Response:
+    """`{"error": message}` with `status`."""
+    return json_response({"error": message}, status=status)
+
+
+def parse_split(body: bytes, upstreams: Sequence[str]) -> dict[str, float]:
+    """The weights of a `PUT .../split` body; ValueError with a message for the client.
+
+    The body is a JSON object of upstream name -> weight: names of the config's upstreams,
+    weights finite numbers >= 0 (not booleans), at least one > 0. Upstreams left out get 0.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            'the body must be a JSON object of weights, e.g. {"blue": 0, "green": 100}'
+        )
+    unknown = [name for name in data if name not in upstreams]
+    if unknown:
+        raise ValueError(
+            f"unknown upstream(s) {', '.join(repr(name) for name in unknown)} "
+            f"(known: {', '.join(upstreams)})"
+        )
+    weights: dict[str, float] = {}
+    for name, value in data.items():
+        # bool is an int to Python, but `true` is not a weight.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(
+                f"weight of {name!r} must be a number, got {orjson.dumps(value).decode()}"
+            )
+        weight = float(value)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {value!r}")
+        weights[name] = weight
+    total = sum(weights.values())
+    if not total > 0:
+        raise ValueError("at least one weight must be > 0")
+    if not math.isfinite(total):
+        raise ValueError("the weights are too large: their sum must be a finite number")
+    return weights
+
+
+async def _get_routes(request: web.Request) -> web.Response:
+    return json_response(request.app[BACKEND].routes_view())
+
+
+async def _change_split(request: web.Request, weights: Mapping[str, float] | None) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        state = await request.app[BACKEND].set_split(name, weights)
+    except RouteNotFound:
+        return error_response(f"unknown route {name!r}", 404)
+    except ValueError as exc:
+        return error_response(str(exc), 400)
+    except OSError as exc:
+        log.error("route %s: cannot write the state file: %s", name, exc)
+        return error_response(
+            f"cannot write the state file ({exc.strerror or exc}); nothing changed", 500
+        )
+    return json_response(state)
+
+
+async def _put_split(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND]
+    name = request.match_info["name"]
+    # Unknown route first: a 404 says more than a complaint about a body meant for a typo.
+    if backend.table.route(name) is None:
+        return error_response(f"unknown route {name!r}", 404)
+    try:
+        weights = parse_split(await request.read(), tuple(backend.table.upstreams))
+    except ValueError as exc:
+        return error_response(str(exc), 400)
+    return await _change_split(request, weights)
+
+
+async def _delete_split(request: web.Request) -> web.Response:
+    return await _change_split(request, None)
+
+
+def add_route_routes(app: web.Application) -> None:
+    """`GET /admin/routes` and the runtime split: `PUT`/`DELETE /admin/routes/{name}/split`."""
+    app.router.add_get("/admin/routes", _get_routes)
+    app.router.add_put("/admin/routes/{name}/split", _put_split)
+    app.router.add_delete("/admin/routes/{name}/split", _delete_split)
+
+
+# --- explain ----------------------------------------------------------------------------------
+
+EXPLAIN_PARAMS = ("path", "host", "method", "header", "cookie")
+
+
+def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
+    """`name:value` query values as pairs; ValueError naming the malformed one."""
+    pairs: list[tuple[str, str]] = []
+    for raw in values:
+        name, colon, value = raw.partition(":")
+        name = name.strip()
+        if not colon or not name or any(c in name for c in " \t;=,"):
+            raise ValueError(
+                f"{what}={raw!r}: expected {what}=NAME:VALUE, e.g. {what}=x-user-id:42"
+            )
+        pairs.append((name, value.strip()))
+    return pairs
+
+
+def explain_request(
+    table: Table, query: Mapping[str, str], multi: Sequence[tuple[str, str]]
+) -> Any:
+    """The answer of `/admin/explain` for the query string; ValueError for a malformed one.
+
+    `query` holds the single-valued parameters, `multi` every (key, value) in order (header
+    and cookie repeat).
+    """
+    unknown = sorted({key for key, _ in multi if key not in EXPLAIN_PARAMS})
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} (known: {', '.join(EXPLAIN_PARAMS)})"
+        )
+    for single in ("path", "host", "method"):
+        if sum(1 for key, _ in multi if key == single) > 1:
+            raise ValueError(f"{single} is given more than once")
+    path = query.get("path", "/")
+    if not path.startswith("/"):
+        raise ValueError(f"path={path!r}: must start with '/'")
+    method = query.get("method", "GET").upper()
+    if not method.isascii() or not method.isalpha():
+        raise ValueError(f"method={method!r}: expected an HTTP method such as GET")
+    headers = _pairs([value for key, value in multi if key == "header"], "header")
+    cookies = _pairs([value for key, value in multi if key == "cookie"], "cookie")
+    for name, value in cookies:
+        if ";" in value:
+            raise ValueError(f"cookie={name}:{value!r}: a cookie value cannot contain ';'")
+    if cookies:
+        headers.append(("cookie", "; ".join(f"{name}={value}" for name, value in cookies)))
+    # The same view the data plane builds from a request head, then the same `decide`.
+    view = make_view(table, method, query.get("host", ""), path, headers)
+    answer = explain(table, view)
+    answer["request"] = {
+        "method": method,
+        "host": view.host,
+        "path": view.path,
+        "headers": dict(view.headers),
+        "cookies": dict(view.cookies),
+    }
+    return answer
+
+
+async def _get_explain(request: web.Request) -> web.Response:
+    table = request.app[BACKEND].table
+    try:
+        answer = explain_request(table, request.query, list(request.query.items()))
+    except ValueError as exc:
+        return error_response(str(exc), 400)
+    return json_response(answer)
+
+
+def add_explain_routes(app: web.Application) -> None:
+    """`GET /admin/explain`: where a request would go now, and why."""
+    app.router.add_get("/admin/explain", _get_explain)
+
+
 def create_admin_app(backend: AdminBackend, *, token: str | None) -> web.Application:
     """Build the admin application; `token` None disables authentication."""
     middlewares = [_auth_middleware(token)] if token else []
     app = web.Application(middlewares=middlewares)
     app[BACKEND] = backend
     add_core_routes(app)
+    add_metrics_routes(app)
+    add_route_routes(app)
+    add_explain_routes(app)
     return app
 
 

@@ -11,7 +11,8 @@ supervisor -> worker
         `parse_config(text, path)` and compiles it with `compile_table`. Sent at start and
         after every successful reload, in generation order.
     {"op": "health", "down": [[upstream, "host:port"], ...]}
-        endpoints that fail their active health checks (everything else is up).
+        endpoints that fail their active health checks (everything else is up): the whole set,
+        sent right after a worker's first table and to every worker whenever it changes.
     {"op": "stats", "id": int}
         asks for the worker's counters; answered by a stats message with the same id.
 

@@ -12,6 +12,13 @@
 Supervisor and worker talk over one socketpair per worker (`proxy.control`). Workers run in their
 own session so a Ctrl-C in a terminal reaches only the supervisor, which forwards exactly one
 SIGTERM to each worker (a worker treats a second signal as "exit now").
+
+The supervisor also owns what must be one per Turnout, not one per worker: the active health
+checks (`proxy.prober`; the down set goes to every worker), runtime splits and their state file
+(`proxy.state`), and the metrics, summed over the workers at scrape time (`proxy.metrics`).
+
+Generations: every new table gets the next generation number, whether it comes from the file
+(a reload) or from a runtime split change (`set_split`); the sha256 is the file's.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +39,14 @@ import aiohttp.helpers
 import aiohttp.http_parser
 import uvloop
 
-from proxy.admin import AdminServer, Readiness, ReloadOutcome, create_admin_app, is_loopback
+from proxy.admin import (
+    AdminServer,
+    Readiness,
+    ReloadOutcome,
+    RouteNotFound,
+    create_admin_app,
+    is_loopback,
+)
 from proxy.config import ConfigError, config_sha256, parse_config, spec_to_dict
 from proxy.control import (
     OP_APPLIED,
@@ -41,11 +55,16 @@ from proxy.control import (
     ControlChannel,
     ControlError,
     encode,
+    health_message,
     open_channel,
     table_message,
 )
+from proxy.health import EndpointKey
+from proxy.metrics import MetricsInput, Totals, render
+from proxy.prober import Prober
 from proxy.spec import ConfigSpec
-from proxy.table import Table, compile_table
+from proxy.state import SavedState, load_state, save_state
+from proxy.table import CompiledRoute, Table, TableDiff, compile_table, diff_tables
 from proxy.tasks import TaskSet
 from proxy.watch import watch_file
 
@@ -69,6 +88,16 @@ TASKS_STOP_TIMEOUT = 2.0
 
 # Static settings: bound once at start. A reload that changes them is applied only on restart.
 STATIC_SETTINGS = ("listen", "admin", "workers")
+
+# How long a scrape waits for the workers' counters; a worker that misses it counts with its
+# last snapshot.
+SCRAPE_DEADLINE = 1.0
+# How long a runtime split change waits for every worker to apply the new table before it
+# answers anyway (a worker that slow is logged).
+APPLY_DEADLINE = 2.0
+
+# route -> (weights, source): the runtime ("runtime") or rollout ("rollout") split in force.
+SplitOverrides = dict[str, tuple[dict[str, float], str]]
 
 
 class ConfigLoadError(Exception):
@@ -147,6 +176,35 @@ def _utc_iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _route_dicts(spec: ConfigSpec) -> list[dict[str, Any]]:
+    """The routes as the file has them (`spec_to_dict`): what /admin/routes shows of each."""
+    routes = spec_to_dict(spec)["routes"]
+    assert isinstance(routes, list)
+    return routes
+
+
+def _usable_overrides(spec: ConfigSpec, overrides: SplitOverrides, where: str) -> SplitOverrides:
+    """The overrides that compile against `spec`; the others are logged and dropped."""
+    kept: SplitOverrides = {}
+    routes = {route.name for route in spec.routes}
+    for route, override in overrides.items():
+        if route not in routes:
+            log.warning(
+                "route %s: dropping the %s split %s: the config has no such route",
+                route,
+                override[1],
+                where,
+            )
+            continue
+        try:
+            compile_table(spec, generation=0, sha256="", split_overrides={route: override})
+        except ValueError as exc:
+            log.warning("route %s: dropping the %s split %s: %s", route, override[1], where, exc)
+        else:
+            kept[route] = override
+    return kept
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedConfig:
     """One generation of the config: the file's text, its spec and the compiled table."""
@@ -171,6 +229,9 @@ class WorkerHandle:
     ready: bool = False
     generation: int = 0
     pending_stats: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    # The newest stats snapshot it sent: counted in a scrape it misses, and folded into the
+    # retired totals when it dies, so the summed counters never go down.
+    last_stats: dict[str, Any] | None = None
 
 
 class Supervisor:
@@ -194,25 +255,44 @@ class Supervisor:
         self._worker_count = resolve_workers(spec)
         self._static = {name: getattr(spec, name) for name in STATIC_SETTINGS}
         sha = config_sha256(text)
-        self._split_overrides: dict[str, tuple[dict[str, float], str]] = {}
+        saved = load_state(spec.state_file) if spec.state_file is not None else SavedState()
+        # Rollout state rides along in the state file untouched until the rollout controller
+        # reads it; it is written back with every save.
+        self._saved_rollouts: dict[str, Mapping[str, object]] = dict(saved.rollouts)
+        restored = {route: (dict(weights), "runtime") for route, weights in saved.splits.items()}
+        self._split_overrides: SplitOverrides = _usable_overrides(
+            spec, restored, "in the state file"
+        )
+        # Entries that no longer fit the config are rewritten away at start (and logged).
+        self._state_stale = len(self._split_overrides) != len(restored)
+        for route, (weights, _) in self._split_overrides.items():
+            log.info("route %s: runtime split %s from the state file is in force", route, weights)
         self._current = LoadedConfig(
             generation=1,
             sha256=sha,
             text=text,
             spec=spec,
-            table=compile_table(spec, generation=1, sha256=sha),
+            table=compile_table(
+                spec, generation=1, sha256=sha, split_overrides=self._split_overrides
+            ),
             loaded_at=datetime.now(UTC),
         )
         self._last_error: str | None = None
         self._last_failed_sha: str | None = None
         self._pending_restart: list[str] = []
-        self._reload_lock = asyncio.Lock()
+        # Reloads and runtime split changes run one at a time: each makes the next generation.
+        self._change_lock = asyncio.Lock()
         self.reload_counts = {"success": 0, "failure": 0}
 
         self._workers: dict[int, WorkerHandle] = {}
         self._slot_tasks: list[asyncio.Task[None]] = []
         self._tasks = TaskSet("supervisor")
         self._stats_seq = 0
+        # Counters of workers that died (their last snapshots), see proxy.metrics.
+        self._retired = Totals()
+        # Notified whenever a worker reports the generation it applied (or exits).
+        self._applied = asyncio.Condition()
+        self._prober = Prober(self._on_health_change)
 
         self._stopping = False
         self._draining = False
@@ -271,6 +351,173 @@ class Supervisor:
             "reloads": dict(self.reload_counts),
         }
 
+    def routes_view(self) -> dict[str, Any]:
+        """The body of GET /admin/routes: every route's splits, rules and rollout state."""
+        current = self._current
+        in_file = {route["name"]: route for route in _route_dicts(current.spec)}
+        return {
+            "generation": current.generation,
+            "routes": [
+                self._route_state(route, in_file[route.name]) for route in current.table.routes
+            ],
+        }
+
+    def _route_state(self, route: CompiledRoute, in_file: Mapping[str, Any]) -> dict[str, Any]:
+        override = self._split_overrides.get(route.name)
+        runtime = override[0] if override is not None and override[1] == "runtime" else None
+        return {
+            "name": route.name,
+            "match": in_file["match"],
+            "configured_split": in_file["split"],
+            "effective_split": dict(route.split.shares),
+            "split_source": route.split_source,
+            "runtime_split": runtime,
+            "overrides": in_file.get("overrides", []),
+            "sticky": in_file.get("sticky"),
+            "mirror": in_file.get("mirror"),
+            "retries": route.retries,
+            "rollout": self._saved_rollouts.get(route.name),
+            "rollout_config": in_file.get("rollout"),
+        }
+
+    def applied_generation(self) -> int:
+        """The generation every ready worker has applied (the supervisor's when none is ready)."""
+        return min(
+            [self._current.generation]
+            + [handle.generation for handle in self._workers.values() if handle.ready]
+        )
+
+    # --- runtime splits -------------------------------------------------------------------------
+
+    async def set_split(self, route: str, weights: Mapping[str, float] | None) -> dict[str, Any]:
+        """Put a runtime split in force on `route`, or drop it (`weights` None).
+
+        Order: compile the new table (ValueError: rejected, nothing changes), write the state
+        file (OSError: nothing changes), swap the table in, send it to every worker and wait,
+        bounded, until they applied it. The answer is the route's new state with the
+        generation. Setting the split already in force, or dropping none, is a no-op.
+        """
+        async with self._change_lock:
+            current = self._current
+            if current.table.route(route) is None:
+                raise RouteNotFound(route)
+            overrides = dict(self._split_overrides)
+            existing = overrides.get(route)
+            if weights is None:
+                if existing is None or existing[1] != "runtime":
+                    return self._route_answer(route)
+                del overrides[route]
+            else:
+                wanted = (dict(weights), "runtime")
+                if existing == wanted:
+                    return self._route_answer(route)
+                overrides[route] = wanted
+            generation = current.generation + 1
+            table = compile_table(
+                current.spec,
+                generation=generation,
+                sha256=current.sha256,
+                split_overrides=overrides,
+            )
+            await self._save_state(overrides)
+            self._split_overrides = overrides
+            self._install(replace(current, generation=generation, table=table))
+            if weights is None:
+                log.info("route %s: runtime split dropped; generation %d", route, generation)
+            else:
+                log.info(
+                    "route %s: runtime split %s; generation %d", route, dict(weights), generation
+                )
+            await self._wait_applied(generation, APPLY_DEADLINE)
+            return self._route_answer(route)
+
+    def _route_answer(self, name: str) -> dict[str, Any]:
+        view = self.routes_view()
+        (route,) = (route for route in view["routes"] if route["name"] == name)
+        return {"generation": view["generation"], **route}
+
+    def _install(self, loaded: LoadedConfig) -> None:
+        """Make `loaded` the generation in force everywhere (no await: one swap)."""
+        self._current = loaded
+        # Series the new table no longer has leave the retired totals with it.
+        self._retired.prune(loaded.table)
+        self.broadcast(self._table_message())
+
+    async def _wait_applied(self, generation: int, seconds: float) -> None:
+        def applied() -> bool:
+            return all(h.generation >= generation for h in self._workers.values() if h.ready)
+
+        try:
+            async with asyncio.timeout(seconds), self._applied:
+                await self._applied.wait_for(applied)
+        except TimeoutError:
+            log.warning("not every worker applied generation %d within %.1fs", generation, seconds)
+
+    async def _notify_applied(self) -> None:
+        async with self._applied:
+            self._applied.notify_all()
+
+    async def _save_state(self, overrides: SplitOverrides) -> None:
+        """Write the runtime splits and rollout state to `state_file` (OSError on failure)."""
+        path = self._current.spec.state_file
+        if path is None:
+            return
+        state = SavedState(
+            splits={
+                route: weights
+                for route, (weights, source) in overrides.items()
+                if source == "runtime"
+            },
+            rollouts=self._saved_rollouts,
+        )
+        await asyncio.to_thread(save_state, path, state)
+
+    async def _persist_after_change(self, why: str) -> None:
+        """Save the state after a change the file forced; a failure is logged, not raised."""
+        try:
+            await self._save_state(self._split_overrides)
+        except OSError as exc:
+            log.error(
+                "cannot write the state file %s (%s): %s; a restart may bring back what it held",
+                self._current.spec.state_file,
+                why,
+                exc,
+            )
+
+    # --- metrics --------------------------------------------------------------------------------
+
+    async def gather_totals(self, timeout: float) -> Totals:  # noqa: ASYNC109
+        """The counters of every worker, summed with the retired ones (see proxy.metrics)."""
+        await self.request_stats(timeout)
+        # From here on no await: the live handles and the retired totals are one consistent
+        # picture (a worker that died meanwhile is in exactly one of the two).
+        totals = Totals()
+        for handle in self._workers.values():
+            if handle.last_stats is not None:
+                totals.add_snapshot(handle.last_stats)
+        totals.add(self._retired)
+        return totals
+
+    async def metrics(self) -> bytes:
+        """The Prometheus text for GET /metrics."""
+        totals = await self.gather_totals(SCRAPE_DEADLINE)
+        view = MetricsInput(
+            table=self._current.table,
+            totals=totals,
+            down=self._prober.down,
+            reloads=dict(self.reload_counts),
+            generation=self.applied_generation(),
+        )
+        # Rendering takes ~6 us per series (0.3 s for 1000 routes, see
+        # benchmarks/metrics_cost.py); off the loop, health checks and probes keep their pace.
+        # The view is this scrape's own: nothing else touches it meanwhile.
+        return await asyncio.to_thread(render, view)
+
+    # --- health -----------------------------------------------------------------------------------
+
+    def _on_health_change(self, down: frozenset[EndpointKey]) -> None:
+        self.broadcast(health_message(sorted(down)))
+
     # --- reload ---------------------------------------------------------------------------------
 
     async def reload(self, trigger: str) -> ReloadOutcome:
@@ -279,7 +526,7 @@ class Supervisor:
         Same sha256 as the config in force: a no-op. Invalid: logged, counted, kept in
         `last_error`, and the old config stays. Reloads run one at a time.
         """
-        async with self._reload_lock:
+        async with self._change_lock:
             return await self._reload(trigger)
 
     async def _reload(self, trigger: str) -> ReloadOutcome:
@@ -314,51 +561,54 @@ class Supervisor:
         # Compile to the side, then swap one reference; no await in between, so nothing sees a
         # half-made generation.
         generation = current.generation + 1
-        table = self._compile(spec, generation, sha)
-        self._current = LoadedConfig(
-            generation=generation,
-            sha256=sha,
-            text=text,
-            spec=spec,
-            table=table,
-            loaded_at=datetime.now(UTC),
+        # What the file changed, judged on the file alone (runtime splits aside).
+        diff = diff_tables(current.table, compile_table(spec, generation=generation, sha256=sha))
+        overrides = self._overrides_after_reload(diff, spec)
+        table = compile_table(spec, generation=generation, sha256=sha, split_overrides=overrides)
+        state_changed = overrides != self._split_overrides
+        state_moved = spec.state_file != current.spec.state_file
+        self._split_overrides = overrides
+        self._install(
+            LoadedConfig(
+                generation=generation,
+                sha256=sha,
+                text=text,
+                spec=spec,
+                table=table,
+                loaded_at=datetime.now(UTC),
+            )
         )
+        # After the table message, so a worker knows the endpoints a health message names.
+        self._prober.update(spec)
         self.reload_counts["success"] += 1
         self._last_error = None
         self._last_failed_sha = None
-        self.broadcast(self._table_message())
         log.info("reload (%s): generation %d in force (sha256 %s)", trigger, generation, sha[:12])
         self._check_static_settings(spec)
+        if state_moved:
+            log.info("state_file is now %s", spec.state_file or "(none: memory only)")
+        if state_changed or state_moved:
+            await self._persist_after_change(f"reload to generation {generation}")
         return ReloadOutcome(generation, changed=True)
 
-    def _compile(self, spec: ConfigSpec, generation: int, sha: str) -> Table:
-        """Compile with the runtime split overrides, dropping those the new file invalidates."""
-        try:
-            return compile_table(
-                spec, generation=generation, sha256=sha, split_overrides=self._split_overrides
-            )
-        except ValueError:
-            # An override names an upstream the new file no longer has. The file is the
-            # authority once it changes, so such overrides go.
-            self._split_overrides = self._valid_overrides(spec, generation, sha)
-        return compile_table(
-            spec, generation=generation, sha256=sha, split_overrides=self._split_overrides
-        )
+    def _overrides_after_reload(self, diff: TableDiff, spec: ConfigSpec) -> SplitOverrides:
+        """The split overrides that survive a reload to `spec`.
 
-    def _valid_overrides(
-        self, spec: ConfigSpec, generation: int, sha: str
-    ) -> dict[str, tuple[dict[str, float], str]]:
-        kept: dict[str, tuple[dict[str, float], str]] = {}
+        The file is the authority once it changes: a runtime split of a route whose `split` the
+        file changed goes, and so does any override the new file makes impossible (its route or
+        one of its upstreams is gone).
+        """
+        overrides: SplitOverrides = {}
         for route, override in self._split_overrides.items():
-            try:
-                compile_table(
-                    spec, generation=generation, sha256=sha, split_overrides={route: override}
+            if override[1] == "runtime" and route in diff.routes_split_changed:
+                log.info(
+                    "route %s: the file changed its split; the runtime split %s is dropped",
+                    route,
+                    override[0],
                 )
-            except ValueError as exc:
-                log.warning("route %s: dropping the %s split: %s", route, override[1], exc)
             else:
-                kept[route] = override
-        return kept
+                overrides[route] = override
+        return _usable_overrides(spec, overrides, "after the reload")
 
     def _reload_failed(self, trigger: str, sha: str | None, errors: list[str]) -> ReloadOutcome:
         self.reload_counts["failure"] += 1
@@ -507,6 +757,9 @@ class Supervisor:
         )
         self._workers[index] = handle
         self._send(handle, encode(self._table_message()))
+        # Right behind its first table, so a restarted worker never routes to an endpoint the
+        # health checks already took down.
+        self._send(handle, encode(health_message(sorted(self._prober.down))))
         if self._stopping:
             # Shutdown began while this worker was starting: it drains like the others.
             self._signal(handle, signal.SIGTERM)
@@ -520,8 +773,15 @@ class Supervisor:
         handle.channel.close()
         for future in handle.pending_stats.values():
             future.cancel()
+        # Fold and forget in one step (no await): a scrape sees this worker's counters either
+        # live or retired, never both, never neither.
+        if handle.last_stats is not None:
+            self._retired.add_snapshot(handle.last_stats, gauges=False)
+            self._retired.prune(self._current.table)
         if self._workers.get(handle.index) is handle:
             del self._workers[handle.index]
+        # A split change waiting for every worker to apply it no longer waits for this one.
+        await self._notify_applied()
         return returncode
 
     async def _read_worker(self, handle: WorkerHandle) -> None:
@@ -546,13 +806,18 @@ class Supervisor:
                     handle.pid,
                     handle.generation,
                 )
+                await self._notify_applied()
             elif op == OP_APPLIED:
                 handle.generation = int(msg.get("generation", 0))
+                await self._notify_applied()
             elif op == OP_STATS:
+                data = msg.get("data")
+                snapshot = data if isinstance(data, dict) else {}
+                # Kept even when the scrape that asked has given up: it is newer than the last.
+                handle.last_stats = snapshot
                 future = handle.pending_stats.get(int(msg.get("id", -1)))
                 if future is not None and not future.done():
-                    data = msg.get("data")
-                    future.set_result(data if isinstance(data, dict) else {})
+                    future.set_result(snapshot)
             else:
                 log.warning("worker %d: unknown control message %r", handle.index, op)
 
@@ -616,6 +881,9 @@ class Supervisor:
             log.warning(
                 "no state_file: runtime split changes and rollout state are kept in memory only"
             )
+        elif self._state_stale:
+            await self._persist_after_change("dropping entries that no longer fit the config")
+        self._prober.update(spec)
         log.info(
             "turnout supervisor (pid %d): config %s generation 1, admin on %s:%d, %d worker(s)",
             os.getpid(),
@@ -667,10 +935,13 @@ class Supervisor:
             # A second signal means now: no graceful close of the admin plane.
             return 1
 
-        # 6. Stop the admin plane last, so /healthz and /readyz (503) answered during the drain.
+        # 6. Health checks ran for as long as workers served; now they have no one to tell.
+        await self._prober.close()
+
+        # 7. Stop the admin plane last, so /healthz and /readyz (503) answered during the drain.
         await self._admin.stop()
 
-        # 7. Background tasks: the watch, channel readers.
+        # 8. Background tasks: the watch, channel readers.
         await self._tasks.cancel_all(TASKS_STOP_TIMEOUT)
         log.info("turnout stopped")
         return 1 if self._fatal else 0

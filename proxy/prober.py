@@ -1,0 +1,142 @@
+"""Active health checks, run by the supervisor: one probe loop per checked endpoint.
+
+Every `interval` each endpoint of an upstream with a `health` block gets `GET path` with a
+`timeout`; a 2xx or 3xx answer passes, anything else (another status, a refused or reset
+connection, the timeout) fails. `proxy.health` turns the results into up/down with the
+consecutive thresholds. Whenever the set of down endpoints changes, `on_change` is called with
+the new set; the supervisor sends it to every worker.
+
+`update` is called with each new table: loops of endpoints that stay keep running (their state
+too), loops of removed endpoints stop, new endpoints start up (optimistic) and are checked at
+once. A changed `health` block restarts the endpoint's loop with the new settings but keeps its
+state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+from proxy.health import (
+    EndpointHealth,
+    EndpointKey,
+    carry_over,
+    checked_endpoints,
+    down_set,
+    record,
+)
+from proxy.spec import ConfigSpec, HealthCheck
+from proxy.tasks import TaskSet
+
+log = logging.getLogger("turnout.prober")
+
+USER_AGENT = "turnout-health-check"
+
+
+class Prober:
+    """Runs the active health checks of the table in force and tracks each endpoint's state."""
+
+    def __init__(self, on_change: Callable[[frozenset[EndpointKey]], None]) -> None:
+        self._on_change = on_change
+        self._tasks = TaskSet("prober")
+        self._loops: dict[EndpointKey, tuple[HealthCheck, asyncio.Task[None]]] = {}
+        self._states: dict[EndpointKey, EndpointHealth] = {}
+        self._down: frozenset[EndpointKey] = frozenset()
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def down(self) -> frozenset[EndpointKey]:
+        """Endpoints that fail their active checks now."""
+        return self._down
+
+    def update(self, spec: ConfigSpec) -> None:
+        """Start, keep, restart or stop probe loops for the endpoints `spec` checks."""
+        wanted = checked_endpoints(spec)
+        for key, (check, task) in list(self._loops.items()):
+            if wanted.get(key) != check:
+                task.cancel()
+                del self._loops[key]
+        self._states = carry_over(self._states, wanted)
+        for key, check in wanted.items():
+            if key not in self._loops:
+                task = self._tasks.spawn(self._probe_loop(key, check), name=f"probe-{key[1]}")
+                self._loops[key] = (check, task)
+        self._publish()
+
+    async def close(self) -> None:
+        """Stop every loop and close the HTTP client."""
+        self._loops.clear()
+        await self._tasks.cancel_all(2.0)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _publish(self) -> None:
+        down = down_set(self._states)
+        if down != self._down:
+            self._down = down
+            self._on_change(down)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # One connection per check: a check also proves that the endpoint accepts
+            # connections, and no pooled connection can go stale between checks.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                headers={"User-Agent": USER_AGENT},
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def _probe_loop(self, key: EndpointKey, check: HealthCheck) -> None:
+        loop = asyncio.get_running_loop()
+        url = f"http://{key[1]}{check.path}"
+        due = loop.time()
+        while True:
+            failure = await self.probe(url, check.timeout)
+            before = self._states.get(key)
+            if before is None:
+                # The endpoint left the table while the check ran.
+                return
+            after = record(before, failure is None, check)
+            self._states[key] = after
+            if after.up != before.up:
+                if after.up:
+                    log.warning(
+                        "endpoint %s of %s is up again: GET %s passed %d checks in a row",
+                        key[1],
+                        key[0],
+                        check.path,
+                        check.healthy_after,
+                    )
+                else:
+                    log.warning(
+                        "endpoint %s of %s is down: GET %s failed %d checks in a row (last: %s)",
+                        key[1],
+                        key[0],
+                        check.path,
+                        check.unhealthy_after,
+                        failure,
+                    )
+                self._publish()
+            # Keep the cadence from drifting by the checks' own duration.
+            due = max(due + check.interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+
+    # The check's timeout is configuration, so it is a parameter.
+    async def probe(self, url: str, timeout: float) -> str | None:  # noqa: ASYNC109
+        """One check: None when it passes (2xx or 3xx within `timeout`), else why it failed."""
+        try:
+            async with self._client().get(
+                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                if 200 <= response.status < 400:
+                    return None
+                return f"status {response.status}"
+        except TimeoutError:
+            return f"no answer within {timeout:g}s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return str(exc) or type(exc).__name__

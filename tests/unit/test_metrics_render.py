@@ -1,0 +1,276 @@
+"""Rendering /metrics from synthetic worker snapshots (proxy.metrics): sums, cumulation, retired
+workers, series of the table in force only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import parse_config
+from proxy.metrics import LE_LABELS, MetricsInput, Totals, render
+from proxy.stats import DURATION_BUCKETS, MirrorStats, RouteUpstreamStats
+from proxy.table import Table, compile_table
+
+CONFIG = """
+upstreams:
+  blue: {endpoints: ["127.0.0.1:9001", "127.0.0.1:9002"]}
+  green: {endpoints: ["127.0.0.1:9101"]}
+  shadow: {endpoints: ["127.0.0.1:9301"]}
+routes:
+  - name: api
+    match: {path_prefix: /api}
+    split: {blue: 75, green: 25}
+    mirror: {to: shadow}
+  - name: web
+    split: {blue: 1}
+"""
+
+# The same file without green: a reload that removes an upstream.
+WITHOUT_GREEN = """
+upstreams:
+  blue: {endpoints: ["127.0.0.1:9001", "127.0.0.1:9002"]}
+  shadow: {endpoints: ["127.0.0.1:9301"]}
+routes:
+  - name: api
+    match: {path_prefix: /api}
+    split: {blue: 100}
+    mirror: {to: shadow}
+  - name: web
+    split: {blue: 1}
+"""
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def table(text: str = CONFIG, generation: int = 1) -> Table:
+    return compile_table(parse_config(text, "turnout.yaml"), generation=generation, sha256="x")
+
+
+def worker_snapshot(
+    served: list[tuple[str, str, int, float]],
+    *,
+    in_flight: dict[tuple[str, str], int] | None = None,
+    mirror: dict[str, int] | None = None,
+    fail_open: dict[str, int] | None = None,
+    ejected: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """A `stats_snapshot()` as a worker sends it, counted by the real stats classes."""
+    pairs: dict[tuple[str, str], RouteUpstreamStats] = {}
+    no_route = RouteUpstreamStats("", "")
+    for route, upstream, code, seconds in served:
+        stats = (
+            no_route
+            if route == ""
+            else pairs.setdefault((route, upstream), RouteUpstreamStats(route, upstream))
+        )
+        stats.observe(code, seconds)
+    for key, count in (in_flight or {}).items():
+        pairs.setdefault(key, RouteUpstreamStats(*key)).in_flight = count
+    shadow = MirrorStats("api", "shadow")
+    for outcome, count in (mirror or {}).items():
+        if outcome == "mismatch":
+            shadow.mismatch = count
+        else:
+            shadow.outcomes[outcome] = count
+    return {
+        "generation": 1,
+        "pid": 1,
+        "routes": [stats.snapshot() for stats in pairs.values()],
+        "no_route": no_route.snapshot(),
+        "mirror": [shadow.snapshot()],
+        "fail_open": dict(fail_open or {}),
+        "endpoints": [{"upstream": ejected[0], "endpoint": ejected[1], "ejected": True}]
+        if ejected
+        else [],
+    }
+
+
+def scrape(
+    view_table: Table,
+    live: list[dict[str, Any]],
+    retired: Totals | None = None,
+    *,
+    down: frozenset[tuple[str, str]] = frozenset(),
+) -> tuple[Samples, dict[str, str], str]:
+    totals = Totals()
+    for snapshot in live:
+        totals.add_snapshot(snapshot)
+    if retired is not None:
+        totals.add(retired)
+    text = render(
+        MetricsInput(
+            table=view_table,
+            totals=totals,
+            down=down,
+            reloads={"success": 2, "failure": 1},
+            generation=view_table.generation,
+        )
+    ).decode()
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"duplicate series {key}"
+            samples[key] = sample.value
+    return samples, types, text
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_counters_sum_over_workers() -> None:
+    one = worker_snapshot([("api", "blue", 200, 0.002)] * 3 + [("api", "blue", 500, 0.2)])
+    two = worker_snapshot([("api", "blue", 200, 0.03)] * 2 + [("api", "green", 200, 0.001)])
+    samples, types, _ = scrape(table(), [one, two])
+    assert types["turnout_requests"] == "counter"
+    assert value(samples, "turnout_requests_total", route="api", upstream="blue", code="200") == 5
+    assert value(samples, "turnout_requests_total", route="api", upstream="blue", code="500") == 1
+    assert value(samples, "turnout_requests_total", route="api", upstream="green", code="200") == 1
+    # No invented codes.
+    assert (
+        "turnout_requests_total",
+        frozenset({("route", "api"), ("upstream", "green"), ("code", "500")}),
+    ) not in samples
+
+
+def test_histogram_is_cumulated_with_sum_and_count() -> None:
+    durations = [0.00005, 0.0001, 0.0003, 0.004, 0.004, 2.0, 100.0]
+    one = worker_snapshot([("api", "blue", 200, s) for s in durations[:4]])
+    two = worker_snapshot([("api", "blue", 200, s) for s in durations[4:]])
+    samples, types, _ = scrape(table(), [one, two])
+    assert types["turnout_request_duration_seconds"] == "histogram"
+    labels = {"route": "api", "upstream": "blue"}
+    for le, bound in zip(LE_LABELS, (*DURATION_BUCKETS, float("inf")), strict=True):
+        expected = sum(1 for s in durations if s <= bound)
+        assert value(samples, "turnout_request_duration_seconds_bucket", le=le, **labels) == (
+            expected
+        ), le
+    assert value(samples, "turnout_request_duration_seconds_count", **labels) == len(durations)
+    assert value(samples, "turnout_request_duration_seconds_sum", **labels) == pytest.approx(
+        sum(durations)
+    )
+    # A bound is inclusive (le): 0.0001 falls in the first bucket.
+    assert value(samples, "turnout_request_duration_seconds_bucket", le="0.0001", **labels) == 2
+
+
+def test_no_route_series_has_empty_labels() -> None:
+    samples, _, _ = scrape(table(), [worker_snapshot([("", "", 404, 0.0001)] * 5)])
+    assert value(samples, "turnout_requests_total", route="", upstream="", code="404") == 5
+    assert value(samples, "turnout_request_duration_seconds_count", route="", upstream="") == 5
+
+
+def test_every_pair_of_the_table_has_zero_series() -> None:
+    samples, _, _ = scrape(table(), [])
+    for route, upstream in [("api", "blue"), ("api", "green"), ("web", "blue")]:
+        labels = {"route": route, "upstream": upstream}
+        assert value(samples, "turnout_requests_in_flight", **labels) == 0
+        assert value(samples, "turnout_retries_total", **labels) == 0
+        assert value(samples, "turnout_request_duration_seconds_count", **labels) == 0
+        for kind in ("connect", "reset", "timeout"):
+            assert value(samples, "turnout_upstream_errors_total", kind=kind, **labels) == 0
+
+
+def test_retired_worker_keeps_counters_but_not_gauges() -> None:
+    dead = worker_snapshot(
+        [("api", "blue", 200, 0.01)] * 4,
+        in_flight={("api", "blue"): 3},
+        fail_open={"blue": 2},
+        ejected=("blue", "127.0.0.1:9001"),
+    )
+    retired = Totals()
+    retired.add_snapshot(dead, gauges=False)
+    live = worker_snapshot([("api", "blue", 200, 0.01)], in_flight={("api", "blue"): 1})
+    samples, _, _ = scrape(table(), [live], retired)
+    labels = {"route": "api", "upstream": "blue"}
+    assert value(samples, "turnout_requests_total", code="200", **labels) == 5
+    assert value(samples, "turnout_request_duration_seconds_count", **labels) == 5
+    assert value(samples, "turnout_endpoint_fail_open_total", upstream="blue") == 2
+    # A dead worker has nothing in flight and ejects nothing.
+    assert value(samples, "turnout_requests_in_flight", **labels) == 1
+    assert (
+        value(samples, "turnout_endpoint_ejected", upstream="blue", endpoint="127.0.0.1:9001") == 0
+    )
+
+
+def test_series_of_a_removed_upstream_disappear_also_from_retired() -> None:
+    snapshot = worker_snapshot([("api", "green", 200, 0.01), ("api", "blue", 200, 0.01)])
+    retired = Totals()
+    retired.add_snapshot(snapshot, gauges=False)
+    samples, _, text = scrape(table(), [snapshot], retired)
+    assert value(samples, "turnout_requests_total", route="api", upstream="green", code="200") == 2
+    assert 'upstream="green"' in text
+
+    after = table(WITHOUT_GREEN, generation=2)
+    retired.prune(after)
+    assert ("api", "green") not in retired.pairs
+    # A worker still on the old table reports green once more: not rendered either.
+    samples, _, text = scrape(after, [snapshot], retired)
+    assert 'upstream="green"' not in text
+    assert value(samples, "turnout_requests_total", route="api", upstream="blue", code="200") == 2
+
+
+def test_split_weight_sums_to_100_per_route() -> None:
+    samples, types, _ = scrape(table(), [])
+    assert types["turnout_split_weight"] == "gauge"
+    assert value(samples, "turnout_split_weight", route="api", upstream="blue") == 75
+    assert value(samples, "turnout_split_weight", route="api", upstream="green") == 25
+    assert value(samples, "turnout_split_weight", route="web", upstream="blue") == 100
+
+
+def test_endpoint_health_and_ejection() -> None:
+    ejected = worker_snapshot([], ejected=("blue", "127.0.0.1:9002"))
+    samples, _, _ = scrape(
+        table(), [worker_snapshot([]), ejected], down=frozenset({("blue", "127.0.0.1:9001")})
+    )
+    healthy = {
+        (u, e): value(samples, "turnout_endpoint_healthy", upstream=u, endpoint=e)
+        for u, e in [
+            ("blue", "127.0.0.1:9001"),
+            ("blue", "127.0.0.1:9002"),
+            ("green", "127.0.0.1:9101"),
+        ]
+    }
+    assert healthy == {
+        ("blue", "127.0.0.1:9001"): 0,
+        ("blue", "127.0.0.1:9002"): 1,
+        ("green", "127.0.0.1:9101"): 1,
+    }
+    assert (
+        value(samples, "turnout_endpoint_ejected", upstream="blue", endpoint="127.0.0.1:9002") == 1
+    )
+    assert (
+        value(samples, "turnout_endpoint_ejected", upstream="blue", endpoint="127.0.0.1:9001") == 0
+    )
+
+
+def test_mirror_series() -> None:
+    one = worker_snapshot([], mirror={"sent": 3, "error": 1, "mismatch": 2})
+    two = worker_snapshot([], mirror={"sent": 1, "dropped": 4, "skipped": 5})
+    samples, _, text = scrape(table(), [one, two])
+    labels = {"route": "api", "upstream": "shadow"}
+    outcomes = {
+        outcome: value(samples, "turnout_mirror_requests_total", outcome=outcome, **labels)
+        for outcome in ("sent", "error", "dropped", "skipped")
+    }
+    assert outcomes == {"sent": 4, "error": 1, "dropped": 4, "skipped": 5}
+    assert value(samples, "turnout_mirror_status_mismatch_total", **labels) == 2
+    assert value(samples, "turnout_mirror_body_mismatch_total", **labels) == 0
+    # The route without a mirror has no mirror series; mirror copies are not requests.
+    assert 'turnout_mirror_requests_total{outcome="sent",route="web"' not in text
+    assert (
+        "turnout_requests_total",
+        frozenset({("route", "api"), ("upstream", "shadow"), ("code", "200")}),
+    ) not in samples
+
+
+def test_config_metrics() -> None:
+    samples, types, _ = scrape(table(generation=7), [])
+    assert types["turnout_config_generation"] == "gauge"
+    assert value(samples, "turnout_config_generation") == 7
+    assert value(samples, "turnout_config_reloads_total", result="success") == 2
+    assert value(samples, "turnout_config_reloads_total", result="failure") == 1
