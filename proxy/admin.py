@@ -23,7 +23,9 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from proxy.controller import ACTIONS, RolloutController
 from proxy.metrics import CONTENT_TYPE
+from proxy.rollout import RolloutError
 from proxy.routing import explain, make_view
 from proxy.table import Table
 
@@ -92,6 +94,15 @@ class AdminBackend(Protocol):
 
     async def metrics(self) -> bytes:
         """The Prometheus text of all workers, aggregated."""
+        ...
+
+    @property
+    def rollouts(self) -> RolloutController:
+        """The rollout controller (its window figures are refreshed for /admin/routes)."""
+        ...
+
+    async def rollout_command(self, route: str, action: str) -> dict[str, Any]:
+        """Drive a route's rollout; RouteNotFound, RolloutError (answered 409)."""
         ...
 
 
@@ -221,10 +232,6 @@ def parse_split(body: bytes, upstreams: Sequence[str]) -> dict[str, float]:
     return weights
 
 
-async def _get_routes(request: web.Request) -> web.Response:
-    return json_response(request.app[BACKEND].routes_view())
-
-
 async def _change_split(request: web.Request, weights: Mapping[str, float] | None) -> web.Response:
     name = request.match_info["name"]
     try:
@@ -258,9 +265,36 @@ async def _delete_split(request: web.Request) -> web.Response:
     return await _change_split(request, None)
 
 
+async def _post_rollout(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    action = request.match_info["action"]
+    try:
+        state = await request.app[BACKEND].rollout_command(name, action)
+    except RouteNotFound:
+        return error_response(f"unknown route {name!r}", 404)
+    except RolloutError as exc:
+        return error_response(str(exc), 409)
+    except OSError as exc:
+        log.error("route %s: cannot write the state file: %s", name, exc)
+        return error_response(f"cannot write the state file ({exc.strerror or exc})", 500)
+    return json_response(state)
+
+
+async def _get_routes_refreshed(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND]
+    await backend.rollouts.refresh_windows(backend.table)
+    return json_response(backend.routes_view())
+
+
+def add_rollout_routes(app: web.Application) -> None:
+    """`POST /admin/routes/{name}/rollout/{start,pause,resume,abort,promote}` (contract 5)."""
+    actions = "|".join(ACTIONS)
+    app.router.add_post(f"/admin/routes/{{name}}/rollout/{{action:{actions}}}", _post_rollout)
+
+
 def add_route_routes(app: web.Application) -> None:
     """`GET /admin/routes` and the runtime split: `PUT`/`DELETE /admin/routes/{name}/split`."""
-    app.router.add_get("/admin/routes", _get_routes)
+    app.router.add_get("/admin/routes", _get_routes_refreshed)
     app.router.add_put("/admin/routes/{name}/split", _put_split)
     app.router.add_delete("/admin/routes/{name}/split", _delete_split)
 
@@ -349,6 +383,7 @@ def create_admin_app(backend: AdminBackend, *, token: str | None) -> web.Applica
     add_metrics_routes(app)
     add_route_routes(app)
     add_explain_routes(app)
+    add_rollout_routes(app)
     return app
 
 

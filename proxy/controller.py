@@ -87,6 +87,7 @@ class RolloutController:
         self._fingerprints: dict[str, str] = {}
         self._window: dict[str, tuple[core.CounterSnapshot, core.CounterSnapshot]] = {}
         self.verdicts: dict[tuple[str, str], int] = {}
+        self._figures: dict[str, dict[str, object]] = {}
         self._lock = asyncio.Lock()
 
     # ---- what the supervisor reads ----------------------------------------------------------
@@ -103,7 +104,7 @@ class RolloutController:
                 result[name] = (split, "rollout")
         return result
 
-    def state_json(self) -> dict[str, object]:
+    def state_json(self) -> dict[str, Mapping[str, object]]:
         """Everything to persist: per route the state and the config fingerprint."""
         return {
             name: {**core.to_json(state), "fingerprint": self._fingerprints.get(name, "")}
@@ -112,29 +113,42 @@ class RolloutController:
         }
 
     def view(self, route: str) -> dict[str, object] | None:
-        """The `rollout` object of /admin/routes for `route` (None when idle and no history)."""
+        """The `rollout` object of /admin/routes for `route` (None when it never ran).
+
+        A running rollout also shows `window`: the current window's figures so far, as of the
+        last `refresh_windows`.
+        """
         state = self.states.get(route)
         if state is None:
             return None
-        return core.to_json(state)
+        answer = core.to_json(state)
+        window = self._figures.get(route)
+        if state.state == "running" and window is not None:
+            answer["window"] = window
+        return answer
 
-    async def window_figures(self, route: CompiledRoute) -> dict[str, object] | None:
-        """The current window's canary and baseline figures so far (for /admin/routes)."""
-        state = self.states.get(route.name)
-        rollout = route.rollout
-        if state is None or rollout is None or state.state != "running":
-            return None
-        start = self._window.get(route.name)
-        if start is None:
-            return None
+    async def refresh_windows(self, table: Table) -> None:
+        """Read the workers' counters and update every running rollout's window figures."""
+        running = [
+            route
+            for name, state in self.states.items()
+            if state.state == "running"
+            and name in self._window
+            and (route := table.route(name)) is not None
+            and route.rollout is not None
+        ]
+        if not running:
+            return
         stats = await self._host.request_stats(self._stats_timeout)
-        canary = core.window_between(start[0], counters(stats, route.name, rollout.canary))
-        baseline = core.window_between(start[1], counters(stats, route.name, rollout.baseline))
-        return {
-            "since_s": round(self._clock() - state.step_started_at, 3),
-            "canary": core.figures(canary),
-            "baseline": core.figures(baseline),
-        }
+        now = self._clock()
+        for route in running:
+            start = self._window[route.name]
+            canary_now, baseline_now = self._counters_of(route, stats)
+            self._figures[route.name] = {
+                "since_s": round(now - self.states[route.name].step_started_at, 3),
+                "canary": core.figures(core.window_between(start[0], canary_now)),
+                "baseline": core.figures(core.window_between(start[1], baseline_now)),
+            }
 
     # ---- persistence ------------------------------------------------------------------------
 

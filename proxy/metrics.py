@@ -202,6 +202,8 @@ class MetricsInput:
     down: frozenset[EndpointKey]
     reloads: Mapping[str, int]
     generation: int
+    rollout_steps: Mapping[str, int] = field(default_factory=dict)
+    rollout_verdicts: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 class TurnoutCollector:
@@ -223,6 +225,7 @@ class TurnoutCollector:
         yield from self._mirror()
         yield from self._endpoints()
         yield from self._config()
+        yield from self._rollouts()
 
     def _pair(self, key: Pair) -> PairTotals:
         totals = self._view.totals
@@ -364,6 +367,29 @@ class TurnoutCollector:
             "Generation of the routing table that every worker has applied.",
             value=view.generation,
         )
+
+    def _rollouts(self) -> Iterator[Metric]:
+        view = self._view
+        step = GaugeMetricFamily(
+            "turnout_rollout_step",
+            "Index in `steps` of the rollout's current step, per route with a rollout state.",
+            labels=["route"],
+        )
+        for route, index in sorted(view.rollout_steps.items()):
+            step.add_metric([route], index)
+        yield step
+        verdicts = CounterMetricFamily(
+            "turnout_rollout_verdicts_total",
+            "Rollout windows judged, by route and verdict (pass, fail; inconclusive too).",
+            labels=["route", "verdict"],
+        )
+        routes = {route.name for route in view.table.routes if route.rollout is not None}
+        for route in sorted(routes):
+            for verdict in ("pass", "fail", "inconclusive"):
+                verdicts.add_metric(
+                    [route, verdict], view.rollout_verdicts.get((route, verdict), 0)
+                )
+        yield verdicts
 
 
 def render(view: MetricsInput) -> bytes:

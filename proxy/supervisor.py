@@ -59,6 +59,7 @@ from proxy.control import (
     open_channel,
     table_message,
 )
+from proxy.controller import RolloutController
 from proxy.health import EndpointKey
 from proxy.metrics import MetricsInput, Totals, render
 from proxy.prober import Prober
@@ -256,13 +257,17 @@ class Supervisor:
         self._static = {name: getattr(spec, name) for name in STATIC_SETTINGS}
         sha = config_sha256(text)
         saved = load_state(spec.state_file) if spec.state_file is not None else SavedState()
-        # Rollout state rides along in the state file untouched until the rollout controller
-        # reads it; it is written back with every save.
-        self._saved_rollouts: dict[str, Mapping[str, object]] = dict(saved.rollouts)
         restored = {route: (dict(weights), "runtime") for route, weights in saved.splits.items()}
         self._split_overrides: SplitOverrides = _usable_overrides(
             spec, restored, "in the state file"
         )
+        # Rollouts (contract section 5): restored before the first table is compiled, so a
+        # restarted proxy serves the rollout's weights from its first request.
+        self.rollouts = RolloutController(self)
+        file_table = compile_table(spec, generation=1, sha256=sha)
+        for warning in self.rollouts.load(saved.rollouts, file_table):
+            log.warning("%s", warning)
+        self._split_overrides = self._with_rollouts(self._split_overrides, file_table)
         # Entries that no longer fit the config are rewritten away at start (and logged).
         self._state_stale = len(self._split_overrides) != len(restored)
         for route, (weights, _) in self._split_overrides.items():
@@ -376,7 +381,7 @@ class Supervisor:
             "sticky": in_file.get("sticky"),
             "mirror": in_file.get("mirror"),
             "retries": route.retries,
-            "rollout": self._saved_rollouts.get(route.name),
+            "rollout": self.rollouts.view(route.name),
             "rollout_config": in_file.get("rollout"),
         }
 
@@ -401,6 +406,8 @@ class Supervisor:
             current = self._current
             if current.table.route(route) is None:
                 raise RouteNotFound(route)
+            if weights is not None and self.rollouts.runtime_split_set(route):
+                log.info("route %s: a runtime split pauses its running rollout", route)
             overrides = dict(self._split_overrides)
             existing = overrides.get(route)
             if weights is None:
@@ -468,7 +475,7 @@ class Supervisor:
                 for route, (weights, source) in overrides.items()
                 if source == "runtime"
             },
-            rollouts=self._saved_rollouts,
+            rollouts=self.rollouts.state_json(),
         )
         await asyncio.to_thread(save_state, path, state)
 
@@ -507,6 +514,12 @@ class Supervisor:
             down=self._prober.down,
             reloads=dict(self.reload_counts),
             generation=self.applied_generation(),
+            rollout_steps={
+                name: state.step
+                for name, state in self.rollouts.states.items()
+                if self._current.table.route(name) is not None
+            },
+            rollout_verdicts=dict(self.rollouts.verdicts),
         )
         # Rendering takes ~6 us per series (0.3 s for 1000 routes, see
         # benchmarks/metrics_cost.py); off the loop, health checks and probes keep their pace.
@@ -562,10 +575,15 @@ class Supervisor:
         # half-made generation.
         generation = current.generation + 1
         # What the file changed, judged on the file alone (runtime splits aside).
-        diff = diff_tables(current.table, compile_table(spec, generation=generation, sha256=sha))
-        overrides = self._overrides_after_reload(diff, spec)
+        file_table = compile_table(spec, generation=generation, sha256=sha)
+        diff = diff_tables(current.table, file_table)
+        # A file change to a route's split or rollout ends its rollout (contract section 5).
+        rollouts_changed = self.rollouts.reconcile(
+            file_table, set(diff.routes_split_changed) | set(diff.routes_rollout_changed)
+        )
+        overrides = self._with_rollouts(self._overrides_after_reload(diff, spec), file_table)
         table = compile_table(spec, generation=generation, sha256=sha, split_overrides=overrides)
-        state_changed = overrides != self._split_overrides
+        state_changed = overrides != self._split_overrides or rollouts_changed
         state_moved = spec.state_file != current.spec.state_file
         self._split_overrides = overrides
         self._install(
@@ -600,7 +618,9 @@ class Supervisor:
         """
         overrides: SplitOverrides = {}
         for route, override in self._split_overrides.items():
-            if override[1] == "runtime" and route in diff.routes_split_changed:
+            if override[1] == "rollout":
+                continue  # recomputed from the rollout controller by the caller
+            if route in diff.routes_split_changed:
                 log.info(
                     "route %s: the file changed its split; the runtime split %s is dropped",
                     route,
@@ -609,6 +629,51 @@ class Supervisor:
             else:
                 overrides[route] = override
         return _usable_overrides(spec, overrides, "after the reload")
+
+    def _with_rollouts(self, overrides: SplitOverrides, table: Table) -> SplitOverrides:
+        """`overrides` with every active rollout's split added; a runtime split wins."""
+        merged = {route: o for route, o in overrides.items() if o[1] == "runtime"}
+        for route, override in self.rollouts.splits(table).items():
+            merged.setdefault(route, override)
+        return merged
+
+    async def rollout_changed(self) -> None:
+        """The rollout controller moved a weight or a state: push the table, persist."""
+        async with self._change_lock:
+            current = self._current
+            overrides = self._with_rollouts(self._split_overrides, current.table)
+            generation = current.generation
+            if overrides != self._split_overrides:
+                generation += 1
+                table = compile_table(
+                    current.spec,
+                    generation=generation,
+                    sha256=current.sha256,
+                    split_overrides=overrides,
+                )
+                self._split_overrides = overrides
+                self._install(replace(current, generation=generation, table=table))
+            await self._persist_after_change("rollout change")
+        await self._wait_applied(generation, APPLY_DEADLINE)
+
+    async def rollout_command(self, route: str, action: str) -> dict[str, Any]:
+        """Run POST /admin/routes/{route}/rollout/{action}; the route's new state.
+
+        RouteNotFound for an unknown route; RolloutError when the rollout's state does not
+        allow the action (or the route has no rollout). Starting a rollout drops the route's
+        runtime split: the rollout's weights take over.
+        """
+        if self._current.table.route(route) is None:
+            raise RouteNotFound(route)
+        if action == "start" and route in self._split_overrides:
+            async with self._change_lock:
+                if self._split_overrides.get(route, ("", ""))[1] == "runtime":
+                    self._split_overrides = {
+                        name: o for name, o in self._split_overrides.items() if name != route
+                    }
+        await self.rollouts.command(self._current.table, route, action)
+        await self.rollouts.refresh_windows(self._current.table)
+        return self._route_answer(route)
 
     def _reload_failed(self, trigger: str, sha: str | None, errors: list[str]) -> ReloadOutcome:
         self.reload_counts["failure"] += 1
@@ -896,6 +961,7 @@ class Supervisor:
         self._tasks.spawn(
             watch_file(self.path, self._on_file_change, self._watch_stop), name="config-watch"
         )
+        self._tasks.spawn(self.rollouts.run(), name="rollouts")
         await self._stop.wait()
         return await self._shutdown()
 
