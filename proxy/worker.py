@@ -107,6 +107,7 @@ class WorkerContext:
         self.closing = False
         self.listener: socket.socket | None = None
         self.accepting = False
+        self.adopting = 0  # accepted sockets whose protocol is not connected yet
         self.idle_event = asyncio.Event()
         self._ticks = 0
         # Request ids: a random prefix per worker process and a counter, unique without a
@@ -300,8 +301,9 @@ class WorkerContext:
                 self.loop.call_later(TICK, self.start_accepting)
                 return
             sock.setblocking(False)
+            self.adopting += 1
             self.tasks.spawn(self._adopt(sock), name="adopt")
-            if len(self.connections) + len(self.tasks) >= self.limits.max_connections:
+            if len(self.connections) + self.adopting >= self.limits.max_connections:
                 self.stop_accepting()
                 return
 
@@ -310,6 +312,8 @@ class WorkerContext:
             await self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock)
         except OSError:
             sock.close()
+        finally:
+            self.adopting -= 1
 
     def close_listener(self) -> None:
         """Stop accepting and close the listening socket: new connections are refused."""

@@ -90,3 +90,35 @@ def test_coded_close_delimited_body_keeps_its_coding(
     assert response.status == 200
     assert response.header("transfer-encoding") == "gzip, chunked"
     assert response.body == CodedUpstream.BODY
+
+
+def test_connections_beyond_max_connections_wait_in_the_backlog(
+    coded: CodedUpstream, tmp_path: Path
+) -> None:
+    config = {
+        "limits": {"max_connections": 2},
+        "upstreams": {"coded": {"endpoints": [f"127.0.0.1:{coded.port}"]}},
+        "routes": [{"name": "all", "split": {"coded": 100}}],
+    }
+    proc = start_turnout(config, tmp_path)
+    try:
+        held = [RawConnection(proc.port), RawConnection(proc.port)]
+        for conn in held:
+            conn.send(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+            _, response = conn.read_final_response("OPTIONS")
+            assert response.status in (200, 404)
+        # A third connection completes the TCP handshake (the kernel's backlog) but is not
+        # accepted: its request is not answered while the two others stay open...
+        waiting = RawConnection(proc.port, deadline=1.0)
+        waiting.send(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+        with pytest.raises(AssertionError):
+            waiting.read_final_response("OPTIONS")
+        # ...and is served as soon as one of them closes.
+        held[0].close()
+        waiting.deadline = 10.0
+        _, response = waiting.read_final_response("OPTIONS")
+        assert response.status in (200, 404)
+        waiting.close()
+        held[1].close()
+    finally:
+        proc.close()
