@@ -124,6 +124,9 @@ PAUSE_BACKPRESSURE = 1
 PAUSE_PIPELINE = 2
 PAUSE_CONNECTING = 4
 
+# How long a WebSocket client gets to answer our close frame before its connection is closed.
+CLOSE_HANDSHAKE_WAIT = 1.0
+
 # Bytes of request body held while the endpoint connection is being opened.
 CONNECT_BUFFER = 64 * 1024
 
@@ -864,7 +867,9 @@ class Exchange:
             upstream_conn.detach()
             upstream_conn.close()
             self.upstream_conn = None
-            conn.close_after = True
+            # RFC 6455 section 7.1.1: let the client answer with its own close frame before
+            # the TCP connection goes, or it may report 1006 instead of our 1001.
+            conn.linger(CLOSE_HANDSHAKE_WAIT)
         else:
             conn.abort()
         self._drop_attempt()
@@ -973,6 +978,7 @@ class ClientConnection(CoalescingProtocol):
         "current",
         "error",
         "idle_since",
+        "lingering",
         "parser",
         "parsing",
         "paused",
@@ -996,6 +1002,7 @@ class ClientConnection(CoalescingProtocol):
         self.tunnel: Exchange | None = None
         self.idle_since = 0.0
         self.error: BaseException | None = None
+        self.lingering = False
 
     # asyncio.Protocol
 
@@ -1013,6 +1020,10 @@ class ClientConnection(CoalescingProtocol):
         self.ctx.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            # The client's answer to our close frame: the handshake is done.
+            self.close()
+            return
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.last_io = self.ctx.now
@@ -1178,6 +1189,8 @@ class ClientConnection(CoalescingProtocol):
         if ex is not self.current:
             return
         self.current = None
+        if self.lingering:
+            return
         if self.close_after or self.transport is None:
             self.close()
             return
@@ -1232,6 +1245,12 @@ class ClientConnection(CoalescingProtocol):
                     ex.frames_up.feed(chunk)
                 upstream_conn.write(chunk)
         ex.pending = []
+
+    def linger(self, seconds: float) -> None:
+        """Wait up to `seconds` for the peer's next bytes (its close frame), then close."""
+        self.lingering = True
+        self.tunnel = None
+        self.ctx.loop.call_later(seconds, self.close)
 
     def close(self) -> None:
         """Close the connection after what is buffered has been written."""

@@ -705,7 +705,7 @@ class Supervisor:
             generation=current.generation,
             sha256=current.sha256,
             path=self.path,
-            text=current.text,
+            spec=current.spec,
             split_overrides=self._split_overrides,
         )
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from proxy.accesslog import AccessLog
-from proxy.config import parse_config
 from proxy.control import (
     OP_APPLIED,
     OP_HEALTH,
@@ -32,6 +31,7 @@ from proxy.control import (
     ControlChannel,
     open_channel,
     parse_split_overrides,
+    spec_from_message,
 )
 from proxy.dataplane import ClientConnection, Exchange
 from proxy.spec import Limits, Timeouts
@@ -224,6 +224,10 @@ class WorkerContext:
         if 0 < status < 500:
             endpoint.passive_failures = 0
             endpoint.ejections = 0
+            return
+        if endpoint.ejected_until and self.now < endpoint.ejected_until:
+            # Failures of requests already on their way when it was ejected say nothing new;
+            # counting them would eject it again and again, doubling the back-off each time.
             return
         endpoint.passive_failures += 1
         if endpoint.passive_failures >= PASSIVE_FAILURES:
@@ -440,7 +444,7 @@ async def _control_loop(ctx: WorkerContext, channel: ControlChannel, stop: async
             return
         op = msg.get("op")
         if op == OP_TABLE:
-            spec = parse_config(msg["text"], msg["path"])
+            spec = spec_from_message(msg)
             table = compile_table(
                 spec,
                 generation=int(msg["generation"]),

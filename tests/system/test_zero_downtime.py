@@ -19,7 +19,7 @@ response names the endpoint, not only the upstream: after the removal, `blue-b` 
 Then an endpoint that dies under load (its process SIGKILLed with ~25 requests on it) must fail
 no GET either: requests in flight on it are retried on the other endpoint, connect failures are
 retried, and the endpoint is ejected. An endpoint that comes straight back (a restart) must be
-ejected once and serve again when that ejection ends (a known proxy bug: strict xfail).
+ejected once and serve again when that ejection ends.
 """
 
 from __future__ import annotations
@@ -371,13 +371,6 @@ def test_endpoint_killed_under_load_fails_no_get(
     assert {o.upstream for o in after} == {"blue-b"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="proxy bug: failures of attempts already in flight when an endpoint is ejected "
-    "eject it again, doubling the backoff each time (5s, 10s, 20s, 40s, 60s in the same "
-    "millisecond), so an endpoint that blipped stays out for 60 s (WorkerContext.passive_result)",
-)
 @pytest.mark.timeout(60)
 def test_endpoint_back_after_a_crash_is_ejected_once_and_serves_again(
     tmp_path: Path,
