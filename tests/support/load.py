@@ -18,7 +18,7 @@ open across reloads) and wait for the server to close the connection.
 
 At the end, the few admin-API calls the reload tests make between requests (`admin_call`,
 `wait_generation`), `ConfigLayout` (a config file whose changes the test decides the file watch
-sees or not) and `launch`, which runs Turnout on such a file.
+sees or not), to run with `tests.support.turnout.launch`.
 
 Only 127.0.0.1 is contacted; every read has a deadline; a count or the caller's stop bounds a
 run.
@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -47,7 +45,6 @@ import orjson
 import uvloop
 
 from tests.support import wait_until
-from tests.support.turnout import PROJECT_ROOT, TurnoutProcess
 
 LOOPBACK = "127.0.0.1"
 READ_SIZE = 65536
@@ -509,38 +506,6 @@ def wait_generation(admin_url: str, generation: int, *, timeout: float = 15.0) -
         what=f"every worker at generation {generation}",
     )
     return time.monotonic()
-
-
-def launch(
-    config: dict[str, Any], config_path: Path, *, access_log: bool = False
-) -> TurnoutProcess:
-    """Run Turnout on `config_path` as the caller laid it out; return once it is ready.
-
-    `config` is what the file says (its `listen` and `admin` tell where Turnout will be).
-    Stderr goes to `config_path` with the suffix `.stderr`, as with `start_turnout`.
-    """
-    command = [sys.executable, "-m", "proxy", "run", str(config_path)]
-    if not access_log:
-        command.append("--no-access-log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TURNOUT_ADMIN_TOKEN", None)
-    with open(config_path.with_suffix(".stderr"), "wb") as stderr:
-        proc = subprocess.Popen(
-            command,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            start_new_session=True,
-        )
-    turnout = TurnoutProcess(proc, config, config_path)
-    try:
-        turnout.wait_ready()
-    except BaseException:
-        turnout.close()
-        raise
-    return turnout
 
 
 class ConfigLayout:

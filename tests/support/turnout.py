@@ -242,6 +242,17 @@ def start_turnout(
     config.setdefault("admin", f"127.0.0.1:{free_port()}")
     config_path = tmp_path / "turnout.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return launch(config, config_path, access_log=access_log)
+
+
+def launch(
+    config: dict[str, Any], config_path: Path, *, access_log: bool = False
+) -> TurnoutProcess:
+    """Run Turnout on `config_path` as the caller laid it out; return once it is ready.
+
+    `config` is what the file says (its `listen` and `admin` tell where Turnout will be).
+    Stderr goes to `config_path` with the suffix `.stderr`.
+    """
     command = [sys.executable, "-m", "proxy", "run", str(config_path)]
     if not access_log:
         command.append("--no-access-log")

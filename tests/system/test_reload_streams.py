@@ -34,10 +34,9 @@ from tests.support.load import (
     admin_call,
     admin_config,
     admin_text,
-    launch,
     wait_generation,
 )
-from tests.support.turnout import TurnoutProcess, free_port
+from tests.support.turnout import TurnoutProcess, free_port, launch
 from tests.support.upstreams import EchoUpstream, UpstreamHost, pattern_sha256
 
 DEADLINE = 15.0

@@ -49,10 +49,15 @@ from tests.support.load import (
     admin_call,
     describe,
     failures,
-    launch,
     wait_generation,
 )
-from tests.support.turnout import PROJECT_ROOT, TurnoutProcess, free_port, start_turnout
+from tests.support.turnout import (
+    PROJECT_ROOT,
+    TurnoutProcess,
+    free_port,
+    launch,
+    start_turnout,
+)
 from tests.support.upstreams import RawUpstream, UpstreamHost
 
 CLIENTS = 50
