@@ -43,7 +43,6 @@ from proxy.routing import RequestView, decide, normalize_host, parse_cookies
 from proxy.upstream import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
-    FRAMING_LENGTH,
     FRAMING_NONE,
     EndpointPool,
     UpstreamConnection,
@@ -165,7 +164,6 @@ class Exchange:
         "endpoint",
         "endpoint_address",
         "expect_continue",
-        "failed_open",
         "finished",
         "frames_down",
         "frames_up",
@@ -173,7 +171,6 @@ class Exchange:
         "head",
         "head_size",
         "header_count",
-        "hop_names",
         "host",
         "host_count",
         "in_flight_counted",
@@ -186,11 +183,9 @@ class Exchange:
         "pending",
         "pending_size",
         "raw_head",
-        "reason",
         "request_id",
         "request_id_in",
         "response_chunked",
-        "response_framing",
         "response_started",
         "retained",
         "retained_size",
@@ -230,7 +225,6 @@ class Exchange:
         self.te_values: list[bytes] = []
         self.conn_tokens: list[bytes] = []
         self.upgrade_values: list[bytes] = []
-        self.hop_names: list[bytes] = []
         self.expect_continue = False
         self.xff: list[bytes] = []
         self.request_id_in: bytes | None = None
@@ -254,7 +248,6 @@ class Exchange:
         self.decision = ""
         self.route_name = ""
         self.upstream_name = ""
-        self.reason = ""
         self.stats = conn.ctx.no_route_stats()
         self.upstream: UpstreamPool | None = None
         self.upstream_conn: UpstreamConnection | None = None
@@ -267,11 +260,9 @@ class Exchange:
         self.connect_task: asyncio.Task[None] | None = None
         self.tried: set[EndpointPool] = set()
         self.attempts = 0
-        self.failed_open = False
         self.set_cookie: str | None = None
         self.response_started = False
         self.response_chunked = False
-        self.response_framing = FRAMING_LENGTH
         self.status = 0
         self.start_time = 0.0
         self.last_io = 0.0
@@ -507,7 +498,6 @@ class Exchange:
         ctx = self.conn.ctx
         endpoint, failed_open = pool.pick(random.random(), self.tried)
         if failed_open:
-            self.failed_open = True
             ctx.count_fail_open(pool.name)
         self.endpoint = endpoint
         self.endpoint_address = endpoint.address
@@ -741,7 +731,6 @@ class Exchange:
             elif self.version == "1.0":
                 parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.response_framing = body_framing
         conn.write(b"".join(parts))
         mirror = self.mirror
         if mirror is not None:
