@@ -363,7 +363,13 @@ def test_endpoint_killed_under_load_fails_no_get(
                 wait_until(
                     lambda: bool(ejections(proc, doomed.address)), timeout=20, what="ejection"
                 )
-                load.wait_for_more(CLIENTS * 10)
+                # Enough requests that *started* after the kill (wait_for_more would also count
+                # ones that started before it and finished after).
+                wait_until(
+                    lambda: sum(o.started > killed_at for o in load.load.outcomes) >= CLIENTS * 10,
+                    timeout=15,
+                    what="requests started after the kill",
+                )
                 outcomes = load.stop()
     finally:
         doomed.kill()
