@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -467,3 +468,105 @@ def tree_memory(pids: list[int]) -> Memory:
     """RSS sum and per-process maximum over `pids`."""
     sizes = [rss_mib(pid) for pid in pids] or [0.0]
     return Memory(total_mib=sum(sizes), max_mib=max(sizes))
+
+
+def cpu_ticks_split(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """(utime, stime) in clock ticks of each of `pids` that is alive: user vs kernel CPU."""
+    ticks: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+            ticks[pid] = (int(fields[11]), int(fields[12]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks
+
+
+@dataclass(frozen=True)
+class RssDetail:
+    """One process's resident memory in MiB: the total (VmRSS) and its anonymous part (heap,
+    stacks: what grows when a program leaks) and file-backed part (mapped code and libraries).
+    """
+
+    rss_mib: float
+    anon_mib: float
+    file_mib: float
+
+
+def rss_detail(pid: int) -> RssDetail:
+    """VmRSS, RssAnon and RssFile of `pid` from /proc/PID/status (zeros when it is gone)."""
+    found = {"VmRSS:": 0, "RssAnon:": 0, "RssFile:": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(":", 1)[0] + ":"
+            if key in found:
+                found[key] = int(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return RssDetail(found["VmRSS:"] / 1024, found["RssAnon:"] / 1024, found["RssFile:"] / 1024)
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors `pid` has open (0 when it is gone or not readable)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE towards `wanted` (up to the hard limit).
+
+    Returns the soft limit in force afterwards.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return int(soft)
+
+
+class SyscallCounter:
+    """Counts the system calls of some processes with `perf stat` (tracepoint
+    raw_syscalls:sys_enter, counting only: no per-call trace, so the overhead is small).
+
+    Start it, run the load, then `stop()` for the count. Needs perf and the right to trace the
+    processes (root, or kernel.perf_event_paranoid <= 1 for one's own processes).
+    """
+
+    def __init__(self, perf: str, pids: list[int]) -> None:
+        self.popen = subprocess.Popen(
+            [
+                perf,
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                "raw_syscalls:sys_enter",
+                "-p",
+                ",".join(map(str, pids)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        # perf attaches to every thread before it counts; give it that moment.
+        time.sleep(0.2)
+
+    def stop(self) -> int | None:
+        """End the count (SIGINT, as perf expects); the number of calls, None when unreadable."""
+        _signal_group(self.popen.pid, signal.SIGINT)
+        try:
+            _, err = self.popen.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+            return None
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2].startswith("raw_syscalls:sys_enter"):
+                return int(fields[0]) if fields[0].isdigit() else None
+        return None

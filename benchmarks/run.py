@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick      # one short pass (< 2 minutes)
     .venv/bin/python benchmarks/run.py --dry        # nginx in Turnout's place: shows the noise
     .venv/bin/python benchmarks/run.py --fixed-rate 2000   # open-loop latency instead of wrk
+    .venv/bin/python benchmarks/run.py --fixed-rate-half-max   # ... at half Turnout's max req/s
 
 See docs/benchmarks.md for what is measured and how to read the table. All traffic stays on
 127.0.0.1; every process started here is stopped on exit, Ctrl-C or error.
@@ -43,6 +44,13 @@ STICKY_HEADER = ("x-user", "bench-user")
 WRK_THREADS = 2
 # Other processes using more than this share of one core during a run make it noisy.
 NOISY_BACKGROUND_PCT = 10
+# --fixed-rate-half-max: Turnout's max is measured with wrk on `small` at this many connections,
+# for at most this many seconds (after a 1 s warm-up), and the schedule runs at this share of it.
+HALF_MAX_CONNECTIONS = 64
+HALF_MAX_PROBE_S = 5
+HALF_MAX_SHARE = 0.5
+# The issue's bound on what the proxy adds to p99 at that rate.
+ADDED_P99_BOUND_MS = 1.0
 RESULT_MARK = "TURNOUT_BENCH "
 # wrk's done() hook prints one JSON line with exact figures (latency in microseconds from the
 # same histogram `--latency` prints, rounded there to two decimals).
@@ -107,6 +115,8 @@ class Settings:
     turnout_cmd: list[str]
     fixed_rate: float | None
     fixed_rate_connections: int
+    fixed_rate_half_max: bool
+    syscalls: bool
     keepalive: int
     quick: bool
 
@@ -151,6 +161,17 @@ class RunResult:
     rss_max_mib: float
     background_cpu_pct: float
     errors: dict[str, int]
+    # The CPU per request split into user time (Python, uvloop, httptools; nginx's own code) and
+    # system time (the kernel: syscalls and the loopback TCP stack).
+    user_us_per_req: float = 0.0
+    sys_us_per_req: float = 0.0
+    # CPU seconds per wall second: the whole tree, its root (supervisor / master) alone, and
+    # each child (worker) process, largest first.
+    proxy_cores: float = 0.0
+    root_cores: float = 0.0
+    worker_cores: tuple[float, ...] = ()
+    # System calls the proxy's processes made per request (--syscalls), None when not counted.
+    syscalls_per_req: float | None = None
 
     @property
     def error_count(self) -> int:
@@ -166,6 +187,10 @@ class Report:
     pinning: Pinning
     runs: list[RunResult] = field(default_factory=list)
     latency: dict[int, list[LatencyResult]] = field(default_factory=dict)
+    # workers -> (the fixed rate used, the max req/s it was derived from or None)
+    latency_rates: dict[int, tuple[float, float | None]] = field(default_factory=dict)
+    # workers -> lines on the CPU the proxies and the background used during the visits
+    latency_cpu: dict[int, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -217,11 +242,22 @@ def parse_args(argv: list[str] | None) -> Settings:
         help="instead of wrk: open-loop latency at RPS through direct, Turnout and NGINX",
     )
     parser.add_argument(
+        "--fixed-rate-half-max",
+        action="store_true",
+        help=f"like --fixed-rate, at half of Turnout's max req/s (measured first: wrk, "
+        f"small, c{HALF_MAX_CONNECTIONS}, {HALF_MAX_PROBE_S} s)",
+    )
+    parser.add_argument(
         "--fixed-rate-connections",
         type=int,
         default=16,
         metavar="N",
         help="keep-alive connections for --fixed-rate (16)",
+    )
+    parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="count the proxies' system calls per request with `perf stat` (needs perf)",
     )
     parser.add_argument(
         "--nginx-keepalive",
@@ -249,6 +285,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         turnout_cmd=shlex.split(args.turnout_cmd),
         fixed_rate=args.fixed_rate,
         fixed_rate_connections=args.fixed_rate_connections,
+        fixed_rate_half_max=args.fixed_rate_half_max,
+        syscalls=args.syscalls,
         keepalive=args.nginx_keepalive,
         quick=quick,
     )
@@ -256,6 +294,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         parser.error("workers, repeat and duration must be positive")
     if settings.fixed_rate is not None and settings.fixed_rate <= 0:
         parser.error("--fixed-rate must be positive")
+    if settings.fixed_rate is not None and settings.fixed_rate_half_max:
+        parser.error("--fixed-rate and --fixed-rate-half-max exclude each other")
     return settings
 
 
@@ -274,8 +314,10 @@ def which(tool: str) -> str | None:
     return None
 
 
-def ensure_tools(pin: bool) -> dict[str, str]:
-    """Find nginx and wrk (and taskset when pinning), installing missing ones with apt-get."""
+def ensure_tools(pin: bool, perf: bool = False) -> dict[str, str]:
+    """Find nginx and wrk (and taskset when pinning), installing missing ones with apt-get;
+    with `perf`, also find perf (not installed: its package follows the kernel).
+    """
     packages = {"nginx": "nginx", "wrk": "wrk"}
     if pin:
         packages["taskset"] = "util-linux"
@@ -288,6 +330,8 @@ def ensure_tools(pin: bool) -> dict[str, str]:
             subprocess.run(["apt-get", "update"], check=True)
             subprocess.run(install, check=True)
     found = {tool: which(tool) for tool in packages}
+    if perf:
+        found["perf"] = which("perf")
     absent = [tool for tool, path in found.items() if path is None]
     if absent:
         raise SystemExit(f"still missing after apt-get: {', '.join(absent)}")
@@ -416,13 +460,18 @@ def run_wrk(
         url,
     ]
     done = bl.run_bounded(argv, timeout=seconds + 30)
+    return wrk_figures(done), done.stdout
+
+
+def wrk_figures(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    """The figures wrk's done() hook printed (see WRK_DONE_LUA); BenchError when there are none."""
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_MARK):
             try:
                 figures: dict[str, float] = orjson.loads(line[len(RESULT_MARK) :])
             except orjson.JSONDecodeError as exc:
                 raise BenchError(f"unreadable wrk result {line!r}: {exc}") from exc
-            return figures, done.stdout
+            return figures
     raise BenchError(f"wrk exited {done.returncode} without a result:\n{done.stdout[-2000:]}")
 
 
@@ -450,9 +499,15 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     ours = {os.getpid()}
     for started in (lab.backend, *subjects):
         ours.update(bl.process_tree(started.proc.pid))
+    counter = bl.SyscallCounter(lab.tools["perf"], pids) if lab.settings.syscalls else None
+    split_before = bl.cpu_ticks_split(pids)
     before = bl.cpu_snapshot()
-    figures, output = run_wrk(lab, url, connections, lab.settings.duration, shape.script)
+    try:
+        figures, output = run_wrk(lab, url, connections, lab.settings.duration, shape.script)
+    finally:
+        syscalls = counter.stop() if counter is not None else None
     after = bl.cpu_snapshot()
+    split_after = bl.cpu_ticks_split(pids)
     memory = bl.tree_memory(pids)
     name = f"{scenario.name}-c{connections}-w{shape.workers}-{subject.label}-{shape.repeat}.txt"
     (lab.raw_dir / name).write_text(output)
@@ -461,6 +516,10 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     requests = int(figures["requests"])
     seconds = figures["duration_us"] / 1e6
     moved = figures["bytes"] + requests * scenario.upload_bytes
+    user = sum(a[0] - split_before.get(p, a)[0] for p, a in split_after.items()) / bl.CLK_TCK
+    system = sum(a[1] - split_before.get(p, a)[1] for p, a in split_after.items()) / bl.CLK_TCK
+    per_proc = {p: bl.cpu_used(before, after, [p]) / seconds for p in pids}
+    root = subject.proc.pid
     return RunResult(
         scenario=scenario.name,
         connections=connections,
@@ -481,6 +540,12 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
             for key in ("status", "connect", "read", "write", "timeout")
             if figures[key]
         },
+        user_us_per_req=user * 1e6 / requests if requests else 0.0,
+        sys_us_per_req=system * 1e6 / requests if requests else 0.0,
+        proxy_cores=sum(per_proc.values()),
+        root_cores=per_proc.get(root, 0.0),
+        worker_cores=tuple(sorted((c for p, c in per_proc.items() if p != root), reverse=True)),
+        syscalls_per_req=syscalls / requests if syscalls is not None and requests else None,
     )
 
 
@@ -512,10 +577,55 @@ def wrk_session(lab: Lab, subjects: list[Subject], workers: int, report: Report)
 # --- fixed-rate latency ----------------------------------------------------------------------
 
 
-def latency_session(lab: Lab, subjects: list[Subject]) -> list[LatencyResult]:
-    """Run benchmarks/latency.py (pinned with the load side) on direct, Turnout, NGINX."""
+def max_rps_probe(lab: Lab, subject: Subject) -> float:
+    """Turnout's own max req/s here: wrk on `small`, c64, 1 s warm-up + a short measured run."""
+    script = write_lua(lab.tmp, SCENARIOS["small"])
+    url = f"http://{bl.LOOPBACK}:{subject.port}/small"
+    seconds = min(lab.settings.duration, HALF_MAX_PROBE_S)
+    run_wrk(lab, url, HALF_MAX_CONNECTIONS, 1, script)
+    figures, _ = run_wrk(lab, url, HALF_MAX_CONNECTIONS, seconds, script)
+    if not subject.proc.alive():
+        raise BenchError(f"{subject.label} died during the max probe:\n{subject.proc.log_tail()}")
+    return figures["requests"] / (figures["duration_us"] / 1e6)
+
+
+def latency_session(
+    lab: Lab, subjects: list[Subject], rate: float
+) -> tuple[list[LatencyResult], list[str]]:
+    """Run benchmarks/latency.py on direct, Turnout, NGINX; the results, and lines on the CPU
+    each proxy used per request and the background CPU during the session.
+    """
     settings = lab.settings
-    assert settings.fixed_rate is not None
+    trees = {s.label: bl.process_tree(s.proc.pid) for s in subjects}
+    ours = {os.getpid(), *bl.process_tree(lab.backend.proc.pid)}
+    for tree in trees.values():
+        ours.update(tree)
+    began = time.monotonic()
+    before = bl.cpu_snapshot()
+    results = _run_latency(lab, subjects, rate)
+    after = bl.cpu_snapshot()
+    wall = time.monotonic() - began
+    # Each proxy is busy only during its own visits: warm-up and measured schedule, per repeat.
+    visit_s = settings.repeat * (settings.warmup + settings.duration)
+    lines = []
+    for r in results:
+        if r.name not in trees:
+            continue
+        cpu = bl.cpu_used(before, after, trees[r.name])
+        requests = r.completed + round(rate * settings.warmup) * settings.repeat
+        per_req = cpu * 1e6 / requests if requests else 0.0
+        lines.append(
+            f"- {r.name}: {per_req:.1f} CPU µs/req at this rate ({cpu / visit_s:.2f} cores "
+            "during its visits)"
+        )
+    background = bl.cpu_used_by_others(before, after, ours) / wall * 100
+    noisy = " (not quiet: figures are noisy)" if background > NOISY_BACKGROUND_PCT else ""
+    lines.append(f"- bg CPU during the session: {background:.0f}% of a core{noisy}")
+    return results, lines
+
+
+def _run_latency(lab: Lab, subjects: list[Subject], rate: float) -> list[LatencyResult]:
+    settings = lab.settings
     nginx, other = subjects
     targets = [("direct", lab.backend.port), (other.label, other.port), (nginx.label, nginx.port)]
     argv = [
@@ -523,7 +633,7 @@ def latency_session(lab: Lab, subjects: list[Subject]) -> list[LatencyResult]:
         sys.executable,
         str(LATENCY_SCRIPT),
         "--rate",
-        str(settings.fixed_rate),
+        f"{rate:.0f}",
         "--duration",
         str(settings.duration),
         "--warmup",
@@ -568,6 +678,23 @@ class Row:
     background_cpu_pct: float
     errors: int
     runs_with_errors: int
+    user_us_per_req: float = 0.0
+    sys_us_per_req: float = 0.0
+    proxy_cores: float = 0.0
+    root_cores: float = 0.0
+    worker_cores: tuple[float, ...] = ()
+    syscalls_per_req: float | None = None
+
+
+def _median_cores(group: list[RunResult]) -> tuple[float, ...]:
+    # Per position (busiest worker first), the median over the repeats.
+    width = min(len(r.worker_cores) for r in group)
+    return tuple(statistics.median(r.worker_cores[i] for r in group) for i in range(width))
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def median_rows(runs: list[RunResult]) -> list[Row]:
@@ -594,6 +721,12 @@ def median_rows(runs: list[RunResult]) -> list[Row]:
                 background_cpu_pct=statistics.median(r.background_cpu_pct for r in group),
                 errors=sum(r.error_count for r in group),
                 runs_with_errors=sum(1 for r in group if r.error_count),
+                user_us_per_req=statistics.median(r.user_us_per_req for r in group),
+                sys_us_per_req=statistics.median(r.sys_us_per_req for r in group),
+                proxy_cores=statistics.median(r.proxy_cores for r in group),
+                root_cores=statistics.median(r.root_cores for r in group),
+                worker_cores=_median_cores(group),
+                syscalls_per_req=_median_or_none([r.syscalls_per_req for r in group]),
             )
         )
     return rows
@@ -618,6 +751,54 @@ def results_table(rows: list[Row]) -> list[str]:
             f"| {r.background_cpu_pct:.0f} |"
         )
     return lines
+
+
+def cpu_table(rows: list[Row]) -> list[str]:
+    """Where each proxy's CPU goes: user vs kernel time per request, and cores per process."""
+    lines = [
+        "| scenario | conns | workers | proxy | CPU µs/req | user µs/req | system µs/req "
+        "| syscalls/req | cores used (tree) | supervisor / master cores | cores per worker |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        per_worker = " / ".join(f"{c:.2f}" for c in r.worker_cores) or "-"
+        calls = "-" if r.syscalls_per_req is None else f"{r.syscalls_per_req:.2f}"
+        lines.append(
+            f"| {r.scenario} | {r.connections} | {r.workers} | {r.proxy} "
+            f"| {r.cpu_us_per_req:.1f} | {r.user_us_per_req:.1f} | {r.sys_us_per_req:.1f} "
+            f"| {calls} | {r.proxy_cores:.2f} | {r.root_cores:.2f} | {per_worker} |"
+        )
+    return lines
+
+
+def scaling_table(rows: list[Row]) -> list[str]:
+    """More workers against 1 worker, per scenario, connections and proxy.
+
+    "projected" is a model, not a measurement: what the ratio would be if every worker had a
+    core of its own and the load side needed none, from the measured CPU per request (the
+    extra workers' overhead) and how evenly the kernel spread the work over the workers (the
+    busiest worker saturates first): k x (CPU/req at 1 / CPU/req at k) x (mean / max worker).
+    """
+    by_key = {(r.scenario, r.connections, r.workers, r.proxy): r for r in rows}
+    lines = [
+        "| scenario | conns | proxy | workers | req/s at 1 | req/s | measured ratio "
+        "| CPU µs/req at 1 | CPU µs/req | worker balance (mean / max) | projected ratio |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        one = by_key.get((r.scenario, r.connections, 1, r.proxy))
+        if r.workers == 1 or one is None or not r.cpu_us_per_req or not r.worker_cores:
+            continue
+        balance = (
+            statistics.fmean(r.worker_cores) / max(r.worker_cores) if any(r.worker_cores) else 0.0
+        )
+        projected = r.workers * one.cpu_us_per_req / r.cpu_us_per_req * balance
+        lines.append(
+            f"| {r.scenario} | {r.connections} | {r.proxy} | {r.workers} | {one.rps:.0f} "
+            f"| {r.rps:.0f} | {r.rps / one.rps:.2f}x | {one.cpu_us_per_req:.1f} "
+            f"| {r.cpu_us_per_req:.1f} | {balance:.2f} | {projected:.2f}x |"
+        )
+    return lines if len(lines) > 2 else []
 
 
 def runs_table(runs: list[RunResult]) -> list[str]:
@@ -671,7 +852,12 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
     """The whole markdown report."""
     s = report.settings
     candidate = "nginx-b (a second nginx, --dry)" if s.dry else shlex.join(s.turnout_cmd)
-    if s.fixed_rate is None:
+    if s.fixed_rate_half_max:
+        load = (
+            f"benchmarks/latency.py at {HALF_MAX_SHARE:.0%} of Turnout's max req/s (wrk, small, "
+            f"c{HALF_MAX_CONNECTIONS}), samples pooled"
+        )
+    elif s.fixed_rate is None:
         load = f"wrk -t{WRK_THREADS}"
     else:
         load = f"benchmarks/latency.py at {s.fixed_rate:.0f} req/s, samples pooled"
@@ -687,18 +873,61 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
         "",
     ]
     if report.runs:
-        lines += ["## Medians", "", *results_table(median_rows(report.runs)), ""]
+        rows = median_rows(report.runs)
+        lines += ["## Medians", "", *results_table(rows), ""]
+        scaling = scaling_table(rows)
+        if scaling:
+            lines += [
+                "## Scaling",
+                "",
+                f"Pinning: {report.pinning.description}. Measured ratio: req/s with k workers "
+                "over req/s with 1, on the same machine. Projected: k x (CPU µs/req at 1 / at "
+                "k) x worker balance, i.e. what the ratio would be if each worker had a core "
+                "of its own and the load side needed none; a model, not a measurement.",
+                "",
+                *scaling,
+                "",
+            ]
+        lines += ["## CPU per request", "", *cpu_table(rows), ""]
         lines += ["## All runs", "", *runs_table(report.runs), ""]
     for workers, results in report.latency.items():
+        rate, probed = report.latency_rates.get(workers, (s.fixed_rate or 0.0, None))
+        source = (
+            ""
+            if probed is None
+            else (
+                f" ({HALF_MAX_SHARE:.0%} of Turnout's max, {probed:.0f} req/s with wrk "
+                f"c{HALF_MAX_CONNECTIONS})"
+            )
+        )
         lines += [
-            f"## Fixed rate {s.fixed_rate:.0f} req/s, {s.fixed_rate_connections} connections, "
+            f"## Fixed rate {rate:.0f} req/s{source}, {s.fixed_rate_connections} connections, "
             f"{workers} worker(s)",
             "",
             *format_latency_table(results),
             "",
+            *added_p99_verdicts(results),
+            *report.latency_cpu.get(workers, []),
+            "",
         ]
     if report.notes:
         lines += ["## Notes", "", *(f"- {note}" for note in report.notes), ""]
+    return lines
+
+
+def added_p99_verdicts(results: list[LatencyResult]) -> list[str]:
+    """One line per proxy: its p99 minus the first (direct) target's, against the bound."""
+    if len(results) < 2:
+        return []
+    base, lines = results[0], []
+    for r in results[1:]:
+        added = r.p99_ms - base.p99_ms
+        errors = r.non_2xx + r.failures + r.incomplete
+        verdict = "PASS" if added <= ADDED_P99_BOUND_MS and not errors else "FAIL"
+        lines.append(
+            f"- {r.name}: added p99 {added:+.3f} ms (bound {ADDED_P99_BOUND_MS:.0f} ms), "
+            f"{errors} errors: {verdict}"
+        )
     return lines
 
 
@@ -724,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables and write benchmarks/out/results-<timestamp>.md."""
     settings = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    tools = ensure_tools(settings.pin)
+    tools = ensure_tools(settings.pin, settings.syscalls)
     pinning = choose_pinning(settings.pin, settings.workers)
     report = Report(settings, pinning)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -743,12 +972,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {workers} worker(s)", flush=True)
                 with contextlib.ExitStack() as per_workers:
                     subjects = start_subjects(lab, workers, per_workers)
-                    if settings.fixed_rate is None:
+                    if settings.fixed_rate is None and not settings.fixed_rate_half_max:
                         wrk_session(lab, subjects, workers, report)
                     else:
-                        results = latency_session(lab, subjects)
+                        probed: float | None = None
+                        if settings.fixed_rate is not None:
+                            rate = settings.fixed_rate
+                        else:
+                            probed = max_rps_probe(lab, subjects[1])
+                            rate = probed * HALF_MAX_SHARE
+                            print(
+                                f"  {subjects[1].label} max {probed:.0f} req/s (wrk, small, "
+                                f"c{HALF_MAX_CONNECTIONS}); fixed rate {rate:.0f} req/s",
+                                flush=True,
+                            )
+                        results, cpu_lines = latency_session(lab, subjects, rate)
                         report.latency[workers] = results
+                        report.latency_rates[workers] = (rate, probed)
+                        report.latency_cpu[workers] = cpu_lines
                         print("\n".join(format_latency_table(results)), flush=True)
+                        print("\n".join(added_p99_verdicts(results)), flush=True)
+                        print("\n".join(cpu_lines), flush=True)
         complete = True
         status = 0
     except (bl.StartError, BenchError) as exc:
