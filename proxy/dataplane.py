@@ -53,6 +53,7 @@ from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
     from proxy.mirror import MirrorCopy
+    from proxy.spec import Limits
     from proxy.table import CompiledRoute
     from proxy.worker import Generation, WorkerContext
 
@@ -117,6 +118,9 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id"}
 _NEVER_HOP = frozenset(
     {b"close", b"keep-alive", b"upgrade", b"content-length", b"host", b"transfer-encoding"}
 )
+
+# The Connection header nearly every keep-alive upstream sends: nothing to strip.
+_KEEP_ALIVE = [b"keep-alive"]
 
 # Why reading from the client is paused; reading resumes only when no reason is left.
 PAUSE_BACKPRESSURE = 1
@@ -273,13 +277,18 @@ class Exchange:
     # ---- request head -------------------------------------------------------------------
 
     def add_header(
-        self, name: bytes, value: bytes, limits_headers: int, wanted: frozenset[bytes]
+        self,
+        lname: bytes,
+        name: bytes,
+        value: bytes,
+        limits: Limits,
+        wanted: frozenset[bytes],
     ) -> None:
-        """Classify one request header line (called by the parser, in order)."""
-        self.header_count += 1
-        if self.header_count > limits_headers:
+        """Classify one request header line (the parser's slow path: limits, special names)."""
+        if self.head_size > limits.max_header_size:
+            raise HeadError(431, "request head larger than limits.max_header_size")
+        if self.header_count > limits.max_headers:
             raise HeadError(431, "too many header fields")
-        lname = name.lower()
         kind = _SPECIAL.get(lname)
         if kind is None:
             self.kept_headers.append((lname, name, value))
@@ -390,7 +399,11 @@ class Exchange:
         else:
             q = url.find(b"?")
             path = (url if q < 0 else url[:q]).decode("latin-1")
-        host = normalize_host(self.host.decode("latin-1")) if self.host is not None else ""
+        host = (
+            normalize_host(self.host.decode("latin-1"))
+            if self.host is not None and gen.uses_host
+            else ""
+        )
         cookies = (
             parse_cookies(self.cookie_values, table.cookie_names)
             if table.cookie_names and self.cookie_values
@@ -691,7 +704,7 @@ class Exchange:
         self.status = status
         self.response_started = True
         drop = _RESPONSE_DROP
-        if connection:
+        if connection and connection != _KEEP_ALIVE:
             extra = connection_tokens(connection) - _NEVER_HOP
             if extra:
                 drop = drop | extra
@@ -1009,6 +1022,16 @@ class ClientConnection(CoalescingProtocol):
         self.ctx.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        batcher = self.batcher
+        if not batcher.hold():
+            self._received(data)
+            return
+        try:
+            self._received(data)
+        finally:
+            batcher.release()
+
+    def _received(self, data: bytes) -> None:
         if self.lingering:
             # The client's answer to our close frame: the handshake is done.
             self.close()
@@ -1100,11 +1123,21 @@ class ClientConnection(CoalescingProtocol):
         if ex.method:
             return  # trailer fields come after the head and are not forwarded
         ex.head_size += len(name) + len(value) + 4
+        ex.header_count += 1
+        lname = name.lower()
         limits = self.ctx.limits
+        wanted = self.ctx.generation.wanted_headers
+        if (
+            lname not in _SPECIAL
+            and lname not in wanted
+            and ex.head_size <= limits.max_header_size
+            and ex.header_count <= limits.max_headers
+        ):
+            # The common case, inline: a header copied as it came.
+            ex.kept_headers.append((lname, name, value))
+            return
         try:
-            if ex.head_size > limits.max_header_size:
-                raise HeadError(431, "request head larger than limits.max_header_size")
-            ex.add_header(name, value, limits.max_headers, self.ctx.generation.wanted_headers)
+            ex.add_header(lname, name, value, limits, wanted)
         except Exception as exc:
             self.error = exc
             raise

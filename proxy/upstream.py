@@ -136,6 +136,16 @@ class UpstreamConnection(CoalescingProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        batcher = self.batcher
+        if not batcher.hold():
+            self._received(data)
+            return
+        try:
+            self._received(data)
+        finally:
+            batcher.release()
+
+    def _received(self, data: bytes) -> None:
         if self.tunnel:
             sink = self.sink
             if sink is not None:

@@ -66,6 +66,7 @@ class Generation:
         "route_by_name",
         "stats",
         "table",
+        "uses_host",
         "wanted_headers",
     )
 
@@ -84,6 +85,8 @@ class Generation:
         self.no_route = no_route
         self.route_by_name: dict[str, CompiledRoute] = {r.name: r for r in table.routes}
         self.wanted_headers = frozenset(name.encode("latin-1") for name in table.header_names)
+        # Without a host-matching route the Host header need not be normalised per request.
+        self.uses_host = any(r.host_exact or r.host_suffix for r in table.routes)
 
 
 class WorkerContext:

@@ -1,8 +1,9 @@
 """Write coalescing: one `transport.write` per connection per event-loop pass.
 
 A proxied response is a head and a body (and maybe a final chunk); written one by one they cost
-a system call each. Protocols here buffer what they write during a pass of the loop and a single
-`call_soon` flushes every dirty connection at its end, so a small response leaves in one send.
+a system call each. Protocols here buffer what they write; the hot callbacks (data_received)
+hold the batcher and flush it when they return, and any other writer gets one `call_soon` flush
+at the end of the loop pass, so a small response leaves in one send.
 """
 
 from __future__ import annotations
@@ -13,19 +14,34 @@ import asyncio
 class WriteBatcher:
     """The connections of one worker that have buffered bytes, flushed once per loop pass."""
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    __slots__ = ("_dirty", "_loop", "_scheduled", "holding")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[CoalescingProtocol] = []
         self._scheduled = False
+        # True inside a data_received that will call `release` when it returns: no call_soon.
+        self.holding = False
 
     def mark(self, proto: CoalescingProtocol) -> None:
-        """`proto` has buffered bytes: flush it at the end of this pass."""
+        """`proto` has buffered bytes: flush it when the current callback is done."""
         self._dirty.append(proto)
-        if not self._scheduled:
+        if not self._scheduled and not self.holding:
             self._scheduled = True
             self._loop.call_soon(self.flush)
+
+    def hold(self) -> bool:
+        """Start a callback that flushes on its way out; False if one already holds."""
+        if self.holding:
+            return False
+        self.holding = True
+        return True
+
+    def release(self) -> None:
+        """End of the holding callback: write out what it buffered."""
+        self.holding = False
+        if self._dirty:
+            self.flush()
 
     def flush(self) -> None:
         """Write out every dirty connection's buffer."""
