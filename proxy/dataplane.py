@@ -26,6 +26,7 @@ import os
 import random
 import socket
 from collections import deque
+from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
@@ -59,23 +60,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("turnout.dataplane")
 
-REASONS = {
-    100: b"Continue",
-    101: b"Switching Protocols",
-    200: b"OK",
-    204: b"No Content",
-    304: b"Not Modified",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+# Reason phrases for every registered status code (a proxy may replace the upstream's).
+REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 # Request headers the parser callback must look at; everything else is copied untouched.
 _H_HOST = 1
@@ -570,7 +556,7 @@ class Exchange:
             # While the body streams, the idle timeout applies; the response timeout starts
             # when the whole request is out (a long upload is not a slow upstream).
             self.deadline = 0.0
-        ctx.watch(self)
+        ctx.watched.add(self)
 
     def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
         if self.chunked_in:
@@ -690,7 +676,6 @@ class Exchange:
     def upstream_head(
         self,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes, bytes]],
         body_framing: int,
         keep_alive: bool,
@@ -699,7 +684,7 @@ class Exchange:
         """Relay the response head, with framing and hop-by-hop headers rebuilt."""
         conn = self.conn
         ctx = conn.ctx
-        ctx.unwatch(self)
+        ctx.watched.discard(self)
         self.last_io = ctx.now
         self.status = status
         self.response_started = True
@@ -713,7 +698,7 @@ class Exchange:
         close = not self.keep_alive or not self.body_done or conn.closing
         if status == 101:
             close = False
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
         if body_framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
             chunked = self.version == "1.1"
             self.response_chunked = chunked
@@ -754,7 +739,7 @@ class Exchange:
                     break
             mirror.primary_head(status, content_type)
         if body_framing != FRAMING_NONE:
-            ctx.watch(self)
+            ctx.watched.add(self)
             self.deadline = 0.0
 
     def _cookie_header(self) -> bytes:
@@ -956,7 +941,7 @@ class Exchange:
                 mirror.cancel()
         conn = self.conn
         ctx = conn.ctx
-        ctx.unwatch(self)
+        ctx.watched.discard(self)
         stats = self.stats
         if self.in_flight_counted:
             stats.in_flight -= 1

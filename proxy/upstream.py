@@ -37,7 +37,6 @@ class ResponseSink(Protocol):
     def upstream_head(
         self,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes, bytes]],
         body_framing: int,
         keep_alive: bool,
@@ -46,6 +45,8 @@ class ResponseSink(Protocol):
         """The response head arrived (interim 1xx responses are not reported).
 
         `headers` are (lower-cased name, name, value); `connection` the Connection values.
+        The reason phrase is not passed on: clients ignore it (RFC 9112 section 4), and not
+        asking llhttp for it saves a callback per response.
         """
 
     def upstream_body(self, data: bytes) -> None:
@@ -92,7 +93,6 @@ class UpstreamConnection(CoalescingProtocol):
         "_headers",
         "_interim",
         "_parser",
-        "_reason",
         "_te",
         "endpoint",
         "got_bytes",
@@ -114,7 +114,6 @@ class UpstreamConnection(CoalescingProtocol):
         self._te: bytes | None = None
         self._has_length = False
         self._connection: list[bytes] = []
-        self._reason = b""
         self._interim = False
         self._body_framing = FRAMING_LENGTH
         self.head_request = False
@@ -208,16 +207,11 @@ class UpstreamConnection(CoalescingProtocol):
             else:
                 self._connection.append(value)
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         headers = self._headers
         self._headers = []
-        reason = self._reason
-        self._reason = b""
         te, has_length, connection = self._te, self._has_length, self._connection
         self._te, self._has_length = None, False
         if connection:
@@ -247,7 +241,7 @@ class UpstreamConnection(CoalescingProtocol):
         self.reusable = keep_alive
         sink = self.sink
         if sink is not None:
-            sink.upstream_head(status, reason, headers, framing, keep_alive, connection)
+            sink.upstream_head(status, headers, framing, keep_alive, connection)
         if self.head_request and sink is not None and self.sink is sink:
             # llhttp cannot be told this answers a HEAD, so it would wait for the announced
             # body: finish here and give the connection a fresh parser.
