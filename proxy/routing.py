@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from proxy.spec import Override
-from proxy.sticky import choose, key_unit
+from proxy.sticky import choose_cached, key_unit
 from proxy.table import CompiledRoute, Table
 
 REASONS = ("override", "sticky", "weight", "rollout", "no_route")
@@ -223,7 +223,7 @@ def decide(
             upstream = (
                 split.upstreams[0]
                 if len(split.upstreams) == 1
-                else choose(key, split.upstreams, split.weights)
+                else choose_cached(key, split.upstreams, split.weights)
             )
             reason = "sticky"
         if route.split_source == "rollout":

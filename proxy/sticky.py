@@ -17,6 +17,7 @@ anything that does I/O or reads time or randomness.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from hashlib import blake2b
 from math import log
 
@@ -59,3 +60,10 @@ def choose(key: str, upstreams: Sequence[str], weights: Sequence[float]) -> str:
     if best is None:
         raise ValueError("no upstream has a weight > 0")
     return best
+
+
+# Sticky keys repeat (a user sends many requests), and a choice depends only on the key and the
+# split: a bounded memo of `choose` spares ~2 us of hashing per request on a hit. It is a pure
+# function's memo, so it can never make two workers or two calls disagree; 4,096 entries cost
+# well under 1 MiB.
+choose_cached = lru_cache(maxsize=4096)(choose)
