@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
-from tests.support.upstreams import UpstreamHost
+from tests.support.upstreams import EchoUpstream, UpstreamHost
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,22 @@ def upstream_host() -> Iterator[UpstreamHost]:
     host = UpstreamHost()
     yield host
     host.close()
+
+
+@pytest.fixture(scope="module")
+def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
+    """An echo upstream named blue, one per test module."""
+    upstream = upstream_host.echo("blue")
+    yield upstream
+    upstream_host.stop(upstream)
+
+
+@pytest.fixture(scope="module")
+def green(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
+    """An echo upstream named green, one per test module."""
+    upstream = upstream_host.echo("green")
+    yield upstream
+    upstream_host.stop(upstream)
 
 
 @pytest.fixture

@@ -6,16 +6,14 @@ Turnout is stopped (SIGTERM) before stdout is judged, so "exactly one line per r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import pytest
 
 from tests.support import rawhttp
 from tests.support.rawhttp import RawConnection
 from tests.support.turnout import TurnoutFactory
-from tests.support.upstreams import EchoUpstream, UpstreamHost
+from tests.support.upstreams import EchoUpstream
 
 KEYS = {
     "time",
@@ -34,20 +32,6 @@ KEYS = {
     "bytes_out",
     "mirrored",
 }
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
-
-
-@pytest.fixture(scope="module")
-def green(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("green")
-    yield upstream
-    upstream_host.stop(upstream)
 
 
 def config_for(blue: EchoUpstream, green: EchoUpstream) -> dict[str, Any]:

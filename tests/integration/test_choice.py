@@ -14,21 +14,7 @@ import pytest
 from tests.support import rawhttp
 from tests.support.rawhttp import Headers, RawConnection, RawResponse
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
-from tests.support.upstreams import EchoUpstream, UpstreamHost
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
-
-
-@pytest.fixture(scope="module")
-def green(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("green")
-    yield upstream
-    upstream_host.stop(upstream)
+from tests.support.upstreams import EchoUpstream
 
 
 def upstreams(blue: EchoUpstream, green: EchoUpstream) -> dict[str, Any]:

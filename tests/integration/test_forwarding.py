@@ -27,13 +27,6 @@ HOP_BY_HOP = (
 
 
 @pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
-
-
-@pytest.fixture(scope="module")
 def hop(upstream_host: UpstreamHost) -> Iterator[RawUpstream]:
     upstream = upstream_host.raw("hop", "hop_by_hop")
     yield upstream

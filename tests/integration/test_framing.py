@@ -26,13 +26,6 @@ MAX_BODY = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
-
-
-@pytest.fixture(scope="module")
 def sink(upstream_host: UpstreamHost) -> Iterator[RawUpstream]:
     upstream = upstream_host.raw("sink", "ok")
     yield upstream

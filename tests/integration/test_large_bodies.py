@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.rawhttp import build_request
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
-from tests.support.upstreams import EchoUpstream, UpstreamHost, pattern_chunks, pattern_sha256
+from tests.support.upstreams import EchoUpstream, pattern_chunks, pattern_sha256
 
 MIB = 1024 * 1024
 SIZE = 10 * MIB
@@ -33,13 +33,6 @@ RSS_GROWTH_BOUND_KIB = 30 * 1024
 # slower than the upstream can send, so without backpressure the proxy would have to buffer.
 SLOW_STEP = 256 * 1024
 SLOW_PAUSE_S = 0.008
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
 
 
 def config_for(blue: EchoUpstream) -> dict[str, Any]:

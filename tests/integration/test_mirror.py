@@ -281,7 +281,9 @@ def turnout(shadows: Shadows, tmp_path_factory: pytest.TempPathFactory) -> Itera
         },
         "routes": [
             route("off"),
-            route("full", {"to": "rec"}),
+            # Bound above the latency run's 400 requests: under CI load copies can pile up, and a
+            # drop here would be right (the bound has its own test) but not what this run checks.
+            route("full", {"to": "rec", "max_in_flight": 1000}),
             route(
                 "cmp",
                 {

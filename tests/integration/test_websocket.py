@@ -11,16 +11,9 @@ import pytest
 
 from tests.support import async_wait_until
 from tests.support.turnout import TurnoutProcess, start_turnout
-from tests.support.upstreams import EchoUpstream, UpstreamHost, pattern_bytes
+from tests.support.upstreams import EchoUpstream, pattern_bytes
 
 RECEIVE_TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
 
 
 @pytest.fixture(scope="module")

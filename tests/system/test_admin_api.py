@@ -23,25 +23,11 @@ import yaml
 
 from tests.support.rawhttp import get
 from tests.support.turnout import PROJECT_ROOT, TurnoutProcess, free_port, start_turnout
-from tests.support.upstreams import EchoUpstream, UpstreamHost
+from tests.support.upstreams import EchoUpstream
 
 DEADLINE = 15.0
 STATE = "turnout.state.json"
 TOKEN = "admin-s3cret"
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
-
-
-@pytest.fixture(scope="module")
-def green(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("green")
-    yield upstream
-    upstream_host.stop(upstream)
 
 
 @pytest.fixture

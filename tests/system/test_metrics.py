@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -21,25 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import wait_until
 from tests.support.rawhttp import get
 from tests.support.turnout import TurnoutFactory, TurnoutProcess
-from tests.support.upstreams import EchoUpstream, UpstreamHost
+from tests.support.upstreams import EchoUpstream
 
 DEADLINE = 15.0
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
-
-
-@pytest.fixture(scope="module")
-def green(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("green")
-    yield upstream
-    upstream_host.stop(upstream)
 
 
 def scrape(proc: TurnoutProcess) -> Samples:

@@ -18,7 +18,6 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -27,17 +26,10 @@ import pytest
 from tests.support import async_wait_until
 from tests.support.load import HttpClient, HttpResponse, ResponseBroken, admin_call, admin_config
 from tests.support.turnout import TurnoutFactory, TurnoutProcess
-from tests.support.upstreams import EchoUpstream, UpstreamHost
+from tests.support.upstreams import EchoUpstream
 
 DEADLINE = 15.0
 SLOW_REQUESTS = 20
-
-
-@pytest.fixture(scope="module")
-def blue(upstream_host: UpstreamHost) -> Iterator[EchoUpstream]:
-    upstream = upstream_host.echo("blue")
-    yield upstream
-    upstream_host.stop(upstream)
 
 
 def table(blue: EchoUpstream, *, workers: int, delay: str, shutdown: str) -> dict[str, Any]:
