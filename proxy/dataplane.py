@@ -326,19 +326,20 @@ class Exchange:
             raise HeadError(400, "more than one Host header")
         if self.method == "CONNECT":
             raise HeadError(405, "CONNECT is not supported by a reverse proxy")
-        tokens = connection_tokens(self.conn_tokens) if self.conn_tokens else frozenset()
-        if (
-            parser.should_upgrade()
-            and self.upgrade_values
-            and b"upgrade" in tokens
-            and any(b"websocket" in v.lower() for v in self.upgrade_values)
-        ):
-            self.upgrade = True
-        extra = tokens - _NEVER_HOP
-        if extra:
-            # Headers named by Connection are hop-by-hop too (RFC 9110 section 7.6.1).
-            self.kept_headers = [h for h in self.kept_headers if h[0] not in extra]
-            self.wanted = {k: v for k, v in self.wanted.items() if k.encode() not in extra}
+        if self.conn_tokens:
+            tokens = connection_tokens(self.conn_tokens)
+            if (
+                b"upgrade" in tokens
+                and self.upgrade_values
+                and parser.should_upgrade()
+                and any(b"websocket" in v.lower() for v in self.upgrade_values)
+            ):
+                self.upgrade = True
+            extra = tokens - _NEVER_HOP
+            if extra:
+                # Headers named by Connection are hop-by-hop too (RFC 9110 section 7.6.1).
+                self.kept_headers = [h for h in self.kept_headers if h[0] not in extra]
+                self.wanted = {k: v for k, v in self.wanted.items() if k.encode() not in extra}
         ctx = self.conn.ctx
         limit = ctx.limits.max_request_body
         if self.content_length is not None and self.content_length > limit:
