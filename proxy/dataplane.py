@@ -238,7 +238,7 @@ class Exchange:
         self.decision = ""
         self.route_name = ""
         self.upstream_name = ""
-        self.stats = conn.ctx.no_route_stats()
+        self.stats = conn.ctx.generation.no_route
         self.upstream: UpstreamPool | None = None
         self.upstream_conn: UpstreamConnection | None = None
         self.endpoint: EndpointPool | None = None
@@ -779,7 +779,9 @@ class Exchange:
         ctx = conn.ctx
         if upstream_conn is not None and endpoint is not None:
             endpoint.in_flight -= 1
-            ctx.passive_result(endpoint, self.status)
+            if self.status >= 500 or endpoint.passive_failures or endpoint.ejections:
+                # A success with no failure streak to reset needs no bookkeeping.
+                ctx.passive_result(endpoint, self.status)
             if self.body_done:
                 endpoint.release(upstream_conn, ctx.now)
             else:
@@ -1203,7 +1205,8 @@ class ClientConnection(CoalescingProtocol):
             self.close()
             return
         # Whatever paused reading for the finished exchange no longer applies.
-        self.unpause(PAUSE_BACKPRESSURE)
+        if self.paused:
+            self.unpause(PAUSE_BACKPRESSURE)
         if self.queue:
             nxt = self.queue.popleft()
             self.current = nxt
@@ -1213,7 +1216,8 @@ class ClientConnection(CoalescingProtocol):
             nxt.begin()
             return
         self.idle_since = self.ctx.now
-        self.unpause(PAUSE_PIPELINE)
+        if self.paused:
+            self.unpause(PAUSE_PIPELINE)
         if self.closing:
             self.close()
 
@@ -1243,8 +1247,7 @@ class ClientConnection(CoalescingProtocol):
         """The upgrade completed: from now on bytes flow untouched both ways."""
         self.tunnel = ex
         self.close_after = True
-        self.ctx.unwatch(ex)
-        self.ctx.watch(ex)
+        self.ctx.watched.add(ex)
         ex.deadline = 0.0
         upstream_conn = ex.upstream_conn
         if upstream_conn is not None:

@@ -103,6 +103,7 @@ class WorkerContext:
         self.limits = Limits()
         self.timeouts = Timeouts()
         self.connections: set[ClientConnection] = set()
+        # Exchanges with a deadline or an idle timeout; the ticker checks them (dataplane adds them).
         self.watched: set[Exchange] = set()
         self.endpoints: dict[tuple[str, str], EndpointPool] = {}
         self.down: set[tuple[str, str]] = set()
@@ -204,19 +205,6 @@ class WorkerContext:
             pool.refresh(self.now)
 
     # ---- hooks the data plane calls ------------------------------------------------------
-
-    def no_route_stats(self) -> RouteUpstreamStats:
-        """Counters for requests that matched no route (route="" upstream="")."""
-        gen = self.generation
-        return gen.no_route
-
-    def watch(self, ex: Exchange) -> None:
-        """Let the ticker enforce this exchange's deadline and idle timeout."""
-        self.watched.add(ex)
-
-    def unwatch(self, ex: Exchange) -> None:
-        """The exchange needs no timer now."""
-        self.watched.discard(ex)
 
     def count_fail_open(self, upstream: str) -> None:
         """No endpoint of `upstream` was healthy: all were tried anyway."""
