@@ -103,7 +103,7 @@ class WorkerContext:
         self.limits = Limits()
         self.timeouts = Timeouts()
         self.connections: set[ClientConnection] = set()
-        # Exchanges with a deadline or an idle timeout; the ticker checks them (dataplane adds them).
+        # Exchanges with a deadline or an idle timeout (added by the data plane); see tick().
         self.watched: set[Exchange] = set()
         self.endpoints: dict[tuple[str, str], EndpointPool] = {}
         self.down: set[tuple[str, str]] = set()
