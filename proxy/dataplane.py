@@ -20,15 +20,13 @@ exchange escape into the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
-import socket
 from collections import deque
 from http import HTTPStatus
 from time import perf_counter
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import httptools
 import orjson
@@ -49,7 +47,7 @@ from proxy.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from proxy.writes import WRITE_HIGH, WRITE_LOW, CoalescingProtocol
+from proxy.writes import CoalescingProtocol
 from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
@@ -997,29 +995,13 @@ class ClientConnection(CoalescingProtocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport; they implement it.
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
-        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.idle_since = self.ctx.now
         self.ctx.connection_opened(self)
 
-    def data_received(self, data: bytes) -> None:
-        batcher = self.batcher
-        if not batcher.hold():
-            self._received(data)
-            return
-        try:
-            self._received(data)
-        finally:
-            batcher.release()
-
-    def _received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
         if self.lingering:
             # The client's answer to our close frame: the handshake is done.
             self.close()

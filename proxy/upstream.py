@@ -15,15 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-from typing import Protocol, cast
+from typing import Protocol
 
 import httptools
 
 from proxy.headers import is_chunked
 from proxy.routing import pick_endpoint
 from proxy.spec import Endpoint, UpstreamSpec
-from proxy.writes import WRITE_HIGH, WRITE_LOW, CoalescingProtocol, WriteBatcher
+from proxy.writes import CoalescingProtocol, WriteBatcher
 
 log = logging.getLogger("turnout.upstream")
 
@@ -125,26 +124,7 @@ class UpstreamConnection(CoalescingProtocol):
 
     # asyncio.Protocol
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport; they implement it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        batcher = self.batcher
-        if not batcher.hold():
-            self._received(data)
-            return
-        try:
-            self._received(data)
-        finally:
-            batcher.release()
-
-    def _received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
         if self.tunnel:
             sink = self.sink
             if sink is not None:

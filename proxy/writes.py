@@ -9,6 +9,9 @@ at the end of the loop pass, so a small response leaves in one send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+from typing import cast
 
 
 class WriteBatcher:
@@ -69,6 +72,31 @@ class CoalescingProtocol(asyncio.Protocol):
         self.batcher = batcher
         self.out: list[bytes] | None = None
         self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport, bound its write buffer and turn Nagle off (small heads)."""
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        """Hold the batcher while `received` runs, then flush what it wrote, in one go."""
+        batcher = self.batcher
+        if not batcher.hold():
+            self.received(data)
+            return
+        try:
+            self.received(data)
+        finally:
+            batcher.release()
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the peer (subclasses parse them)."""
+        raise NotImplementedError
 
     def write(self, data: bytes) -> None:
         """Queue bytes for this connection; they leave at the end of the loop pass."""
