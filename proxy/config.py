@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import yaml
-from yaml.events import AliasEvent, StreamEndEvent
+from yaml.events import AliasEvent, CollectionStartEvent, StreamEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 from proxy.spec import (
     ALL_METHODS,
+    MAX_WEIGHT,
     ConfigSpec,
     Drain,
     Endpoint,
@@ -43,11 +44,14 @@ from proxy.spec import (
 )
 
 __all__ = [
+    "LOG_ISSUE_LIMIT",
+    "MAX_FILE_BYTES",
     "NAME_RE",
     "ConfigError",
     "ConfigIssue",
     "config_sha256",
     "format_duration",
+    "format_issues",
     "format_size",
     "parse_config",
     "parse_duration",
@@ -59,7 +63,8 @@ __all__ = [
 _T = TypeVar("_T")
 _N = TypeVar("_N", int, float)
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+# Route and upstream names: at most 63 characters (_MAX_NAME_CHARS), like a DNS label.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 # RFC 9110 token: what a header or cookie name may be made of.
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
@@ -74,14 +79,55 @@ _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)\Z")
 _SIZE_RE = re.compile(r"([0-9]+)(B|KiB|MiB|GiB)\Z")
 _JSON_PATH_RE = re.compile(r"[^.\s]+(?:\.[^.\s]+)*\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Lone surrogates (only `\udc80`-style escapes make them): not Unicode, so not UTF-8 or JSON.
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 _SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _SIZE_UNITS = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10, "B": 1}
 # A bound on every duration: far above any sensible timeout or step, and far below the values
 # that overflow event-loop timers.
 _MAX_DURATION = 24 * 3600.0
-_MAX_WEIGHT = 1_000_000.0
 _MAX_RETRIES = 10
+
+# Limits on the file itself (docs/config.md, "Limits on the file itself"). They keep every
+# input finite: parse time, memory, error messages, and what /admin/config dumps as JSON.
+MAX_FILE_BYTES = 16 << 20
+# Nested lists and mappings; the schema itself needs 5.
+_MAX_DEPTH = 64
+# Any one key or value; no string in the schema may be longer (a cookie value is up to 4096).
+_MAX_SCALAR_CHARS = 4096
+# Upstream and route names: a DNS label, as a Kubernetes service name is.
+_MAX_NAME_CHARS = 63
+_MAX_TOKEN_CHARS = 256
+_MAX_HOST_CHARS = 253
+_MAX_LABEL_CHARS = 63
+_MAX_PATH_CHARS = 1024
+# Integers in the file have at most this many digits: beyond it every range check fails anyway,
+# and Python refuses to convert more than 4300.
+_MAX_DIGITS = 20
+_MAX_ROUTES = 100_000
+_MAX_UPSTREAMS = 100_000
+_MAX_ENDPOINTS = 1000
+_MAX_OVERRIDES = 1000
+_MAX_STEPS = 100
+_MAX_IGNORE_FIELDS = 100
+_MAX_WORKERS = 1024
+_MAX_CONNECTIONS = 1_000_000
+_MAX_HEADERS = 10_000
+_MAX_HEADER_SIZE = 1 << 20
+_MAX_REQUEST_BODY = 1 << 40
+# A mirrored request's body is held in memory while the copy is in flight.
+_MAX_MIRROR_BODY = 1 << 30
+_MAX_MIRROR_IN_FLIGHT = 10_000
+_MAX_CHECK_COUNT = 1000
+_MAX_MIN_REQUESTS = 1_000_000_000
+# Values echoed in messages are cut to this many characters (a name is never cut).
+_MAX_SHOWN_CHARS = 64
+# Upstream names listed after "unknown upstream".
+_MAX_KNOWN_SHOWN = 10
+# Issues a log line or `last_error` carries; `turnout validate` prints them all.
+LOG_ISSUE_LIMIT = 20
 
 _YAML_TAG = "tag:yaml.org,2002:"
 _STR = _YAML_TAG + "str"
@@ -118,11 +164,41 @@ class ConfigIssue:
 
 
 class ConfigError(Exception):
-    """A config file failed validation; `issues` lists every problem found, in file order."""
+    """A config file failed validation; `issues` lists every problem found, in file order.
+
+    `turnout validate` prints them all; a log line should carry `format_issues(issues)`.
+    """
 
     def __init__(self, issues: list[ConfigIssue]) -> None:
         super().__init__("\n".join(str(issue) for issue in issues))
         self.issues = issues
+
+
+def format_issues(issues: Sequence[ConfigIssue | str], limit: int = LOG_ISSUE_LIMIT) -> list[str]:
+    """The first `limit` issues as lines, then one `... and K more errors` line if any were cut.
+
+    For logs and `last_error`: one bad file must not write an unbounded number of lines.
+    """
+    lines = [str(issue) for issue in issues[:limit]]
+    more = len(issues) - len(lines)
+    if more > 0:
+        plural = "s" if more != 1 else ""
+        lines.append(f"... and {more} more error{plural} (`turnout validate` lists every one)")
+    return lines
+
+
+def _escape(text: str) -> str:
+    """Control characters and surrogates as escapes: an issue stays one printable line."""
+    if text.isprintable():  # the usual case, and much faster than the regex
+        return text
+    return _UNPRINTABLE_RE.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def _shown(text: str) -> str:
+    """`text` as echoed in a message: cut to a readable length, and escaped."""
+    if len(text) > _MAX_SHOWN_CHARS:
+        text = text[: _MAX_SHOWN_CHARS - 3] + "..."
+    return _escape(text)
 
 
 def config_sha256(text: str) -> str:
@@ -139,12 +215,12 @@ def parse_duration(text: str) -> float:
         return 0.0
     found = _DURATION_RE.match(text)
     if found is None:
-        raise ValueError(f"bad duration '{text}' ({_DURATION_HINT})")
+        raise ValueError(f"bad duration '{_shown(text)}' ({_DURATION_HINT})")
     number, unit = found.groups()
     # Division, not multiplication by 0.001, so that "250ms" is exactly 0.25.
     seconds = float(number) / 1000.0 if unit == "ms" else float(number) * _SECONDS[unit]
     if not math.isfinite(seconds):
-        raise ValueError(f"bad duration '{text}' ({_DURATION_HINT})")
+        raise ValueError(f"bad duration '{_shown(text)}' ({_DURATION_HINT})")
     return seconds
 
 
@@ -178,13 +254,20 @@ def _positional(value: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """`1048576`, `512B`, `512KiB`, `1MiB`, `1GiB` -> bytes; ValueError with a message otherwise."""
+    """`1048576`, `512B`, `512KiB`, `1MiB`, `1GiB` -> bytes; ValueError with a message otherwise.
+
+    More than 20 digits is refused as too large: no size may be that big.
+    """
     if text.isascii() and text.isdigit():
-        return int(text)
-    found = _SIZE_RE.match(text)
-    if found is None:
-        raise ValueError(f"bad size '{text}' ({_SIZE_HINT})")
-    return int(found.group(1)) * _SIZE_UNITS[found.group(2)]
+        digits, factor = text, 1
+    else:
+        found = _SIZE_RE.match(text)
+        if found is None:
+            raise ValueError(f"bad size '{_shown(text)}' ({_SIZE_HINT})")
+        digits, factor = found.group(1), _SIZE_UNITS[found.group(2)]
+    if len(digits) > _MAX_DIGITS:
+        raise ValueError(f"size '{_shown(text)}' is too large")
+    return int(digits) * factor
 
 
 def format_size(size: int) -> str:
@@ -207,7 +290,7 @@ def _split_address(text: str) -> tuple[str, int]:
             raise ValueError("missing ']' after the IPv6 address")
         host, rest = text[1:end], text[end + 1 :]
         if not _IPV6_RE.match(host):
-            raise ValueError(f"'{host}' is not an IPv6 address")
+            raise ValueError(f"'{_shown(host)}' is not an IPv6 address")
         if not rest.startswith(":"):
             raise ValueError("expected [v6-address]:port, e.g. [::1]:9901")
         port_text = rest[1:]
@@ -219,8 +302,15 @@ def _split_address(text: str) -> tuple[str, int]:
             raise ValueError("put an IPv6 address in brackets, e.g. [::1]:9901")
         if not host:
             raise ValueError("the host is missing")
+        if len(host) > _MAX_HOST_CHARS or any(
+            len(label) > _MAX_LABEL_CHARS for label in host.split(".")
+        ):
+            raise ValueError(
+                f"the host is too long (at most {_MAX_HOST_CHARS} characters, "
+                f"{_MAX_LABEL_CHARS} between dots)"
+            )
         if not _ENDPOINT_HOST_RE.match(host):
-            raise ValueError(f"'{host}' is not a host name or IP address")
+            raise ValueError(f"'{_shown(host)}' is not a host name or IP address")
     if not _PORT_RE.match(port_text) or not 1 <= int(port_text) <= 65535:
         raise ValueError("the port must be a number from 1 to 65535")
     return host, int(port_text)
@@ -229,19 +319,36 @@ def _split_address(text: str) -> tuple[str, int]:
 # --- YAML -------------------------------------------------------------------------------------
 
 
+# Placeholder nodes whose problem is still to be reported: id(node) -> (node, message).
+_Unusable = dict[int, tuple[Node, str]]
+
+
+class _TooDeep(Exception):
+    """Nesting went past _MAX_DEPTH at `mark`: composing stops there."""
+
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__()
+        self.mark = mark
+
+
 class _Loader(yaml.SafeLoader):
     """A composer that records aliases, foreign tags and extra documents instead of obeying.
 
     Aliases would let one node appear under two key paths (and let a small file expand to a
-    huge one); refusing them keeps every value at exactly one place in the file.
+    huge one); refusing them keeps every value at exactly one place in the file. Scalars that
+    are too long or not valid Unicode are reported here once, whatever key they sit under, and
+    nesting is bounded (PyYAML composes recursively).
     """
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self.problems: list[tuple[yaml.Mark, str]] = []
+        # Bad scalars by id: the checker reports each with its key path when it meets it.
+        self.unusable: _Unusable = {}
+        self.depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
-        """Compose one node, swapping aliases and foreign tags for reported placeholders."""
+        """Compose one node, swapping aliases, foreign tags and bad scalars for placeholders."""
         if self.check_event(AliasEvent):
             event = self.get_event()  # type: ignore[no-untyped-call]  # unannotated in stubs
             self.problems.append(
@@ -250,11 +357,28 @@ class _Loader(yaml.SafeLoader):
             return ScalarNode(_INVALID, "", event.start_mark, event.end_mark)
         event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in stubs
         tag: str | None = getattr(event, "tag", None)
-        node = super().compose_node(parent, index)
+        nested = isinstance(event, CollectionStartEvent)
+        if nested:
+            if self.depth >= _MAX_DEPTH:
+                # Stop reading at once: skipping the rest would still scan all of it.
+                raise _TooDeep(event.start_mark)
+            self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            if nested:
+                self.depth -= 1
         if node is not None and tag is not None and tag != "!" and tag not in _ALLOWED_TAGS:
             shown = "!!" + tag[len(_YAML_TAG) :] if tag.startswith(_YAML_TAG) else tag
-            self.problems.append((event.start_mark, f"YAML tag '{shown}' is not supported"))
+            self.problems.append((event.start_mark, f"YAML tag '{_shown(shown)}' is not supported"))
             node.tag = _INVALID
+        elif isinstance(node, ScalarNode):
+            problem = _scalar_problem(str(node.value))
+            if problem is not None:
+                self.unusable[id(node)] = (node, problem)
+                node.tag = _INVALID
+                # Nothing downstream may print or dump the raw value.
+                node.value = _shown(str(node.value))
         return node
 
     def get_single_node(self) -> Node | None:
@@ -269,24 +393,52 @@ class _Loader(yaml.SafeLoader):
         return document
 
 
+def _scalar_problem(text: str) -> str | None:
+    """Why a key or value cannot be used whatever its place in the schema, or None."""
+    if len(text) > _MAX_SCALAR_CHARS:
+        return (
+            f"too long: {len(text)} characters (at most {_MAX_SCALAR_CHARS} for any key or "
+            f"value, {_MAX_NAME_CHARS} for a name)"
+        )
+    surrogate = _SURROGATE_RE.search(text)
+    if surrogate is not None:
+        return (
+            f"'{repr(surrogate.group())[1:-1]}' is half of a UTF-16 surrogate pair, not a "
+            "character; write the character itself (or \\U0001F600 for one above U+FFFF)"
+        )
+    return None
+
+
 def _position(text: str, index: int) -> tuple[int, int]:
     line_start = text.rfind("\n", 0, index) + 1
     return text.count("\n", 0, index) + 1, index - line_start + 1
 
 
-def _compose(text: str, file: str, issues: list[ConfigIssue]) -> Node | None:
-    """Text -> root node (None when there is none or the YAML is broken); problems to `issues`."""
+def _compose(text: str, file: str, issues: list[ConfigIssue]) -> tuple[Node | None, _Unusable]:
+    """Text -> root node (None when there is none or the YAML is broken) and the unusable
+    scalars in it; other problems go to `issues`."""
     try:
         # The reader checks every character up front, so even construction can fail.
         loader = _Loader(text)
     except ReaderError as exc:
         line, col = _position(text, int(exc.position))
         issues.append(ConfigIssue(file, line, col, "", f"not readable as YAML: {exc.reason}"))
-        return None
+        return None, {}
     # yaml.compose() with our loader, spelled out so that the loader's problems are reachable.
     node: Node | None = None
     try:
         node = loader.get_single_node()
+    except _TooDeep as exc:
+        issues.append(
+            ConfigIssue(
+                file,
+                exc.mark.line + 1,
+                exc.mark.column + 1,
+                "",
+                f"lists and mappings are nested more than {_MAX_DEPTH} deep; "
+                "the rest of the file was not read",
+            )
+        )
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = f"YAML syntax error: {exc.problem or exc.context}"
@@ -298,10 +450,11 @@ def _compose(text: str, file: str, issues: list[ConfigIssue]) -> Node | None:
         loader.dispose()
     for mark, message in loader.problems:
         issues.append(ConfigIssue(file, mark.line + 1, mark.column + 1, "", message))
-    return node
+    return node, loader.unusable
 
 
 def _join(path: str, key: str) -> str:
+    key = _shown(key)
     return f"{path}.{key}" if path else key
 
 
@@ -317,7 +470,7 @@ def _describe(node: Node) -> str:
     if isinstance(node, SequenceNode):
         return "a list"
     text = str(node.value)
-    shown = text if len(text) <= 40 else text[:37] + "..."
+    shown = _escape(text if len(text) <= 40 else text[:37] + "...")
     if not isinstance(node, ScalarNode) or not _is_plain(node):
         return f"a string '{shown}'"
     if node.tag == _NULL:
@@ -337,6 +490,10 @@ def _describe(node: Node) -> str:
 _Items = dict[str, tuple[ScalarNode, Node]]
 
 
+def _show_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 class _Checker:
     """Walks the node tree against the schema, collecting issues; never stops early.
 
@@ -344,15 +501,25 @@ class _Checker:
     callers then carry on with a default, since the spec is thrown away when any issue exists.
     """
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, unusable: _Unusable) -> None:
         self.file = file
         self.issues: list[ConfigIssue] = []
         self.known: frozenset[str] | None = None
+        self.unusable = unusable
 
     def error(self, node: Node, path: str, message: str) -> None:
         """Record one issue at the node's position."""
         mark = node.start_mark
         self.issues.append(ConfigIssue(self.file, mark.line + 1, mark.column + 1, path, message))
+
+    def _placeholder(self, node: Node, path: str) -> bool:
+        """True for a node the composer replaced; its pending problem is reported at `path`."""
+        if node.tag != _INVALID:
+            return False
+        held = self.unusable.pop(id(node), None)
+        if held is not None:
+            self.error(node, path, held[1])
+        return True
 
     # --- structure ---
 
@@ -360,7 +527,7 @@ class _Checker:
         """The mapping's (key, key node, value node), duplicates and odd keys reported."""
         seen: dict[str, ScalarNode] = {}
         for key, value in node.value:
-            if key.tag == _INVALID:
+            if self._placeholder(key, _join(path, str(key.value))):
                 continue
             if not isinstance(key, ScalarNode):
                 self.error(key, path, f"keys must be plain strings, got {_describe(key)}")
@@ -371,14 +538,14 @@ class _Checker:
                 self.error(
                     key,
                     _join(path, name),
-                    f"duplicate key '{name}' (first at line {first.start_mark.line + 1})",
+                    f"duplicate key '{_shown(name)}' (first at line {first.start_mark.line + 1})",
                 )
                 continue
             seen[name] = key
             yield name, key, value
 
     def _map(self, node: Node, path: str) -> MappingNode | None:
-        if node.tag == _INVALID:
+        if self._placeholder(node, path):
             return None
         if not isinstance(node, MappingNode):
             self.error(node, path, f"expected a mapping, got {_describe(node)}")
@@ -398,18 +565,24 @@ class _Checker:
                 items[name] = (key, value)
             else:
                 self.error(
-                    key, _join(path, name), f"unknown key '{name}' (allowed: {', '.join(allowed)})"
+                    key,
+                    _join(path, name),
+                    f"unknown key '{_shown(name)}' (allowed: {', '.join(allowed)})",
                 )
         for name in required:
             if name not in items:
                 self.error(mapping, path, f"missing required key '{name}'")
         return items
 
-    def _list(self, node: Node, path: str) -> list[Node] | None:
-        if node.tag == _INVALID:
+    def _list(self, node: Node, path: str, maximum: int, what: str) -> list[Node] | None:
+        """A list of at most `maximum` elements (`what` names them in the error)."""
+        if self._placeholder(node, path):
             return None
         if not isinstance(node, SequenceNode):
             self.error(node, path, f"expected a list, got {_describe(node)}")
+            return None
+        if len(node.value) > maximum:
+            self.error(node, path, f"at most {maximum} {what} (this list has {len(node.value)})")
             return None
         return list(node.value)
 
@@ -431,7 +604,7 @@ class _Checker:
     # --- scalars ---
 
     def _scalar(self, node: Node, path: str, expected: str) -> ScalarNode | None:
-        if node.tag == _INVALID:
+        if self._placeholder(node, path):
             return None
         if not isinstance(node, ScalarNode) or (_is_plain(node) and node.tag == _NULL):
             self.error(node, path, f"expected {expected}, got {_describe(node)}")
@@ -477,9 +650,7 @@ class _Checker:
         self.error(node, path, f"expected true or false, got {_describe(scalar)}")
         return None
 
-    def _int(
-        self, node: Node, path: str, minimum: int | None = None, maximum: int | None = None
-    ) -> int | None:
+    def _int(self, node: Node, path: str, minimum: int, maximum: int) -> int | None:
         scalar = self._scalar(node, path, "an integer")
         if scalar is None:
             return None
@@ -488,7 +659,13 @@ class _Checker:
             self.error(node, path, f"expected an integer, got {_describe(scalar)}")
             return None
         if _LEADING_ZERO_RE.match(text):
-            self.error(node, path, f"leading zeros are ambiguous in '{text}' (YAML 1.1 octal)")
+            self.error(
+                node, path, f"leading zeros are ambiguous in '{_shown(text)}' (YAML 1.1 octal)"
+            )
+            return None
+        if len(text.lstrip("+-")) > _MAX_DIGITS:
+            # Out of every range; int() would refuse the longest ones with a traceback.
+            self.error(node, path, f"must be from {minimum} to {maximum}")
             return None
         return self._in_range(node, path, int(text), minimum, maximum)
 
@@ -512,7 +689,9 @@ class _Checker:
             self.error(node, path, f"expected a number, got {_describe(scalar)}")
             return None
         if _LEADING_ZERO_RE.match(text):
-            self.error(node, path, f"leading zeros are ambiguous in '{text}' (YAML 1.1 octal)")
+            self.error(
+                node, path, f"leading zeros are ambiguous in '{_shown(text)}' (YAML 1.1 octal)"
+            )
             return None
         value = float(text)
         if above_minimum and not minimum < value <= maximum:
@@ -523,17 +702,16 @@ class _Checker:
         return self._in_range(node, path, value, minimum, maximum)
 
     def _in_range(
-        self, node: Node, path: str, value: _N, minimum: _N | None, maximum: _N | None
+        self,
+        node: Node,
+        path: str,
+        value: _N,
+        minimum: _N,
+        maximum: _N,
+        show: Callable[[_N], str] = _show_number,
     ) -> _N | None:
-        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-            low, high = _show_number(minimum), _show_number(maximum)
-            self.error(node, path, f"must be from {low} to {high}")
-            return None
-        if minimum is not None and value < minimum:
-            self.error(node, path, f"must be >= {_show_number(minimum)}")
-            return None
-        if maximum is not None and value > maximum:
-            self.error(node, path, f"must be <= {_show_number(maximum)}")
+        if not minimum <= value <= maximum:
+            self.error(node, path, f"must be from {show(minimum)} to {show(maximum)}")
             return None
         return value
 
@@ -560,20 +738,22 @@ class _Checker:
     def _any_duration(self, node: Node, path: str) -> float | None:
         return self._duration(node, path, positive=False)
 
-    def _size(self, node: Node, path: str, minimum: int) -> int | None:
+    def _size(self, node: Node, path: str, minimum: int, maximum: int) -> int | None:
         scalar = self._scalar(node, path, f"a size ({_SIZE_HINT})")
         if scalar is None:
             return None
         text = str(scalar.value)
         if _is_plain(scalar) and _LEADING_ZERO_RE.match(text):
-            self.error(node, path, f"leading zeros are ambiguous in '{text}' (YAML 1.1 octal)")
+            self.error(
+                node, path, f"leading zeros are ambiguous in '{_shown(text)}' (YAML 1.1 octal)"
+            )
             return None
         try:
             size = parse_size(text)
         except ValueError as exc:
             self.error(node, path, str(exc))
             return None
-        return self._in_range(node, path, size, minimum, None)
+        return self._in_range(node, path, size, minimum, maximum, format_size)
 
     def _address(self, node: Node, path: str) -> tuple[str, int] | None:
         scalar = self._scalar(node, path, "host:port")
@@ -583,7 +763,7 @@ class _Checker:
         try:
             return _split_address(text)
         except ValueError as exc:
-            self.error(node, path, f"bad address '{text}': {exc}")
+            self.error(node, path, f"bad address '{_shown(text)}': {exc}")
             return None
 
     def _name(self, node: Node, path: str, what: str) -> str | None:
@@ -591,8 +771,16 @@ class _Checker:
         if scalar is None:
             return None
         name = str(scalar.value)
+        if len(name) > _MAX_NAME_CHARS:
+            self.error(
+                node,
+                path,
+                f"{what} name of {len(name)} characters; at most {_MAX_NAME_CHARS} "
+                "(a DNS label, like a Kubernetes name)",
+            )
+            return None
         if not NAME_RE.match(name):
-            self.error(node, path, f"bad {what} name '{name}' (use {_NAME_HINT})")
+            self.error(node, path, f"bad {what} name '{_shown(name)}' (use {_NAME_HINT})")
             return None
         return name
 
@@ -636,6 +824,7 @@ class _Checker:
             admin=default.admin if admin is None else admin,
             workers=self._field(items, "workers", "", self._workers, default.workers),
             state_file=self._field(items, "state_file", "", self._state_file, None),
+            via=self._field(items, "via", "", self._via, None),
             timeouts=self._field(items, "timeouts", "", self._timeouts, default.timeouts),
             limits=self._field(items, "limits", "", self._limits, default.limits),
             drain=self._field(items, "drain", "", self._drain, default.drain),
@@ -650,19 +839,32 @@ class _Checker:
         return self._address(items[key][1], key)
 
     def _workers(self, node: Node, path: str) -> int | None:
+        if self._placeholder(node, path):
+            return None
         if isinstance(node, ScalarNode) and str(node.value) == "auto":
             return 0  # ConfigSpec's spelling of "auto"; the caller counts the CPUs.
         if isinstance(node, ScalarNode) and _is_plain(node) and _INT_RE.match(str(node.value)):
-            return self._int(node, path, minimum=1)
-        self.error(node, path, f"expected an integer >= 1 or 'auto', got {_describe(node)}")
+            return self._int(node, path, minimum=1, maximum=_MAX_WORKERS)
+        self.error(
+            node,
+            path,
+            f"expected an integer from 1 to {_MAX_WORKERS} or 'auto', got {_describe(node)}",
+        )
         return None
+
+    def _via(self, node: Node, path: str) -> str | None:
+        return self._text_field(node, path, _check_via, "a Via pseudonym")
 
     def _state_file(self, node: Node, path: str) -> str | None:
         name = self._text_field(node, path, _check_file_name)
         if name is None:
             return None
         folder = posixpath.dirname(self.file)
-        return posixpath.normpath(posixpath.join(folder, name))
+        resolved = posixpath.normpath(posixpath.join(folder, name))
+        if resolved == posixpath.normpath(self.file):
+            self.error(node, path, "must not be the config file itself")
+            return None
+        return resolved
 
     def _timeouts(self, node: Node, path: str) -> Timeouts | None:
         items = self._mapping(node, path, _TIMEOUT_KEYS)
@@ -683,17 +885,25 @@ class _Checker:
             return None
         d = Limits()
 
-        def size(n: Node, p: str) -> int | None:
-            return self._size(n, p, minimum=1)
+        def body(n: Node, p: str) -> int | None:
+            return self._size(n, p, minimum=1, maximum=_MAX_REQUEST_BODY)
 
-        def count(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1)
+        def head(n: Node, p: str) -> int | None:
+            return self._size(n, p, minimum=1, maximum=_MAX_HEADER_SIZE)
+
+        def connections(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=1, maximum=_MAX_CONNECTIONS)
+
+        def headers(n: Node, p: str) -> int | None:
+            return self._int(n, p, minimum=1, maximum=_MAX_HEADERS)
 
         return Limits(
-            max_request_body=self._field(items, "max_request_body", path, size, d.max_request_body),
-            max_connections=self._field(items, "max_connections", path, count, d.max_connections),
-            max_header_size=self._field(items, "max_header_size", path, size, d.max_header_size),
-            max_headers=self._field(items, "max_headers", path, count, d.max_headers),
+            max_request_body=self._field(items, "max_request_body", path, body, d.max_request_body),
+            max_connections=self._field(
+                items, "max_connections", path, connections, d.max_connections
+            ),
+            max_header_size=self._field(items, "max_header_size", path, head, d.max_header_size),
+            max_headers=self._field(items, "max_headers", path, headers, d.max_headers),
         )
 
     def _drain(self, node: Node, path: str) -> Drain | None:
@@ -711,6 +921,10 @@ class _Checker:
     def _upstreams(self, node: Node, path: str) -> tuple[UpstreamSpec, ...] | None:
         mapping = self._map(node, path)
         if mapping is None:
+            return None
+        if len(mapping.value) > _MAX_UPSTREAMS:
+            count = len(mapping.value)
+            self.error(mapping, path, f"at most {_MAX_UPSTREAMS} upstreams (this file has {count})")
             return None
         entries = [
             (name, key, value)
@@ -732,7 +946,7 @@ class _Checker:
         )
 
     def _endpoints(self, node: Node, path: str) -> tuple[Endpoint, ...] | None:
-        elements = self._list(node, path)
+        elements = self._list(node, path, _MAX_ENDPOINTS, "endpoints")
         if elements is None:
             return None
         if not elements:
@@ -759,7 +973,7 @@ class _Checker:
         d = HealthCheck()
 
         def at_least_one(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1)
+            return self._int(n, p, minimum=1, maximum=_MAX_CHECK_COUNT)
 
         read = self._positive_duration
         return HealthCheck(
@@ -776,19 +990,35 @@ class _Checker:
         return self._text_field(node, path, _check_http_path, "a path")
 
     def _routes(self, node: Node, path: str) -> tuple[RouteSpec, ...] | None:
-        elements = self._list(node, path)
+        elements = self._list(node, path, _MAX_ROUTES, "routes")
         if elements is None:
             return None
         if not elements:
             self.error(node, path, "at least one route is required")
         routes: list[RouteSpec] = []
         first_line: dict[str, int] = {}
+        shadows = _Shadows()
         for index, element in enumerate(elements):
             where = f"{path}[{index}]"
             items = self._mapping(element, where, _ROUTE_KEYS, ("name", "split"))
             if items is None:
                 continue
-            route = self._route(items, where)
+            before = len(self.issues)
+            match = self._field(items, "match", where, self._match, Match())
+            # Only a match read without error says which requests the route takes.
+            match_read = len(self.issues) == before
+            route = self._route(items, where, match)
+            if match_read:
+                at = items["match"][1] if "match" in items else element
+                label = f"'{route.name}'" if route.name else where
+                earlier = shadows.add(match, f"{label} (line {element.start_mark.line + 1})")
+                if earlier is not None:
+                    self.error(
+                        at,
+                        _join(where, "match") if "match" in items else where,
+                        f"unreachable: route {earlier} comes first and matches every request "
+                        "this route matches; put this route before it, or narrow that one",
+                    )
             name_node = items.get("name")
             if name_node is not None and route.name:
                 seen_at = first_line.get(route.name)
@@ -803,7 +1033,7 @@ class _Checker:
             routes.append(route)
         return tuple(routes)
 
-    def _route(self, items: _Items, path: str) -> RouteSpec:
+    def _route(self, items: _Items, path: str, match: Match) -> RouteSpec:
         def route_name(n: Node, p: str) -> str | None:
             return self._name(n, p, "route")
 
@@ -813,7 +1043,7 @@ class _Checker:
         return RouteSpec(
             name=self._field(items, "name", path, route_name, ""),
             split=self._field(items, "split", path, self._split, ()),
-            match=self._field(items, "match", path, self._match, Match()),
+            match=match,
             overrides=self._field(items, "overrides", path, self._overrides, ()),
             sticky=self._field(items, "sticky", path, self._sticky, None),
             mirror=self._field(items, "mirror", path, self._mirror, None),
@@ -835,7 +1065,7 @@ class _Checker:
         return None if host is None else host.lower().removeprefix("[").removesuffix("]")
 
     def _overrides(self, node: Node, path: str) -> tuple[Override, ...] | None:
-        elements = self._list(node, path)
+        elements = self._list(node, path, _MAX_OVERRIDES, "overrides")
         if elements is None:
             return None
         overrides: list[Override] = []
@@ -874,7 +1104,7 @@ class _Checker:
             where = _join(path, name)
             if self.known is not None and name not in self.known:
                 self.error(key, where, _unknown_upstream(name, self.known))
-            weight = self._number(value, where, 0.0, _MAX_WEIGHT)
+            weight = self._number(value, where, 0.0, MAX_WEIGHT)
             if weight is None:
                 readable = False
                 continue
@@ -907,10 +1137,10 @@ class _Checker:
             return self._number(n, p, 0.0, 100.0)
 
         def max_body(n: Node, p: str) -> int | None:
-            return self._size(n, p, minimum=0)
+            return self._size(n, p, minimum=0, maximum=_MAX_MIRROR_BODY)
 
         def in_flight(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1)
+            return self._int(n, p, minimum=1, maximum=_MAX_MIRROR_IN_FLIGHT)
 
         return Mirror(
             to=self._field(items, "to", path, self._upstream_ref, ""),
@@ -926,7 +1156,7 @@ class _Checker:
         )
 
     def _methods(self, node: Node, path: str) -> frozenset[str] | None:
-        elements = self._list(node, path)
+        elements = self._list(node, path, len(ALL_METHODS), "methods")
         if elements is None:
             return None
         if not elements:
@@ -943,7 +1173,7 @@ class _Checker:
         return frozenset(methods)
 
     def _json_paths(self, node: Node, path: str) -> tuple[str, ...] | None:
-        elements = self._list(node, path)
+        elements = self._list(node, path, _MAX_IGNORE_FIELDS, "fields")
         if elements is None:
             return None
         fields = (
@@ -963,7 +1193,7 @@ class _Checker:
             self.error(items["canary"][1], f"{path}.canary", "must differ from baseline")
 
         def min_requests(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1)
+            return self._int(n, p, minimum=1, maximum=_MAX_MIN_REQUESTS)
 
         def error_rate(n: Node, p: str) -> float | None:
             return self._number(n, p, 0.0, 1.0)
@@ -980,7 +1210,7 @@ class _Checker:
         )
 
     def _steps(self, node: Node, path: str) -> tuple[float, ...] | None:
-        elements = self._list(node, path)
+        elements = self._list(node, path, _MAX_STEPS, "steps")
         if elements is None:
             return None
         if not elements:
@@ -1009,6 +1239,7 @@ _TOP_KEYS = (
     "admin",
     "workers",
     "state_file",
+    "via",
     "timeouts",
     "limits",
     "drain",
@@ -1045,12 +1276,12 @@ _ROLLOUT_KEYS = (
 )
 
 
-def _show_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 def _unknown_upstream(name: str, known: frozenset[str]) -> str:
-    return f"unknown upstream '{name}' (known: {', '.join(sorted(known))})"
+    names = sorted(known)
+    listed = ", ".join(names[:_MAX_KNOWN_SHOWN])
+    if len(names) > _MAX_KNOWN_SHOWN:
+        listed += f", ... ({len(names)} in all)"
+    return f"unknown upstream '{_shown(name)}' (known: {listed})"
 
 
 def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
@@ -1058,23 +1289,41 @@ def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
     return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
 
 
+def _check_via(text: str) -> str | None:
+    # RFC 9110 section 7.6.3: a pseudonym is a token; a name that every instance shares would
+    # make a chain of Turnouts look like a loop, so keep it per instance.
+    if len(text) > _MAX_NAME_CHARS or not _TOKEN_RE.match(text):
+        return (
+            f"bad pseudonym '{_shown(text)}': at most {_MAX_NAME_CHARS} letters, digits and "
+            "!#$%&'*+-.^_`|~"
+        )
+    return None
+
+
 def _check_token(text: str) -> str | None:
+    if len(text) > _MAX_TOKEN_CHARS:
+        return f"a name of {len(text)} characters; at most {_MAX_TOKEN_CHARS}"
     if _TOKEN_RE.match(text):
         return None
-    return f"bad name '{text}' (letters, digits and !#$%&'*+-.^_`|~ only)"
+    return f"bad name '{_shown(text)}' (letters, digits and !#$%&'*+-.^_`|~ only)"
 
 
 def _check_http_path(text: str) -> str | None:
+    if len(text) > _MAX_PATH_CHARS:
+        return f"a path of {len(text)} characters; at most {_MAX_PATH_CHARS}"
     if not text.startswith("/"):
-        return f"must start with '/', got '{text}'"
+        return f"must start with '/', got '{_shown(text)}'"
     if any(char in text for char in "?# ") or _CONTROL_RE.search(text):
-        return f"bad path '{text}' (no query, fragment, spaces or control characters)"
+        return f"bad path '{_shown(text)}' (no query, fragment, spaces or control characters)"
     return None
 
 
 def _check_file_name(text: str) -> str | None:
     if not text or _CONTROL_RE.search(text):
         return "expected a file path"
+    # Judged by the text alone (no file system here); the caller checks what exists.
+    if text.endswith("/") or posixpath.basename(text) in (".", ".."):
+        return f"'{_shown(text)}' names a folder; give a file, e.g. turnout.state.json"
     return None
 
 
@@ -1085,26 +1334,83 @@ def _check_host_pattern(text: str) -> str | None:
     if host.count(":") >= 2 and _IPV6_RE.match(host):
         return None  # a bare IPv6 literal: too many colons to be host:port
     if ":" in host:
-        return f"bad host '{text}': a port is not allowed (the Host header's port is ignored)"
+        return (
+            f"bad host '{_shown(text)}': a port is not allowed (the Host header's port is ignored)"
+        )
     bare = host[2:] if host.startswith("*.") else host
     if "*" in bare:
-        return f"bad host '{text}': the only wildcard is a leading '*.', e.g. *.example.com"
+        return f"bad host '{_shown(text)}': the only wildcard is a leading '*.', e.g. *.example.com"
     # A trailing dot (the fully qualified form) is allowed; the table drops it.
-    if not _HOSTNAME_RE.match(bare.removesuffix(".")):
-        return f"bad host '{text}' (expected e.g. api.example.com or *.example.com)"
+    bare = bare.removesuffix(".")
+    if len(bare) > _MAX_HOST_CHARS or any(
+        len(label) > _MAX_LABEL_CHARS for label in bare.split(".")
+    ):
+        return (
+            f"host too long: at most {_MAX_HOST_CHARS} characters, "
+            f"{_MAX_LABEL_CHARS} between dots (DNS limits)"
+        )
+    if not _HOSTNAME_RE.match(bare):
+        return f"bad host '{_shown(text)}' (expected e.g. api.example.com or *.example.com)"
     return None
 
 
 def _check_method(text: str) -> str | None:
     if text in ALL_METHODS:
         return None
-    return f"unknown method '{text}' (use upper case: {', '.join(ALL_METHODS)})"
+    return f"unknown method '{_shown(text)}' (use upper case: {', '.join(ALL_METHODS)})"
 
 
 def _check_json_path(text: str) -> str | None:
     if _JSON_PATH_RE.match(text):
         return None
-    return f"bad JSON path '{text}' (dotted keys, e.g. meta.request_id)"
+    return f"bad JSON path '{_shown(text)}' (dotted keys, e.g. meta.request_id)"
+
+
+class _Shadows:
+    """Finds the earlier route, if any, that takes every request a later route would match.
+
+    The same rules as `routing.match_route`: a route without host matches every host, an
+    exact host only itself, `*.example.com` (kept as the suffix `.example.com`) every longer
+    name ending in that suffix; a path prefix covers itself and whatever continues it after a
+    `/`, and `/` (kept as "") every path. Routes are indexed by (host, prefix) so that each
+    check costs a few lookups per dot in the host and per `/` in the prefix, not a pass over
+    the earlier routes.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str | None, dict[str, tuple[int, str]]] = {}
+        self._count = 0
+
+    def add(self, match: Match, label: str) -> str | None:
+        """Record a route; the label of the first earlier route that covers it, or None."""
+        host = match.host.rstrip(".") if match.host is not None else None
+        prefix = match.path_prefix.rstrip("/")
+        hosts: list[str | None] = [None]
+        if host is not None:
+            own = host[1:] if host.startswith("*.") else host
+            # The keys that cover it: itself, and each wildcard suffix it ends with (an exact
+            # host needs a label before the suffix, as `*.example.com` is not `example.com`).
+            hosts.append(own)
+            start = 0 if host.startswith("*.") else 1
+            hosts.extend(own[i:] for i in range(start, len(own)) if own[i] == ".")
+        prefixes = [""]
+        prefixes.extend(prefix[:i] for i in range(1, len(prefix)) if prefix[i] == "/")
+        if prefix:
+            prefixes.append(prefix)
+        found: tuple[int, str] | None = None
+        for key in dict.fromkeys(hosts):
+            by_prefix = self._routes.get(key)
+            if by_prefix is None:
+                continue
+            for candidate in prefixes:
+                earlier = by_prefix.get(candidate)
+                if earlier is not None and (found is None or earlier[0] < found[0]):
+                    found = earlier
+        self._routes.setdefault(hosts[1] if host is not None else None, {}).setdefault(
+            prefix, (self._count, label)
+        )
+        self._count += 1
+        return None if found is None else found[1]
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -1116,8 +1422,14 @@ def parse_config(text: str, path: str) -> ConfigSpec:
     `path` names the file in messages, and `state_file` is resolved relative to its folder
     (the result is absolute when `path` is).
     """
+    # Characters never outnumber UTF-8 bytes: the cheap test first.
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        limit = format_size(MAX_FILE_BYTES)
+        message = f"the file is {size} bytes; at most {limit} ({MAX_FILE_BYTES} bytes) is read"
+        raise ConfigError([ConfigIssue(path, 1, 1, "", message)])
     issues: list[ConfigIssue] = []
-    root = _compose(text, path, issues)
+    root, unusable = _compose(text, path, issues)
     spec: ConfigSpec | None = None
     if root is None or (
         isinstance(root, ScalarNode) and root.tag == _NULL and root.value in ("", "~")
@@ -1146,9 +1458,13 @@ def parse_config(text: str, path: str) -> ConfigSpec:
                 )
             )
     else:
-        checker = _Checker(path)
+        checker = _Checker(path, unusable)
         spec = checker.check(root)
         issues.extend(checker.issues)
+    # Bad scalars the schema never reached (e.g. under an unknown key): reported without path.
+    for node, message in unusable.values():
+        mark = node.start_mark
+        issues.append(ConfigIssue(path, mark.line + 1, mark.column + 1, "", message))
     if issues or spec is None:
         raise ConfigError(sorted(issues, key=lambda issue: (issue.line, issue.col)))
     return spec
@@ -1186,6 +1502,8 @@ def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
     }
     if spec.state_file is not None:
         out["state_file"] = spec.state_file
+    if spec.via is not None:
+        out["via"] = spec.via
     out["timeouts"] = {
         "connect": format_duration(spec.timeouts.connect),
         "response": format_duration(spec.timeouts.response),

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The largest split weight anywhere: in the file, in a runtime split, in the state file. Far
+# above any useful ratio, and small enough that sums of many weights stay exact enough.
+MAX_WEIGHT = 1_000_000.0
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -176,6 +180,8 @@ class ConfigSpec:
     admin: tuple[str, int] = ("127.0.0.1", 9901)
     workers: int = 1
     state_file: str | None = None
+    # The received-by name this instance puts in Via; None: a name unique to the instance.
+    via: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     drain: Drain = field(default_factory=Drain)

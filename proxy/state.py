@@ -15,7 +15,8 @@ Turnout may add some.
 
 Writes are atomic: a temporary file in the same folder, fsync, rename over the state file, fsync
 of the folder. A reader (or a crash at any moment) sees the old content or the new, never half.
-A file that cannot be parsed at start is moved aside to `<name>.corrupt-<UTC time>` with a
+A file that cannot be parsed at start, or holds what no config could (a weight above 1000000,
+a route or upstream that is not a name), is moved aside to `<name>.corrupt-<UTC time>` with a
 warning, never silently overwritten.
 """
 
@@ -23,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
+
+from proxy.config import NAME_RE
+from proxy.spec import MAX_WEIGHT
 
 log = logging.getLogger("turnout.state")
 
@@ -68,16 +71,16 @@ def decode_state(data: bytes) -> SavedState:
         raise StateFileError("the top level must be a JSON object")
     version = document.get("version")
     if version != STATE_VERSION:
-        raise StateFileError(f"version: expected {STATE_VERSION}, got {version!r}")
+        raise StateFileError(f"version: expected {STATE_VERSION}, got {_shown(version)}")
     splits: dict[str, dict[str, float]] = {}
     for route, weights in _object(document.get("splits", {}), "splits").items():
-        where = f"splits.{route}"
+        where = f"splits.{_name(route, 'splits')}"
         splits[route] = {
-            upstream: _weight(value, f"{where}.{upstream}")
+            upstream: _weight(value, f"{where}.{_name(upstream, where)}")
             for upstream, value in _object(weights, where).items()
         }
     rollouts = {
-        route: _object(rollout, f"rollouts.{route}")
+        _name(route, "rollouts"): _object(rollout, f"rollouts.{route}")
         for route, rollout in _object(document.get("rollouts", {}), "rollouts").items()
     }
     return SavedState(splits=splits, rollouts=rollouts)
@@ -89,13 +92,29 @@ def _object(value: object, where: str) -> dict[str, object]:
     return value
 
 
+def _shown(value: object) -> str:
+    """`value` for a message, cut short: the file may hold anything."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _name(key: str, where: str) -> str:
+    """A route or upstream name as the config allows them (the file only ever holds those)."""
+    if not NAME_RE.match(key):
+        raise StateFileError(f"{where}: {_shown(key)} is not a route or upstream name")
+    return key
+
+
 def _weight(value: object, where: str) -> float:
     # bool is an int to Python but never a weight.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise StateFileError(f"{where}: expected a number, got {value!r}")
+        raise StateFileError(f"{where}: expected a number, got {_shown(value)}")
     weight = float(value)
-    if not math.isfinite(weight) or weight < 0:
-        raise StateFileError(f"{where}: expected a finite number >= 0, got {value!r}")
+    # The config's bound: larger weights make sums of weights overflow (no share at all).
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise StateFileError(
+            f"{where}: expected a number from 0 to {MAX_WEIGHT:.0f}, got {_shown(value)}"
+        )
     return weight
 
 

@@ -86,6 +86,32 @@ def test_missing_file_is_an_empty_state(tmp_path: Path, caplog: pytest.LogCaptur
         (b'{"version": 1, "splits": {"api": {"blue": "100"}}}', "splits.api.blue"),
         (b'{"version": 1, "splits": {"api": 100}}', "splits.api: expected a JSON object"),
         (b'{"version": 1, "rollouts": {"api": "running"}}', "rollouts.api"),
+        # Issue 17 item 8: weights the config could never hold; before, 1e308 was accepted at
+        # start and its sum overflowed (effective split null, all traffic to one version).
+        (
+            b'{"version": 1, "splits": {"api": {"blue": 1e308, "green": 1e308}}}',
+            r"splits.api.blue: expected a number from 0 to 1000000, got 1e\+308",
+        ),
+        (
+            b'{"version": 1, "splits": {"api": {"blue": 1000001}}}',
+            "splits.api.blue: expected a number from 0 to 1000000, got 1000001",
+        ),
+        (
+            b'{"version": 1, "splits": {"API": {"blue": 1}}}',
+            "splits: 'API' is not a route or upstream name",
+        ),
+        (
+            b'{"version": 1, "splits": {"api": {"' + b"b" * 64 + b'": 1}}}',
+            "splits.api: 'b{60}\\.\\.\\. is not a route or upstream name",
+        ),
+        (
+            b'{"version": 1, "rollouts": {"a/b": {"state": "idle"}}}',
+            "rollouts: 'a/b' is not a route or upstream name",
+        ),
+        (
+            b'{"version": "' + b"9" * 10000 + b'"}',
+            "version: expected 1, got '9{60}\\.\\.\\.$",
+        ),
     ],
 )
 def test_corrupt_file_is_moved_aside(
@@ -117,3 +143,8 @@ def test_two_corrupt_files_in_the_same_second_are_both_kept(tmp_path: Path) -> N
 def test_unknown_keys_are_ignored() -> None:
     data = b'{"version": 1, "splits": {"api": {"blue": 3}}, "future": {"x": 1}}'
     assert decode_state(data) == SavedState(splits={"api": {"blue": 3.0}})
+
+
+def test_weights_up_to_the_config_bound_are_kept() -> None:
+    data = b'{"version": 1, "splits": {"api": {"blue": 1000000, "green": 0}}}'
+    assert decode_state(data) == SavedState(splits={"api": {"blue": 1e6, "green": 0.0}})
