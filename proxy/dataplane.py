@@ -20,6 +20,7 @@ exchange escape into the event loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
@@ -37,8 +38,10 @@ from proxy.headers import (
     RETRY_BODY_LIMIT,
     connection_tokens,
     forwarded_for,
+    via_names_us,
 )
-from proxy.routing import RequestView, decide, normalize_host, parse_cookies
+from proxy.routing import RequestView, decide, normalize_host, normalize_target, parse_cookies
+from proxy.table import PathError
 from proxy.upstream import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
@@ -73,6 +76,8 @@ _H_XFF = 8
 _H_REQUEST_ID = 9
 _H_DROP = 10
 _H_COOKIE = 11
+_H_VIA = 12
+_H_MAX_FORWARDS = 13
 _SPECIAL: dict[bytes, int] = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -91,7 +96,16 @@ _SPECIAL: dict[bytes, int] = {
     b"x-forwarded-proto": _H_DROP,
     b"x-forwarded-host": _H_DROP,
     b"cookie": _H_COOKIE,
+    b"via": _H_VIA,
+    b"max-forwards": _H_MAX_FORWARDS,
 }
+
+# What a Host value may hold (RFC 3986 reg-name or IP literal, and a port): anything else, a
+# space, '/', '@' or a control character, is a 400 (RFC 9112 section 3.2).
+_HOST_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=:[]"
+
+# Methods an OPTIONS request with `Max-Forwards: 0` is told about.
+_ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Response headers never copied to the client (framing and our own are rebuilt).
 _RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id"}
@@ -103,6 +117,8 @@ _NEVER_HOP = frozenset(
     {b"close", b"keep-alive", b"upgrade", b"content-length", b"host", b"transfer-encoding"}
 )
 
+_CHUNKED_ONLY = [b"chunked"]
+
 # The Connection header nearly every keep-alive upstream sends: nothing to strip.
 _KEEP_ALIVE = [b"keep-alive"]
 
@@ -110,12 +126,17 @@ _KEEP_ALIVE = [b"keep-alive"]
 PAUSE_BACKPRESSURE = 1
 PAUSE_PIPELINE = 2
 PAUSE_CONNECTING = 4
+PAUSE_UPGRADE = 8
 
 # How long a WebSocket client gets to answer our close frame before its connection is closed.
 CLOSE_HANDSHAKE_WAIT = 1.0
 
 # Bytes of request body held while the endpoint connection is being opened.
 CONNECT_BUFFER = 64 * 1024
+
+# errno values that mean this process is short of descriptors or memory, not that the
+# endpoint failed.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class HeadError(Exception):
@@ -136,6 +157,7 @@ class Exchange:
     """One request and its response through the proxy."""
 
     __slots__ = (
+        "answer_here",
         "attempts",
         "body_done",
         "bytes_in",
@@ -165,6 +187,7 @@ class Exchange:
         "keep_alive",
         "kept_headers",
         "last_io",
+        "max_forwards",
         "method",
         "mirror",
         "mirrored",
@@ -216,6 +239,8 @@ class Exchange:
         self.expect_continue = False
         self.xff: list[bytes] = []
         self.request_id_in: bytes | None = None
+        self.max_forwards: bytes | None = None
+        self.answer_here = False
         self.method = ""
         self.version = "1.1"
         self.keep_alive = True
@@ -252,7 +277,9 @@ class Exchange:
         self.response_started = False
         self.response_chunked = False
         self.status = 0
-        self.start_time = 0.0
+        # From the request's first byte, so a refused head is timed too (NGINX's
+        # $request_time counts the same way).
+        self.start_time = perf_counter()
         self.last_io = 0.0
         self.deadline = 0.0
         self.client_closed = False
@@ -273,6 +300,10 @@ class Exchange:
             raise HeadError(431, "request head larger than limits.max_header_size")
         if self.header_count > limits.max_headers:
             raise HeadError(431, "too many header fields")
+        if 95 in lname:
+            # A name with '_' is dropped (NGINX's default): CGI-style servers read `X_Real_Ip`
+            # as `X-Real-Ip`, which would get round the headers the proxy sets itself.
+            return
         kind = _SPECIAL.get(lname)
         if kind is None:
             self.kept_headers.append((lname, name, value))
@@ -280,6 +311,8 @@ class Exchange:
                 self.wanted.setdefault(lname.decode("latin-1"), value.decode("latin-1"))
             return
         if kind == _H_HOST:
+            if value.translate(None, _HOST_CHARS):
+                raise HeadError(400, "invalid Host header")
             self.host_count += 1
             self.host = value
             self.kept_headers.append((lname, name, value))
@@ -306,6 +339,14 @@ class Exchange:
         elif kind == _H_COOKIE:
             self.kept_headers.append((lname, name, value))
             self.cookie_values.append(value.decode("latin-1"))
+        elif kind == _H_MAX_FORWARDS:
+            self.max_forwards = value
+            self.kept_headers.append((lname, name, value))
+        elif kind == _H_VIA:
+            if via_names_us(value, self.conn.ctx.via_name):
+                # RFC 9110 section 7.6.3: Via is how a proxy sees its own requests come back.
+                raise HeadError(508, "forwarding loop: the request already passed this proxy")
+            self.kept_headers.append((lname, name, value))
         # _H_HOP and _H_DROP: not forwarded.
 
     def finish_head(self, parser: httptools.HttpRequestParser) -> None:
@@ -313,10 +354,19 @@ class Exchange:
         self.method = parser.get_method().decode("ascii")
         self.version = parser.get_http_version()
         self.keep_alive = bool(parser.should_keep_alive())
+        if self.version != "1.1" and self.version != "1.0":
+            raise HeadError(505, "HTTP version not supported")
         if self.te_values:
             if self.version != "1.1":
                 # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
                 raise HeadError(400, "transfer-encoding in an HTTP/1.0 request")
+            codings = [
+                token.strip().lower() for value in self.te_values for token in value.split(b",")
+            ]
+            if codings != _CHUNKED_ONLY:
+                # Only chunked is decoded and re-applied: another coding would reach the
+                # upstream as if the body were plain (RFC 9112 section 6.1: 501).
+                raise HeadError(501, "transfer codings other than chunked are not supported")
             self.chunked_in = True
         if self.version == "1.1" and self.host_count != 1:
             raise HeadError(400, "an HTTP/1.1 request needs exactly one Host header")
@@ -324,6 +374,11 @@ class Exchange:
             raise HeadError(400, "more than one Host header")
         if self.method == "CONNECT":
             raise HeadError(405, "CONNECT is not supported by a reverse proxy")
+        if self.method == "TRACE":
+            # As NGINX: TRACE would echo credentials back to a script (cross-site tracing).
+            raise HeadError(405, "TRACE is not allowed")
+        if self.max_forwards is not None and self.method == "OPTIONS":
+            self._max_forwards()
         if self.conn_tokens:
             tokens = connection_tokens(self.conn_tokens)
             if (
@@ -338,6 +393,10 @@ class Exchange:
                 # Headers named by Connection are hop-by-hop too (RFC 9110 section 7.6.1).
                 self.kept_headers = [h for h in self.kept_headers if h[0] not in extra]
                 self.wanted = {k: v for k, v in self.wanted.items() if k.encode() not in extra}
+                if b"x-forwarded-for" in extra:
+                    self.xff = []
+                if b"x-request-id" in extra:
+                    self.request_id_in = None
         ctx = self.conn.ctx
         limit = ctx.limits.max_request_body
         if self.content_length is not None and self.content_length > limit:
@@ -347,6 +406,21 @@ class Exchange:
         else:
             self.request_id = ctx.new_request_id()
 
+    def _max_forwards(self) -> None:
+        """RFC 9110 section 7.6.2: OPTIONS stops here at 0, else goes on with one less."""
+        assert self.max_forwards is not None
+        text = self.max_forwards.strip()
+        if not text.isdigit():
+            raise HeadError(400, "invalid Max-Forwards header")
+        hops = int(text[:10])
+        if hops == 0:
+            self.answer_here = True
+            return
+        self.kept_headers = [
+            (lname, name, b"%d" % (hops - 1) if lname == b"max-forwards" else value)
+            for lname, name, value in self.kept_headers
+        ]
+
     # ---- routing and forwarding ---------------------------------------------------------
 
     def begin(self) -> None:
@@ -354,14 +428,20 @@ class Exchange:
         conn = self.conn
         ctx = conn.ctx
         self.started = True
-        self.start_time = perf_counter()
         self.last_io = ctx.now
+        if self.answer_here:
+            self._local_answer(200, b"", b"Allow: " + _ALLOW + b"\r\n", close=False)
+            return
         gen = ctx.generation
         self.gen = gen
         table = gen.table
         url = self.url
         if url[:1] != b"/":
-            if url == b"*" and self.method == "OPTIONS":
+            if url == b"*":
+                if self.method != "OPTIONS":
+                    # RFC 9112 section 3.2.4: the asterisk form is for OPTIONS only.
+                    self.local_error(400, "'*' is a target for OPTIONS only", close=True)
+                    return
                 path = "*"
             else:
                 try:
@@ -369,8 +449,19 @@ class Exchange:
                 except httptools.HttpParserInvalidURLError:
                     self.local_error(400, "invalid request target", close=True)
                     return
-                raw_path = parsed.path or b"/"
-                path = raw_path.decode("latin-1")
+                if parsed.fragment:
+                    self.local_error(
+                        400, "a fragment ('#') is not allowed in a request target", close=True
+                    )
+                    return
+                target = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+                try:
+                    target = normalize_target(target)
+                except PathError as exc:
+                    self.local_error(400, str(exc), close=True)
+                    return
+                q = target.find(b"?")
+                path = (target if q < 0 else target[:q]).decode("latin-1")
                 if parsed.host:
                     # RFC 9112 section 3.2.2: the target's authority wins over Host, and the
                     # request goes on in origin form with a Host made from that authority.
@@ -380,8 +471,16 @@ class Exchange:
                     self.host = authority
                     self.kept_headers = [h for h in self.kept_headers if h[0] != b"host"]
                     self.kept_headers.append((b"host", b"Host", authority))
-                    self.url = raw_path + (b"?" + parsed.query if parsed.query else b"")
+                    self.url = target
         else:
+            # Routes match, and upstreams get, the path in normal form (RFC 3986 dot
+            # segments removed), so `/api/../admin` is never judged as `/api`.
+            try:
+                url = normalize_target(url)
+            except PathError as exc:
+                self.local_error(400, str(exc), close=True)
+                return
+            self.url = url
             q = url.find(b"?")
             path = (url if q < 0 else url[:q]).decode("latin-1")
         host = (
@@ -438,6 +537,7 @@ class Exchange:
         if self.host is not None:
             added.append((b"X-Forwarded-Host", self.host))
         added.append((b"X-Request-Id", self.request_id.encode("latin-1")))
+        added.append((b"Via", self.conn.ctx.via_value))
         return added
 
     def _build_head(self, added: list[tuple[bytes, bytes]]) -> bytes:
@@ -518,6 +618,11 @@ class Exchange:
             if self.connect_task is None:
                 return  # the exchange was abandoned meanwhile
             self.connect_task = None
+            if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+                # Our own fd table (or memory) is full: the endpoint is not at fault, and
+                # another endpoint would fail the same way.
+                self._out_of_resources(endpoint, exc)
+                return
             self._attempt_failed(
                 "timeout" if isinstance(exc, TimeoutError) else "connect", nothing_sent=True
             )
@@ -535,7 +640,14 @@ class Exchange:
     def _send_on(self, upstream_conn: UpstreamConnection) -> None:
         ctx = self.conn.ctx
         self.upstream_conn = upstream_conn
-        upstream_conn.start(self, self.method == "HEAD")
+        limits = ctx.limits
+        upstream_conn.start(
+            self,
+            self.method == "HEAD",
+            self.upgrade,
+            limits.max_header_size,
+            limits.max_headers,
+        )
         if self.conn.write_paused:
             upstream_conn.pause_reading()
         upstream_conn.write(self.head)
@@ -556,6 +668,13 @@ class Exchange:
             # when the whole request is out (a long upload is not a slow upstream).
             self.deadline = 0.0
         ctx.watched.add(self)
+
+    def _out_of_resources(self, endpoint: EndpointPool, exc: OSError) -> None:
+        endpoint.in_flight -= 1
+        self.endpoint = None
+        self.conn.unpause(PAUSE_CONNECTING)
+        self.conn.ctx.resource_shortage(exc)
+        self.local_error(503, "proxy out of file descriptors", close=not self.body_done)
 
     def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
         if self.chunked_in:
@@ -707,6 +826,7 @@ class Exchange:
             if lname not in drop:
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
+        parts.append(ctx.via_line)
         if self.set_cookie is not None:
             parts.append(self._cookie_header())
         if status == 101:
@@ -812,6 +932,42 @@ class Exchange:
         else:
             self.local_error(502, "upstream sent a malformed response", close=True)
 
+    def upstream_invalid(self, reason: str) -> None:
+        """The endpoint broke HTTP: 502 (never retried: it answered), counted as `protocol`."""
+        if self.finished:
+            return
+        self.stats.errors["protocol"] += 1
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.conn.ctx.passive_result(endpoint, 0)
+            self.endpoint = None
+        self.upstream_conn = None
+        self.conn.ctx.warn_limited(
+            "invalid-response",
+            "upstream %s endpoint %s: %s (request %s)",
+            self.upstream_name,
+            self.endpoint_address,
+            reason,
+            self.request_id,
+        )
+        if self.response_started:
+            self.conn.abort()
+            self._finish(broken=True)
+        else:
+            self.local_error(502, f"upstream sent an invalid response: {reason}", close=True)
+
+    def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """Pass an interim response (103 Early Hints) on to an HTTP/1.1 client."""
+        if self.version != "1.1" or self.response_started:
+            return  # RFC 9110 section 15.2: never to an HTTP/1.0 client
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
+        for lname, name, value in headers:
+            if lname not in _RESPONSE_DROP:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.conn.write(b"".join(parts))
+
     def upstream_upgraded(self, rest: bytes) -> None:
         """The endpoint accepted the WebSocket upgrade: both sides become a byte tunnel."""
         self.tunnel = True
@@ -875,6 +1031,10 @@ class Exchange:
 
     def local_error(self, status: int, message: str, close: bool) -> None:
         """Answer with a proxy-made JSON error (or cut the connection if a response began)."""
+        body = orjson.dumps({"error": message, "request_id": self.request_id})
+        self._local_answer(status, body, b"Content-Type: application/json\r\n", close)
+
+    def _local_answer(self, status: int, body: bytes, headers: bytes, close: bool) -> None:
         conn = self.conn
         if self.response_started:
             conn.abort()
@@ -883,15 +1043,16 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
-        body = orjson.dumps({"error": message, "request_id": self.request_id})
         mirror = self.mirror
         if mirror is not None:
             mirror.primary_head(status, "application/json")
         close = close or not self.keep_alive or not self.body_done or conn.closing
-        head = (
-            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"X-Request-Id: %b\r\n"
-            % (status, REASONS.get(status, b"Error"), len(body), self.request_id.encode("latin-1"))
+        head = b"HTTP/1.1 %d %b\r\n%bContent-Length: %d\r\nX-Request-Id: %b\r\n" % (
+            status,
+            REASONS.get(status, b"Error"),
+            headers,
+            len(body),
+            self.request_id.encode("latin-1"),
         )
         if close:
             head += b"Connection: close\r\n"
@@ -926,7 +1087,9 @@ class Exchange:
         if self.finished:
             return
         self._drop_attempt()
-        if not self.response_started or self.status == 0:
+        if not self.tunnel:
+            # NGINX's 499: the client left before the whole response was delivered, whatever
+            # status the upstream had begun to send.
             self.status = 499
         self._finish(broken=True)
 
@@ -959,12 +1122,15 @@ class ClientConnection(CoalescingProtocol):
     """A downstream connection: parses requests and runs their exchanges in order."""
 
     __slots__ = (
+        "begun",
+        "body_seen",
         "client_ip",
         "close_after",
         "closing",
         "ctx",
         "current",
         "error",
+        "held",
         "idle_since",
         "lingering",
         "parser",
@@ -972,6 +1138,7 @@ class ClientConnection(CoalescingProtocol):
         "paused",
         "queue",
         "tunnel",
+        "upgrading",
         "write_paused",
     )
 
@@ -991,6 +1158,12 @@ class ClientConnection(CoalescingProtocol):
         self.idle_since = 0.0
         self.error: BaseException | None = None
         self.lingering = False
+        # llhttp stops after a request that asks for an upgrade; what the client sent after it
+        # waits here until the upstream accepts (tunnel) or declines (more HTTP requests).
+        self.upgrading: Exchange | None = None
+        self.held: list[bytes] = []
+        self.begun = 0  # requests begun on this connection
+        self.body_seen = False  # the current read carried request body bytes
 
     # asyncio.Protocol
 
@@ -1018,12 +1191,25 @@ class ClientConnection(CoalescingProtocol):
             return
         if self.close_after and self.current is None:
             return
+        if self.upgrading is not None:
+            self.held.append(data)
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
+            before = self.parsing
+            begun = self.begun
+            self.body_seen = False
             self.parser.feed_data(data)
             ex = self.parsing
-            if ex is not None and not ex.method:
-                # llhttp holds a header line until it is complete: bound the head by the bytes
-                # fed while it is still incomplete, not only by the fields reported so far.
+            if ex is not None and self.body_seen:
+                ex.raw_head = 0  # only an unbroken run of reads without body bytes counts
+            elif ex is not None and (ex is before or (before is None and self.begun == begun + 1)):
+                # llhttp holds a header or trailer line until it is complete: bound the head
+                # (and the trailers, and chunk framing) by the bytes of reads that carry no
+                # body byte. Only reads that are all this request's count: a read may also
+                # carry the end of the previous request (its body, or pipelined requests).
                 ex.raw_head += len(data)
                 if ex.raw_head > self.ctx.limits.max_header_size:
                     self._reject(431, "request head larger than limits.max_header_size")
@@ -1047,6 +1233,13 @@ class ClientConnection(CoalescingProtocol):
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
         if self.current is None and self.tunnel is None:
+            return None
+        current = self.current
+        if current is not None and not current.body_done and self.tunnel is None:
+            # The request body will never be complete: an aborted upload. Release the
+            # upstream side now rather than when the idle timeout notices.
+            self.close_after = True
+            current.client_lost()
             return None
         self.close_after = True
         return True
@@ -1073,10 +1266,21 @@ class ClientConnection(CoalescingProtocol):
         if current is not None and current.upstream_conn is not None:
             current.upstream_conn.resume_reading()
 
+    def is_idle(self) -> bool:
+        """No request in progress, not even part of a head: closing now loses nothing."""
+        return (
+            self.current is None
+            and self.parsing is None
+            and self.upgrading is None
+            and self.tunnel is None
+            and not self.lingering
+        )
+
     # httptools callbacks
 
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self)
+        self.begun += 1
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
@@ -1084,22 +1288,28 @@ class ClientConnection(CoalescingProtocol):
         ex.url += url
         ex.head_size += len(url)
         if ex.head_size > self.ctx.limits.max_header_size:
-            self.error = HeadError(431, "request head larger than limits.max_header_size")
+            self.error = HeadError(414, "request target longer than limits.max_header_size")
             raise self.error
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        if ex.method:
-            return  # trailer fields come after the head and are not forwarded
         ex.head_size += len(name) + len(value) + 4
         ex.header_count += 1
-        lname = name.lower()
         limits = self.ctx.limits
+        if ex.method:
+            # Trailer fields come after the head and are not forwarded, but they are bounded
+            # like the head (with it).
+            if ex.head_size > limits.max_header_size or ex.header_count > limits.max_headers:
+                self.error = HeadError(431, "request trailers larger than the head limits")
+                raise self.error
+            return
+        lname = name.lower()
         wanted = self.ctx.generation.wanted_headers
         if (
             lname not in _SPECIAL
             and lname not in wanted
+            and 95 not in lname
             and ex.head_size <= limits.max_header_size
             and ex.header_count <= limits.max_headers
         ):
@@ -1127,6 +1337,7 @@ class ClientConnection(CoalescingProtocol):
             raise
 
     def on_body(self, body: bytes) -> None:
+        self.body_seen = True
         ex = self.parsing
         if ex is None:
             return
@@ -1189,6 +1400,10 @@ class ClientConnection(CoalescingProtocol):
         # Whatever paused reading for the finished exchange no longer applies.
         if self.paused:
             self.unpause(PAUSE_BACKPRESSURE)
+        if ex is self.upgrading:
+            # The upstream declined the upgrade: the connection goes on as HTTP/1.1.
+            self._resume_http()
+            return
         if self.queue:
             nxt = self.queue.popleft()
             self.current = nxt
@@ -1206,7 +1421,12 @@ class ClientConnection(CoalescingProtocol):
     def _reject(self, status: int, message: str) -> None:
         ex = self.parsing or Exchange(self)
         if not ex.request_id:
-            ex.request_id = self.ctx.new_request_id()
+            request_id = ex.request_id_in
+            ex.request_id = (
+                request_id.decode("latin-1")
+                if request_id is not None
+                else self.ctx.new_request_id()
+            )
         self.parsing = None
         self.close_after = True
         if self.current is not None and self.current is not ex:
@@ -1216,28 +1436,47 @@ class ClientConnection(CoalescingProtocol):
         ex.local_error(status, message, close=True)
 
     def _upgraded(self, rest: bytes) -> None:
-        ex = self.current
-        if ex is None or not ex.upgrade:
-            # An Upgrade we do not proxy (e.g. h2c): answer the request normally, then close.
-            self.close_after = True
+        # The request that asked for the upgrade is the last one parsed: the current one or
+        # the last queued. If it is already answered (a local error), HTTP goes on at once.
+        ex = self.queue[-1] if self.queue else self.current
+        if ex is None:
+            if not self.close_after:
+                self.held = [rest]
+                self._resume_http()
             return
-        if rest:
-            ex.pending.append(rest)
-            ex.pending_size += len(rest)
+        self.upgrading = ex
+        self.held = [rest] if rest else []
+        self.pause(PAUSE_UPGRADE)
+
+    def _resume_http(self) -> None:
+        """Parse what followed a declined upgrade (or an Upgrade we do not proxy, e.g. h2c)."""
+        self.upgrading = None
+        held = b"".join(self.held)
+        self.held = []
+        self.parser = httptools.HttpRequestParser(self)
+        self.unpause(PAUSE_UPGRADE)
+        if held:
+            self._feed(held)
+        elif self.current is None:
+            self.idle_since = self.ctx.now
+            if self.closing:
+                self.close()
 
     def start_tunnel(self, ex: Exchange) -> None:
         """The upgrade completed: from now on bytes flow untouched both ways."""
         self.tunnel = ex
+        self.upgrading = None
         self.close_after = True
         self.ctx.watched.add(ex)
         ex.deadline = 0.0
         upstream_conn = ex.upstream_conn
         if upstream_conn is not None:
-            for chunk in ex.pending:
+            for chunk in self.held:
                 if ex.frames_up is not None:
                     ex.frames_up.feed(chunk)
                 upstream_conn.write(chunk)
-        ex.pending = []
+        self.held = []
+        self.unpause(PAUSE_UPGRADE)
 
     def linger(self, seconds: float) -> None:
         """Wait up to `seconds` for the peer's next bytes (its close frame), then close."""

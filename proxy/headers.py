@@ -61,3 +61,17 @@ def forwarded_for(existing: list[bytes], client: str) -> bytes:
 def has_token(values: Iterable[bytes], token: bytes) -> bool:
     """Whether a comma-separated header (e.g. Upgrade, Connection) lists `token`."""
     return token in connection_tokens(values)
+
+
+def via_names_us(value: bytes, name: bytes) -> bool:
+    """Whether a Via field value has an entry received by `name` (RFC 9110 section 7.6.3).
+
+    Entries are `protocol received-by [comment]`, comma-separated.
+    """
+    if name not in value:
+        return False
+    for entry in value.split(b","):
+        parts = entry.split()
+        if len(parts) >= 2 and parts[1] == name:
+            return True
+    return False

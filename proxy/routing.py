@@ -17,7 +17,15 @@ from typing import NamedTuple
 
 from proxy.spec import Override
 from proxy.sticky import choose_cached, key_unit
-from proxy.table import CompiledRoute, Table
+from proxy.table import (
+    CompiledRoute,
+    PathError,
+    PathGroup,
+    RouteIndex,
+    Table,
+    normalize_path,
+    path_from_text,
+)
 
 REASONS = ("override", "sticky", "weight", "rollout", "no_route")
 
@@ -92,6 +100,37 @@ def normalize_host(raw: str) -> str:
     return host.rstrip(".")
 
 
+def normalize_target(target: bytes) -> bytes:
+    """An origin-form request target (`/path?query`) with its path in normal form.
+
+    The path is normalised by `table.normalize_path` (dot segments removed, unreserved escapes
+    decoded, other escapes upper-cased); the query is passed on byte for byte. Raises
+    PathError (a ValueError; the message is fit for a 400 answer) for NUL anywhere in the
+    target, a `#` anywhere, or a path that `normalize_path` refuses. An unchanged target is
+    returned as the same object. `target` must start with `/` (the asterisk and absolute forms
+    are split up before).
+    """
+    # The usual target has no '%' (37), '#' (35), NUL or "/." (only looked for after a '.'
+    # (46), as file names have dots): a few byte searches, no copy. Membership of an int is a
+    # plain byte search; `b"%" in target` costs several times more (buffer protocol).
+    if 37 in target or 35 in target or 0 in target or (46 in target and target.find(b"/.") >= 0):
+        return _normalize_target(target)
+    return target
+
+
+def _normalize_target(target: bytes) -> bytes:
+    if 35 in target:
+        raise PathError("a fragment ('#') is not allowed in a request target")
+    if 0 in target:
+        raise PathError("NUL in the request target")
+    query = target.find(b"?")
+    if query < 0:
+        return normalize_path(target)
+    path = target[:query]
+    normal = normalize_path(path)
+    return target if normal is path else normal + target[query:]
+
+
 def parse_cookies(values: Iterable[str], wanted: frozenset[str]) -> dict[str, str]:
     """The wanted cookies from `Cookie` header values (`a=1; b=2`).
 
@@ -124,8 +163,9 @@ def make_view(
 ) -> RequestView:
     """Build the view of a request from its head, keeping only what `table` needs.
 
-    `target` is the request target as received (the query string is cut off); `headers` are
-    (name, value) pairs in any case, in order.
+    `target` is the request target as text (the query string is cut off; the path is put in
+    the normal form the data plane routes on, see `table.path_from_text`, PathError if it is
+    refused); `headers` are (name, value) pairs in any case, in order.
     """
     wanted = table.header_names
     picked: dict[str, str] = {}
@@ -137,7 +177,37 @@ def make_view(
         if lower in wanted and lower not in picked:
             picked[lower] = value
     cookies = parse_cookies(cookie_values, table.cookie_names) if cookie_values else {}
-    return RequestView(method, normalize_host(raw_host), target.partition("?")[0], picked, cookies)
+    path = path_from_text(target.partition("?")[0])
+    return RequestView(method, normalize_host(raw_host), path, picked, cookies)
+
+
+def _first_in_group(
+    group: PathGroup, segment: str, path: str, best: CompiledRoute | None
+) -> CompiledRoute | None:
+    """The first route of `group` matching `path` if it comes before `best`, else `best`."""
+    for route in group.by_segment.get(segment, group.other):
+        if best is not None and route.index > best.index:
+            break
+        prefix = route.prefix
+        if not prefix or path == prefix or path.startswith(route.prefix_slash):
+            return route
+    return best
+
+
+def _match_by_host(index: RouteIndex, host: str, segment: str, path: str) -> CompiledRoute | None:
+    """The first route of the request's exact-host and wildcard groups, or None."""
+    best: CompiledRoute | None = None
+    group = index.exact.get(host)
+    if group is not None:
+        best = _first_in_group(group, segment, path, None)
+    size = len(host)
+    for length in index.suffix_lengths:
+        # A `*.` suffix of this length matches when the host is longer and ends with it.
+        if size > length:
+            group = index.wildcard.get(host[-length:])
+            if group is not None:
+                best = _first_in_group(group, segment, path, best)
+    return best
 
 
 def match_route(table: Table, host: str, path: str) -> CompiledRoute | None:
@@ -145,22 +215,30 @@ def match_route(table: Table, host: str, path: str) -> CompiledRoute | None:
 
     Host: exact, or `*.example.com` for any deeper name (`x.example.com`, `a.b.example.com`,
     not `example.com`). Path: whole segments, so `/api` matches `/api`, `/api/`, `/api/x`, not
-    `/apix`. `host` must already be normalised.
+    `/apix`. `host` must already be normalised, `path` in normal form (`normalize_target`).
+    The route index (table.RouteIndex) gives only the routes of the request's host groups and
+    first path segment, so the cost does not grow with the number of routes.
     """
-    for route in table.routes:
-        exact = route.host_exact
-        if exact is not None:
-            if host != exact:
-                continue
-        else:
-            suffix = route.host_suffix
-            if suffix is not None and (len(host) <= len(suffix) or not host.endswith(suffix)):
-                continue
+    index = table.index
+    if index.segmented:
+        # table.first_segment, inlined: this runs for every request.
+        end = path.find("/", 1)
+        segment = path[1:end] if end > 0 else path[1:]
+    else:
+        # Only small groups (see table.PathGroup): any key finds their routes in `other`.
+        segment = ""
+    best = _match_by_host(index, host, segment, path) if index.by_host else None
+    group = index.any_host
+    if group is None:
+        return best
+    # _first_in_group, inlined for the group every table without hosts has alone.
+    for route in group.by_segment.get(segment, group.other):
+        if best is not None and route.index > best.index:
+            break
         prefix = route.prefix
-        if prefix and path != prefix and not path.startswith(route.prefix_slash):
-            continue
-        return route
-    return None
+        if not prefix or path == prefix or path.startswith(route.prefix_slash):
+            return route
+    return best
 
 
 def _override_index(overrides: tuple[Override, ...], view: RequestView) -> int:

@@ -31,7 +31,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
     60.0,
 )
 
-ERROR_KINDS: tuple[str, ...] = ("connect", "reset", "timeout")
+ERROR_KINDS: tuple[str, ...] = ("connect", "reset", "timeout", "protocol")
 MIRROR_OUTCOMES: tuple[str, ...] = ("sent", "error", "dropped", "skipped")
 
 

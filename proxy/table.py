@@ -1,9 +1,12 @@
 """The compiled routing table: one immutable object per config generation.
 
 `compile_table` does, once per reload, every piece of work the hot path would otherwise repeat:
-host and prefix matching data, normalised split weights, the header and cookie names that
-`routing.decide` will read. The data plane reads `holder.current` once per request and keeps that
-table for the request's whole life.
+host and prefix matching data, the route index (routes grouped by host and first path segment),
+normalised split weights, the header and cookie names that `routing.decide` will read. The data
+plane reads `holder.current` once per request and keeps that table for the request's whole life.
+
+The normal form of a request path (`normalize_path`) lives here because prefixes are compiled
+into it; `routing` applies it to requests.
 
 Pure core: no asyncio, sockets, os, time or random here.
 """
@@ -28,6 +31,108 @@ from proxy.spec import (
 SPLIT_SOURCES = ("file", "runtime", "rollout")
 
 
+# --- the normal form of a request path --------------------------------------------------------
+
+
+class PathError(ValueError):
+    """A request path that is refused (400); the message says why, without echoing the path."""
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _escape_table() -> Mapping[bytes, bytes]:
+    """What each well-formed escape becomes, keyed by its two hex digits in any case.
+
+    An unreserved character (RFC 3986 section 2.3) decodes to itself; any other byte keeps its
+    escape with upper-case hex (section 6.2.2.1). `00` is left out: NUL is refused.
+    """
+    found: dict[bytes, bytes] = {}
+    for value in range(1, 256):
+        hex_digits = b"%02X" % value
+        normal = bytes((value,)) if value in _UNRESERVED else b"%" + hex_digits
+        for high in {hex_digits[:1], hex_digits[:1].lower()}:
+            for low in {hex_digits[1:], hex_digits[1:].lower()}:
+                found[high + low] = normal
+    return MappingProxyType(found)
+
+
+_ESCAPES = _escape_table()
+
+
+def _normalize_escapes(path: bytes) -> bytes:
+    head, *escaped = path.split(b"%")
+    parts = [head]
+    for part in escaped:
+        normal = _ESCAPES.get(part[:2])
+        if normal is None:
+            if part[:2] == b"00":
+                raise PathError("NUL (%00) in the request path")
+            raise PathError("malformed percent escape in the request path")
+        parts += (normal, part[2:])
+    return b"".join(parts)
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 section 5.2.4 on an absolute path, refusing a `..` with nothing left to remove.
+
+    The RFC would keep such a `..` at the root; refusing it instead means a request never
+    names a place above the root, whatever the upstream does with `..`.
+    """
+    segments = path.split(b"/")
+    kept: list[bytes] = []
+    for segment in segments[1:]:
+        if segment == b"..":
+            if not kept:
+                raise PathError("the request path climbs above the root with '..'")
+            kept.pop()
+        elif segment != b".":
+            kept.append(segment)
+    if segments[-1] in (b".", b".."):
+        # A final dot segment leaves its directory: `/a/b/..` is `/a/`, not `/a`.
+        kept.append(b"")
+    return b"/" + b"/".join(kept)
+
+
+def normalize_path(path: bytes) -> bytes:
+    """`path` (no query string) in normal form; PathError for a path that must be refused.
+
+    Normal form, as Envoy's `normalize_path`: percent escapes of unreserved characters
+    (`A-Z a-z 0-9 - . _ ~`) decoded, every other escape kept with upper-case hex, then dot
+    segments removed (RFC 3986 sections 6.2.2.2 and 5.2.4), so `/api/%2e%2e/admin` is `/admin`.
+    `%2F` and a backslash stay as they are and are not separators; `//` is kept. Refused: a path
+    not starting with `/`, NUL (raw or `%00`), `#`, a `%` not followed by two hex digits, and a
+    `..` with no segment left to remove. An unchanged path is returned as the same object.
+    """
+    if path[:1] != b"/":
+        raise PathError("the request path must start with '/'")
+    # Membership of an int is a plain byte search; `b"%" in path` costs several times more.
+    if 0 in path:
+        raise PathError("NUL in the request path")
+    if 35 in path:  # '#'
+        raise PathError("a fragment ('#') is not allowed in a request target")
+    if 37 in path:  # '%'
+        path = _normalize_escapes(path)
+    if path.find(b"/.") >= 0:
+        path = _remove_dot_segments(path)
+    return path
+
+
+def path_from_text(text: str) -> str:
+    """A path written as text (a `path_prefix`, `/admin/explain?path=`) as a request carries it.
+
+    A client can only send printable ASCII in a request line, so every other character is
+    percent-encoded as UTF-8 first (`/café` is `/caf%C3%A9`); then `normalize_path`. The result
+    is ASCII text; PathError as for `normalize_path`.
+    """
+    encoded = text.encode("utf-8", "surrogatepass")
+    if not all(0x21 <= byte <= 0x7E for byte in encoded):
+        encoded = b"".join(
+            bytes((byte,)) if 0x21 <= byte <= 0x7E else b"%%%02X" % byte for byte in encoded
+        )
+    return normalize_path(encoded).decode("ascii")
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledSplit:
     """A split ready for choosing.
@@ -50,8 +155,8 @@ class CompiledRoute:
 
     `host_exact` is the lower-cased host for an exact match, `host_suffix` is ".example.com"
     for `*.example.com`; both None: any host. `prefix` is "" when the route matches every path,
-    else the prefix without trailing slash; a path matches when it equals `prefix` or starts
-    with `prefix_slash`.
+    else the prefix in the normal form of request paths (`path_from_text`) without trailing
+    slash; a path matches when it equals `prefix` or starts with `prefix_slash`.
     `upstreams` is every upstream the route can send primary traffic to (split, overrides and
     rollout), in a stable order; the data plane binds metric children for exactly these.
     """
@@ -73,6 +178,105 @@ class CompiledRoute:
     spec: RouteSpec
 
 
+def first_segment(path: str) -> str:
+    """The text between the first `/` and the next: "api" for `/api/users` and `/api`.
+
+    Every path a prefix matches has the prefix's first segment (the prefix is the path itself
+    or ends where a `/` follows), which is what the route index keys on.
+    """
+    end = path.find("/", 1)
+    return path[1:end] if end > 0 else path[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class PathGroup:
+    """The routes of one host condition, looked up by the first segment of the path.
+
+    `by_segment[s]` holds, in config order, the routes whose prefix starts with segment `s`,
+    then the group's first catch-all (prefix "/") if any; `other` is that catch-all alone (or
+    nothing), for segments no prefix starts with. Routes after the catch-all are left out:
+    with the same host condition, any request they match it matches first.
+
+    A group of at most SMALL_GROUP routes has no `by_segment`, and `other` holds them all:
+    trying that few prefixes costs less than finding the path's first segment.
+    """
+
+    by_segment: Mapping[str, tuple[CompiledRoute, ...]]
+    other: tuple[CompiledRoute, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteIndex:
+    """The routes grouped by host condition, so a lookup does not walk the whole table.
+
+    `exact` maps a host to its group, `wildcard` maps a suffix (".example.com" for
+    `*.example.com`) to its group, `suffix_lengths` are the lengths of those suffixes, longest
+    first, and `any_host` is the group of routes without a host. A request can match routes
+    from its exact group, from the wildcard group of each suffix of its host that is in
+    `wildcard` and shorter than the host, and from `any_host`; the first match in config order
+    is the match with the lowest `index` among those groups' first matches. `by_host` says
+    whether there is any exact or wildcard group, `segmented` whether any group has a
+    `by_segment` (if not, the path's first segment need not be computed).
+    """
+
+    exact: Mapping[str, PathGroup]
+    wildcard: Mapping[str, PathGroup]
+    suffix_lengths: tuple[int, ...]
+    any_host: PathGroup | None
+    by_host: bool
+    segmented: bool
+
+
+# Measured: one `startswith` costs about half of finding and slicing the first segment.
+SMALL_GROUP = 4
+
+
+def _path_group(routes: list[CompiledRoute]) -> PathGroup:
+    """Index routes that share one host condition (given in config order)."""
+    tail: tuple[CompiledRoute, ...] = ()
+    for position, route in enumerate(routes):
+        if not route.prefix:
+            routes, tail = routes[:position], (route,)
+            break
+    if len(routes) + len(tail) <= SMALL_GROUP:
+        return PathGroup(by_segment={}, other=(*routes, *tail))
+    by_segment: dict[str, list[CompiledRoute]] = {}
+    for route in routes:
+        by_segment.setdefault(first_segment(route.prefix), []).append(route)
+    return PathGroup(
+        by_segment={segment: (*found, *tail) for segment, found in by_segment.items()},
+        other=tail,
+    )
+
+
+def build_index(routes: tuple[CompiledRoute, ...]) -> RouteIndex:
+    """Group `routes` (in config order) by host condition, then by first path segment."""
+    exact: dict[str, list[CompiledRoute]] = {}
+    wildcard: dict[str, list[CompiledRoute]] = {}
+    any_host: list[CompiledRoute] = []
+    for route in routes:
+        if route.host_exact is not None:
+            exact.setdefault(route.host_exact, []).append(route)
+        elif route.host_suffix is not None:
+            wildcard.setdefault(route.host_suffix, []).append(route)
+        else:
+            any_host.append(route)
+    exact_groups = {host: _path_group(found) for host, found in exact.items()}
+    wildcard_groups = {suffix: _path_group(found) for suffix, found in wildcard.items()}
+    any_group = _path_group(any_host) if any_host else None
+    groups = [*exact_groups.values(), *wildcard_groups.values()]
+    if any_group is not None:
+        groups.append(any_group)
+    return RouteIndex(
+        exact=exact_groups,
+        wildcard=wildcard_groups,
+        suffix_lengths=tuple(sorted({len(suffix) for suffix in wildcard}, reverse=True)),
+        any_host=any_group,
+        by_host=bool(exact or wildcard),
+        segmented=any(group.by_segment for group in groups),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
     """The compiled routing table of one config generation."""
@@ -81,6 +285,7 @@ class Table:
     sha256: str
     spec: ConfigSpec
     routes: tuple[CompiledRoute, ...]
+    index: RouteIndex
     upstreams: Mapping[str, UpstreamSpec]
     header_names: frozenset[str]
     cookie_names: frozenset[str]
@@ -166,7 +371,11 @@ def _compile_route(
         host_suffix = host[1:]
     elif host is not None:
         host_exact = host
-    prefix = route.match.path_prefix.rstrip("/")
+    try:
+        prefix = path_from_text(route.match.path_prefix).rstrip("/")
+    except PathError:
+        # Kept as written, it can match no request: requests are refused or normalised first.
+        prefix = route.match.path_prefix.rstrip("/")
 
     # Names are lower-cased once here so `decide` can compare without case folding.
     overrides = tuple(
@@ -239,6 +448,7 @@ def compile_table(
         sha256=sha256,
         spec=spec,
         routes=routes,
+        index=build_index(routes),
         upstreams=MappingProxyType({upstream.name: upstream for upstream in spec.upstreams}),
         header_names=frozenset(header_names),
         cookie_names=frozenset(cookie_names),

@@ -57,6 +57,15 @@ class ResponseSink(Protocol):
     def upstream_lost(self, got_response_bytes: bool) -> None:
         """The connection broke before the response ended."""
 
+    def upstream_invalid(self, reason: str) -> None:
+        """The endpoint broke HTTP (oversized or malformed head, unsolicited 101).
+
+        The connection is already closed and will report nothing more.
+        """
+
+    def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """An interim response other than 100 (103 Early Hints, say), to pass on."""
+
     def upstream_upgraded(self, rest: bytes) -> None:
         """A 101 response ended the HTTP part; `rest` are the first tunnelled bytes."""
 
@@ -87,19 +96,30 @@ class UpstreamConnection(CoalescingProtocol):
 
     __slots__ = (
         "_body_framing",
+        "_body_seen",
+        "_complete",
         "_connection",
         "_has_length",
+        "_head_bytes",
+        "_header_count",
         "_headers",
+        "_in_body",
         "_interim",
+        "_invalid",
         "_parser",
+        "_raw",
         "_te",
         "endpoint",
         "got_bytes",
         "head_request",
         "idle_since",
+        "in_head",
+        "max_head",
+        "max_headers",
         "reusable",
         "sink",
         "tunnel",
+        "upgrade_asked",
         "uses",
     )
 
@@ -116,11 +136,24 @@ class UpstreamConnection(CoalescingProtocol):
         self._interim = False
         self._body_framing = FRAMING_LENGTH
         self.head_request = False
+        self.upgrade_asked = False
         self.got_bytes = False
         self.reusable = False
         self.tunnel = False
         self.idle_since = 0.0
         self.uses = 0
+        # The response head is bounded like a request head (limits.max_header_size and
+        # max_headers): an endpoint streaming header lines must not grow the worker.
+        self.in_head = False
+        self._head_bytes = 0
+        self._header_count = 0
+        self.max_head = 0
+        self.max_headers = 0
+        self._invalid = ""
+        self._complete = False
+        self._body_seen = False
+        self._in_body = False
+        self._raw = 0
 
     # asyncio.Protocol
 
@@ -136,15 +169,55 @@ class UpstreamConnection(CoalescingProtocol):
             self.close()
             return
         self.got_bytes = True
+        self._body_seen = False
+        begun = self.in_head or self._in_body
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.tunnel = True
-            self.sink = sink
+            if self.sink is not sink or not self.tunnel:
+                self._fail("unsolicited 101 Switching Protocols")
+                return
             sink.upstream_upgraded(data[upgrade.args[0] :])
-        except httptools.HttpParserError:
+            return
+        except httptools.HttpParserError as exc:
+            if not self._complete:
+                reason = self._invalid or f"malformed response: {exc}"
+                self._fail(reason)
+                return
+            # The response was whole; what followed it (bytes past its length, a body after
+            # a HEAD answer) makes the connection unfit to carry another request.
             self.reusable = False
-            self.close()
+        if self._complete:
+            # Completed only now that llhttp is done with this read: an exchange that starts
+            # on this connection from upstream_complete must not see bytes of this one.
+            self._complete = False
+            self.sink = None
+            if self.head_request:
+                # llhttp cannot be told this answered a HEAD and would wait for the announced
+                # body: the next response needs a fresh parser.
+                self._parser = httptools.HttpResponseParser(self)
+            sink.upstream_complete()
+            return
+        if self._body_seen:
+            self._raw = 0  # only an unbroken run of reads without body bytes counts
+        elif begun:
+            # llhttp keeps an unfinished header or trailer line to itself (and httptools joins
+            # its pieces by copying): bound the reads that carry no body byte, i.e. head,
+            # chunk framing and trailers, like the head itself. The read that began the
+            # message is not counted (one read is bounded anyway).
+            self._raw += len(data)
+            if self._raw > self.max_head:
+                self._fail("response head or trailers larger than limits.max_header_size")
+
+    def _fail(self, reason: str) -> None:
+        """The endpoint broke the protocol: drop the connection and tell the sink once."""
+        sink = self.sink
+        self.sink = None
+        self.reusable = False
+        self.in_head = False
+        self.abort()
+        if sink is not None:
+            sink.upstream_invalid(reason)
 
     def eof_received(self) -> bool | None:
         # A close-delimited body ends here; anything else ending here is a broken response.
@@ -176,7 +249,27 @@ class UpstreamConnection(CoalescingProtocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._complete or self.sink is None:
+            # A second response to one request: never let it reach the next request's client.
+            self._invalid = "more response bytes than the response announced"
+            raise ValueError(self._invalid)
+        self.in_head = True
+        self._head_bytes = 0
+        self._header_count = 0
+        self._raw = 0
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        self._header_count += 1
+        if self._head_bytes > self.max_head:
+            self._invalid = "response head larger than limits.max_header_size"
+            raise ValueError(self._invalid)
+        if self._header_count > self.max_headers:
+            self._invalid = "too many response header fields"
+            raise ValueError(self._invalid)
+        if not self.in_head:
+            return  # a trailer field: counted above, not forwarded
         lname = name.lower()
         self._headers.append((lname, name, value))
         if lname in _FRAMING_HEADERS:
@@ -188,8 +281,17 @@ class UpstreamConnection(CoalescingProtocol):
                 self._connection.append(value)
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         parser = self._parser
         status = parser.get_status_code()
+        if status == 101 and not self.upgrade_asked:
+            # RFC 9110 section 15.2.2: a server must not switch protocols unasked; tunnelling
+            # it would turn the client's connection into a raw pipe to the endpoint.
+            self._invalid = "unsolicited 101 Switching Protocols"
+            raise ValueError(self._invalid)
+        if not 100 <= status <= 599:
+            self._invalid = f"invalid status code {status}"
+            raise ValueError(self._invalid)
         headers = self._headers
         self._headers = []
         te, has_length, connection = self._te, self._has_length, self._connection
@@ -197,10 +299,17 @@ class UpstreamConnection(CoalescingProtocol):
         if connection:
             self._connection = []
         if 100 <= status < 200 and status != 101:
-            # Interim responses (100 Continue, 103) are consumed here; the proxy answers
-            # Expect: 100-continue itself.
+            # Interim responses: 100 Continue is consumed (the proxy answers Expect itself);
+            # others (103 Early Hints) are passed on, as RFC 9110 section 15.2 requires.
             self._interim = True
+            sink = self.sink
+            if status != 100 and sink is not None:
+                sink.upstream_interim(status, headers)
             return
+        if te is not None and not is_chunked(te) and b"chunked" in te.lower():
+            # RFC 9112 section 6.1: chunked is applied once, last; anything else is garbage.
+            self._invalid = "chunked is not the final transfer coding"
+            raise ValueError(self._invalid)
         keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         if status == 101:
             # llhttp reports the 101 message as complete before it stops at the upgrade: mark
@@ -219,16 +328,19 @@ class UpstreamConnection(CoalescingProtocol):
             keep_alive = False
         self._body_framing = framing
         self.reusable = keep_alive
+        self._in_body = framing != FRAMING_NONE
         sink = self.sink
         if sink is not None:
             sink.upstream_head(status, headers, framing, keep_alive, connection)
-        if self.head_request and sink is not None and self.sink is sink:
-            # llhttp cannot be told this answers a HEAD, so it would wait for the announced
-            # body: finish here and give the connection a fresh parser.
-            self._parser = httptools.HttpResponseParser(self)
-            self._finish()
+        if self.head_request:
+            # The answer to a HEAD has no body, whatever its head announces.
+            self._complete = True
 
     def on_body(self, data: bytes) -> None:
+        if self._complete:
+            self._invalid = "a body after the response ended"
+            raise ValueError(self._invalid)
+        self._body_seen = True
         sink = self.sink
         if sink is not None and data:
             sink.upstream_body(data)
@@ -237,24 +349,42 @@ class UpstreamConnection(CoalescingProtocol):
         if self._interim:
             self._interim = False
             return
-        if self._body_framing == FRAMING_CLOSE or self.tunnel:
+        self._in_body = False
+        if self._complete or self._body_framing == FRAMING_CLOSE or self.tunnel:
             return
-        self._finish()
+        # A trailer section may say `Connection: close` too: llhttp's verdict at the end wins.
+        if not self._parser.should_keep_alive():
+            self.reusable = False
+        self._complete = True
 
     # the request side
 
-    def _finish(self) -> None:
-        sink = self.sink
-        self.sink = None
-        if sink is not None:
-            sink.upstream_complete()
+    def start(
+        self,
+        sink: ResponseSink,
+        head_request: bool,
+        upgrade: bool,
+        max_head: int,
+        max_headers: int,
+    ) -> None:
+        """Carry one request for `sink`; the caller then writes the request bytes.
 
-    def start(self, sink: ResponseSink, head_request: bool) -> None:
-        """Carry one request for `sink`; the caller then writes the request bytes."""
+        `max_head` and `max_headers` bound the response head (the request's limits).
+        """
         self.sink = sink
         # A pooled connection may have been paused by its previous request's slow client.
         self.resume_reading()
         self.head_request = head_request
+        self.upgrade_asked = upgrade
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self._invalid = ""
+        self._complete = False
+        self._in_body = False
+        self._headers = []
+        self._te = None
+        self._has_length = False
+        self._connection = []
         self.got_bytes = False
         self.reusable = False
         self._interim = False

@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import hashlib
 import itertools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -48,6 +51,24 @@ log = logging.getLogger("turnout.worker")
 
 TICK = 0.1
 ACCEPT_BATCH = 64
+
+# File descriptors kept aside for what is not a client connection: the listener, the control
+# channel, stdio, health checks, the mirror's client. Every client connection may need one
+# more descriptor for its upstream connection, so a worker takes at most
+# (fd limit - FD_RESERVE) / 2 clients.
+FD_RESERVE = 64
+
+# At shutdown, an idle keep-alive connection is closed at once only if it has been idle this
+# long; a client that used its connection more recently may be sending a request right now,
+# so that connection gets `Connection: close` on its next response instead (or is closed once
+# it has been idle this long).
+DRAIN_IDLE_GRACE = 1.0
+
+# At most one line per key in this period for log lines a peer can provoke at will.
+LOG_EVERY = 5.0
+
+# How often freed memory is handed back to the OS (after bursts of slow clients, say).
+TRIM_EVERY = 10.0
 
 # Passive ejection: this many consecutive failures (connect/reset or 5xx) take an endpoint out
 # for EJECT_BASE seconds, doubling on each ejection in a row up to EJECT_MAX.
@@ -89,13 +110,69 @@ class Generation:
         self.uses_host = any(r.host_exact or r.host_suffix for r in table.routes)
 
 
+def default_via_name() -> str:
+    """The received-by name of this Turnout in Via (RFC 9110 section 7.6.3).
+
+    Unique per running instance (host, boot, supervisor process and its start time) and the
+    same in all its workers, so a request that comes back to this instance is recognised as a
+    loop while a chain of different Turnouts (edge, then sidecar) is not. No host name leaks.
+    """
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat", encoding="latin-1") as stat:
+            started = stat.read().rsplit(")", 1)[1].split()[19]
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot:
+            boot_id = boot.read().strip()
+    except (OSError, IndexError):
+        started, boot_id = "", ""
+    seed = f"{socket.gethostname()}|{boot_id}|{parent}|{started}".encode()
+    return "turnout-" + hashlib.blake2b(seed, digest_size=6).hexdigest()
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def client_capacity(fd_limit: int) -> int:
+    """How many client connections a worker can hold with `fd_limit` descriptors."""
+    return max(1, (fd_limit - FD_RESERVE) // 2)
+
+
 class WorkerContext:
     """The state of one worker shared by its connections: the current generation and timers."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, index: int, access_log: bool) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        index: int,
+        access_log: bool,
+        fd_limit: int = 1 << 20,
+        via_name: str = "turnout",
+    ) -> None:
         self.loop = loop
         self.index = index
         self.now = loop.time()
+        self.fd_limit = fd_limit
+        # limits.max_connections, lowered to what the fd limit allows (see apply).
+        self.max_clients = client_capacity(fd_limit)
+        self.default_via = via_name
+        self.via_name = b""
+        self.via_value = b""
+        self.via_line = b""
+        self.set_via(via_name)
+        self._logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._last_trim = self.now
+        self._trim: Callable[[int], int] | None = _malloc_trim()
         self.tasks = TaskSet(f"worker-{index}")
         self.batcher = WriteBatcher(loop)
         self.access_log = AccessLog() if access_log else None
@@ -119,6 +196,12 @@ class WorkerContext:
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
         self._mirrorer: Mirrorer | None = None
+
+    def set_via(self, name: str) -> None:
+        """Use `name` as this instance's received-by name in Via."""
+        self.via_name = name.encode("ascii")
+        self.via_value = b"1.1 " + self.via_name
+        self.via_line = b"Via: " + self.via_value + b"\r\n"
 
     def new_request_id(self) -> str:
         """A fresh X-Request-Id (32 hex digits)."""
@@ -188,6 +271,20 @@ class WorkerContext:
         spec = table.spec
         self.limits = spec.limits
         self.timeouts = spec.timeouts
+        self.set_via(spec.via or self.default_via)
+        capacity = client_capacity(self.fd_limit)
+        wanted = spec.limits.max_connections
+        self.max_clients = min(wanted, capacity)
+        if wanted > capacity and (old is None or old.table.spec.limits.max_connections != wanted):
+            log.warning(
+                "worker %d: limits.max_connections %d needs about %d file descriptors but the "
+                "limit is %d: taking at most %d client connections",
+                self.index,
+                wanted,
+                2 * wanted + FD_RESERVE,
+                self.fd_limit,
+                capacity,
+            )
         for pool in removed:
             # Requests already on these endpoints finish; nothing new is sent there.
             pool.drain()
@@ -205,6 +302,41 @@ class WorkerContext:
             pool.refresh(self.now)
 
     # ---- hooks the data plane calls ------------------------------------------------------
+
+    def warn_limited(self, key: str, message: str, *args: object) -> None:
+        """Log a warning a peer can provoke at will: at most one per LOG_EVERY per key."""
+        now = self.loop.time()
+        if now - self._logged.get(key, -LOG_EVERY) < LOG_EVERY:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._logged[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            message += f" (and {suppressed} more like it in the last {LOG_EVERY:.0f}s)"
+        log.warning(message, *args)
+
+    def resource_shortage(self, exc: OSError) -> None:
+        """The worker is out of descriptors: stop accepting for a tick, log (rate-limited)."""
+        self.warn_limited(
+            "fd",
+            "worker %d: out of file descriptors (%s) with %d client connections; "
+            "accepting paused (limit %d)",
+            self.index,
+            exc.strerror,
+            len(self.connections),
+            self.fd_limit,
+        )
+        if self.accepting:
+            self.stop_accepting()
+            self.loop.call_later(TICK, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if (
+            not self.closing
+            and self.listener is not None
+            and len(self.connections) + self.adopting < self.max_clients
+        ):
+            self.start_accepting()
 
     def count_fail_open(self, upstream: str) -> None:
         """No endpoint of `upstream` was healthy: all were tried anyway."""
@@ -238,7 +370,9 @@ class WorkerContext:
     def connection_opened(self, conn: ClientConnection) -> None:
         """A client connected."""
         self.connections.add(conn)
-        if len(self.connections) >= self.limits.max_connections:
+        if self.closing:
+            conn.closing = True
+        if len(self.connections) >= self.max_clients:
             self.stop_accepting()
 
     def connection_closed(self, conn: ClientConnection) -> None:
@@ -248,10 +382,13 @@ class WorkerContext:
             not self.closing
             and not self.accepting
             and self.listener is not None
-            and len(self.connections) < self.limits.max_connections
+            and len(self.connections) + self.adopting < self.max_clients
         ):
             self.start_accepting()
-        if self.closing and not self.connections:
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self.closing and not self.connections and not self.adopting:
             self.idle_event.set()
 
     # ---- listening -----------------------------------------------------------------------
@@ -290,17 +427,19 @@ class WorkerContext:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: stop for a tick rather than spin on a full table.
-                log.error("accept failed: %s", exc)
-                self.stop_accepting()
-                self.loop.call_later(TICK, self.start_accepting)
+                # EMFILE and friends: stop for a tick rather than spin on a full table; the
+                # connection waits in the backlog.
+                self.resource_shortage(exc)
                 return
-            sock.setblocking(False)
-            self.adopting += 1
-            self.tasks.spawn(self._adopt(sock), name="adopt")
-            if len(self.connections) + self.adopting >= self.limits.max_connections:
+            self._take(sock)
+            if len(self.connections) + self.adopting >= self.max_clients:
                 self.stop_accepting()
                 return
+
+    def _take(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.adopting += 1
+        self.tasks.spawn(self._adopt(sock), name="adopt")
 
     async def _adopt(self, sock: socket.socket) -> None:
         try:
@@ -309,13 +448,27 @@ class WorkerContext:
             sock.close()
         finally:
             self.adopting -= 1
+            self._check_idle()
 
     def close_listener(self) -> None:
-        """Stop accepting and close the listening socket: new connections are refused."""
+        """Stop accepting and close the listening socket: new connections are refused.
+
+        Connections the kernel already completed sit in the backlog, and closing the listener
+        would reset them although their clients may have sent a request: they are taken in
+        first and served (with `Connection: close`).
+        """
         self.stop_accepting()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        listener = self.listener
+        if listener is None:
+            return
+        self.listener = None
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                break
+            self._take(sock)
+        listener.close()
 
     # ---- timers --------------------------------------------------------------------------
 
@@ -339,9 +492,13 @@ class WorkerContext:
             self.watched.discard(ex)
             ex.timed_out()
         self._ticks += 1
+        if self.closing:
+            for conn in [c for c in self.connections if c.is_idle()]:
+                if now - conn.idle_since >= DRAIN_IDLE_GRACE:
+                    conn.close()
         if self._ticks % 10 == 0:
             keepalive = self.timeouts.client_keepalive
-            for conn in [c for c in self.connections if c.current is None]:
+            for conn in [c for c in self.connections if c.is_idle()]:
                 if now - conn.idle_since > keepalive:
                     conn.close()
             for pool in self.endpoints.values():
@@ -349,6 +506,11 @@ class WorkerContext:
                 if pool.ejected_until and now >= pool.ejected_until:
                     pool.ejected_until = 0.0
                     pool.refresh(now)
+            if self._trim is not None and now - self._last_trim >= TRIM_EVERY:
+                # Buffers of many slow clients leave free holes in the heap that glibc (tuned
+                # not to trim, see _tune_malloc) would keep for good: return them now and then.
+                self._last_trim = now
+                self._trim(0)
         if self.access_log is not None:
             self.access_log.flush()
 
@@ -388,19 +550,22 @@ class WorkerContext:
         if delay > 0:
             await asyncio.sleep(delay)
         # 2. Close the listener: from now on new connections are refused by the kernel.
-        self.close_listener()
         self.closing = True
-        # 3. Idle keep-alive clients are closed now; busy ones get `Connection: close` on the
-        #    response they are waiting for and close after it.
+        self.close_listener()
+        # 3. Keep-alive clients idle for DRAIN_IDLE_GRACE are closed now (tick() closes the
+        #    others once they have been idle that long); every response from now on carries
+        #    `Connection: close`, so a request already on its way is answered, not reset.
         #    WebSockets are told to go away (close frame 1001) rather than held to the deadline.
+        now = self.loop.time()
         for conn in list(self.connections):
             conn.closing = True
             if conn.tunnel is not None:
                 conn.tunnel.go_away()
-            elif conn.current is None:
+            elif conn.is_idle() and now - conn.idle_since >= DRAIN_IDLE_GRACE:
                 conn.close()
         # 4. In-flight requests get up to drain.shutdown to finish.
-        if self.connections:
+        self._check_idle()
+        if not self.idle_event.is_set():
             try:
                 async with asyncio.timeout(budget):
                     await self.idle_event.wait()
@@ -459,7 +624,7 @@ async def _control_loop(ctx: WorkerContext, channel: ControlChannel, stop: async
 async def serve(control_fd: int, index: int, access_log: bool) -> int:
     """Run one worker until it is told to stop; returns the exit code."""
     loop = asyncio.get_running_loop()
-    ctx = WorkerContext(loop, index, access_log)
+    ctx = WorkerContext(loop, index, access_log, raise_fd_limit(), default_via_name())
     sock = socket.socket(fileno=control_fd)
     channel = await open_channel(sock)
     stop = asyncio.Event()
@@ -490,6 +655,15 @@ async def serve(control_fd: int, index: int, access_log: bool) -> int:
     control.cancel()
     channel.close()
     return 0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 def _tune_malloc() -> None:

@@ -92,7 +92,22 @@ def test_compile_precomputes_match_fields() -> None:
 
 @pytest.mark.parametrize(
     ("prefix", "expected"),
-    [("/", ""), ("/api", "/api"), ("/api/", "/api"), ("/a/b/", "/a/b"), ("/api//", "/api")],
+    [
+        ("/", ""),
+        ("/api", "/api"),
+        ("/api/", "/api"),
+        ("/a/b/", "/a/b"),
+        ("/api//", "/api"),
+        # In the normal form requests are routed on (docs/routing.md, "Request paths").
+        ("/%7euser/", "/~user"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/a/./b/../c/", "/a/c"),
+        ("/api/..", ""),
+        ("/café", "/caf%C3%A9"),
+        # No request path can be like these (refused or normalised first): kept as written.
+        ("/..", "/.."),
+        ("/a%zz", "/a%zz"),
+    ],
 )
 def test_compile_prefix(prefix: str, expected: str) -> None:
     route = compiled(RouteSpec("r", (("blue", 1.0),), Match(path_prefix=prefix))).routes[0]
