@@ -1,6 +1,6 @@
 """What the metrics cost: per request on the hot path, and per scrape of /metrics.
 
-    .venv/bin/python benchmarks/metrics_cost.py           # hot path + synthetic scrapes (~20 s)
+    .venv/bin/python benchmarks/metrics_cost.py           # hot path + synthetic scrapes (~2 min)
     .venv/bin/python benchmarks/metrics_cost.py --live    # also GET /metrics on real Turnouts
 
 Hot path: a worker counts each request with plain attribute updates on a `RouteUpstreamStats`
@@ -9,14 +9,17 @@ bound at compile time (no label lookups): the lookup of that object, in-flight +
 so the figure is what counting adds per request, in nanoseconds.
 
 Scrape: each worker builds its snapshot and sends it as JSON; the supervisor decodes, sums and
-renders the text. "synthetic" times exactly those steps in this process for N routes (two
-upstreams each, three status codes seen) and W workers; "--live" starts Turnout with that table
-(no traffic: every series is there, at zero) and times whole GET /metrics round trips.
+renders the text, and gzips it when the scraper asks (Prometheus does). "synthetic" times exactly
+those steps in this process for N routes (two upstreams each) and W workers, with every pair
+having seen traffic (three status codes) or none (a pair without a request has no series but its
+split weight); "--live" starts Turnout with that table, sends one request to each of 20 routes,
+and times whole GET /metrics round trips, plain and with `Accept-Encoding: gzip`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import statistics
 import sys
@@ -24,6 +27,7 @@ import tempfile
 import time
 import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +37,14 @@ import orjson
 from proxy.config import parse_config
 from proxy.metrics import MetricsInput, Totals, render
 from proxy.stats import RouteUpstreamStats
+from proxy.supervisor import METRICS_GZIP_LEVEL
 from proxy.table import Table, compile_table
 
-ROUTE_COUNTS = (10, 100, 1000)
-WORKER_COUNTS = (1, 2, 4, 8)
-LIVE_ROUTE_COUNTS = (10, 100, 1000)
-LIVE_WORKER_COUNTS = (1, 2)
-SCRAPES = 20
+ROUTE_COUNTS = (10, 100, 1000, 5000)
+WORKER_COUNTS = (1, 4)
+LIVE_ROUTE_COUNTS = (10, 100, 1000, 5000)
+LIVE_WORKER_COUNTS = (2,)
+SCRAPES = 10
 
 
 # --- hot path -----------------------------------------------------------------------------------
@@ -109,15 +114,17 @@ def routes_config(routes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def worker_snapshot(table: Table) -> dict[str, Any]:
-    """A worker's `stats_snapshot()` after some traffic on every (route, upstream)."""
+def worker_snapshot(table: Table, active: bool) -> dict[str, Any]:
+    """A worker's `stats_snapshot()`: with `active`, after some traffic on every (route,
+    upstream); else a fresh table's, all zeros (what most pairs of a large table look like)."""
     pairs = []
     for route in table.routes:
         for upstream in route.upstreams:
             stats = RouteUpstreamStats(route.name, upstream)
-            for n, code in enumerate((200, 404, 503)):
-                for _ in range(n + 1):
-                    stats.observe(code, 0.002 * (n + 1))
+            if active:
+                for n, code in enumerate((200, 404, 503)):
+                    for _ in range(n + 1):
+                        stats.observe(code, 0.002 * (n + 1))
             pairs.append(stats.snapshot())
     return {
         "generation": 1,
@@ -131,17 +138,29 @@ def worker_snapshot(table: Table) -> dict[str, Any]:
     }
 
 
-def synthetic_scrape(routes: int, workers: int) -> tuple[float, float, int, int]:
-    """(ms in one worker for its snapshot, ms in the supervisor, lines, bytes), medians."""
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """Medians of one synthetic scrape configuration."""
+
+    worker_ms: float  # one worker: build its snapshot and encode the control message
+    supervisor_ms: float  # decode and sum every worker's snapshot, render the text
+    gzip_ms: float  # gzip the text (what a Prometheus scrape adds)
+    series: int
+    text_bytes: int
+    gzip_bytes: int
+
+
+def synthetic_scrape(routes: int, workers: int, active: bool) -> Scrape:
     table = compile_table(
         parse_config(routes_config(routes), "bench.yaml"), generation=1, sha256=""
     )
     worker_ms: list[float] = []
     supervisor_ms: list[float] = []
-    text = b""
+    gzip_ms: list[float] = []
+    text = packed = b""
     for _ in range(SCRAPES):
         started = time.perf_counter()
-        line = orjson.dumps({"op": "stats", "id": 1, "data": worker_snapshot(table)})
+        line = orjson.dumps({"op": "stats", "id": 1, "data": worker_snapshot(table, active)})
         worker_ms.append((time.perf_counter() - started) * 1e3)
         started = time.perf_counter()
         totals = Totals()
@@ -151,26 +170,59 @@ def synthetic_scrape(routes: int, workers: int) -> tuple[float, float, int, int]
             MetricsInput(table=table, totals=totals, down=frozenset(), reloads={}, generation=1)
         )
         supervisor_ms.append((time.perf_counter() - started) * 1e3)
-    lines = sum(1 for row in text.splitlines() if not row.startswith(b"#"))
-    return statistics.median(worker_ms), statistics.median(supervisor_ms), lines, len(text)
+        started = time.perf_counter()
+        packed = gzip.compress(text, compresslevel=METRICS_GZIP_LEVEL, mtime=0)
+        gzip_ms.append((time.perf_counter() - started) * 1e3)
+    return Scrape(
+        worker_ms=statistics.median(worker_ms),
+        supervisor_ms=statistics.median(supervisor_ms),
+        gzip_ms=statistics.median(gzip_ms),
+        series=sum(1 for row in text.splitlines() if not row.startswith(b"#")),
+        text_bytes=len(text),
+        gzip_bytes=len(packed),
+    )
 
 
 def scrape_table() -> None:
     print()
-    print("scrape, synthetic (median of", SCRAPES, "scrapes):")
-    print("  routes  workers  series    bytes  worker ms  supervisor ms")
+    print("scrape, synthetic (median of", SCRAPES, "scrapes; pairs: all saw traffic, or none):")
+    print(
+        "  routes  workers  pairs   series      bytes  gzip bytes"
+        "  worker ms  supervisor ms  gzip ms"
+    )
     for routes in ROUTE_COUNTS:
         for workers in WORKER_COUNTS:
-            worker, supervisor, lines, size = synthetic_scrape(routes, workers)
-            sizes = f"{routes:6d}  {workers:7d}  {lines:6d}  {size:7d}"
-            print(f"  {sizes}  {worker:9.2f}  {supervisor:13.2f}")
+            for active in (True, False):
+                r = synthetic_scrape(routes, workers, active)
+                print(
+                    f"  {routes:6d}  {workers:7d}  {'all' if active else 'none':5s}"
+                    f"  {r.series:6d}  {r.text_bytes:9d}  {r.gzip_bytes:10d}"
+                    f"  {r.worker_ms:9.1f}  {r.supervisor_ms:13.1f}  {r.gzip_ms:7.1f}"
+                )
 
 
 # --- live -----------------------------------------------------------------------------------------
 
 
-def live_scrape_ms(routes: int, workers: int, folder: Path) -> float:
-    """Median ms of GET /metrics against a real Turnout with `routes` routes."""
+def get_metrics(admin_port: int, accept_encoding: str) -> tuple[float, int]:
+    """One GET /metrics: (ms, bytes of the body as sent)."""
+    conn = http.client.HTTPConnection(bl.LOOPBACK, admin_port, timeout=30)
+    try:
+        started = time.perf_counter()
+        conn.request("GET", "/metrics", headers={"Accept-Encoding": accept_encoding})
+        response = conn.getresponse()
+        body = response.read()
+        elapsed = (time.perf_counter() - started) * 1e3
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"/metrics answered {response.status}")
+    return elapsed, len(body)
+
+
+def live_scrapes(routes: int, workers: int, folder: Path) -> dict[str, tuple[float, int]]:
+    """Median ms and size of GET /metrics, plain and gzip, on a real Turnout with `routes`
+    routes; 20 of them got a request first (the rest are pairs that never saw one)."""
     port, admin_port = bl.free_port(), bl.free_port()
     text = f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin_port}\nworkers: {workers}\n"
     config = folder / f"live-{routes}-{workers}.yaml"
@@ -181,32 +233,31 @@ def live_scrape_ms(routes: int, workers: int, folder: Path) -> float:
         folder / f"live-{routes}-{workers}.log",
     )
     try:
-        bl.wait_for_turnout(proc, port, admin_port, "/r0", 30.0)
-        timings = []
-        for _ in range(SCRAPES):
-            conn = http.client.HTTPConnection(bl.LOOPBACK, admin_port, timeout=10)
-            started = time.perf_counter()
-            conn.request("GET", "/metrics")
-            response = conn.getresponse()
-            response.read()
-            timings.append((time.perf_counter() - started) * 1e3)
-            conn.close()
-            if response.status != 200:
-                raise RuntimeError(f"/metrics answered {response.status}")
-        return statistics.median(timings)
+        bl.wait_for_turnout(proc, port, admin_port, "/r0", 60.0)
+        for i in range(min(routes, 20)):
+            bl.http_status(port, f"/r{i}")
+        results = {}
+        for encoding in ("identity", "gzip"):
+            runs = [get_metrics(admin_port, encoding) for _ in range(SCRAPES)]
+            results[encoding] = (statistics.median(ms for ms, _ in runs), runs[-1][1])
+        return results
     finally:
         proc.stop()
 
 
 def live_table() -> None:
     print()
-    print("scrape, live GET /metrics (median of", SCRAPES, "scrapes):")
-    print("  routes  workers  ms")
+    print("scrape, live GET /metrics (median of", SCRAPES, "scrapes; 20 routes got a request):")
+    print("  routes  workers  plain ms  plain bytes  gzip ms  gzip bytes")
     with tempfile.TemporaryDirectory(prefix="turnout-metrics-") as folder:
         for routes in LIVE_ROUTE_COUNTS:
             for workers in LIVE_WORKER_COUNTS:
-                ms = live_scrape_ms(routes, workers, Path(folder))
-                print(f"  {routes:6d}  {workers:7d}  {ms:6.1f}")
+                r = live_scrapes(routes, workers, Path(folder))
+                (plain_ms, plain_bytes), (gzip_ms, gzip_bytes) = r["identity"], r["gzip"]
+                print(
+                    f"  {routes:6d}  {workers:7d}  {plain_ms:8.1f}  {plain_bytes:11d}"
+                    f"  {gzip_ms:7.1f}  {gzip_bytes:10d}"
+                )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,14 @@ state file could not be written; nothing changed). docs/admin.md describes every
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
 import math
+import resource
+import socket
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,11 +26,13 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_protocol import RequestHandler
 
 from proxy.controller import ACTIONS, RolloutController
 from proxy.metrics import CONTENT_TYPE
 from proxy.rollout import RolloutError
 from proxy.routing import explain, make_view
+from proxy.spec import MAX_WEIGHT
 from proxy.table import Table
 
 log = logging.getLogger("turnout.admin")
@@ -92,8 +98,8 @@ class AdminBackend(Protocol):
         """
         ...
 
-    async def metrics(self) -> bytes:
-        """The Prometheus text of all workers, aggregated."""
+    async def metrics(self, *, gzip: bool) -> bytes:
+        """The Prometheus text of all workers, aggregated; gzip-compressed with `gzip`."""
         ...
 
     @property
@@ -175,9 +181,31 @@ def add_core_routes(app: web.Application) -> None:
 # --- metrics ----------------------------------------------------------------------------------
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header value allows gzip (RFC 9110 section 12.5.3)."""
+    allowed: dict[str, bool] = {}
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        allowed[coding.strip().lower()] = quality > 0
+    return allowed.get("gzip", allowed.get("x-gzip", allowed.get("*", False)))
+
+
 async def _get_metrics(request: web.Request) -> web.Response:
-    body = await request.app[BACKEND].metrics()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    # Prometheus asks for gzip: the text of a large table shrinks about 20 times.
+    compress = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    body = await request.app[BACKEND].metrics(gzip=compress)
+    headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding"}
+    if compress:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 def add_metrics_routes(app: web.Application) -> None:
@@ -221,14 +249,13 @@ def parse_split(body: bytes, upstreams: Sequence[str]) -> dict[str, float]:
                 f"weight of {name!r} must be a number, got {orjson.dumps(value).decode()}"
             )
         weight = float(value)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {value!r}")
+        if not math.isfinite(weight) or not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(
+                f"weight of {name!r} must be a number from 0 to {MAX_WEIGHT:.0f}, got {value!r}"
+            )
         weights[name] = weight
-    total = sum(weights.values())
-    if not total > 0:
+    if not sum(weights.values()) > 0:
         raise ValueError("at least one weight must be > 0")
-    if not math.isfinite(total):
-        raise ValueError("the weights are too large: their sum must be a finite number")
     return weights
 
 
@@ -387,21 +414,197 @@ def create_admin_app(backend: AdminBackend, *, token: str | None) -> web.Applica
     return app
 
 
+# Bounds of the admin plane, so that clients that hold connections open (slow heads, idle
+# keep-alives, slow readers; on purpose or not) can never keep the probes from being answered.
+# docs/admin.md, "Limits", describes them.
+MAX_CONNECTIONS = 256
+# From connect, or from the end of the previous response, to a complete request head.
+HEAD_TIMEOUT = 10.0
+# From a complete head to the last byte of the response handed to the kernel.
+REQUEST_TIMEOUT = 60.0
+SWEEP_EVERY = 1.0
+BACKLOG = 1024
+
+
+def connection_cap(wanted: int = MAX_CONNECTIONS) -> int:
+    """`wanted`, lowered to a quarter of the open-files limit (the rest is for everything else)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(8, min(wanted, soft // 4))
+
+
+class _Connection(asyncio.Protocol):
+    """One admin connection: aiohttp's protocol, wrapped so the server sees it come and go.
+
+    aiohttp's `Server.connections` lists a connection only from its `connection_made`, which
+    the event loop calls after a whole batch of accepts; counting and closing here keeps the
+    cap exact under a burst.
+    """
+
+    __slots__ = ("_server", "busy", "closing", "connected", "handler", "since")
+
+    def __init__(self, server: AdminServer, handler: RequestHandler, now: float) -> None:
+        self._server = server
+        self.handler = handler
+        # Accept time, then the time its latest request head was complete.
+        self.since = now
+        # A handler is running for it (from the complete head until it returns).
+        self.busy = False
+        # The server is closing it (counted no more against the cap).
+        self.closing = False
+        self.connected = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connected = True
+        self.handler.connection_made(transport)
+        self._server.on_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self.handler.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._server.on_lost(self)
+        self.handler.connection_lost(exc)
+
+    @property
+    def sending(self) -> bool:
+        """A response waits in the write buffer: the client reads slowly or not at all."""
+        transport = self.handler.transport
+        return (
+            isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() > 0
+        )
+
+    def close(self) -> None:
+        """Close it: a plain close when it waits for a head, an abort (a reset) when it is busy;
+        a close would wait for a write buffer that a stuck client never drains."""
+        self.closing = True
+        transport = self.handler.transport
+        if transport is None:
+            return
+        if self.busy or self.sending:
+            # Linger 0: the kernel resets the connection and drops the unsent response, rather
+            # than keep it for a client that does not read.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        else:
+            transport.close()
+
+
 class AdminServer:
-    """Runs an admin application on one address; `start` binds, `stop` closes."""
+    """Runs an admin application on a bound socket; `start` serves, `stop` closes.
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    aiohttp bounds a head's size but neither the number of connections nor the time they take,
+    so the server adds that (see the constants above):
+    - at most `max_connections` connections: one more closes the connection that has waited
+      longest for a request head (an idle keep-alive or a slow head); when every one is running
+      a request, the one whose request began first. A probe always gets in.
+    - `head_timeout`: aiohttp's keep-alive timer, which also runs from the connect and closes a
+      connection that has not completed a head when it fires.
+    - `request_timeout`: a request whose handler or response write (a client that does not read)
+      takes longer is aborted.
+    """
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        max_connections: int | None = None,
+        head_timeout: float = HEAD_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self._max_connections = max_connections or connection_cap()
+        self._request_timeout = request_timeout
+        # Every connection from accept to connection_lost, by aiohttp protocol.
+        self._connections: dict[RequestHandler, _Connection] = {}
+        self._listener: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        app.middlewares.insert(0, self._track_requests())
         # No access log: the admin plane is polled by probes and would drown the event log.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        self._host = host
-        self._port = port
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=head_timeout
+        )
 
-    async def start(self) -> None:
-        """Bind and serve (OSError when the address is taken or not local)."""
+    def _track_requests(self) -> Middleware:
+        @web.middleware
+        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+            connection = self._connections.get(request.protocol)
+            if connection is None:
+                return await handler(request)
+            connection.busy = True
+            connection.since = asyncio.get_running_loop().time()
+            try:
+                return await handler(request)
+            except ConnectionResetError:
+                if request.transport is not None and not request.transport.is_closing():
+                    raise
+                # The client went away, or was aborted for holding its connection: there is
+                # no one to answer (this response is never sent) and nothing to log.
+                return web.Response(status=499)
+            finally:
+                connection.busy = False
+
+        return track
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock`, a bound socket (listening or not); the server owns it from now on."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self._accepted, sock=sock, backlog=BACKLOG)
+        self._sweeper = loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def _accepted(self) -> _Connection:
+        server = self._runner.server
+        assert server is not None, "start() first"
+        connection = _Connection(self, server(), asyncio.get_running_loop().time())
+        self._connections[connection.handler] = connection
+        return connection
+
+    def on_connected(self, new: _Connection) -> None:
+        """Make room for `new` when the cap is reached (called once its transport exists)."""
+        open_now = [c for c in self._connections.values() if not c.closing]
+        if len(open_now) <= self._max_connections:
+            return
+        # Waiting for a head first (oldest wait first), then busy ones (oldest request first);
+        # only connections that are connected already can be closed.
+        candidates = [c for c in open_now if c is not new and c.handler.transport is not None]
+        if candidates:
+            min(candidates, key=lambda c: (c.busy or c.sending, c.since)).close()
+
+    def on_lost(self, connection: _Connection) -> None:
+        """Forget a connection that ended."""
+        self._connections.pop(connection.handler, None)
+
+    def _sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for connection in list(self._connections.values()):
+            if not connection.connected:
+                # Accepted, but the loop failed to set the transport up (it then calls neither
+                # connection_made nor connection_lost): not a connection to count.
+                if now - connection.since > self._request_timeout:
+                    self.on_lost(connection)
+            elif (connection.busy or connection.sending) and (
+                now - connection.since > self._request_timeout
+            ):
+                connection.close()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
 
     async def stop(self) -> None:
         """Close the listener and the open admin connections."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._listener is not None:
+            self._listener.close()
         await self._runner.cleanup()

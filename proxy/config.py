@@ -42,6 +42,7 @@ from proxy.spec import (
     Timeouts,
     UpstreamSpec,
 )
+from proxy.table import PathError, path_from_text
 
 __all__ = [
     "LOG_ISSUE_LIMIT",
@@ -989,6 +990,9 @@ class _Checker:
     def _http_path(self, node: Node, path: str) -> str | None:
         return self._text_field(node, path, _check_http_path, "a path")
 
+    def _path_prefix(self, node: Node, path: str) -> str | None:
+        return self._text_field(node, path, _check_path_prefix, "a path")
+
     def _routes(self, node: Node, path: str) -> tuple[RouteSpec, ...] | None:
         elements = self._list(node, path, _MAX_ROUTES, "routes")
         if elements is None:
@@ -1056,7 +1060,7 @@ class _Checker:
         if items is None:
             return None
         host = self._field(items, "host", path, self._host_pattern, None)
-        prefix = self._field(items, "path_prefix", path, self._http_path, "/")
+        prefix = self._field(items, "path_prefix", path, self._path_prefix, "/")
         return Match(host=host, path_prefix=prefix)
 
     def _host_pattern(self, node: Node, path: str) -> str | None:
@@ -1306,6 +1310,18 @@ def _check_token(text: str) -> str | None:
     if _TOKEN_RE.match(text):
         return None
     return f"bad name '{_shown(text)}' (letters, digits and !#$%&'*+-.^_`|~ only)"
+
+
+def _check_path_prefix(text: str) -> str | None:
+    problem = _check_http_path(text)
+    if problem is not None:
+        return problem
+    # Requests are matched in normal form: a prefix with no normal form matches nothing.
+    try:
+        path_from_text(text)
+    except PathError as exc:
+        return f"no request can have this path: {exc}"
+    return None
 
 
 def _check_http_path(text: str) -> str | None:

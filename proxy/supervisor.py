@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from gzip import compress as gzip_compress
 from typing import Any
 
 import aiohttp.helpers
@@ -40,6 +43,7 @@ import aiohttp.http_parser
 import uvloop
 
 from proxy.admin import (
+    BACKLOG,
     AdminServer,
     Readiness,
     ReloadOutcome,
@@ -47,7 +51,14 @@ from proxy.admin import (
     create_admin_app,
     is_loopback,
 )
-from proxy.config import ConfigError, config_sha256, parse_config, spec_to_dict
+from proxy.config import (
+    MAX_FILE_BYTES,
+    ConfigError,
+    config_sha256,
+    format_issues,
+    parse_config,
+    spec_to_dict,
+)
 from proxy.control import (
     OP_APPLIED,
     OP_READY,
@@ -93,6 +104,16 @@ STATIC_SETTINGS = ("listen", "admin", "workers")
 # How long a scrape waits for the workers' counters; a worker that misses it counts with its
 # last snapshot.
 SCRAPE_DEADLINE = 1.0
+# Every worker's counters are also polled in the background, so that a worker killed between
+# two scrapes loses at most one poll period of counts (docs/metrics.md). The period grows for
+# tables so large that a poll is costly: POLL_COST_FACTOR times the time the answers took,
+# at most POLL_MAX, so polling keeps to about a tenth of the supervisor's time.
+POLL_EVERY = 1.0
+POLL_COST_FACTOR = 10.0
+POLL_MAX = 10.0
+# gzip level of /metrics: level 1 is 4x faster than the default 6 and a third larger, about 20
+# times smaller than the text either way (benchmarks/metrics_cost.py).
+METRICS_GZIP_LEVEL = 1
 # How long a runtime split change waits for every worker to apply the new table before it
 # answers anyway (a worker that slow is logged).
 APPLY_DEADLINE = 2.0
@@ -110,9 +131,13 @@ class ConfigLoadError(Exception):
 
 
 def read_config_text(path: str) -> str:
-    """The file's text (UTF-8); OSError or UnicodeDecodeError when it cannot be read."""
+    """The file's text (UTF-8); OSError or UnicodeDecodeError when it cannot be read.
+
+    At most one byte more than MAX_FILE_BYTES is read: parse_config refuses a longer file
+    without the whole of it in memory.
+    """
     with open(path, encoding="utf-8") as f:
-        return f.read()
+        return f.read(MAX_FILE_BYTES + 1)
 
 
 def load_config(path: str) -> tuple[str, ConfigSpec]:
@@ -134,6 +159,13 @@ def admin_token() -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def state_file_is_folder(spec: ConfigSpec) -> str | None:
+    """The error when `state_file` names an existing folder (the pure config cannot tell)."""
+    if spec.state_file is not None and os.path.isdir(spec.state_file):
+        return f"state_file: {spec.state_file} is a folder; give a file"
+    return None
+
+
 def startup_refusals(spec: ConfigSpec, token: str | None) -> list[str]:
     """Reasons not to start at all (empty list: go ahead)."""
     reasons: list[str] = []
@@ -149,6 +181,9 @@ def startup_refusals(spec: ConfigSpec, token: str | None) -> list[str]:
             "aiohttp's C HTTP parser is not available in this installation; "
             "reinstall aiohttp from a wheel built with its C extensions"
         )
+    folder = state_file_is_folder(spec)
+    if folder is not None:
+        reasons.append(folder)
     host = spec.admin[0]
     if token is None and not is_loopback(host):
         reasons.append(
@@ -156,6 +191,144 @@ def startup_refusals(spec: ConfigSpec, token: str | None) -> list[str]:
             f"is not set; set {TOKEN_ENV} or bind admin to 127.0.0.1"
         )
     return reasons
+
+
+class StartError(Exception):
+    """An address Turnout must listen on is not available; the message is one line for stderr."""
+
+
+def format_address(host: str, port: int) -> str:
+    """`host:port`, `[v6]:port`: as the config file writes it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _family(host: str) -> socket.AddressFamily:
+    # The workers' rule (proxy.worker, WorkerContext.listen): a ':' in the host means IPv6.
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listen_lock_name(host: str, port: int) -> str:
+    """The abstract unix socket that one Turnout per `listen` address holds.
+
+    Abstract names live per network namespace, like ports, and vanish with the process, so
+    a crashed Turnout leaves no stale lock behind.
+    """
+    return f"\0turnout/listen/{format_address(host.lower(), port)}"
+
+
+@dataclass(slots=True)
+class AddressClaims:
+    """The sockets that keep `listen` and `admin` this Turnout's (see `claim_addresses`)."""
+
+    lock: socket.socket
+    hold: socket.socket | None
+    admin: socket.socket
+
+    def close(self) -> None:
+        """Let the addresses go (closing the admin socket again after its server did is a no-op)."""
+        for sock in (self.lock, self.hold, self.admin):
+            if sock is not None:
+                sock.close()
+
+
+def _holder_pid(name: str) -> int | None:
+    """The pid of the process that holds the lock socket `name`, when it can be told."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            probe.connect(name)
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
+def _bind_error(what: str, host: str, port: int, exc: OSError) -> StartError:
+    where = format_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return StartError(f"{what} address {where} is already in use by another process")
+    return StartError(f"cannot listen on {where} ({what}): {exc.strerror or exc}")
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """StartError unless a socket could listen on the address now.
+
+    Without SO_REUSEPORT, so that any listener on it counts, Turnout workers' included; with
+    SO_REUSEADDR, like the workers, so that old connections in TIME_WAIT do not.
+    """
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _bind_error(what, host, port, exc) from None
+
+
+def _hold(host: str, port: int) -> socket.socket | None:
+    """A socket bound to `listen` with SO_REUSEPORT (never listening: it gets no connections).
+
+    Until the workers listen, it keeps every other program off the port (their bind fails,
+    as does another Turnout's check on an overlapping address such as 0.0.0.0); the workers
+    of this Turnout can still join, being of the same user.
+    """
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        # Old connections of another program still in TIME_WAIT refuse this bind, which has
+        # no SO_REUSEADDR, but not the workers'. Then there is no hold: the lock and the check
+        # still stand; only a start at the very same moment could slip in.
+        sock.close()
+        return None
+    return sock
+
+
+def claim_addresses(spec: ConfigSpec) -> AddressClaims:
+    """Make `listen` and `admin` this Turnout's, or StartError naming the address.
+
+    `listen`: the workers share it with SO_REUSEPORT, which would let a second Turnout of the
+    same user share it too, silently taking half the traffic. So: a lock (an abstract unix
+    socket named after the address) that a second Turnout cannot take; then a bind without
+    SO_REUSEPORT, which fails if anything listens there; then `_hold`. `admin`: bound here,
+    without SO_REUSEPORT, which is exclusive by itself.
+    """
+    host, port = spec.listen
+    name = listen_lock_name(host, port)
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(name)
+    except OSError as exc:
+        lock.close()
+        where = format_address(host, port)
+        if exc.errno != errno.EADDRINUSE:
+            raise StartError(f"cannot lock the listen address {where}: {exc.strerror}") from None
+        pid = _holder_pid(name)
+        holder = f"another Turnout (pid {pid})" if pid else "another Turnout"
+        raise StartError(f"listen address {where} is already in use by {holder}") from None
+    hold: socket.socket | None = None
+    try:
+        # Listening, so a second Turnout can ask who holds it (SO_PEERCRED).
+        lock.listen(8)
+        lock.setblocking(False)
+        _check_free(host, port, "listen")
+        hold = _hold(host, port)
+        admin_host, admin_port = spec.admin
+        admin = socket.socket(_family(admin_host), socket.SOCK_STREAM)
+        try:
+            admin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            admin.bind((admin_host, admin_port))
+            admin.listen(BACKLOG)
+        except OSError as exc:
+            admin.close()
+            raise _bind_error("admin", admin_host, admin_port, exc) from None
+    except BaseException:
+        lock.close()
+        if hold is not None:
+            hold.close()
+        raise
+    return AddressClaims(lock=lock, hold=hold, admin=admin)
 
 
 def resolve_workers(spec: ConfigSpec) -> int:
@@ -171,6 +344,19 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
+
+
+def _worker_counts(snapshot: Mapping[str, Any] | None) -> dict[str, int | None]:
+    """`requests` (answered, all routes) and open `connections` of a worker's last snapshot."""
+    if snapshot is None:
+        return {"requests": None, "connections": None}
+    pairs = [*snapshot.get("routes", ()), snapshot.get("no_route") or {}]
+    counts = [pair.get("count") for pair in pairs]
+    connections = snapshot.get("connections")
+    return {
+        "requests": sum(count for count in counts if isinstance(count, int)),
+        "connections": connections if isinstance(connections, int) else None,
+    }
 
 
 def _utc_iso(moment: datetime) -> str:
@@ -233,6 +419,8 @@ class WorkerHandle:
     # The newest stats snapshot it sent: counted in a scrape it misses, and folded into the
     # retired totals when it dies, so the summed counters never go down.
     last_stats: dict[str, Any] | None = None
+    # When it arrived (loop time).
+    stats_at: float = 0.0
 
 
 class Supervisor:
@@ -308,7 +496,7 @@ class Supervisor:
 
         app = create_admin_app(self, token=token)
         self.admin_app = app
-        self._admin = AdminServer(app, *spec.admin)
+        self._admin = AdminServer(app)
 
     # --- state, as the admin plane and metrics see it -----------------------------------------
 
@@ -349,6 +537,7 @@ class Supervisor:
                     "pid": handle.pid,
                     "generation": handle.generation,
                     "ready": handle.ready,
+                    **_worker_counts(handle.last_stats),
                 }
                 for handle in sorted(self._workers.values(), key=lambda h: h.index)
             ],
@@ -505,8 +694,8 @@ class Supervisor:
         totals.add(self._retired)
         return totals
 
-    async def metrics(self) -> bytes:
-        """The Prometheus text for GET /metrics."""
+    async def metrics(self, *, gzip: bool) -> bytes:
+        """The Prometheus text for GET /metrics, gzip-compressed with `gzip`."""
         totals = await self.gather_totals(SCRAPE_DEADLINE)
         view = MetricsInput(
             table=self._current.table,
@@ -521,10 +710,10 @@ class Supervisor:
             },
             rollout_verdicts=dict(self.rollouts.verdicts),
         )
-        # Rendering takes ~6 us per series (0.3 s for 1000 routes, see
+        # Rendering takes ~0.7 us per series (0.2 s for 5,000 routes that all saw traffic, see
         # benchmarks/metrics_cost.py); off the loop, health checks and probes keep their pace.
         # The view is this scrape's own: nothing else touches it meanwhile.
-        return await asyncio.to_thread(render, view)
+        return await asyncio.to_thread(_metrics_body, view, gzip)
 
     # --- health -----------------------------------------------------------------------------------
 
@@ -570,6 +759,9 @@ class Supervisor:
             spec = await asyncio.to_thread(parse_config, text, self.path)
         except ConfigError as exc:
             return self._reload_failed(trigger, sha, [str(issue) for issue in exc.issues])
+        folder = state_file_is_folder(spec)
+        if folder is not None:
+            return self._reload_failed(trigger, sha, [f"{self.path}: {folder}"])
 
         # Compile to the side, then swap one reference; no await in between, so nothing sees a
         # half-made generation.
@@ -677,15 +869,17 @@ class Supervisor:
 
     def _reload_failed(self, trigger: str, sha: str | None, errors: list[str]) -> ReloadOutcome:
         self.reload_counts["failure"] += 1
-        self._last_error = "\n".join(errors)
+        # One file can hold 100,000 errors: the log, last_error and the 400 show the first.
+        shown = format_issues(errors)
+        self._last_error = "\n".join(shown)
         self._last_failed_sha = sha
         log.error(
             "reload (%s) failed; generation %d stays in force:\n  %s",
             trigger,
             self._current.generation,
-            "\n  ".join(errors),
+            "\n  ".join(shown),
         )
-        return ReloadOutcome(self._current.generation, changed=False, errors=tuple(errors))
+        return ReloadOutcome(self._current.generation, changed=False, errors=tuple(shown))
 
     def _last_errors(self) -> tuple[str, ...]:
         return tuple(self._last_error.split("\n")) if self._last_error else ()
@@ -729,6 +923,25 @@ class Supervisor:
         await self.reload("watch")
 
     # --- stats ----------------------------------------------------------------------------------
+
+    async def poll_stats(self) -> None:
+        """Refresh every worker's last snapshot in the background, until cancelled.
+
+        A worker's last snapshot is what survives it when it is killed (folded into the
+        retired totals), so this bounds what a kill loses to one poll period: POLL_EVERY, or
+        more for a table so large that polls are costly (see POLL_COST_FACTOR).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await self.request_stats(SCRAPE_DEADLINE)
+            # The time the answers took, not the deadline a stopped worker makes us wait for.
+            answered = [
+                h.stats_at - started for h in self._workers.values() if h.stats_at > started
+            ]
+            cost = max(answered, default=0.0)
+            period = min(POLL_MAX, max(POLL_EVERY, POLL_COST_FACTOR * cost))
+            await asyncio.sleep(max(0.0, started + period - loop.time()))
 
     # The deadline is the caller's (a scrape has its own), so it is a parameter.
     async def request_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
@@ -880,6 +1093,7 @@ class Supervisor:
                 snapshot = data if isinstance(data, dict) else {}
                 # Kept even when the scrape that asked has given up: it is newer than the last.
                 handle.last_stats = snapshot
+                handle.stats_at = asyncio.get_running_loop().time()
                 future = handle.pending_stats.get(int(msg.get("id", -1)))
                 if future is not None and not future.done():
                     future.set_result(snapshot)
@@ -924,24 +1138,34 @@ class Supervisor:
             self._tasks.spawn(self.reload("SIGHUP"), name="reload-sighup")
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; the exit status (0 clean, 1 refused or forced)."""
+        """Serve until SIGTERM/SIGINT; the exit status (0 clean, 1 refused or forced).
+
+        First `listen` and `admin` are made this Turnout's: when one is taken, one line on
+        stderr names it and the status is 1, before anything was started.
+        """
+        try:
+            claims = claim_addresses(self._current.spec)
+        except StartError as exc:
+            print(f"turnout: cannot start: {exc}", file=sys.stderr)
+            return 1
         loop = asyncio.get_running_loop()
+        # Accept and drop the connections of Turnouts asking who holds the lock (SO_PEERCRED),
+        # so they never fill its backlog.
+        loop.add_reader(claims.lock.fileno(), _drop_connection, claims.lock)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
-            return await self._serve()
+            return await self._serve(claims)
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            loop.remove_reader(claims.lock.fileno())
+            claims.close()
 
-    async def _serve(self) -> int:
+    async def _serve(self, claims: AddressClaims) -> int:
         spec = self._current.spec
-        try:
-            await self._admin.start()
-        except OSError as exc:
-            log.error("cannot listen for admin on %s:%d: %s", *spec.admin, exc.strerror)
-            return 1
+        await self._admin.start(claims.admin)
         if spec.state_file is None:
             log.warning(
                 "no state_file: runtime split changes and rollout state are kept in memory only"
@@ -962,6 +1186,7 @@ class Supervisor:
             watch_file(self.path, self._on_file_change, self._watch_stop), name="config-watch"
         )
         self._tasks.spawn(self.rollouts.run(), name="rollouts")
+        self._tasks.spawn(self.poll_stats(), name="poll-stats")
         await self._stop.wait()
         return await self._shutdown()
 
@@ -1040,6 +1265,17 @@ class Supervisor:
             force_wait.cancel()
 
 
+def _metrics_body(view: MetricsInput, gzip: bool) -> bytes:
+    text = render(view)
+    return gzip_compress(text, compresslevel=METRICS_GZIP_LEVEL, mtime=0) if gzip else text
+
+
+def _drop_connection(lock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn, _ = lock.accept()
+        conn.close()
+
+
 def run_supervisor(path: str, *, access_log: bool = True) -> int:
     """`turnout run`: validate, check the start conditions, then serve until stopped.
 
@@ -1049,7 +1285,7 @@ def run_supervisor(path: str, *, access_log: bool = True) -> int:
     try:
         text, spec = load_config(path)
     except ConfigLoadError as exc:
-        for line in exc.lines:
+        for line in format_issues(exc.lines):
             print(line, file=sys.stderr)
         return 1
     token = admin_token()

@@ -172,6 +172,7 @@ class WorkerContext:
         self._logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._last_trim = self.now
+        self.short_until = 0.0  # out of descriptors: no accepting before this time
         self._trim: Callable[[int], int] | None = _malloc_trim()
         self.tasks = TaskSet(f"worker-{index}")
         self.batcher = WriteBatcher(loop)
@@ -326,6 +327,7 @@ class WorkerContext:
             len(self.connections),
             self.fd_limit,
         )
+        self.short_until = self.loop.time() + TICK
         if self.accepting:
             self.stop_accepting()
             self.loop.call_later(TICK, self._resume_accepting)
@@ -335,6 +337,7 @@ class WorkerContext:
             not self.closing
             and self.listener is not None
             and len(self.connections) + self.adopting < self.max_clients
+            and self.loop.time() >= self.short_until
         ):
             self.start_accepting()
 
@@ -378,13 +381,8 @@ class WorkerContext:
     def connection_closed(self, conn: ClientConnection) -> None:
         """A client connection ended."""
         self.connections.discard(conn)
-        if (
-            not self.closing
-            and not self.accepting
-            and self.listener is not None
-            and len(self.connections) + self.adopting < self.max_clients
-        ):
-            self.start_accepting()
+        if not self.accepting:
+            self._resume_accepting()
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -448,6 +446,9 @@ class WorkerContext:
             sock.close()
         finally:
             self.adopting -= 1
+            # A connection that closed while others were being adopted may have left room.
+            if not self.accepting:
+                self._resume_accepting()
             self._check_idle()
 
     def close_listener(self) -> None:
@@ -519,7 +520,14 @@ class WorkerContext:
     def stats_snapshot(self) -> dict[str, Any]:
         """This worker's counters for the supervisor (only series of the current table)."""
         gen = self.generation
-        routes = [s.snapshot() for per_route in gen.stats for s in per_route.values()]
+        # Pairs that never saw a request are left out (the supervisor counts them as zero):
+        # a 5,000-route table mostly idle costs little to poll every second.
+        routes = [
+            s.snapshot()
+            for per_route in gen.stats
+            for s in per_route.values()
+            if s.count or s.in_flight or s.retries or any(s.errors.values())
+        ]
         return {
             "generation": gen.table.generation,
             "pid": os.getpid(),

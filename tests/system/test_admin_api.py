@@ -216,14 +216,15 @@ BAD_BODIES = [
     (b'"blue"', "JSON object"),
     (b"null", "JSON object"),
     (b'{"purple": 100}', "unknown upstream"),
-    (b'{"blue": -1, "green": 100}', ">= 0"),
+    (b'{"blue": -1, "green": 100}', "from 0 to 1000000"),
     (b'{"blue": true}', "must be a number"),
     (b'{"blue": "100"}', "must be a number"),
     (b'{"blue": null}', "must be a number"),
     (b'{"blue": [100]}', "must be a number"),
     (b'{"blue": 0, "green": 0}', "at least one weight"),
     (b"{}", "at least one weight"),
-    (b'{"blue": 1e308, "green": 1e308}', "too large"),
+    (b'{"blue": 1e308, "green": 1e308}', "from 0 to 1000000"),
+    (b'{"blue": 1000001}', "from 0 to 1000000"),
 ]
 
 

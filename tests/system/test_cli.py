@@ -1,7 +1,7 @@
 """The `turnout` command line as a user runs it: real subprocesses, real files, real ports.
 
 `validate` exit codes and error format, the refusals of `run` (bad config, non-loopback admin
-without a token, aiohttp without its C extensions, a data-plane port that cannot be bound), and
+without a token, aiohttp without its C extensions, a data-plane port that is taken), and
 `demo --requests` showing a split end to end.
 """
 
@@ -139,8 +139,8 @@ def test_run_refuses_without_aiohttp_c_extensions(tmp_path: Path) -> None:
     assert "C extensions" in result.stderr
 
 
-def test_run_exits_1_when_workers_cannot_bind_listen(tmp_path: Path) -> None:
-    # A plain listener without SO_REUSEPORT holds the port, so no worker can bind it.
+def test_run_exits_1_when_listen_is_taken(tmp_path: Path) -> None:
+    # A plain listener holds the port: refused before any worker starts, in one line.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
@@ -151,7 +151,10 @@ def test_run_exits_1_when_workers_cannot_bind_listen(tmp_path: Path) -> None:
         )
         result = turnout("run", str(path), "--no-access-log")
     assert result.returncode == 1
-    assert "before it was ready" in result.stderr
+    assert result.stderr.splitlines() == [
+        f"turnout: cannot start: listen address 127.0.0.1:{port} is already in use by "
+        "another process"
+    ]
 
 
 def test_python_dash_m_proxy_is_the_same_cli(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def test_a_surrogate_under_an_unknown_key_is_still_reported() -> None:
     errors = errors_of(table(top='extra: {a: "\\udc80"}\n'))
     assert errors == [
         "f.yaml:7:1: extra: unknown key 'extra' (allowed: listen, admin, workers, state_file, "
-        "timeouts, limits, drain, upstreams, routes)",
+        "via, timeouts, limits, drain, upstreams, routes)",
         "f.yaml:7:12: '\\udc80' is half of a UTF-16 surrogate pair, not a character; write the "
         "character itself (or \\U0001F600 for one above U+FFFF)",
     ]
@@ -152,7 +152,7 @@ def test_nesting_up_to_the_limit_is_read() -> None:
     errors = errors_of(table(top="extra: " + "[" * 63 + "]" * 63 + "\n"))
     assert errors == [
         "f.yaml:7:1: extra: unknown key 'extra' (allowed: listen, admin, workers, state_file, "
-        "timeouts, limits, drain, upstreams, routes)"
+        "via, timeouts, limits, drain, upstreams, routes)"
     ]
 
 
@@ -785,3 +785,22 @@ def test_arbitrary_characters_give_a_spec_or_located_errors(text: str) -> None:
 @given(st.text(st.sampled_from(list("ab:-[]{}&*!,'\"\\\n #0129.%|>?~/u")), max_size=300))
 def test_yaml_like_text_gives_a_spec_or_located_errors(text: str) -> None:
     assert_spec_or_located_errors(text)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("/..", "climbs above the root"),
+        ("/a%zz", "escape"),
+    ],
+)
+def test_a_path_prefix_no_request_can_have_is_an_error(prefix: str, message: str) -> None:
+    text = (
+        "upstreams: {b: {endpoints: ['127.0.0.1:1']}}\n"
+        f"routes: [{{name: r, match: {{path_prefix: '{prefix}'}}, split: {{b: 1}}}}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "t.yaml")
+    (issue,) = caught.value.issues
+    assert issue.path == "routes[0].match.path_prefix"
+    assert message in issue.message

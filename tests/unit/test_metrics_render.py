@@ -1,5 +1,6 @@
 """Rendering /metrics from synthetic worker snapshots (proxy.metrics): sums, cumulation, retired
-workers, series of the table in force only."""
+workers, series of the table in force only (and of its pairs that saw a request), the exact text
+format; and when /metrics is gzipped (proxy.admin)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin import accepts_gzip
 from proxy.config import parse_config
 from proxy.metrics import LE_LABELS, MetricsInput, Totals, render
-from proxy.stats import DURATION_BUCKETS, MirrorStats, RouteUpstreamStats
+from proxy.stats import DURATION_BUCKETS, ERROR_KINDS, MirrorStats, RouteUpstreamStats
 from proxy.table import Table, compile_table
 
 CONFIG = """
@@ -164,15 +166,93 @@ def test_no_route_series_has_empty_labels() -> None:
     assert value(samples, "turnout_request_duration_seconds_count", route="", upstream="") == 5
 
 
-def test_every_pair_of_the_table_has_zero_series() -> None:
-    samples, _, _ = scrape(table(), [])
-    for route, upstream in [("api", "blue"), ("api", "green"), ("web", "blue")]:
-        labels = {"route": route, "upstream": upstream}
-        assert value(samples, "turnout_requests_in_flight", **labels) == 0
-        assert value(samples, "turnout_retries_total", **labels) == 0
-        assert value(samples, "turnout_request_duration_seconds_count", **labels) == 0
-        for kind in ("connect", "reset", "timeout"):
-            assert value(samples, "turnout_upstream_errors_total", kind=kind, **labels) == 0
+def test_a_pair_has_series_from_its_first_request_on() -> None:
+    samples, _, text = scrape(table(), [worker_snapshot([("api", "blue", 200, 0.002)])])
+    # The pair that saw a request has every series, at 0 where nothing happened...
+    labels = {"route": "api", "upstream": "blue"}
+    assert value(samples, "turnout_requests_in_flight", **labels) == 0
+    assert value(samples, "turnout_retries_total", **labels) == 0
+    assert value(samples, "turnout_request_duration_seconds_count", **labels) == 1
+    for kind in ERROR_KINDS:
+        assert value(samples, "turnout_upstream_errors_total", kind=kind, **labels) == 0
+    # ...the others only their split weight (and no unrouted series without a 404).
+    for route, upstream in [("api", "green"), ("web", "blue"), ("", "")]:
+        pair = frozenset({("route", route), ("upstream", upstream)})
+        names = sorted({name for name, labels in samples if pair <= labels})
+        assert names == ([] if route == "" else ["turnout_split_weight"]), (route, names)
+    # Every family is still declared, with or without samples.
+    assert "# TYPE turnout_retries_total counter\n" in text
+
+
+def test_a_request_in_flight_or_a_failed_attempt_is_enough_for_series() -> None:
+    busy = worker_snapshot([], in_flight={("api", "green"): 1})
+    failed = worker_snapshot([])
+    failed["routes"].append(
+        {**RouteUpstreamStats("web", "blue").snapshot(), "errors": {"reset": 1}}
+    )
+    samples, _, _ = scrape(table(), [busy, failed])
+    assert value(samples, "turnout_requests_in_flight", route="api", upstream="green") == 1
+    assert (
+        value(samples, "turnout_upstream_errors_total", route="web", upstream="blue", kind="reset")
+        == 1
+    )
+    assert (
+        value(samples, "turnout_request_duration_seconds_count", route="web", upstream="blue") == 0
+    )
+
+
+def test_text_is_prometheus_clients_format_line_for_line() -> None:
+    # The renderer writes the text itself; these are the lines prometheus_client used to write.
+    snapshot = worker_snapshot([("api", "blue", 200, 0.002)] * 3, fail_open={"blue": 1_234_567})
+    _, _, text = scrape(table(), [snapshot])
+    lines = text.splitlines()
+    for line in [
+        "# HELP turnout_requests_total Requests answered, by route, upstream and status code "
+        '(route="" upstream="" for requests that matched no route).',
+        "# TYPE turnout_requests_total counter",
+        'turnout_requests_total{code="200",route="api",upstream="blue"} 3.0',
+        "# TYPE turnout_request_duration_seconds histogram",
+        'turnout_request_duration_seconds_bucket{le="0.001",route="api",upstream="blue"} 0.0',
+        'turnout_request_duration_seconds_bucket{le="0.0025",route="api",upstream="blue"} 3.0',
+        'turnout_request_duration_seconds_bucket{le="+Inf",route="api",upstream="blue"} 3.0',
+        'turnout_request_duration_seconds_count{route="api",upstream="blue"} 3.0',
+        'turnout_request_duration_seconds_sum{route="api",upstream="blue"} 0.006',
+        'turnout_split_weight{route="api",upstream="blue"} 75.0',
+        'turnout_endpoint_healthy{endpoint="127.0.0.1:9001",upstream="blue"} 1.0',
+        # Go's float format, as Prometheus writes it: an exponent from a million up.
+        'turnout_endpoint_fail_open_total{upstream="blue"} 1.234567e+06',
+        "turnout_config_generation 1.0",
+    ]:
+        assert line in lines, line
+    # Buckets, then count, then sum, per pair; families never interleave.
+    bucket = lines.index(
+        'turnout_request_duration_seconds_bucket{le="+Inf",route="api",upstream="blue"} 3.0'
+    )
+    assert lines[bucket + 1].startswith("turnout_request_duration_seconds_count{")
+    assert lines[bucket + 2].startswith("turnout_request_duration_seconds_sum{")
+    names = [line.split(" ")[2] for line in lines if line.startswith("# TYPE ")]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    ("header", "gzip"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),
+        ("GZIP;q=0.5", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("", False),
+        ("identity", False),
+        ("deflate, br", False),
+        ("gzip;q=0", False),
+        ("gzip;q=0.000, *", False),
+        ("*;q=0", False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_accept_encoding(header: str, gzip: bool) -> None:
+    assert accepts_gzip(header) is gzip
 
 
 def test_retired_worker_keeps_counters_but_not_gauges() -> None:
