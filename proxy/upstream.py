@@ -100,10 +100,7 @@ class UpstreamConnection(CoalescingProtocol):
         "_complete",
         "_connection",
         "_has_length",
-        "_head_bytes",
-        "_header_count",
         "_headers",
-        "_in_body",
         "_interim",
         "_invalid",
         "_parser",
@@ -113,7 +110,6 @@ class UpstreamConnection(CoalescingProtocol):
         "got_bytes",
         "head_request",
         "idle_since",
-        "in_head",
         "max_head",
         "max_headers",
         "reusable",
@@ -144,15 +140,11 @@ class UpstreamConnection(CoalescingProtocol):
         self.uses = 0
         # The response head is bounded like a request head (limits.max_header_size and
         # max_headers): an endpoint streaming header lines must not grow the worker.
-        self.in_head = False
-        self._head_bytes = 0
-        self._header_count = 0
         self.max_head = 0
         self.max_headers = 0
         self._invalid = ""
         self._complete = False
         self._body_seen = False
-        self._in_body = False
         self._raw = 0
 
     # asyncio.Protocol
@@ -170,7 +162,6 @@ class UpstreamConnection(CoalescingProtocol):
             return
         self.got_bytes = True
         self._body_seen = False
-        begun = self.in_head or self._in_body
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -200,11 +191,11 @@ class UpstreamConnection(CoalescingProtocol):
             return
         if self._body_seen:
             self._raw = 0  # only an unbroken run of reads without body bytes counts
-        elif begun:
+        else:
             # llhttp keeps an unfinished header or trailer line to itself (and httptools joins
-            # its pieces by copying): bound the reads that carry no body byte, i.e. head,
-            # chunk framing and trailers, like the head itself. The read that began the
-            # message is not counted (one read is bounded anyway).
+            # its pieces by copying): bound the reads that carry no body byte, i.e. the head,
+            # chunk framing and trailers, by the head limit. Counting whole reads, not fields,
+            # keeps the per-header callback as cheap as it was.
             self._raw += len(data)
             if self._raw > self.max_head:
                 self._fail("response head or trailers larger than limits.max_header_size")
@@ -214,7 +205,6 @@ class UpstreamConnection(CoalescingProtocol):
         sink = self.sink
         self.sink = None
         self.reusable = False
-        self.in_head = False
         self.abort()
         if sink is not None:
             sink.upstream_invalid(reason)
@@ -249,27 +239,9 @@ class UpstreamConnection(CoalescingProtocol):
 
     # httptools callbacks
 
-    def on_message_begin(self) -> None:
-        if self._complete or self.sink is None:
-            # A second response to one request: never let it reach the next request's client.
-            self._invalid = "more response bytes than the response announced"
-            raise ValueError(self._invalid)
-        self.in_head = True
-        self._head_bytes = 0
-        self._header_count = 0
-        self._raw = 0
-
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        self._header_count += 1
-        if self._head_bytes > self.max_head:
-            self._invalid = "response head larger than limits.max_header_size"
-            raise ValueError(self._invalid)
-        if self._header_count > self.max_headers:
-            self._invalid = "too many response header fields"
-            raise ValueError(self._invalid)
-        if not self.in_head:
-            return  # a trailer field: counted above, not forwarded
+        # Trailer fields land here too, after the head: they are never forwarded, and start()
+        # clears them (they must not become the next response's head).
         lname = name.lower()
         self._headers.append((lname, name, value))
         if lname in _FRAMING_HEADERS:
@@ -281,7 +253,13 @@ class UpstreamConnection(CoalescingProtocol):
                 self._connection.append(value)
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
+        if self._complete:
+            # A second response to one request: never let it reach the next request's client.
+            self._invalid = "more response bytes than the response announced"
+            raise ValueError(self._invalid)
+        if len(self._headers) > self.max_headers:
+            self._invalid = "too many response header fields"
+            raise ValueError(self._invalid)
         parser = self._parser
         status = parser.get_status_code()
         if status == 101 and not self.upgrade_asked:
@@ -328,7 +306,6 @@ class UpstreamConnection(CoalescingProtocol):
             keep_alive = False
         self._body_framing = framing
         self.reusable = keep_alive
-        self._in_body = framing != FRAMING_NONE
         sink = self.sink
         if sink is not None:
             sink.upstream_head(status, headers, framing, keep_alive, connection)
@@ -349,7 +326,6 @@ class UpstreamConnection(CoalescingProtocol):
         if self._interim:
             self._interim = False
             return
-        self._in_body = False
         if self._complete or self._body_framing == FRAMING_CLOSE or self.tunnel:
             return
         # A trailer section may say `Connection: close` too: llhttp's verdict at the end wins.
@@ -380,7 +356,7 @@ class UpstreamConnection(CoalescingProtocol):
         self.max_headers = max_headers
         self._invalid = ""
         self._complete = False
-        self._in_body = False
+        self._raw = 0
         self._headers = []
         self._te = None
         self._has_length = False
