@@ -919,30 +919,12 @@ class Exchange:
             return
         # Part of the response is already out: the client must see a broken response, never a
         # clean short one, so its connection is cut without the final chunk.
-        self.stats.errors["reset"] += 1
-        endpoint = self.endpoint
-        if endpoint is not None:
-            endpoint.in_flight -= 1
-            self.conn.ctx.passive_result(endpoint, 0)
-            self.endpoint = None
-        self.upstream_conn = None
-        if self.response_started:
-            self.conn.abort()
-            self._finish(broken=True)
-        else:
-            self.local_error(502, "upstream sent a malformed response", close=True)
+        self._upstream_broke("reset", "upstream sent a malformed response")
 
     def upstream_invalid(self, reason: str) -> None:
         """The endpoint broke HTTP: 502 (never retried: it answered), counted as `protocol`."""
         if self.finished:
             return
-        self.stats.errors["protocol"] += 1
-        endpoint = self.endpoint
-        if endpoint is not None:
-            endpoint.in_flight -= 1
-            self.conn.ctx.passive_result(endpoint, 0)
-            self.endpoint = None
-        self.upstream_conn = None
         self.conn.ctx.warn_limited(
             "invalid-response",
             "upstream %s endpoint %s: %s (request %s)",
@@ -951,11 +933,22 @@ class Exchange:
             reason,
             self.request_id,
         )
+        self._upstream_broke("protocol", f"upstream sent an invalid response: {reason}")
+
+    def _upstream_broke(self, kind: str, message: str) -> None:
+        """The endpoint failed after answering: count it, tell passive health, 502 or cut."""
+        self.stats.errors[kind] += 1
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.in_flight -= 1
+            self.conn.ctx.passive_result(endpoint, 0)
+            self.endpoint = None
+        self.upstream_conn = None
         if self.response_started:
             self.conn.abort()
             self._finish(broken=True)
         else:
-            self.local_error(502, f"upstream sent an invalid response: {reason}", close=True)
+            self.local_error(502, message, close=True)
 
     def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
         """Pass an interim response (103 Early Hints) on to an HTTP/1.1 client."""

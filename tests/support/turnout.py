@@ -246,14 +246,19 @@ def start_turnout(
 
 
 def launch(
-    config: dict[str, Any], config_path: Path, *, access_log: bool = False
+    config: dict[str, Any],
+    config_path: Path,
+    *,
+    access_log: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> TurnoutProcess:
     """Run Turnout on `config_path` as the caller laid it out; return once it is ready.
 
     `config` is what the file says (its `listen` and `admin` tell where Turnout will be).
-    Stderr goes to `config_path` with the suffix `.stderr`.
+    Stderr goes to `config_path` with the suffix `.stderr`. `prefix` goes before the command
+    (e.g. `prlimit --nofile=256:256`).
     """
-    command = [sys.executable, "-m", "proxy", "run", str(config_path)]
+    command = [*prefix, sys.executable, "-m", "proxy", "run", str(config_path)]
     if not access_log:
         command.append("--no-access-log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")

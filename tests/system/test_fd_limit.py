@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import pytest
 import yaml
 
 from tests.support.load import HttpClient, admin_text
-from tests.support.turnout import PROJECT_ROOT, TurnoutProcess, free_port
+from tests.support.turnout import TurnoutProcess, free_port, launch
 from tests.support.upstreams import UpstreamHost
 
 NOFILE = 256
@@ -30,32 +28,7 @@ NOFILE = 256
 def start_limited(config: dict[str, Any], folder: Path) -> TurnoutProcess:
     config_path = folder / "turnout.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    command = [
-        "prlimit",
-        f"--nofile={NOFILE}:{NOFILE}",
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        str(config_path),
-        "--no-access-log",
-    ]
-    with open(config_path.with_suffix(".stderr"), "wb") as stderr:
-        proc = subprocess.Popen(
-            command,
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-    turnout = TurnoutProcess(proc, config, config_path)
-    try:
-        turnout.wait_ready()
-    except BaseException:
-        turnout.close()
-        raise
-    return turnout
+    return launch(config, config_path, prefix=("prlimit", f"--nofile={NOFILE}:{NOFILE}"))
 
 
 async def live_requests(clients: list[HttpClient], rounds: int) -> list[int]:
