@@ -1,23 +1,52 @@
-# Turnout: traffic-splitting reverse proxy.
-#   docker build -t turnout .
-#   docker run --rm -p 8080:8080 -p 9901:9901 -v $PWD/config:/etc/turnout turnout run /etc/turnout/blue-green.yaml
-# Inside a container the admin address must be reachable from outside only with a token:
-# set TURNOUT_ADMIN_TOKEN when `admin:` is not a loopback address.
+# Turnout: traffic-splitting reverse proxy. docs/operations.md ("Container image") explains it.
+#   docker build -t turnout:0.1.0 .
+#   docker run --rm -p 8080:8080 -p 9901:9901 \
+#       -e TURNOUT_ADMIN_TOKEN="$(openssl rand -hex 32)" turnout:0.1.0
+# Your own routing table: mount a folder holding turnout.yaml over /etc/turnout
+# (`-v $PWD/routes:/etc/turnout:ro`); the state file goes to the volume /var/lib/turnout.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-COPY config ./config
-RUN pip install . && useradd --system --uid 10001 turnout
+# A numeric user: Kubernetes' runAsNonRoot can only verify a numeric USER. Its home is the one
+# folder Turnout writes: the state file (runtime splits, rollouts) lives there, apart from the
+# config, which is root-owned here and read-only when mounted from a ConfigMap.
+RUN groupadd --gid 10001 turnout \
+    && useradd --uid 10001 --gid 10001 --no-create-home \
+        --home-dir /var/lib/turnout --shell /usr/sbin/nologin turnout \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/turnout
 
-USER turnout
+# The dependencies, read from pyproject.toml alone (with the build backend): this layer is
+# rebuilt when they change, not on every edit of the code.
+COPY pyproject.toml /tmp/turnout-deps/
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/turnout-deps/pyproject.toml', 'rb')); print('\n'.join(p['project']['dependencies'] + p['build-system']['requires']))" \
+        > /tmp/turnout-deps/requirements.txt \
+    && pip install -r /tmp/turnout-deps/requirements.txt \
+    && rm -rf /tmp/turnout-deps
+
+# The code: only Turnout itself is installed here, nothing is downloaded.
+COPY pyproject.toml README.md /tmp/turnout-src/
+COPY proxy /tmp/turnout-src/proxy
+RUN pip install --no-deps --no-build-isolation /tmp/turnout-src \
+    && rm -rf /tmp/turnout-src
+
+COPY config/container.yaml /etc/turnout/turnout.yaml
+
+USER 10001:10001
+WORKDIR /var/lib/turnout
+# Without a volume here, `docker run --read-only` could not write the state file, and a runtime
+# split would answer 500.
+VOLUME ["/var/lib/turnout"]
+# 8080: the data plane (`listen`). 9901: the admin API (`admin`), on 0.0.0.0 in the default config,
+# so Turnout starts only with TURNOUT_ADMIN_TOKEN set; /healthz, /readyz and /metrics need no token.
 EXPOSE 8080 9901
-# SIGTERM starts the drain sequence (docs/operations.md); give it drain.delay + drain.shutdown.
-STOPSIGNAL SIGTERM
+# Docker's own health state (Kubernetes ignores it and uses the probes). The admin port is the
+# default config's: change it here too if your config moves it.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/readyz', timeout=2)"]
 ENTRYPOINT ["turnout"]
-CMD ["run", "/app/config/blue-green.yaml"]
+CMD ["run", "/etc/turnout/turnout.yaml"]

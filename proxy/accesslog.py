@@ -33,6 +33,11 @@ class AccessLog:
         """Add the line of one finished exchange."""
         url = ex.url
         q = url.find(b"?")
+        user_agent = ""
+        for lname, _, value in ex.kept_headers:
+            if lname == b"user-agent":
+                user_agent = value.decode("latin-1")
+                break
         line = orjson.dumps(
             {
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -50,6 +55,11 @@ class AccessLog:
                 "bytes_in": ex.bytes_in,
                 "bytes_out": ex.bytes_out,
                 "mirrored": ex.mirrored,
+                "protocol": f"HTTP/{ex.version}",
+                "authority": ex.host.decode("latin-1") if ex.host is not None else "",
+                "user_agent": user_agent,
+                "upstream_ttfb_ms": round(ex.ttfb * 1000.0, 3) if ex.ttfb >= 0 else None,
+                "flags": ex.flag,
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )

@@ -175,6 +175,7 @@ class Exchange:
         "endpoint_address",
         "expect_continue",
         "finished",
+        "flag",
         "frames_down",
         "frames_up",
         "gen",
@@ -201,6 +202,7 @@ class Exchange:
         "retained",
         "retained_size",
         "route_name",
+        "sent_at",
         "set_cookie",
         "start_time",
         "started",
@@ -208,6 +210,7 @@ class Exchange:
         "status",
         "te_values",
         "tried",
+        "ttfb",
         "tunnel",
         "upgrade",
         "upgrade_values",
@@ -284,6 +287,11 @@ class Exchange:
         self.deadline = 0.0
         self.client_closed = False
         self.tunnel = False
+        # Why the proxy made or cut the response ("" when the upstream's answer went through),
+        # and the upstream's time to first byte: for the access log only.
+        self.flag = ""
+        self.sent_at = 0.0
+        self.ttfb = -1.0
 
     # ---- request head -------------------------------------------------------------------
 
@@ -498,6 +506,7 @@ class Exchange:
         decision = decide(table, view, rnd(), rnd(), _new_sticky_id)
         route = decision.route
         if route is None or decision.upstream is None:
+            self.flag = "no_route"
             self.local_error(404, "no route matches the request", close=False)
             return
         upstream_name = decision.upstream
@@ -511,6 +520,7 @@ class Exchange:
         self.in_flight_counted = True
         pool = gen.pools.get(upstream_name)
         if pool is None or not pool.endpoints:
+            self.flag = "no_endpoints"
             self.local_error(503, f"upstream '{upstream_name}' has no endpoints", close=False)
             return
         self.upstream = pool
@@ -650,6 +660,8 @@ class Exchange:
         )
         if self.conn.write_paused:
             upstream_conn.pause_reading()
+        if ctx.access_log is not None:
+            self.sent_at = perf_counter()
         upstream_conn.write(self.head)
         if self.retained is not None and self.attempts > 1:
             for chunk in self.retained:
@@ -674,6 +686,7 @@ class Exchange:
         self.endpoint = None
         self.conn.unpause(PAUSE_CONNECTING)
         self.conn.ctx.resource_shortage(exc)
+        self.flag = "out_of_fds"
         self.local_error(503, "proxy out of file descriptors", close=not self.body_done)
 
     def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
@@ -706,6 +719,7 @@ class Exchange:
             self.attempt()
             return
         self.conn.unpause(PAUSE_CONNECTING)
+        self.flag = f"upstream_{kind}"
         if kind == "timeout":
             self.local_error(504, "upstream timed out", close=not self.body_done)
         else:
@@ -806,6 +820,8 @@ class Exchange:
         self.last_io = ctx.now
         self.status = status
         self.response_started = True
+        if ctx.access_log is not None:
+            self.ttfb = perf_counter() - self.sent_at
         drop = _RESPONSE_DROP
         if connection and connection != _KEEP_ALIVE:
             extra = connection_tokens(connection) - _NEVER_HOP
@@ -938,6 +954,7 @@ class Exchange:
     def _upstream_broke(self, kind: str, message: str) -> None:
         """The endpoint failed after answering: count it, tell passive health, 502 or cut."""
         self.stats.errors[kind] += 1
+        self.flag = f"upstream_{kind}"
         endpoint = self.endpoint
         if endpoint is not None:
             endpoint.in_flight -= 1
@@ -1029,6 +1046,8 @@ class Exchange:
 
     def _local_answer(self, status: int, body: bytes, headers: bytes, close: bool) -> None:
         conn = self.conn
+        if not self.flag:
+            self.flag = "refused" if 400 <= status < 500 else "local"
         if self.response_started:
             conn.abort()
             self._drop_attempt()
@@ -1065,11 +1084,14 @@ class Exchange:
                 self.stats.errors["timeout"] += 1
                 if self.endpoint is not None:
                     self.conn.ctx.passive_result(self.endpoint, 0)
+                self.flag = "upstream_timeout"
                 self.local_error(504, "upstream timed out", close=True)
             else:
+                self.flag = "client_timeout"
                 self.local_error(408, "request body idle too long", close=True)
             return
         self.stats.errors["timeout"] += 1
+        self.flag = "upstream_timeout"
         self.conn.abort()
         self._drop_attempt()
         self._finish(broken=True)
@@ -1084,6 +1106,7 @@ class Exchange:
             # NGINX's 499: the client left before the whole response was delivered, whatever
             # status the upstream had begun to send.
             self.status = 499
+            self.flag = "client_abort"
         self._finish(broken=True)
 
     def _finish(self, broken: bool = False) -> None:
@@ -1426,6 +1449,7 @@ class ClientConnection(CoalescingProtocol):
             # A response is in progress: the broken follow-up request just ends the connection.
             return
         self.current = ex
+        ex.flag = "refused"
         ex.local_error(status, message, close=True)
 
     def _upgraded(self, rest: bytes) -> None:

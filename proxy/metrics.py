@@ -18,6 +18,10 @@ Rules that keep the series honest:
   only its split weight. Zeros for every pair of a large table cost more than they tell.
 - Histogram buckets come per slot (not cumulative) from the workers and are cumulated here.
 
+Besides the workers' counters, a scrape carries the supervisor's own: `turnout_build_info`, the
+time the config in force was loaded, and the standard `process_*` families of the supervisor
+process (prometheus_client's process collector, read at scrape time: workers are not included).
+
 The metric names, types and labels are contract section 7; docs/metrics.md describes each.
 """
 
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, cast
 
 from prometheus_client import utils as prometheus_utils
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.process_collector import ProcessCollector
 
 from proxy.health import EndpointKey
 from proxy.stats import DURATION_BUCKETS, ERROR_KINDS, MIRROR_OUTCOMES
@@ -47,6 +53,21 @@ LE_LABELS: tuple[str, ...] = (*(repr(bound) for bound in DURATION_BUCKETS), "+In
 
 Pair = tuple[str, str]
 NO_ROUTE: Pair = ("", "")
+
+
+def _build_version() -> str:
+    try:
+        return metadata.version("turnout")
+    except metadata.PackageNotFoundError:
+        # Run from a source tree that was never installed (PYTHONPATH=.): pyproject's version.
+        return "0.1.0"
+
+
+BUILD_VERSION = _build_version()
+
+# The supervisor's process_* families, read from /proc at each scrape (none where there is no
+# /proc). Not registered anywhere: render() asks it directly.
+_PROCESS = ProcessCollector(registry=None)
 
 
 def _count(value: object) -> int:
@@ -212,6 +233,8 @@ class MetricsInput:
     `totals`: the live workers' snapshots and the retired totals, summed. `down`: endpoints
     that fail their active health checks. `reloads`: the supervisor's success/failure counts.
     `generation`: the generation every worker has applied (see docs/metrics.md).
+    `config_loaded_at`: Unix time the config in force was loaded (at start or by the last
+    successful reload); None renders no sample.
     """
 
     table: Table
@@ -221,6 +244,7 @@ class MetricsInput:
     generation: int
     rollout_steps: Mapping[str, int] = field(default_factory=dict)
     rollout_verdicts: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    config_loaded_at: float | None = None
 
 
 def _escape(value: str) -> str:
@@ -437,6 +461,16 @@ def _config(out: list[str], view: MetricsInput) -> None:
         "Generation of the routing table that every worker has applied.",
     )
     out.append(f"turnout_config_generation {_num(view.generation)}\n")
+    _family(
+        out,
+        "turnout_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "Unix time the config in force was loaded (at start or by the last successful reload).",
+    )
+    if view.config_loaded_at is not None:
+        out.append(
+            f"turnout_config_last_reload_success_timestamp_seconds {_num(view.config_loaded_at)}\n"
+        )
 
 
 def _rollouts(out: list[str], view: MetricsInput) -> None:
@@ -464,6 +498,21 @@ def _rollouts(out: list[str], view: MetricsInput) -> None:
             )
 
 
+def _build_info(out: list[str]) -> None:
+    _family(out, "turnout_build_info", "gauge", "Always 1; the version label is Turnout's version.")
+    out.append(f'turnout_build_info{{version="{_escape(BUILD_VERSION)}"}} 1.0\n')
+
+
+def _process(out: list[str]) -> None:
+    """The supervisor's process_* families, as prometheus_client's exposition prints them."""
+    for family in _PROCESS.collect():
+        # A counter family is named without its _total suffix; the text format names it with.
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        _family(out, name, family.type, family.documentation)
+        for sample in family.samples:
+            out.append(f"{sample.name} {_num(sample.value)}\n")
+
+
 def render(view: MetricsInput) -> bytes:
     """The Prometheus text exposition of one scrape (serve it with CONTENT_TYPE).
 
@@ -479,4 +528,6 @@ def render(view: MetricsInput) -> bytes:
     _endpoints(out, view)
     _config(out, view)
     _rollouts(out, view)
+    _build_info(out)
+    _process(out)
     return "".join(out).encode()

@@ -31,6 +31,11 @@ KEYS = {
     "bytes_in",
     "bytes_out",
     "mirrored",
+    "protocol",
+    "authority",
+    "user_agent",
+    "upstream_ttfb_ms",
+    "flags",
 }
 
 
@@ -64,7 +69,9 @@ def test_one_json_line_per_request_with_every_key(
     turnout = turnout_factory(config_for(blue, green), access_log=True)
     upload = b"u" * 1000
     with RawConnection(turnout.port) as conn:
-        weighted = conn.request("GET", "/w/a?q=1", [("X-Request-Id", "log-weight")])
+        weighted = conn.request(
+            "GET", "/w/a?q=1", [("X-Request-Id", "log-weight"), ("User-Agent", "curl/8.5")]
+        )
         posted = conn.request("POST", "/w/upload", [("X-Request-Id", "log-post")], upload)
         override = conn.request(
             "GET", "/ovr/x", [("X-Request-Id", "log-override"), ("X-Canary", "true")]
@@ -74,8 +81,11 @@ def test_one_json_line_per_request_with_every_key(
         )
         failing = conn.request("GET", "/w/status/503", [("X-Request-Id", "log-503")])
     missing = rawhttp.get(turnout.port, "/nowhere", [("X-Request-Id", "log-404")])
+    refused, _ = rawhttp.send_raw(
+        turnout.port, b"GET /../x HTTP/1.0\r\nX-Request-Id: log-400\r\n\r\n"
+    )
     assert [weighted.status, posted.status, override.status, sticky.status] == [200] * 4
-    assert (failing.status, missing.status) == (503, 404)
+    assert (failing.status, missing.status, refused.status) == (503, 404, 400)
 
     assert turnout.stop() == 0
     lines = [line for line in turnout.stdout_lines() if line.strip()]
@@ -85,7 +95,7 @@ def test_one_json_line_per_request_with_every_key(
     for entry in entries:
         assert entry["request_id"] not in by_id, f"two lines for {entry['request_id']}"
         by_id[entry["request_id"]] = entry
-    ids = {"log-weight", "log-post", "log-override", "log-sticky", "log-503", "log-404"}
+    ids = {"log-weight", "log-post", "log-override", "log-sticky", "log-503", "log-404", "log-400"}
     assert set(by_id) == ids, f"logged ids: {sorted(by_id)}"
     for entry in by_id.values():
         assert set(entry) >= KEYS, f"missing keys {sorted(KEYS - set(entry))} in {entry}"
@@ -103,6 +113,10 @@ def test_one_json_line_per_request_with_every_key(
     assert entry["endpoint"] == blue.address
     assert entry["attempts"] == 1
     assert entry["bytes_out"] >= len(weighted.body)
+    assert (entry["protocol"], entry["authority"]) == ("HTTP/1.1", "turnout.test")
+    assert entry["user_agent"] == "curl/8.5"
+    assert 0 <= entry["upstream_ttfb_ms"] <= entry["duration_ms"]
+    assert entry["flags"] == ""
 
     entry = by_id["log-post"]
     assert entry["method"] == "POST"
@@ -117,10 +131,14 @@ def test_one_json_line_per_request_with_every_key(
     assert (entry["route"], entry["decision"]) == ("sticky", "sticky")
     assert entry["upstream"] == sticky.json()["upstream"]
 
+    # A 503 the upstream sent has no flag; the proxy's own answers say why they were made.
     assert by_id["log-503"]["status"] == 503
     assert by_id["log-503"]["upstream"] == "blue"
+    assert by_id["log-503"]["flags"] == ""
     assert by_id["log-404"]["status"] == 404
     assert by_id["log-404"]["route"] in ("", None)
+    assert (by_id["log-404"]["flags"], by_id["log-404"]["upstream_ttfb_ms"]) == ("no_route", None)
+    assert (by_id["log-400"]["flags"], by_id["log-400"]["protocol"]) == ("refused", "HTTP/1.0")
 
 
 def test_no_access_log_with_the_flag(

@@ -58,7 +58,7 @@ def test_an_aborted_download_is_499(turnout: TurnoutProcess, blue: EchoUpstream)
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
         )
     entry = entry_for(turnout, "abort-download")
-    assert entry["status"] == 499
+    assert (entry["status"], entry["flags"]) == (499, "client_abort")
     assert entry["bytes_out"] < 50_000_000
 
 
@@ -72,4 +72,4 @@ def test_an_aborted_upload_is_499_at_once(turnout: TurnoutProcess) -> None:
         # Turnout hangs up without waiting for timeouts.idle (60 s).
         assert conn.wait_closed(10.0)
     entry = entry_for(turnout, "abort-upload")
-    assert entry["status"] == 499
+    assert (entry["status"], entry["flags"]) == (499, "client_abort")

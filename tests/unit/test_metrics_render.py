@@ -1,13 +1,19 @@
 """Rendering /metrics from synthetic worker snapshots (proxy.metrics): sums, cumulation, retired
 workers, series of the table in force only (and of its pairs that saw a request), the exact text
-format; and when /metrics is gzipped (proxy.admin)."""
+format; the supervisor's own series (build info, config load time, process_*); and when /metrics
+is gzipped (proxy.admin)."""
 
 from __future__ import annotations
 
+import os
+import time
+from importlib import metadata
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.process_collector import ProcessCollector
 
 from proxy.admin import accepts_gzip
 from proxy.config import parse_config
@@ -95,6 +101,7 @@ def scrape(
     retired: Totals | None = None,
     *,
     down: frozenset[tuple[str, str]] = frozenset(),
+    config_loaded_at: float | None = None,
 ) -> tuple[Samples, dict[str, str], str]:
     totals = Totals()
     for snapshot in live:
@@ -108,6 +115,7 @@ def scrape(
             down=down,
             reloads={"success": 2, "failure": 1},
             generation=view_table.generation,
+            config_loaded_at=config_loaded_at,
         )
     ).decode()
     samples: Samples = {}
@@ -354,3 +362,47 @@ def test_config_metrics() -> None:
     assert value(samples, "turnout_config_generation") == 7
     assert value(samples, "turnout_config_reloads_total", result="success") == 2
     assert value(samples, "turnout_config_reloads_total", result="failure") == 1
+
+
+def test_config_load_time_is_rendered_when_known() -> None:
+    loaded_at = 1_777_629_660.25
+    samples, types, text = scrape(table(), [], config_loaded_at=loaded_at)
+    name = "turnout_config_last_reload_success_timestamp_seconds"
+    assert types[name] == "gauge"
+    assert value(samples, name) == loaded_at
+    # Go's float format, every digit kept: Grafana shows it as a date.
+    assert f"{name} 1.77762966025e+09\n" in text
+    # A caller that does not know it gets the family, without a sample.
+    samples, _, text = scrape(table(), [])
+    assert (name, frozenset()) not in samples
+    assert f"# TYPE {name} gauge\n" in text
+
+
+def test_build_info_carries_the_installed_version() -> None:
+    samples, types, _ = scrape(table(), [])
+    assert types["turnout_build_info"] == "gauge"
+    assert value(samples, "turnout_build_info", version=metadata.version("turnout")) == 1
+    assert [labels for name, labels in samples if name == "turnout_build_info"] == [
+        frozenset({("version", metadata.version("turnout"))})
+    ]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="no /proc on this system")
+def test_process_families_are_the_standard_collectors() -> None:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    standard = generate_latest(registry).decode().splitlines()
+    samples, types, text = scrape(table(), [])
+    lines = text.splitlines()
+    # The same HELP and TYPE lines, in the same order, and a sample for every family.
+    assert [line for line in lines if line.startswith("# ") and " process_" in line] == [
+        line for line in standard if line.startswith("#")
+    ]
+    assert {line.split(" ")[0] for line in lines if line.startswith("process_")} == {
+        line.split(" ")[0] for line in standard if not line.startswith("#")
+    }
+    assert types["process_cpu_seconds"] == "counter"
+    # Values of this very process: it started before now, holds memory and files.
+    assert 0 < value(samples, "process_start_time_seconds") <= time.time()
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert 0 < value(samples, "process_open_fds") <= value(samples, "process_max_fds")
