@@ -44,9 +44,10 @@ VOLUME ["/var/lib/turnout"]
 # 8080: the data plane (`listen`). 9901: the admin API (`admin`), on 0.0.0.0 in the default config,
 # so Turnout starts only with TURNOUT_ADMIN_TOKEN set; /healthz, /readyz and /metrics need no token.
 EXPOSE 8080 9901
-# Docker's own health state (Kubernetes ignores it and uses the probes). The admin port is the
-# default config's: change it here too if your config moves it.
+# Docker's own health state (Kubernetes ignores it and uses the probes): exit 0 when /readyz
+# answers 200. It finds the admin port in the config it runs (a wildcard address is asked on
+# loopback) and needs no token; running another config file, point --config at it here too.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/readyz', timeout=2)"]
+    CMD ["turnout", "healthcheck", "--config", "/etc/turnout/turnout.yaml"]
 ENTRYPOINT ["turnout"]
 CMD ["run", "/etc/turnout/turnout.yaml"]

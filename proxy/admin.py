@@ -4,9 +4,14 @@ The app only translates HTTP to calls on an `AdminBackend` (the supervisor) and 
 it holds no state of its own. Routes are added by small `add_*_routes(app)` functions so later
 features (metrics, runtime splits, rollout, explain) plug in without touching the others.
 
-Security: with a token, every call but the probes and /metrics needs `Authorization: Bearer`.
-Errors are JSON too: `{"error": "..."}` with 400 (bad input), 404 (unknown route) or 500 (the
-state file could not be written; nothing changed). docs/admin.md describes every call.
+Security: with a token, every call but the probes, /metrics and the dashboard's files needs
+`Authorization: Bearer`, whatever the path: an unknown path answers 401 too, so that nobody
+without the token learns which paths exist (as Envoy's and Traefik's auth filters do).
+Errors are JSON too: `{"error": "..."}` with 400 (bad input), 404 (unknown route or path), 405
+(with `Allow`), 409 (a rollout call the rollout's state does not allow), 413 (a body over
+1 MiB) or 500 (the state file could not be written; nothing changed). aiohttp's own errors
+(its HTTPExceptions: unknown path, wrong method, body too large) become that shape in
+`_json_errors`. docs/admin.md describes every call.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.controller import ACTIONS, RolloutController
-from proxy.metrics import CONTENT_TYPE
+from proxy.controller import ACTIONS
+from proxy.dashboard import PAGE_PATHS, add_dashboard_routes
+from proxy.metrics import CONTENT_TYPE, Totals
 from proxy.rollout import RolloutError
 from proxy.routing import explain, make_view
 from proxy.spec import MAX_WEIGHT
@@ -37,8 +43,13 @@ from proxy.table import Table
 
 log = logging.getLogger("turnout.admin")
 
-# Probes and scraping must work without credentials (kubelet and Prometheus rarely have them).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The largest request body the admin API reads (aiohttp's default, made explicit: the 413 names
+# it); a split is a few hundred bytes.
+MAX_BODY = 1 << 20
+
+# Probes and scraping must work without credentials (kubelet and Prometheus rarely have them);
+# the dashboard's page and assets hold no data (its data calls need the token).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"}) | PAGE_PATHS
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +113,12 @@ class AdminBackend(Protocol):
         """The Prometheus text of all workers, aggregated; gzip-compressed with `gzip`."""
         ...
 
-    @property
-    def rollouts(self) -> RolloutController:
-        """The rollout controller (its window figures are refreshed for /admin/routes)."""
-        ...
-
     async def rollout_command(self, route: str, action: str) -> dict[str, Any]:
         """Drive a route's rollout; RouteNotFound, RolloutError (answered 409)."""
+        ...
+
+    def polled_totals(self) -> tuple[Totals, float]:
+        """The counters of the latest poll and when it arrived (see proxy.dashboard)."""
         ...
 
 
@@ -128,6 +138,32 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's error answers (404 for an unknown path, 405, 413, ...) as `{"error": ...}`."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(_error_message(request, exc), exc.status)
+        allow = exc.headers.get("Allow")
+        if allow is not None:
+            response.headers["Allow"] = allow
+        return response
+
+
+def _error_message(request: web.Request, exc: web.HTTPException) -> str:
+    if isinstance(exc, web.HTTPNotFound):
+        return f"unknown path {request.path!r}"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"method {exc.method} is not allowed on {request.path!r} (allowed: {allowed})"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return f"the request body is over {MAX_BODY} bytes (1 MiB), the admin API's limit"
+    return exc.reason.lower()
 
 
 def _auth_middleware(token: str) -> Middleware:
@@ -307,10 +343,8 @@ async def _post_rollout(request: web.Request) -> web.Response:
     return json_response(state)
 
 
-async def _get_routes_refreshed(request: web.Request) -> web.Response:
-    backend = request.app[BACKEND]
-    await backend.rollouts.refresh_windows(backend.table)
-    return json_response(backend.routes_view())
+async def _get_routes(request: web.Request) -> web.Response:
+    return json_response(request.app[BACKEND].routes_view())
 
 
 def add_rollout_routes(app: web.Application) -> None:
@@ -321,7 +355,7 @@ def add_rollout_routes(app: web.Application) -> None:
 
 def add_route_routes(app: web.Application) -> None:
     """`GET /admin/routes` and the runtime split: `PUT`/`DELETE /admin/routes/{name}/split`."""
-    app.router.add_get("/admin/routes", _get_routes_refreshed)
+    app.router.add_get("/admin/routes", _get_routes)
     app.router.add_put("/admin/routes/{name}/split", _put_split)
     app.router.add_delete("/admin/routes/{name}/split", _delete_split)
 
@@ -403,14 +437,16 @@ def add_explain_routes(app: web.Application) -> None:
 
 def create_admin_app(backend: AdminBackend, *, token: str | None) -> web.Application:
     """Build the admin application; `token` None disables authentication."""
-    middlewares = [_auth_middleware(token)] if token else []
-    app = web.Application(middlewares=middlewares)
+    # The error shape outermost: a 404 or 405 behind the token check is JSON too.
+    middlewares = [_json_errors, *([_auth_middleware(token)] if token else [])]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[BACKEND] = backend
     add_core_routes(app)
     add_metrics_routes(app)
     add_route_routes(app)
     add_explain_routes(app)
     add_rollout_routes(app)
+    add_dashboard_routes(app, backend)
     return app
 
 

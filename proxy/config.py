@@ -16,6 +16,7 @@ import hashlib
 import math
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,6 +29,8 @@ from yaml.reader import ReaderError
 from proxy.spec import (
     ALL_METHODS,
     MAX_WEIGHT,
+    WEBHOOK_EVENTS,
+    Annotations,
     ConfigSpec,
     Drain,
     Endpoint,
@@ -41,10 +44,12 @@ from proxy.spec import (
     Sticky,
     Timeouts,
     UpstreamSpec,
+    Webhook,
 )
 from proxy.table import PathError, path_from_text
 
 __all__ = [
+    "GRAFANA_ANNOTATIONS_PATH",
     "LOG_ISSUE_LIMIT",
     "MAX_FILE_BYTES",
     "NAME_RE",
@@ -123,6 +128,10 @@ _MAX_MIRROR_BODY = 1 << 30
 _MAX_MIRROR_IN_FLIGHT = 10_000
 _MAX_CHECK_COUNT = 1000
 _MAX_MIN_REQUESTS = 1_000_000_000
+_MAX_WEBHOOKS = 20
+_MAX_URL_CHARS = 2048
+# How often a rollout looks at its evidence when the file does not say (capped at `interval`).
+_DEFAULT_CHECK = 5.0
 # Values echoed in messages are cut to this many characters (a name is never cut).
 _MAX_SHOWN_CHARS = 64
 # Upstream names listed after "unknown upstream".
@@ -829,6 +838,7 @@ class _Checker:
             timeouts=self._field(items, "timeouts", "", self._timeouts, default.timeouts),
             limits=self._field(items, "limits", "", self._limits, default.limits),
             drain=self._field(items, "drain", "", self._drain, default.drain),
+            annotations=self._field(items, "annotations", "", self._annotations, None),
         )
 
     def _address_field(
@@ -917,6 +927,20 @@ class _Checker:
             reload=self._field(items, "reload", path, read, d.reload),
             shutdown=self._field(items, "shutdown", path, read, d.shutdown),
             delay=self._field(items, "delay", path, read, d.delay),
+        )
+
+    def _annotations(self, node: Node, path: str) -> Annotations | None:
+        items = self._mapping(node, path, _ANNOTATION_KEYS, ("grafana",))
+        if items is None:
+            return None
+        d = Annotations(grafana="")
+
+        def grafana(n: Node, p: str) -> str | None:
+            return self._text_field(n, p, _check_grafana_url, "a URL")
+
+        return Annotations(
+            grafana=self._field(items, "grafana", path, grafana, d.grafana),
+            timeout=self._field(items, "timeout", path, self._positive_duration, d.timeout),
         )
 
     def _upstreams(self, node: Node, path: str) -> tuple[UpstreamSpec, ...] | None:
@@ -1203,15 +1227,63 @@ class _Checker:
             return self._number(n, p, 0.0, 1.0)
 
         read = self._positive_duration
+        interval = self._field(items, "interval", path, read, d.interval)
+        check = self._field(items, "check", path, read, min(_DEFAULT_CHECK, interval))
+        if "check" in items and check > interval:
+            self.error(
+                items["check"][1],
+                f"{path}.check",
+                f"must be at most interval ({format_duration(interval)}): the evidence is "
+                "looked at least once per interval",
+            )
         return Rollout(
             baseline=baseline,
             canary=canary,
             steps=self._field(items, "steps", path, self._steps, d.steps),
-            interval=self._field(items, "interval", path, read, d.interval),
+            interval=interval,
             min_requests=self._field(items, "min_requests", path, min_requests, d.min_requests),
             max_error_rate=self._field(items, "max_error_rate", path, error_rate, d.max_error_rate),
             max_p99=self._field(items, "max_p99", path, read, d.max_p99),
+            confidence=self._field(items, "confidence", path, self._confidence, d.confidence),
+            check=check,
+            webhooks=self._field(items, "webhooks", path, self._webhooks, ()),
         )
+
+    def _confidence(self, node: Node, path: str) -> float | None:
+        value = self._number(node, path, -math.inf, math.inf)
+        # 1 is refused too: no test can promise never to roll back a good canary.
+        if value is not None and not 0.5 < value < 1.0:
+            self.error(node, path, "must be > 0.5 and < 1 (e.g. 0.99)")
+            return None
+        return value
+
+    def _webhooks(self, node: Node, path: str) -> tuple[Webhook, ...] | None:
+        elements = self._list(node, path, _MAX_WEBHOOKS, "webhooks")
+        if elements is None:
+            return None
+        hooks: list[Webhook] = []
+        default = Webhook(on="", url="")
+        for index, element in enumerate(elements):
+            where = f"{path}[{index}]"
+            items = self._mapping(element, where, _WEBHOOK_KEYS, ("on", "url"))
+            if items is None:
+                continue
+            hooks.append(
+                Webhook(
+                    on=self._field(items, "on", where, self._webhook_event, ""),
+                    url=self._field(items, "url", where, self._webhook_url, ""),
+                    timeout=self._field(
+                        items, "timeout", where, self._positive_duration, default.timeout
+                    ),
+                )
+            )
+        return tuple(hooks)
+
+    def _webhook_event(self, node: Node, path: str) -> str | None:
+        return self._text_field(node, path, _check_webhook_event, "an event name")
+
+    def _webhook_url(self, node: Node, path: str) -> str | None:
+        return self._text_field(node, path, _check_webhook_url, "a URL")
 
     def _steps(self, node: Node, path: str) -> tuple[float, ...] | None:
         elements = self._list(node, path, _MAX_STEPS, "steps")
@@ -1247,12 +1319,14 @@ _TOP_KEYS = (
     "timeouts",
     "limits",
     "drain",
+    "annotations",
     "upstreams",
     "routes",
 )
 _TIMEOUT_KEYS = ("connect", "response", "idle", "client_keepalive")
 _LIMIT_KEYS = ("max_request_body", "max_connections", "max_header_size", "max_headers")
 _DRAIN_KEYS = ("reload", "shutdown", "delay")
+_ANNOTATION_KEYS = ("grafana", "timeout")
 _UPSTREAM_KEYS = ("endpoints", "health")
 _HEALTH_KEYS = ("path", "interval", "timeout", "unhealthy_after", "healthy_after")
 _ROUTE_KEYS = ("name", "match", "overrides", "split", "sticky", "mirror", "retries", "rollout")
@@ -1277,7 +1351,11 @@ _ROLLOUT_KEYS = (
     "min_requests",
     "max_error_rate",
     "max_p99",
+    "confidence",
+    "check",
+    "webhooks",
 )
+_WEBHOOK_KEYS = ("on", "url", "timeout")
 
 
 def _unknown_upstream(name: str, known: frozenset[str]) -> str:
@@ -1374,6 +1452,66 @@ def _check_method(text: str) -> str | None:
     if text in ALL_METHODS:
         return None
     return f"unknown method '{_shown(text)}' (use upper case: {', '.join(ALL_METHODS)})"
+
+
+def _check_webhook_event(text: str) -> str | None:
+    if text in WEBHOOK_EVENTS:
+        return None
+    return f"unknown event '{_shown(text)}' (use {', '.join(WEBHOOK_EVENTS)})"
+
+
+def _check_webhook_url(text: str) -> str | None:
+    return _check_url(text, "expected e.g. http://127.0.0.1:8000/hooks/rollout")
+
+
+# Where Grafana's annotation API is, under the base URL the file gives.
+GRAFANA_ANNOTATIONS_PATH = "/api/annotations"
+
+
+def _check_grafana_url(text: str) -> str | None:
+    hint = "expected Grafana's base URL, e.g. https://grafana.example.com/"
+    problem = _check_url(text, hint)
+    if problem is not None:
+        return problem
+    parts = urllib.parse.urlsplit(text)
+    if parts.query or text.endswith("?"):
+        return f"bad URL '{_shown(text)}': no query ({hint})"
+    if parts.path.rstrip("/").endswith(GRAFANA_ANNOTATIONS_PATH):
+        # Turnout adds the path itself; posting to .../api/annotations/api/annotations would fail.
+        return (
+            f"bad URL '{_shown(text)}': give Grafana's base URL, without "
+            f"{GRAFANA_ANNOTATIONS_PATH} (Turnout adds it)"
+        )
+    return None
+
+
+def _check_url(text: str, hint: str) -> str | None:
+    """An http(s) URL with a host and no credentials, fragment or bad port; `hint` ends the
+    messages that a corrected example helps with."""
+    if len(text) > _MAX_URL_CHARS:
+        return f"a URL of {len(text)} characters; at most {_MAX_URL_CHARS}"
+    if _CONTROL_RE.search(text) or " " in text:
+        return f"bad URL '{_shown(text)}' (no spaces or control characters; {hint})"
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # an unbalanced [ or ] around an IPv6 address
+        return f"bad URL '{_shown(text)}' ({hint})"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https"):
+        return f"bad URL '{_shown(text)}': the scheme must be http or https ({hint})"
+    if not parts.hostname:
+        return f"bad URL '{_shown(text)}': no host ({hint})"
+    if parts.username is not None or parts.password is not None:
+        # /admin/config and the logs show the URL: no place for a password.
+        return f"bad URL '{_shown(text)}': user:password@ is not supported"
+    if parts.fragment or text.endswith("#"):
+        return f"bad URL '{_shown(text)}': no fragment ({hint})"
+    if port == 0:
+        return f"bad URL '{_shown(text)}': the port must be from 1 to 65535"
+    return None
 
 
 def _check_json_path(text: str) -> str | None:
@@ -1537,6 +1675,11 @@ def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
         "shutdown": format_duration(spec.drain.shutdown),
         "delay": format_duration(spec.drain.delay),
     }
+    if spec.annotations is not None:
+        out["annotations"] = {
+            "grafana": spec.annotations.grafana,
+            "timeout": format_duration(spec.annotations.timeout),
+        }
     out["upstreams"] = {upstream.name: _upstream_dict(upstream) for upstream in spec.upstreams}
     out["routes"] = [_route_dict(route) for route in spec.routes]
     return out
@@ -1587,6 +1730,12 @@ def _route_dict(route: RouteSpec) -> dict[str, object]:
             "min_requests": rollout.min_requests,
             "max_error_rate": _number_out(rollout.max_error_rate),
             "max_p99": format_duration(rollout.max_p99),
+            "confidence": _number_out(rollout.confidence),
+            "check": format_duration(rollout.check),
+            "webhooks": [
+                {"on": hook.on, "url": hook.url, "timeout": format_duration(hook.timeout)}
+                for hook in rollout.webhooks
+            ],
         }
     return out
 

@@ -245,6 +245,8 @@ class MetricsInput:
     rollout_steps: Mapping[str, int] = field(default_factory=dict)
     rollout_verdicts: Mapping[tuple[str, str], int] = field(default_factory=dict)
     config_loaded_at: float | None = None
+    # Deployment annotations by result (`sent`, `failed`, `dropped`; see proxy.annotations).
+    annotations: Mapping[str, int] = field(default_factory=dict)
 
 
 def _escape(value: str) -> str:
@@ -498,6 +500,19 @@ def _rollouts(out: list[str], view: MetricsInput) -> None:
             )
 
 
+def _annotations(out: list[str], view: MetricsInput) -> None:
+    _family(
+        out,
+        "turnout_annotations_total",
+        "counter",
+        "Deployment annotations posted to Grafana, by result: sent, failed (refused, or no "
+        "answer after every retry), dropped (too many under way).",
+    )
+    for result in ("sent", "failed", "dropped"):
+        value = view.annotations.get(result, 0)
+        out.append(f'turnout_annotations_total{{result="{result}"}} {_num(value)}\n')
+
+
 def _build_info(out: list[str]) -> None:
     _family(out, "turnout_build_info", "gauge", "Always 1; the version label is Turnout's version.")
     out.append(f'turnout_build_info{{version="{_escape(BUILD_VERSION)}"}} 1.0\n')
@@ -528,6 +543,7 @@ def render(view: MetricsInput) -> bytes:
     _endpoints(out, view)
     _config(out, view)
     _rollouts(out, view)
+    _annotations(out, view)
     _build_info(out)
     _process(out)
     return "".join(out).encode()

@@ -1,10 +1,15 @@
-"""Automated canary analysis (contract section 5): window figures, verdicts, the state machine.
+"""Automated canary analysis (contract section 5): evidence, looks, verdicts, the state machine.
 
-The rollout controller in the supervisor owns the clock, the workers' counters and the state
-file; this module only computes. Every interval the controller takes a `CounterSnapshot` of the
-canary and of the baseline, turns the pair of snapshots into `Window`s with `window_between`,
-asks `judge` for a `Verdict` and applies it with `advance`; the operator's calls map to `start`,
-`pause`, `resume`, `abort` and `promote`; `effective_split` says which split the route gets.
+The rollout controller in the supervisor owns the clock, the workers' counters, the webhooks and
+the state file; this module only computes. When a step begins the controller takes a
+`CounterSnapshot` of the canary and of the baseline; every `check` it takes another, turns the
+pairs into the `Window`s served since the step began (`window_between`) and hands them to `look`,
+which runs the anytime-valid tests of `proxy.sequential` on that cumulative evidence and applies
+what they say: a rejection rolls back at once; a step that lasted `interval` with
+`min_requests` passes; one without enough traffic is inconclusive, and pauses after
+`INCONCLUSIVE_LIMIT` intervals. The operator's calls map to `start`, `pause`, `resume`, `abort`,
+`promote` and `release`; `begin_step`/`refuse_step` apply a `before_step` webhook's answer;
+`effective_split` says which split the route gets.
 
 This module must never do I/O, read the clock or draw random numbers (no asyncio, sockets, os,
 time or random): time comes in as `now`, float seconds on whatever clock the caller keeps (wall
@@ -15,9 +20,10 @@ ISO-8601 text for the history. Every function returns a new immutable state.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from proxy import sequential
 from proxy.spec import Rollout
 from proxy.stats import DURATION_BUCKETS
 
@@ -25,18 +31,17 @@ STATES: tuple[str, ...] = ("idle", "running", "paused", "succeeded", "failed", "
 VERDICTS: tuple[str, ...] = ("pass", "fail", "inconclusive")
 # States in which a rollout is still in progress (a verdict or an operator call can move it on).
 ACTIVE: tuple[str, ...] = ("running", "paused")
+# States of a rollout that ended; its split holds until a new start or a DELETE of the split.
+ENDED: tuple[str, ...] = ("succeeded", "failed", "aborted")
 
 # One slot per finite bucket and a final +Inf slot, as in proxy.stats.
 BUCKET_SLOTS = len(DURATION_BUCKETS) + 1
-# One-sided test at 95% confidence (contract section 5).
-SIGNIFICANCE = 0.05
-# The third inconclusive window in a row pauses the rollout.
+# The third interval in a row without `min_requests` pauses the rollout (contract section 5).
 INCONCLUSIVE_LIMIT = 3
 # The newest verdicts kept; an operator who resumes a starved rollout again and again must not
 # grow the state file without bound.
 HISTORY_LIMIT = 200
 
-FIGURE_KEYS: tuple[str, ...] = ("requests", "errors", "error_rate", "p99_ms")
 Figures = Mapping[str, int | float | None]
 
 
@@ -100,7 +105,7 @@ def _count(value: object, where: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """What one upstream of a route served during one judged window.
+    """What one upstream of a route served since the current step began (its evidence).
 
     `errors` are responses with a 5xx code, proxy-made 502/503/504 included; `buckets` is the
     latency histogram of the window in the layout of `proxy.stats`.
@@ -123,10 +128,10 @@ class Window:
 
 
 def window_between(start: CounterSnapshot, end: CounterSnapshot) -> Window:
-    """The figures of the window from `start` to `end` (two snapshots of the same counters).
+    """What was served between `start` and `end` (two snapshots of the same counters).
 
     A restarted worker's counters start again from 0, so a sum over the workers can go down.
-    Each field (every status code, every bucket) is clamped at 0 on its own: a window never
+    Each field (every status code, every bucket) is clamped at 0 on its own: the evidence never
     has negative figures, and it undercounts (by at most what the restarted worker had served)
     rather than inventing requests. Raises ValueError when the histograms differ in layout.
     """
@@ -145,7 +150,7 @@ def window_between(start: CounterSnapshot, end: CounterSnapshot) -> Window:
 
 
 def p99(window: Window) -> float | None:
-    """The window's 99th percentile latency in seconds, estimated from its histogram.
+    """The 99th percentile latency in seconds, estimated from the window's histogram.
 
     As Prometheus' `histogram_quantile`: find the bucket holding the rank 0.99 * count and
     interpolate linearly between its bounds (the first bucket's lower bound is 0), so the
@@ -167,49 +172,11 @@ def p99(window: Window) -> float | None:
     return DURATION_BUCKETS[-1]
 
 
-# --------------------------------------------------------------------------- verdicts
-
-
-def z_test(errors_a: int, requests_a: int, errors_b: int, requests_b: int) -> tuple[float, float]:
-    """One-sided two-proportion z-test that a's error ratio is above b's: `(z, p_value)`.
-
-    Pooled standard error (the null hypothesis is that both ratios are equal). When the pooled
-    ratio is 0 or 1 both ratios are equal and there is nothing to test: z 0, p-value 0.5.
-    Both request counts must be > 0.
-    """
-    pooled = (errors_a + errors_b) / (requests_a + requests_b)
-    variance = pooled * (1.0 - pooled) * (1.0 / requests_a + 1.0 / requests_b)
-    if variance <= 0.0:
-        return 0.0, 0.5
-    z = (errors_a / requests_a - errors_b / requests_b) / math.sqrt(variance)
-    # The upper tail of the standard normal; erfc keeps its precision far out in the tail.
-    return z, 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The judgement of one window.
-
-    `verdict` is "pass", "fail" or "inconclusive"; `reason` says why, with the numbers;
-    `canary` and `baseline` are the figures for the history (`figures`). `z` and `p_value` are
-    the error-ratio test's, None when it was not run (too few canary requests, or no baseline
-    traffic).
-    """
-
-    verdict: str
-    reason: str
-    canary: dict[str, int | float | None]
-    baseline: dict[str, int | float | None]
-    z: float | None = None
-    p_value: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {self.verdict!r}")
+# --------------------------------------------------------------------------- looks
 
 
 def figures(window: Window) -> dict[str, int | float | None]:
-    """A window's figures as the history shows them: requests, errors, error_rate, p99_ms.
+    """An upstream's figures as the history shows them: requests, errors, error_rate, p99_ms.
 
     `error_rate` and `p99_ms` are None (JSON null) when there were no requests.
     """
@@ -222,74 +189,85 @@ def figures(window: Window) -> dict[str, int | float | None]:
     }
 
 
-def judge(canary: Window, baseline: Window, rollout: Rollout) -> Verdict:
-    """Judge one window of the canary against the baseline's same window (contract section 5).
+@dataclass(frozen=True, slots=True)
+class Statistic:
+    """One test's outcome at one look, as the history and the state file keep it.
 
-    - fewer than `min_requests` canary requests: "inconclusive";
-    - "fail" when the canary's error ratio is above `max_error_rate` and significantly above
-      the baseline's (`z_test`, p-value < 0.05), or above it at all when the baseline had no
-      requests; or when the canary's p99 is above `max_p99` while the baseline's is not (or is
-      unknown: no baseline traffic);
-    - otherwise "pass", also when both upstreams are over a threshold together (a burst they
-      share is not the canary's fault).
+    The fields of `proxy.sequential.Test`; a value that is not finite (an e-value of 0 or of
+    infinity) is kept as None, which JSON can carry.
     """
-    canary_figures, baseline_figures = figures(canary), figures(baseline)
-    # A validated config has min_requests >= 1; an empty window is never judged regardless.
-    if canary.requests < max(rollout.min_requests, 1):
-        reason = (
-            f"{canary.requests} canary requests in the window, fewer than "
-            f"min_requests {rollout.min_requests}"
+
+    name: str
+    reject: bool
+    log_e: float | None
+    threshold: float | None
+    figures: Mapping[str, float | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, test: sequential.Test) -> Statistic:
+        """The record of a `sequential.Test`."""
+        return cls(
+            name=test.name,
+            reject=test.reject,
+            log_e=_finite(test.log_e),
+            threshold=_finite(test.threshold),
+            figures={key: _finite(value) for key, value in test.figures.items()},
         )
-        return Verdict("inconclusive", reason, canary_figures, baseline_figures)
 
-    z = p_value = None
-    if baseline.requests:
-        z, p_value = z_test(canary.errors, canary.requests, baseline.errors, baseline.requests)
-    failures: list[str] = []
-    shared: list[str] = []
+    def describe(self) -> str:
+        """`name: log e 7.12 >= 5.99` (rejected) or `name: log e 1.30 < 5.99`."""
+        log_e = "unknown" if self.log_e is None else f"{self.log_e:.2f}"
+        threshold = "unknown" if self.threshold is None else f"{self.threshold:.2f}"
+        return f"{self.name}: log e {log_e} {'>=' if self.reject else '<'} {threshold}"
 
-    canary_rate = canary.errors / canary.requests
-    if canary_rate > rollout.max_error_rate:
-        over = (
-            f"canary error rate {_ratio(canary.errors, canary.requests)} is above "
-            f"max_error_rate {_percent(rollout.max_error_rate)}"
-        )
-        if z is None or p_value is None:
-            failures.append(f"{over} and the baseline had no requests to compare")
-        else:
-            test = f"{_ratio(baseline.errors, baseline.requests)}; z={z:.2f}, p={p_value:.3g}"
-            if p_value < SIGNIFICANCE:
-                failures.append(f"{over} and significantly above the baseline's {test}")
-            else:
-                shared.append(f"{over} but not significantly above the baseline's {test}")
 
-    canary_p99, baseline_p99 = p99(canary), p99(baseline)
-    if canary_p99 is not None and canary_p99 > rollout.max_p99:
-        over = f"canary p99 {_ms(canary_p99)} is above max_p99 {_ms(rollout.max_p99)}"
-        if baseline_p99 is None:
-            failures.append(f"{over} and the baseline had no requests to compare")
-        elif baseline_p99 <= rollout.max_p99:
-            failures.append(f"{over} while the baseline's is {_ms(baseline_p99)}")
-        else:
-            shared.append(f"{over} but so is the baseline's ({_ms(baseline_p99)})")
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
-    if failures:
-        return Verdict("fail", "; ".join(failures), canary_figures, baseline_figures, z, p_value)
-    summary = f"canary {_summary(canary, canary_p99)}; baseline {_summary(baseline, baseline_p99)}"
-    reason = "; ".join([summary, *shared])
-    return Verdict("pass", reason, canary_figures, baseline_figures, z, p_value)
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """One look at the current step's evidence: when, how far into the step, what it showed.
+
+    `canary` and `baseline` are `figures` of everything served since the step began; `tests`
+    the statistics of every test and gate at that moment.
+    """
+
+    at: str
+    elapsed: float
+    canary: Figures
+    baseline: Figures
+    tests: tuple[Statistic, ...]
+
+
+def step_alpha(rollout: Rollout) -> float:
+    """The false-rollback budget of one step: `1 - confidence` shared among the steps."""
+    return sequential.step_alpha(rollout.confidence, len(rollout.steps))
+
+
+def examine(rollout: Rollout, canary: Window, baseline: Window, elapsed: float, at: str) -> Look:
+    """Run every test and gate on the evidence since the step began (no verdict yet)."""
+    tests = sequential.judge(
+        (canary.requests, canary.errors, canary.buckets),
+        (baseline.requests, baseline.errors, baseline.buckets),
+        alpha=step_alpha(rollout),
+        max_error_rate=rollout.max_error_rate,
+        max_p99=rollout.max_p99,
+    )
+    return Look(
+        at=at,
+        elapsed=elapsed,
+        canary=figures(canary),
+        baseline=figures(baseline),
+        tests=tuple(Statistic.of(test) for test in tests),
+    )
 
 
 def _percent(rate: float) -> str:
     return f"{rate * 100.0:.2f}%"
 
 
-def _ratio(errors: int, requests: int) -> str:
-    return f"{_percent(errors / requests)} ({errors}/{requests})"
-
-
-def _ms(seconds: float) -> str:
-    millis = seconds * 1000.0
+def _ms(millis: float) -> str:
     if millis >= 100.0:
         return f"{millis:.0f} ms"
     if millis >= 1.0:
@@ -297,11 +275,16 @@ def _ms(seconds: float) -> str:
     return f"{millis:.3f} ms"
 
 
-def _summary(window: Window, latency: float | None) -> str:
-    if not window.requests:
+def _summary(shown: Figures) -> str:
+    requests, errors, latency = shown.get("requests"), shown.get("errors"), shown.get("p99_ms")
+    if not requests or errors is None:
         return "no requests"
-    shown = "unknown" if latency is None else _ms(latency)
-    return f"errors {_ratio(window.errors, window.requests)}, p99 {shown}"
+    p99_text = "unknown" if latency is None else _ms(latency)
+    return f"errors {_percent(errors / requests)} ({errors}/{requests}), p99 {p99_text}"
+
+
+def _evidence(seen: Look) -> str:
+    return f"canary {_summary(seen.canary)}; baseline {_summary(seen.baseline)}"
 
 
 # --------------------------------------------------------------------------- state machine
@@ -309,7 +292,12 @@ def _summary(window: Window, latency: float | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
-    """One judged window: when, at which step and weight, the verdict and its figures."""
+    """One verdict: when, at which step and weight, the verdict, why, and the evidence.
+
+    `canary` and `baseline` are the figures since the step began and `tests` every test's
+    statistics at the look that gave the verdict (both empty for a step refused by a
+    `before_step` webhook).
+    """
 
     at: str
     step: int
@@ -318,8 +306,7 @@ class HistoryEntry:
     reason: str
     canary: Figures
     baseline: Figures
-    z: float | None = None
-    p_value: float | None = None
+    tests: tuple[Statistic, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,9 +315,12 @@ class RolloutState:
 
     `step` indexes `Rollout.steps`; `canary_weight` is the canary's share in percent (the
     baseline gets the rest); `started_at` (ISO-8601) is when the rollout was started;
-    `step_started_at` is when the current window began, on the caller's clock;
-    `inconclusive_in_a_row` counts the current step's inconclusive windows; `history` holds
-    the verdicts, oldest first (at most `HISTORY_LIMIT`).
+    `step_started_at` is when the current step's evidence began, on the caller's clock;
+    `inconclusive_in_a_row` counts the step's intervals that ended without `min_requests`;
+    `waiting` means that `step` has not begun yet: its `before_step` webhooks have not
+    answered, and `canary_weight` is still the previous step's (0 before the first);
+    `history` holds the verdicts, oldest first (at most `HISTORY_LIMIT`); `last_check` is the
+    latest look at the current step (None before the first).
     """
 
     state: str = "idle"
@@ -340,14 +330,23 @@ class RolloutState:
     started_at: str = ""
     step_started_at: float = 0.0
     inconclusive_in_a_row: int = 0
+    waiting: bool = False
     history: tuple[HistoryEntry, ...] = ()
+    last_check: Look | None = None
+
+
+def gated(rollout: Rollout) -> bool:
+    """Whether each step waits for `before_step` webhooks before it begins."""
+    return any(hook.on == "before_step" for hook in rollout.webhooks)
 
 
 def start(state: RolloutState, rollout: Rollout, now: float, at: str) -> RolloutState:
-    """Start a rollout at the first step: running, the canary at `steps[0]`, a fresh history.
+    """Start a rollout at the first step: running, a fresh history.
 
-    Allowed when no rollout is in progress (idle, or one that ended: succeeded, failed,
-    aborted); raises RolloutError while one is running or paused.
+    The canary gets `steps[0]` at once, or, when the rollout has `before_step` webhooks,
+    once they answered (`begin_step`); until then it is `waiting` at 0. Allowed when no
+    rollout is in progress (idle, or one that ended: succeeded, failed, aborted); raises
+    RolloutError while one is running or paused.
     """
     if state.state in ACTIVE:
         raise RolloutError(
@@ -355,9 +354,16 @@ def start(state: RolloutState, rollout: Rollout, now: float, at: str) -> Rollout
             "abort or promote it before starting another"
         )
     weight = rollout.steps[0]
+    if gated(rollout):
+        return RolloutState(
+            state="running",
+            reason=f"started: waiting for the before_step webhooks of step 0 ({_weight(weight)})",
+            started_at=at,
+            step_started_at=now,
+            waiting=True,
+        )
     return RolloutState(
         state="running",
-        step=0,
         canary_weight=weight,
         reason=f"started: canary at {_weight(weight)}",
         started_at=at,
@@ -365,8 +371,186 @@ def start(state: RolloutState, rollout: Rollout, now: float, at: str) -> Rollout
     )
 
 
+def begin_step(state: RolloutState, rollout: Rollout, now: float) -> RolloutState:
+    """Every `before_step` webhook of the waiting step answered 2xx: the step begins at `now`.
+
+    Only for a running rollout that is `waiting`.
+    """
+    _expect_waiting(state, rollout, "begin")
+    weight = rollout.steps[state.step]
+    return replace(
+        state,
+        canary_weight=weight,
+        reason=f"step {state.step} began: canary at {_weight(weight)}",
+        step_started_at=now,
+        inconclusive_in_a_row=0,
+        waiting=False,
+        last_check=None,
+    )
+
+
+def refuse_step(state: RolloutState, rollout: Rollout, reason: str, at: str) -> RolloutState:
+    """A `before_step` webhook refused the waiting step (`reason` says how): a fail.
+
+    The canary's weight goes to 0, the state to "failed", and the fail is in the history
+    (with no figures: the step never began). Only for a running rollout that is `waiting`.
+    """
+    _expect_waiting(state, rollout, "refuse")
+    here = f"step {state.step} ({_weight(rollout.steps[state.step])})"
+    entry = HistoryEntry(
+        at=at,
+        step=state.step,
+        weight=rollout.steps[state.step],
+        verdict="fail",
+        reason=reason,
+        canary={},
+        baseline={},
+    )
+    return replace(
+        state,
+        state="failed",
+        canary_weight=0.0,
+        reason=f"failed at {here} before it began: {reason}",
+        waiting=False,
+        history=_append(state.history, entry),
+    )
+
+
+def look(
+    state: RolloutState,
+    rollout: Rollout,
+    canary: Window,
+    baseline: Window,
+    now: float,
+    at: str,
+) -> tuple[RolloutState, HistoryEntry | None]:
+    """Look at the evidence since the current step began (`canary`, `baseline`) at `now`.
+
+    The look is kept as `last_check`; the entry returned is the verdict it gave, if any (it
+    is in the new state's history too):
+    - fail, at any look, when a test or gate rejects: the canary's weight to 0 at once, state
+      "failed", the statistics in the reason;
+    - pass, once the step has lasted `interval` and the canary saw `min_requests`: the next
+      step (passing the last step, or the step before a step of 100, sets the canary to 100
+      and the state to "succeeded");
+    - inconclusive, at each whole `interval` the step lasted without `min_requests`: the step
+      runs on (its evidence keeps growing); the `INCONCLUSIVE_LIMIT`th pauses the rollout;
+    - otherwise no verdict.
+    Raises RolloutError unless the rollout is running and its step has begun, or when its
+    step is beyond `rollout`'s steps (the config changed under it: call `config_changed`).
+    """
+    _expect(state, ("running",), "look at")
+    _check_step(state, rollout)
+    if state.waiting:
+        raise RolloutError(
+            f"step {state.step} has not begun: its before_step webhooks have not answered"
+        )
+    elapsed = max(0.0, now - state.step_started_at)
+    seen = examine(rollout, canary, baseline, elapsed, at)
+    state = replace(state, last_check=seen)
+    here = f"step {state.step} ({_weight(state.canary_weight)})"
+
+    rejected = [test for test in seen.tests if test.reject]
+    if rejected:
+        reason = "; ".join([*(test.describe() for test in rejected), _evidence(seen)])
+        entry = _entry(state, seen, "fail", reason)
+        failed = replace(
+            state,
+            state="failed",
+            canary_weight=0.0,
+            reason=f"failed at {here} after {elapsed:.1f}s: {reason}",
+            history=_append(state.history, entry),
+        )
+        return failed, entry
+    if elapsed < rollout.interval:
+        return state, None
+    if canary.requests >= rollout.min_requests:
+        reason = "; ".join([_evidence(seen), *(test.describe() for test in seen.tests)])
+        entry = _entry(state, seen, "pass", reason)
+        passed = replace(state, history=_append(state.history, entry))
+        return _next_step(passed, rollout, now, here), entry
+
+    intervals = state.inconclusive_in_a_row + 1
+    if elapsed < intervals * rollout.interval:
+        return state, None  # this interval was already found short of traffic
+    reason = (
+        f"{canary.requests} canary requests in {elapsed:.1f}s, fewer than "
+        f"min_requests {rollout.min_requests}"
+    )
+    entry = _entry(state, seen, "inconclusive", reason)
+    state = replace(state, inconclusive_in_a_row=intervals, history=_append(state.history, entry))
+    if intervals >= INCONCLUSIVE_LIMIT:
+        paused = replace(
+            state,
+            state="paused",
+            reason=f"paused: {intervals} intervals in a row without enough traffic at {here}; "
+            f"last: {reason}",
+        )
+        return paused, entry
+    return replace(state, reason=f"inconclusive at {here} ({intervals} in a row): {reason}"), entry
+
+
+def _entry(state: RolloutState, seen: Look, verdict: str, reason: str) -> HistoryEntry:
+    return HistoryEntry(
+        at=seen.at,
+        step=state.step,
+        weight=state.canary_weight,
+        verdict=verdict,
+        reason=reason,
+        canary=seen.canary,
+        baseline=seen.baseline,
+        tests=seen.tests,
+    )
+
+
+def _append(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
+    return (*history, entry)[-HISTORY_LIMIT:]
+
+
+def _next_step(state: RolloutState, rollout: Rollout, now: float, here: str) -> RolloutState:
+    following = state.step + 1
+    if following >= len(rollout.steps) or rollout.steps[following] >= 100.0:
+        return replace(
+            state,
+            state="succeeded",
+            canary_weight=100.0,
+            reason=f"succeeded: passed {here}, canary at 100%",
+            inconclusive_in_a_row=0,
+        )
+    weight = rollout.steps[following]
+    moved = replace(state, step=following, inconclusive_in_a_row=0, last_check=None)
+    if gated(rollout):
+        return replace(
+            moved,
+            reason=f"passed {here}; waiting for the before_step webhooks of step "
+            f"{following} ({_weight(weight)})",
+            waiting=True,
+        )
+    return replace(
+        moved,
+        canary_weight=weight,
+        reason=f"passed {here}; canary at {_weight(weight)}",
+        step_started_at=now,
+    )
+
+
+def next_look(state: RolloutState, rollout: Rollout) -> float | None:
+    """When the current step's evidence is to be looked at next, on the caller's clock.
+
+    Every `check` from the step's start, and at each whole `interval` too (so that a step
+    passes when it has lasted `interval`, not at the first check after). None when there is
+    nothing to look at: not running, or waiting for `before_step` webhooks.
+    """
+    if state.state != "running" or state.waiting:
+        return None
+    done = state.last_check.elapsed if state.last_check is not None else 0.0
+    by_check = (math.floor(done / rollout.check) + 1) * rollout.check
+    by_interval = (math.floor(done / rollout.interval) + 1) * rollout.interval
+    return state.step_started_at + min(by_check, by_interval)
+
+
 def pause(state: RolloutState, reason: str = "paused by operator") -> RolloutState:
-    """Hold the rollout at its current weights: no window is judged until `resume`.
+    """Hold the rollout at its current weights: nothing is looked at until `resume`.
 
     Only a running rollout can be paused.
     """
@@ -375,21 +559,27 @@ def pause(state: RolloutState, reason: str = "paused by operator") -> RolloutSta
 
 
 def resume(state: RolloutState, now: float, reason: str = "resumed by operator") -> RolloutState:
-    """Run a paused rollout again; the current step's window starts over at `now`.
+    """Run a paused rollout again; the current step's evidence starts over at `now`.
 
     The inconclusive count starts over too, so a rollout paused for lack of traffic gets
-    `INCONCLUSIVE_LIMIT` more windows. Only a paused rollout can be resumed.
+    `INCONCLUSIVE_LIMIT` more intervals. A step still `waiting` for its `before_step`
+    webhooks waits for them again. Only a paused rollout can be resumed.
     """
     _expect(state, ("paused",), "resume")
     return replace(
-        state, state="running", reason=reason, step_started_at=now, inconclusive_in_a_row=0
+        state,
+        state="running",
+        reason=reason,
+        step_started_at=now,
+        inconclusive_in_a_row=0,
+        last_check=None,
     )
 
 
 def abort(state: RolloutState, reason: str = "aborted by operator") -> RolloutState:
     """Roll back now: the canary's weight to 0, state "aborted". Running or paused only."""
     _expect(state, ACTIVE, "abort")
-    return replace(state, state="aborted", canary_weight=0.0, reason=reason)
+    return replace(state, state="aborted", canary_weight=0.0, reason=reason, waiting=False)
 
 
 def promote(state: RolloutState, reason: str = "promoted by operator") -> RolloutState:
@@ -399,7 +589,7 @@ def promote(state: RolloutState, reason: str = "promoted by operator") -> Rollou
     verdict); not when idle or already succeeded.
     """
     _expect(state, ("running", "paused", "failed", "aborted"), "promote")
-    return replace(state, state="succeeded", canary_weight=100.0, reason=reason)
+    return replace(state, state="succeeded", canary_weight=100.0, reason=reason, waiting=False)
 
 
 def config_changed(state: RolloutState, reason: str = "config changed") -> RolloutState:
@@ -410,106 +600,37 @@ def config_changed(state: RolloutState, reason: str = "config changed") -> Rollo
     """
     if state.state not in ACTIVE:
         return state
-    return replace(state, state="aborted", canary_weight=0.0, reason=reason)
+    return replace(state, state="aborted", canary_weight=0.0, reason=reason, waiting=False)
 
 
-def restart_window(state: RolloutState, now: float) -> RolloutState:
-    """After a restart of the proxy, start the current step's window over at `now`.
+def release(state: RolloutState, reason: str) -> RolloutState:
+    """An ended rollout lets go of the route: idle, the file's split in force, history kept.
 
-    The counters of the window that was in progress died with the workers, so a running
-    rollout is judged on a whole fresh window. Other states are returned as is.
+    Only a rollout that ended (succeeded, failed, aborted): one in progress must be aborted
+    or promoted first.
+    """
+    _expect(state, ENDED, "release")
+    return replace(
+        state,
+        state="idle",
+        canary_weight=0.0,
+        reason=reason,
+        inconclusive_in_a_row=0,
+        waiting=False,
+        last_check=None,
+    )
+
+
+def restart_step(state: RolloutState, now: float) -> RolloutState:
+    """After a restart of the proxy, start the current step's evidence over at `now`.
+
+    The counters the evidence was measured on died with the workers, so a running rollout's
+    step is judged on fresh evidence (and gets its `INCONCLUSIVE_LIMIT` intervals again).
+    Other states are returned as is.
     """
     if state.state != "running":
         return state
-    return replace(state, step_started_at=now)
-
-
-def due(state: RolloutState, rollout: Rollout, now: float) -> bool:
-    """Whether the current window has lasted `interval` and is to be judged."""
-    return state.state == "running" and now >= state.step_started_at + rollout.interval
-
-
-def advance(
-    state: RolloutState, rollout: Rollout, verdict: Verdict, now: float, at: str
-) -> RolloutState:
-    """Apply the verdict of the window that ends at `now`; record it in the history.
-
-    - pass: the next step, whose window starts at `now`; passing the last step, or the step
-      before a step of 100, sets the canary to 100 and the state to "succeeded";
-    - fail: the canary's weight to 0 at once, state "failed", the figures in the reason;
-    - inconclusive: the same step for one more window from `now`; the third inconclusive
-      window in a row pauses the rollout.
-    Raises RolloutError unless the rollout is running, or when its step is beyond `rollout`'s
-    steps (the config changed under it: call `config_changed` first).
-    """
-    _expect(state, ("running",), "apply a verdict to")
-    if state.step >= len(rollout.steps):
-        raise RolloutError(
-            f"the rollout is at step {state.step} but the route has {len(rollout.steps)} "
-            "steps; the config changed under it"
-        )
-    entry = HistoryEntry(
-        at=at,
-        step=state.step,
-        weight=state.canary_weight,
-        verdict=verdict.verdict,
-        reason=verdict.reason,
-        canary=verdict.canary,
-        baseline=verdict.baseline,
-        z=verdict.z,
-        p_value=verdict.p_value,
-    )
-    history = (*state.history, entry)[-HISTORY_LIMIT:]
-    here = f"step {state.step} ({_weight(state.canary_weight)})"
-
-    if verdict.verdict == "fail":
-        return replace(
-            state,
-            state="failed",
-            canary_weight=0.0,
-            reason=f"failed at {here}: {verdict.reason}",
-            history=history,
-        )
-    if verdict.verdict == "inconclusive":
-        in_a_row = state.inconclusive_in_a_row + 1
-        if in_a_row >= INCONCLUSIVE_LIMIT:
-            return replace(
-                state,
-                state="paused",
-                reason=(
-                    f"paused: {in_a_row} inconclusive windows in a row at {here}; "
-                    f"last: {verdict.reason}"
-                ),
-                inconclusive_in_a_row=in_a_row,
-                history=history,
-            )
-        return replace(
-            state,
-            reason=f"inconclusive at {here} ({in_a_row} in a row): {verdict.reason}",
-            step_started_at=now,
-            inconclusive_in_a_row=in_a_row,
-            history=history,
-        )
-    following = state.step + 1
-    if following >= len(rollout.steps) or rollout.steps[following] >= 100.0:
-        return replace(
-            state,
-            state="succeeded",
-            canary_weight=100.0,
-            reason=f"succeeded: passed {here}, canary at 100%",
-            inconclusive_in_a_row=0,
-            history=history,
-        )
-    weight = rollout.steps[following]
-    return replace(
-        state,
-        step=following,
-        canary_weight=weight,
-        reason=f"passed {here}; canary at {_weight(weight)}",
-        step_started_at=now,
-        inconclusive_in_a_row=0,
-        history=history,
-    )
+    return replace(state, step_started_at=now, inconclusive_in_a_row=0, last_check=None)
 
 
 def effective_split(
@@ -519,7 +640,7 @@ def effective_split(
 
     In every other state, finished ones included, the canary gets `canary_weight`, the baseline
     the rest, and every other upstream of the file's split 0: a failed or aborted canary stays
-    at 0 until the operator starts a new rollout or the controller returns the route to idle.
+    at 0 until the operator starts a new rollout or releases the route (`release`).
     """
     if state.state == "idle":
         return None
@@ -534,6 +655,21 @@ def _expect(state: RolloutState, allowed: tuple[str, ...], action: str) -> None:
         raise RolloutError(
             f"cannot {action} a rollout that is {state.state} (only when {' or '.join(allowed)})"
         )
+
+
+def _check_step(state: RolloutState, rollout: Rollout) -> None:
+    if state.step >= len(rollout.steps):
+        raise RolloutError(
+            f"the rollout is at step {state.step} but the route has {len(rollout.steps)} "
+            "steps; the config changed under it"
+        )
+
+
+def _expect_waiting(state: RolloutState, rollout: Rollout, action: str) -> None:
+    _expect(state, ("running",), f"{action} a step of")
+    _check_step(state, rollout)
+    if not state.waiting:
+        raise RolloutError(f"step {state.step} already began")
 
 
 def _weight(weight: float) -> str:
@@ -553,35 +689,59 @@ def to_json(state: RolloutState) -> dict[str, object]:
         "started_at": state.started_at,
         "step_started_at": state.step_started_at,
         "inconclusive_in_a_row": state.inconclusive_in_a_row,
-        "history": [
-            {
-                "at": entry.at,
-                "step": entry.step,
-                "weight": entry.weight,
-                "verdict": entry.verdict,
-                "reason": entry.reason,
-                "canary": dict(entry.canary),
-                "baseline": dict(entry.baseline),
-                "z": entry.z,
-                "p_value": entry.p_value,
-            }
-            for entry in state.history
-        ],
+        "waiting": state.waiting,
+        "history": [entry_json(entry) for entry in state.history],
+        "last_check": None if state.last_check is None else look_json(state.last_check),
+    }
+
+
+def entry_json(entry: HistoryEntry) -> dict[str, object]:
+    """A verdict as the history shows it."""
+    return {
+        "at": entry.at,
+        "step": entry.step,
+        "weight": entry.weight,
+        "verdict": entry.verdict,
+        "reason": entry.reason,
+        "canary": dict(entry.canary),
+        "baseline": dict(entry.baseline),
+        "tests": [_statistic_json(test) for test in entry.tests],
+    }
+
+
+def look_json(seen: Look) -> dict[str, object]:
+    """A look as `/admin/routes` shows it (`rollout.last_check`)."""
+    return {
+        "at": seen.at,
+        "elapsed_s": round(seen.elapsed, 3),
+        "canary": dict(seen.canary),
+        "baseline": dict(seen.baseline),
+        "tests": [_statistic_json(test) for test in seen.tests],
+    }
+
+
+def _statistic_json(test: Statistic) -> dict[str, object]:
+    return {
+        "name": test.name,
+        "reject": test.reject,
+        "log_e": test.log_e,
+        "threshold": test.threshold,
+        "figures": dict(test.figures),
     }
 
 
 def from_json(obj: object) -> RolloutState:
     """Read back what `to_json` wrote (after a trip through a JSON file).
 
-    Tolerant where that is safe: unknown keys are ignored (a newer Turnout may add some), keys
-    missing but "state" take the idle defaults, integers are accepted for numbers. Anything
-    else raises StateError naming the key, rather than resuming a rollout from garbage.
+    Tolerant where that is safe: unknown keys are ignored (a newer Turnout may add some, an
+    older one wrote `z` and `p_value` in history entries), keys missing but "state" take the
+    idle defaults, integers are accepted for numbers. `last_check` is not read back: a
+    restored step starts its evidence over (`restart_step`). Anything else raises StateError
+    naming the key, rather than resuming a rollout from garbage.
     """
     data = _mapping(obj, "rollout state")
     state = _choice(data, "state", STATES, "rollout state", required=True)
-    history = data.get("history", [])
-    if not isinstance(history, list):
-        raise StateError(f"rollout state: history: expected a list, got {_kind(history)}")
+    history = _list(data, "history", "rollout state")
     return RolloutState(
         state=state,
         step=_int(data, "step", "rollout state"),
@@ -590,6 +750,7 @@ def from_json(obj: object) -> RolloutState:
         started_at=_text(data, "started_at", "rollout state"),
         step_started_at=_number(data, "step_started_at", "rollout state"),
         inconclusive_in_a_row=_int(data, "inconclusive_in_a_row", "rollout state"),
+        waiting=_bool(data, "waiting", "rollout state"),
         history=tuple(
             _history_entry(item, f"rollout state: history[{index}]")
             for index, item in enumerate(history)
@@ -599,6 +760,7 @@ def from_json(obj: object) -> RolloutState:
 
 def _history_entry(obj: object, where: str) -> HistoryEntry:
     data = _mapping(obj, where)
+    tests = _list(data, "tests", where)
     return HistoryEntry(
         at=_text(data, "at", where, required=True),
         step=_int(data, "step", where),
@@ -607,8 +769,20 @@ def _history_entry(obj: object, where: str) -> HistoryEntry:
         reason=_text(data, "reason", where),
         canary=_figures(data.get("canary", {}), f"{where}.canary"),
         baseline=_figures(data.get("baseline", {}), f"{where}.baseline"),
-        z=_optional_number(data, "z", where),
-        p_value=_optional_number(data, "p_value", where),
+        tests=tuple(
+            _statistic(item, f"{where}.tests[{index}]") for index, item in enumerate(tests)
+        ),
+    )
+
+
+def _statistic(obj: object, where: str) -> Statistic:
+    data = _mapping(obj, where)
+    return Statistic(
+        name=_text(data, "name", where, required=True),
+        reject=_bool(data, "reject", where),
+        log_e=_optional_number(data, "log_e", where),
+        threshold=_optional_number(data, "threshold", where),
+        figures=_figures(data.get("figures", {}), f"{where}.figures"),
     )
 
 
@@ -626,6 +800,13 @@ def _mapping(obj: object, where: str) -> Mapping[str, object]:
     if not isinstance(obj, Mapping) or not all(isinstance(key, str) for key in obj):
         raise StateError(f"{where}: expected an object, got {_kind(obj)}")
     return obj
+
+
+def _list(data: Mapping[str, object], key: str, where: str) -> Sequence[object]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise StateError(f"{where}: {key}: expected a list, got {_kind(value)}")
+    return value
 
 
 def _choice(
@@ -650,6 +831,13 @@ def _text(data: Mapping[str, object], key: str, where: str, *, required: bool = 
     value = data[key]
     if not isinstance(value, str):
         raise StateError(f"{where}: {key}: expected a string, got {_kind(value)}")
+    return value
+
+
+def _bool(data: Mapping[str, object], key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise StateError(f"{where}: {key}: expected true or false, got {_kind(value)}")
     return value
 
 

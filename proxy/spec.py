@@ -131,9 +131,27 @@ class Mirror:
     compare_json_ignore: tuple[str, ...] = ()
 
 
+# When a rollout webhook is called (contract section 5): `before_step` gates a step, the others
+# are notifications.
+WEBHOOK_EVENTS: tuple[str, ...] = ("before_step", "after_step", "rollback", "succeeded")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One rollout webhook: on which event it is called, its http(s) URL, how long it may take."""
+
+    on: str
+    url: str
+    timeout: float = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Rollout:
-    """Automated canary analysis settings of a route (contract section 5)."""
+    """Automated canary analysis settings of a route (contract section 5).
+
+    `check` (seconds between two looks at the evidence) is at most `interval`: the config
+    makes it `min(5s, interval)` when the file leaves it out.
+    """
 
     baseline: str
     canary: str
@@ -142,6 +160,22 @@ class Rollout:
     min_requests: int = 50
     max_error_rate: float = 0.01
     max_p99: float = 0.5
+    confidence: float = 0.99
+    check: float = 5.0
+    webhooks: tuple[Webhook, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Annotations:
+    """Deployment annotations: where to post them (contract section 12).
+
+    `grafana` is Grafana's base URL as written (http or https, no query); every split change,
+    rollout event and reload is posted to `{grafana}/api/annotations`, each attempt bounded
+    by `timeout` seconds.
+    """
+
+    grafana: str
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +219,7 @@ class ConfigSpec:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     drain: Drain = field(default_factory=Drain)
+    annotations: Annotations | None = None
 
     def upstream(self, name: str) -> UpstreamSpec:
         """The upstream called `name` (the config guarantees it exists)."""

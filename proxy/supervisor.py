@@ -51,6 +51,15 @@ from proxy.admin import (
     create_admin_app,
     is_loopback,
 )
+from proxy.annotations import (
+    Annotator,
+    Event,
+    carried,
+    grafana_token,
+    reload_event,
+    reload_failed_event,
+    split_text,
+)
 from proxy.config import (
     MAX_FILE_BYTES,
     ConfigError,
@@ -434,6 +443,7 @@ class Supervisor:
         *,
         access_log: bool = True,
         token: str | None = None,
+        grafana_token: str | None = None,
         worker_argv: Sequence[str] = (sys.executable, "-m", "proxy.worker"),
     ) -> None:
         # Absolute, so the watch, reloads and workers (which parse the same path) agree even if
@@ -449,9 +459,12 @@ class Supervisor:
         self._split_overrides: SplitOverrides = _usable_overrides(
             spec, restored, "in the state file"
         )
+        # Deployment annotations (contract section 12): posted in the background to the
+        # Grafana of the config in force at the time of each event.
+        self.annotations = Annotator(grafana_token)
         # Rollouts (contract section 5): restored before the first table is compiled, so a
         # restarted proxy serves the rollout's weights from its first request.
-        self.rollouts = RolloutController(self)
+        self.rollouts = RolloutController(self, annotate=self.annotate)
         file_table = compile_table(spec, generation=1, sha256=sha)
         for warning in self.rollouts.load(saved.rollouts, file_table):
             log.warning("%s", warning)
@@ -581,28 +594,40 @@ class Supervisor:
             + [handle.generation for handle in self._workers.values() if handle.ready]
         )
 
+    def annotate(self, event: Event) -> None:
+        """Post a deployment annotation for `event` when the config asks for them; never waits."""
+        self.annotations.post(self._current.spec.annotations, event)
+
     # --- runtime splits -------------------------------------------------------------------------
 
     async def set_split(self, route: str, weights: Mapping[str, float] | None) -> dict[str, Any]:
         """Put a runtime split in force on `route`, or drop it (`weights` None).
 
-        Order: compile the new table (ValueError: rejected, nothing changes), write the state
-        file (OSError: nothing changes), swap the table in, send it to every worker and wait,
-        bounded, until they applied it. The answer is the route's new state with the
-        generation. Setting the split already in force, or dropping none, is a no-op.
+        Dropping also releases a rollout of the route that ended (succeeded, failed,
+        aborted): the file's split is in force again (contract section 5); a rollout in
+        progress keeps its weights. Order: compile the new table (ValueError: rejected,
+        nothing changes), write the state file (OSError: nothing changes), swap the table in,
+        send it to every worker and wait, bounded, until they applied it. The answer is the
+        route's new state with the generation. Setting the split already in force, or
+        dropping none when no ended rollout holds the route, is a no-op.
         """
         async with self._change_lock:
             current = self._current
             if current.table.route(route) is None:
                 raise RouteNotFound(route)
-            if weights is not None and self.rollouts.runtime_split_set(route):
+            paused = weights is not None and self.rollouts.runtime_split_set(route)
+            if paused:
                 log.info("route %s: a runtime split pauses its running rollout", route)
             overrides = dict(self._split_overrides)
             existing = overrides.get(route)
+            released = False
             if weights is None:
-                if existing is None or existing[1] != "runtime":
+                released = self.rollouts.release(route)
+                if not released and (existing is None or existing[1] != "runtime"):
                     return self._route_answer(route)
-                del overrides[route]
+                overrides.pop(route, None)
+                # A rollout in progress takes the route back (its split was under the runtime's).
+                overrides = self._with_rollouts(overrides, current.table)
             else:
                 wanted = (dict(weights), "runtime")
                 if existing == wanted:
@@ -624,6 +649,14 @@ class Supervisor:
                 log.info(
                     "route %s: runtime split %s; generation %d", route, dict(weights), generation
                 )
+            if weights is not None:
+                what = "runtime split set" + (" (its running rollout is paused)" if paused else "")
+            elif released:
+                what = self.rollouts.states[route].reason
+            else:
+                source = "the rollout's" if route in overrides else "the file's"
+                what = f"runtime split dropped, {source} split is in force"
+            self.annotate(_split_event(current.table, table, route, what))
             await self._wait_applied(generation, APPLY_DEADLINE)
             return self._route_answer(route)
 
@@ -685,14 +718,21 @@ class Supervisor:
     async def gather_totals(self, timeout: float) -> Totals:  # noqa: ASYNC109
         """The counters of every worker, summed with the retired ones (see proxy.metrics)."""
         await self.request_stats(timeout)
-        # From here on no await: the live handles and the retired totals are one consistent
-        # picture (a worker that died meanwhile is in exactly one of the two).
+        return self.polled_totals()[0]
+
+    def polled_totals(self) -> tuple[Totals, float]:
+        """Every worker's newest snapshot summed with the retired totals, asking nothing new,
+        and the loop time the newest snapshot arrived (0.0: none yet). No await: the live
+        handles and the retired totals are one consistent picture (a worker that died
+        meanwhile is in exactly one of the two)."""
         totals = Totals()
+        newest = 0.0
         for handle in self._workers.values():
             if handle.last_stats is not None:
                 totals.add_snapshot(handle.last_stats)
+                newest = max(newest, handle.stats_at)
         totals.add(self._retired)
-        return totals
+        return totals, newest
 
     async def metrics(self, *, gzip: bool) -> bytes:
         """The Prometheus text for GET /metrics, gzip-compressed with `gzip`."""
@@ -710,6 +750,7 @@ class Supervisor:
             },
             rollout_verdicts=dict(self.rollouts.verdicts),
             config_loaded_at=self._current.loaded_at.timestamp(),
+            annotations=dict(self.annotations.counts),
         )
         # Rendering takes ~0.7 us per series (0.2 s for 5,000 routes that all saw traffic, see
         # benchmarks/metrics_cost.py); off the loop, health checks and probes keep their pace.
@@ -795,6 +836,7 @@ class Supervisor:
         self._last_error = None
         self._last_failed_sha = None
         log.info("reload (%s): generation %d in force (sha256 %s)", trigger, generation, sha[:12])
+        self.annotate(reload_event(trigger, generation, sha, current.table, table))
         self._check_static_settings(spec)
         if state_moved:
             log.info("state_file is now %s", spec.state_file or "(none: memory only)")
@@ -865,7 +907,6 @@ class Supervisor:
                         name: o for name, o in self._split_overrides.items() if name != route
                     }
         await self.rollouts.command(self._current.table, route, action)
-        await self.rollouts.refresh_windows(self._current.table)
         return self._route_answer(route)
 
     def _reload_failed(self, trigger: str, sha: str | None, errors: list[str]) -> ReloadOutcome:
@@ -880,6 +921,7 @@ class Supervisor:
             self._current.generation,
             "\n  ".join(shown),
         )
+        self.annotate(reload_failed_event(trigger, self._current.generation, errors))
         return ReloadOutcome(self._current.generation, changed=False, errors=tuple(shown))
 
     def _last_errors(self) -> tuple[str, ...]:
@@ -1173,6 +1215,11 @@ class Supervisor:
             )
         elif self._state_stale:
             await self._persist_after_change("dropping entries that no longer fit the config")
+        if spec.annotations is not None and not self.annotations.authorized:
+            log.warning(
+                "annotations.grafana is set but TURNOUT_GRAFANA_TOKEN is not: annotations are "
+                "posted without a token, which Grafana refuses unless it allows anonymous edits"
+            )
         self._prober.update(spec)
         log.info(
             "turnout supervisor (pid %d): config %s generation 1, admin on %s:%d, %d worker(s)",
@@ -1228,7 +1275,11 @@ class Supervisor:
             return 1
 
         # 6. Health checks ran for as long as workers served; now they have no one to tell.
+        #    Rollout webhooks: gates stop, notifications under way get a short grace; so do
+        #    annotations under way.
         await self._prober.close()
+        await self.rollouts.close()
+        await self.annotations.close()
 
         # 7. Stop the admin plane last, so /healthz and /readyz (503) answered during the drain.
         await self._admin.stop()
@@ -1266,6 +1317,17 @@ class Supervisor:
             force_wait.cancel()
 
 
+def _split_event(old: Table, new: Table, name: str, what: str) -> Event:
+    """The annotation of a runtime split change of route `name`: `what` happened, and the
+    split went from `old`'s to `new`'s."""
+    before_route, after_route = old.route(name), new.route(name)
+    assert before_route is not None
+    assert after_route is not None
+    before, after = dict(before_route.split.shares), dict(after_route.split.shares)
+    text = f"{name}: {what}: {split_text(after)} (was {split_text(before)})"
+    return Event(kind="split", text=text, routes=(name,), upstreams=carried(before, after))
+
+
 def _metrics_body(view: MetricsInput, gzip: bool) -> bytes:
     text = render(view)
     return gzip_compress(text, compresslevel=METRICS_GZIP_LEVEL, mtime=0) if gzip else text
@@ -1297,7 +1359,9 @@ def run_supervisor(path: str, *, access_log: bool = True) -> int:
         return 1
 
     async def main() -> int:
-        supervisor = Supervisor(path, text, spec, access_log=access_log, token=token)
+        supervisor = Supervisor(
+            path, text, spec, access_log=access_log, token=token, grafana_token=grafana_token()
+        )
         return await supervisor.run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -304,6 +304,92 @@ def test_without_state_file_splits_live_in_memory(
     assert "kept in memory only" in proc.stderr_text()
 
 
+# --- errors are JSON --------------------------------------------------------------------------
+
+
+def raw_call(
+    proc: TurnoutProcess, method: str, path: str, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One admin call: (status, headers, raw body)."""
+    request = urllib.request.Request(f"{proc.admin_url}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), dict(exc.headers), exc.read()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "error", "allow"),
+    [
+        ("GET", "/admin/nope", 404, "unknown path '/admin/nope'", None),
+        ("GET", "/metrics/", 404, "unknown path '/metrics/'", None),
+        (
+            "POST",
+            "/admin/routes/api/rollout/bogus",
+            404,
+            "unknown path '/admin/routes/api/rollout/bogus'",
+            None,
+        ),
+        (
+            "GET",
+            "/admin/routes/api/split",
+            405,
+            "method GET is not allowed on '/admin/routes/api/split' (allowed: DELETE, PUT)",
+            "DELETE,PUT",
+        ),
+        (
+            "POST",
+            "/healthz",
+            405,
+            "method POST is not allowed on '/healthz' (allowed: GET, HEAD)",
+            "GET,HEAD",
+        ),
+        (
+            "DELETE",
+            "/",
+            405,
+            "method DELETE is not allowed on '/' (allowed: GET, HEAD)",
+            "GET,HEAD",
+        ),
+        (
+            "PUT",
+            "/admin/routes/api/split",
+            413,
+            "the request body is over 1048576 bytes (1 MiB), the admin API's limit",
+            None,
+        ),
+    ],
+)
+def test_unknown_paths_wrong_methods_and_huge_bodies_answer_json(
+    admin_turnout: TurnoutProcess,
+    method: str,
+    path: str,
+    status: int,
+    error: str,
+    allow: str | None,
+) -> None:
+    # 1 MiB is aiohttp's limit on an admin request body; one byte more is refused.
+    body = b"{" + b" " * (1 << 20) + b"}" if status == 413 else None
+    got, headers, raw = raw_call(admin_turnout, method, path, body)
+    assert (got, headers["Content-Type"]) == (status, "application/json")
+    assert orjson.loads(raw) == {"error": error}
+    assert headers.get("Allow") == allow
+    # The dashboard page is still served.
+    page_status, page_headers, _ = raw_call(admin_turnout, "GET", "/")
+    assert (page_status, page_headers["Content-Type"]) == (200, "text/html; charset=utf-8")
+
+
+@pytest.fixture(scope="module")
+def admin_turnout(
+    tmp_path_factory: pytest.TempPathFactory, blue: EchoUpstream, green: EchoUpstream
+) -> Iterator[TurnoutProcess]:
+    """One Turnout for the error-shape cases, which change nothing."""
+    proc = start_turnout(config(blue, green, workers=1), tmp_path_factory.mktemp("errors"))
+    yield proc
+    proc.close()
+
+
 # --- token ----------------------------------------------------------------------------------------
 
 
@@ -346,6 +432,19 @@ def test_token_is_required_for_admin_calls(
     # Scrapes need no token.
     with urllib.request.urlopen(f"{proc.admin_url}/metrics", timeout=10) as response:
         assert response.status == 200
+    # Without the token every path but the public ones answers 401, an unknown one too: nobody
+    # learns which paths exist. With it, an unknown path is a JSON 404.
+    assert call(proc, "GET", "/admin/nope") == (401, {"error": "missing or wrong admin token"})
+    assert call(proc, "GET", "/admin/nope", token=TOKEN) == (
+        404,
+        {"error": "unknown path '/admin/nope'"},
+    )
+    # A public path with a wrong method: 405, token or not.
+    status, answer = call(proc, "POST", "/metrics", b"")
+    assert (status, answer["error"]) == (
+        405,
+        "method POST is not allowed on '/metrics' (allowed: GET, HEAD)",
+    )
 
 
 def route_state_with_token(proc: TurnoutProcess) -> dict[str, Any]:

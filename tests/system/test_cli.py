@@ -1,22 +1,37 @@
 """The `turnout` command line as a user runs it: real subprocesses, real files, real ports.
 
 `validate` exit codes and error format, the refusals of `run` (bad config, non-loopback admin
-without a token, aiohttp without its C extensions, a data-plane port that is taken), and
-`demo --requests` showing a split end to end.
+without a token, aiohttp without its C extensions, a data-plane port that is taken),
+`demo --requests` showing a split end to end, and a newcomer's first hour: the demo's hints are
+the README's and each of them works (the cookie jar keeps a visitor's version, a plain curl does
+not), the demo's access log stays off unless asked for, the README says how to get `turnout` on
+PATH, links nothing outside the repository, and its protocol list holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from tests.support.turnout import PROJECT_ROOT, free_port
+from proxy.demo import path_note, try_lines
+from proxy.supervisor import load_config
+from tests.support import wait_until
+from tests.support.turnout import PROJECT_ROOT, TurnoutFactory, free_port
+from tests.support.upstreams import EchoUpstream
 
 TURNOUT = str(Path(sys.executable).with_name("turnout"))
 # A refusal happens before anything is bound or spawned; a slow CI box still takes seconds.
@@ -204,3 +219,274 @@ def test_demo_requests_shows_the_split(tmp_path: Path) -> None:
     # 60 requests at 50/50: each side gets at least one unless p = 2 * 0.5**60.
     assert set(counts) == {"blue", "green"}, output
     assert sum(counts.values()) == 60
+
+
+# --- the first hour: the demo's hints, the README ------------------------------------------------
+
+README = PROJECT_ROOT / "README.md"
+DEMO_PORTS = (8080, 9901, 9001, 9101, 9201, 9301)
+# The venv's bin folder, put first on PATH as `source .venv/bin/activate` does.
+VENV_BIN = str(Path(sys.executable).parent)
+HINTS_END = "Press Ctrl-C to stop."
+
+
+def readme_demo_block() -> list[str]:
+    """The lines of the first ```sh block after `## The demo` in the README."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## The demo") :]
+    start = section.index("```sh\n") + len("```sh\n")
+    return section[start : section.index("```", start)].splitlines()
+
+
+def test_the_demo_hints_are_the_readmes_demo_block() -> None:
+    _, spec = load_config(str(PROJECT_ROOT / "config" / "demo.yaml"))
+    assert readme_demo_block() == try_lines(spec)
+
+
+def test_the_demo_hints_show_a_cookie_jar_for_stickiness() -> None:
+    _, spec = load_config(str(PROJECT_ROOT / "config" / "demo.yaml"))
+    lines = try_lines(spec)
+    assert "curl -s -c jar -b jar 127.0.0.1:8080/api/hello" in lines
+    # No hint claims stickiness with a made-up cookie value.
+    assert not any("session_id=" in line for line in lines)
+
+
+def test_the_path_note_says_how_to_reach_turnout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    note = path_note()
+    assert note is not None
+    assert f"source {Path(VENV_BIN) / 'activate'}" in note or "source .venv/bin/activate" in note
+    monkeypatch.setenv("PATH", f"{VENV_BIN}:/usr/bin:/bin")
+    assert path_note() is None
+
+
+def test_the_readme_says_how_to_get_turnout_on_path() -> None:
+    """Regression: the README's commands after the demo answered "command not found"."""
+    text = README.read_text(encoding="utf-8")
+    assert "source .venv/bin/activate" in text
+    assert ".venv/bin/turnout" in text
+    if Path(VENV_BIN).parent != PROJECT_ROOT / ".venv":
+        pytest.skip("the suite does not run from the checkout's .venv")
+    bare = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/")}
+    shell = ["bash", "--noprofile", "--norc", "-c"]
+
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*shell, script],
+            capture_output=True,
+            text=True,
+            env=bare,
+            cwd=PROJECT_ROOT,
+            timeout=QUICK_EXIT,
+            check=False,
+        )
+
+    # What a fresh terminal has: no `turnout` (unless one is installed system-wide).
+    if bash("command -v turnout").returncode == 0:
+        pytest.skip("a `turnout` is on the system PATH already")
+    after = bash("source .venv/bin/activate && turnout --version && .venv/bin/turnout --version")
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.count("turnout ") == 2
+
+
+def test_no_document_points_outside_the_repository() -> None:
+    """Regression: the README linked ../shared/contract.md, which users never have."""
+    documents = [README, *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+    for document in documents:
+        text = document.read_text(encoding="utf-8")
+        assert "shared/" not in text, document
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = (document.parent / target.partition("#")[0]).resolve()
+            assert path.is_relative_to(PROJECT_ROOT), (document.name, target)
+            assert path.exists(), (document.name, target)
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection; everything read back until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_readmes_protocol_list_holds(
+    turnout_factory: TurnoutFactory, blue: EchoUpstream
+) -> None:
+    """README "Protocols": HTTP/1.x served; TLS and HTTP/2 not (yet): when one lands, this
+    test fails and the README must be updated with it."""
+    text = README.read_text(encoding="utf-8")
+    protocols = text[text.index("## Protocols") :].split("\n## ")[0]
+    for name in ("HTTP/1.1", "WebSocket", "TLS", "HTTP/2", "gRPC", "Not supported yet"):
+        assert name in protocols, name
+    proc = turnout_factory(
+        {
+            "upstreams": {"blue": {"endpoints": [blue.address]}},
+            "routes": [{"name": "all", "split": {"blue": 100}}],
+        }
+    )
+    # HTTP/2 with prior knowledge (h2c): the connection preface is a 400.
+    preface = raw_exchange(proc.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert preface.startswith(b"HTTP/1.1 400 "), preface[:100]
+    # A TLS ClientHello on `listen`: a plain-text 400.
+    hello = raw_exchange(proc.port, bytes.fromhex("16030100050100000100"))
+    assert hello.startswith(b"HTTP/1.1 400 "), hello[:100]
+    # Asking to upgrade to h2c: served over HTTP/1.1.
+    upgrade = raw_exchange(
+        proc.port,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+    )
+    assert upgrade.startswith(b"HTTP/1.1 200 "), upgrade[:100]
+    # HTTP/1.0 is served.
+    old = raw_exchange(proc.port, b"GET / HTTP/1.0\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 200 ", old), old[:100]
+
+
+class Demo:
+    """`turnout demo` running in the background, its stdout collected line by line."""
+
+    def __init__(self, config: Path, *extra: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TURNOUT_ADMIN_TOKEN"}
+        env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+        self.stderr_path = config.with_suffix(".stderr")
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [TURNOUT, "demo", "--config", str(config), *extra],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=env,
+                cwd=PROJECT_ROOT,
+                start_new_session=True,
+            )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def hints(self) -> list[str]:
+        """Wait for the printed instructions; the indented command and comment lines."""
+        wait_until(
+            lambda: HINTS_END in self.lines or self.proc.poll() is not None,
+            timeout=60,
+            what="the demo's instructions",
+        )
+        assert HINTS_END in self.lines, self.stderr_path.read_text(encoding="utf-8")
+        block = self.lines[: self.lines.index(HINTS_END)]
+        return [line[2:] for line in block if line.startswith("  ")]
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as in a terminal; the exit status."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(60)
+        self._reader.join(10)
+        return code
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def demo_config(tmp_path: Path) -> Path:
+    """config/demo.yaml moved to free ports."""
+    text = (PROJECT_ROOT / "config" / "demo.yaml").read_text(encoding="utf-8")
+    for port in DEMO_PORTS:
+        text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+    path = tmp_path / "demo.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def running_demo(config: Path, *extra: str) -> Iterator[Demo]:
+    demo = Demo(config, *extra)
+    try:
+        yield demo
+    finally:
+        demo.close()
+
+
+def json_lines(lines: list[str]) -> list[Any]:
+    found = []
+    for line in lines:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            found.append(orjson.loads(line))
+    return found
+
+
+def upstream_of(output: str) -> str:
+    return str(orjson.loads(output)["upstream"])
+
+
+@pytest.mark.slow
+def test_every_demo_hint_works_and_the_access_log_stays_off(
+    demo_config: Path, tmp_path: Path
+) -> None:
+    """Regression: the access log flooded the terminal that shows the hints."""
+    with running_demo(demo_config) as demo:
+        hints = demo.hints()
+        commands = [line for line in hints if not line.startswith("#")]
+        assert len(commands) >= 10, hints
+        env = dict(os.environ, PATH=f"{VENV_BIN}:/usr/bin:/bin")
+        env.pop("TURNOUT_ADMIN_TOKEN", None)
+
+        def sh(command: str) -> str:
+            result = subprocess.run(
+                ["bash", "-c", command],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=QUICK_EXIT,
+                check=False,
+            )
+            assert result.returncode == 0, (command, result.stdout, result.stderr)
+            return result.stdout
+
+        for command in commands:
+            output = sh(command)
+            if command.startswith("curl") and "/admin/" not in command:
+                assert upstream_of(output) in {"blue", "green", "canary"}, (command, output)
+            elif command.startswith("curl"):
+                assert orjson.loads(output)["route"] == "api", output
+
+        # The cookie jar keeps a visitor's version: the jar hint again and again, one upstream.
+        (jar,) = [command for command in commands if " -c jar -b jar " in command]
+        assert len({upstream_of(sh(jar)) for _ in range(8)}) == 1
+        # A plain request has no cookie to send: each gets a new session id.
+        (plain,) = [c for c in commands if c.startswith("curl -s 127.0.0.1:") and "/api/" in c]
+        url = "http://" + shlex.split(plain)[-1]
+        minted = set()
+        for _ in range(3):
+            with urllib.request.urlopen(url, timeout=10) as response:
+                minted.add(response.headers["Set-Cookie"].split(";")[0])
+        assert len(minted) == 3, minted
+
+        assert demo.interrupt() == 0
+    assert json_lines(demo.lines) == [], "the access log is off by default"
+    assert "The access log is off: turnout demo --access-log writes it here." in demo.lines
+
+
+@pytest.mark.slow
+def test_demo_access_log_flag_turns_it_on(demo_config: Path) -> None:
+    with running_demo(demo_config, "--access-log") as demo:
+        (plain, *_) = [c for c in demo.hints() if c.startswith("curl -s 127.0.0.1:")]
+        with urllib.request.urlopen("http://" + shlex.split(plain)[-1], timeout=10) as response:
+            request_id = response.headers["X-Request-Id"]
+        wait_until(
+            lambda: any(e.get("request_id") == request_id for e in json_lines(demo.lines)),
+            what="the request's access-log line",
+        )
+        assert demo.interrupt() == 0

@@ -502,9 +502,9 @@ def healthcheck_command() -> list[str]:
     return exec_form(command)
 
 
-def test_the_healthcheck_asks_readyz_on_the_admin_port() -> None:
-    command = healthcheck_command()
-    assert f"http://127.0.0.1:{image_spec().admin[1]}/readyz" in command[-1]
+def test_the_healthcheck_asks_readyz_on_the_images_config() -> None:
+    # `turnout healthcheck` reads the admin port from the config the image runs.
+    assert healthcheck_command() == ["turnout", "healthcheck", "--config", image_config_path()]
 
 
 def dockerignore_excludes(path: str) -> bool:
@@ -612,14 +612,18 @@ def image_root() -> Iterator[Path]:
         yield root
 
 
-def run_healthcheck(image_user: list[str], admin_port: int) -> int:
-    """The Dockerfile's HEALTHCHECK, as the image's user, against `admin_port`."""
+def run_healthcheck(image_user: list[str], config_path: Path) -> int:
+    """The Dockerfile's HEALTHCHECK, as the image's user and without the token, on
+    `config_path` (the image's config with this test's ports) in place of the image's path."""
     command = healthcheck_command()
-    assert command[0] == "python"
-    default = f"127.0.0.1:{image_spec().admin[1]}/"
-    code = command[-1].replace(default, f"127.0.0.1:{admin_port}/")
+    assert command[0] == "turnout"
+    turnout = str(Path(sys.executable).with_name("turnout"))
+    env = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
     result = subprocess.run(
-        [*image_user, sys.executable, *command[1:-1], code], capture_output=True, timeout=30
+        [*image_user, turnout, *command[1:-1], str(config_path)],
+        capture_output=True,
+        timeout=30,
+        env=env,
     )
     return result.returncode
 
@@ -688,10 +692,10 @@ def test_runs_as_the_image_does_and_writes_state_beside_a_read_only_config(
         assert served_by(proc) == "green"
         # The harness writes turnout.stderr there before the start; Turnout itself writes nothing.
         assert sorted(p.name for p in config_dir.iterdir()) == sorted([*before, "turnout.stderr"])
-        assert run_healthcheck(image_user, admin) == 0
+        assert run_healthcheck(image_user, config_path) == 0
         assert proc.stop() == 0
         wait_until(lambda: http_status(f"{proc.admin_url}/readyz") is None, what="admin closed")
-        assert run_healthcheck(image_user, admin) != 0
+        assert run_healthcheck(image_user, config_path) != 0
     finally:
         proc.close()
 

@@ -27,6 +27,8 @@ from proxy.config import (
 )
 from proxy.spec import (
     ALL_METHODS,
+    WEBHOOK_EVENTS,
+    Annotations,
     ConfigSpec,
     Drain,
     Endpoint,
@@ -40,6 +42,7 @@ from proxy.spec import (
     Sticky,
     Timeouts,
     UpstreamSpec,
+    Webhook,
 )
 
 # Copied verbatim from contract section 1.
@@ -119,6 +122,9 @@ upstreams:
 routes:
 """
 ROUTE = "  - name: api\n    split: {blue: 1}\n"
+# A route with a rollout block whose keys follow from line 12.
+ROLLOUT = ROUTE + "    rollout:\n      baseline: blue\n      canary: canary\n"
+URL_HINT = "expected e.g. http://127.0.0.1:8000/hooks/rollout"
 KNOWN = "(known: blue, canary, green, shadow)"
 
 
@@ -201,6 +207,7 @@ def test_defaults_fill_every_optional_key() -> None:
     assert spec.timeouts == Timeouts(2.0, 30.0, 60.0, 75.0)
     assert spec.limits == Limits(64 * 2**20, 10000, 64 * 2**10, 100)
     assert spec.drain == Drain(30.0, 25.0, 0.0)
+    assert spec.annotations is None
     assert spec.upstream("blue").health == HealthCheck("/", 2.0, 1.0, 3, 2)
     (route,) = spec.routes
     assert route.match == Match(host=None, path_prefix="/")
@@ -226,6 +233,42 @@ def test_defaults_fill_every_optional_key() -> None:
         max_error_rate=0.01,
         max_p99=0.5,
     )
+
+
+def test_rollout_check_confidence_and_webhooks() -> None:
+    text = minimal(
+        ROLLOUT
+        + "      confidence: 0.995\n"
+        + "      check: 250ms\n"
+        + "      interval: 1s\n"
+        + "      webhooks:\n"
+        + "        - {on: before_step, url: 'http://127.0.0.1:8000/gate?x=1', timeout: 30s}\n"
+        + "        - {on: rollback, url: 'https://hooks.internal/turnout'}\n"
+    )
+    (route,) = parse_config(text, "f.yaml").routes
+    assert route.rollout is not None
+    assert (route.rollout.confidence, route.rollout.check) == (0.995, 0.25)
+    assert route.rollout.webhooks == (
+        Webhook(on="before_step", url="http://127.0.0.1:8000/gate?x=1", timeout=30.0),
+        Webhook(on="rollback", url="https://hooks.internal/turnout", timeout=5.0),
+    )
+    dumped = spec_to_dict(parse_config(text, "f.yaml"))["routes"]
+    assert isinstance(dumped, list)
+    assert dumped[0]["rollout"]["check"] == "250ms"
+    assert dumped[0]["rollout"]["webhooks"][1] == {
+        "on": "rollback",
+        "url": "https://hooks.internal/turnout",
+        "timeout": "5s",
+    }
+
+
+@pytest.mark.parametrize(
+    ("interval", "check"), [("60s", 5.0), ("5s", 5.0), ("2s", 2.0), ("300ms", 0.3)]
+)
+def test_rollout_check_defaults_to_5s_or_the_interval(interval: str, check: float) -> None:
+    (route,) = parse_config(minimal(ROLLOUT + f"      interval: {interval}\n"), "f.yaml").routes
+    assert route.rollout is not None
+    assert route.rollout.check == check
 
 
 def test_split_keeps_file_order_and_names_are_lowercased_where_promised() -> None:
@@ -452,7 +495,7 @@ ERROR_CASES: list[tuple[str, str, str, list[str]]] = [
         "listn: 1.2.3.4:80\n",
         [
             "f.yaml:9:1: listn: unknown key 'listn' (allowed: listen, admin, workers, "
-            "state_file, via, timeouts, limits, drain, upstreams, routes)"
+            "state_file, via, timeouts, limits, drain, annotations, upstreams, routes)"
         ],
     ),
     (
@@ -890,6 +933,136 @@ ERROR_CASES: list[tuple[str, str, str, list[str]]] = [
             f"f.yaml:9:36: routes[0].rollout.baseline: unknown upstream 'bleu' {KNOWN}",
         ],
     ),
+    (
+        "rollout-check-confidence",
+        ROLLOUT + "      interval: 2s\n      check: 3s\n      confidence: 1\n",
+        "",
+        [
+            "f.yaml:13:14: routes[0].rollout.check: must be at most interval (2s): the "
+            "evidence is looked at least once per interval",
+            "f.yaml:14:19: routes[0].rollout.confidence: must be > 0.5 and < 1 (e.g. 0.99)",
+        ],
+    ),
+    (
+        "rollout-confidence-low",
+        ROLLOUT + "      confidence: 0.5\n",
+        "",
+        ["f.yaml:12:19: routes[0].rollout.confidence: must be > 0.5 and < 1 (e.g. 0.99)"],
+    ),
+    (
+        "rollout-confidence-string",
+        ROLLOUT + "      confidence: '0.9'\n",
+        "",
+        ["f.yaml:12:19: routes[0].rollout.confidence: expected a number, got a string '0.9'"],
+    ),
+    (
+        "rollout-webhooks-mapping",
+        ROLLOUT + "      webhooks: {on: rollback}\n",
+        "",
+        ["f.yaml:12:17: routes[0].rollout.webhooks: expected a list, got a mapping"],
+    ),
+    (
+        "rollout-webhooks",
+        ROLLOUT
+        + "      webhooks:\n"
+        + "        - rollback\n"
+        + "        - {on: rollbak, url: 'ftp://x/y', timeout: 0s, retries: 3}\n"
+        + "        - {url: 'http:///nohost'}\n"
+        + "        - {on: succeeded, url: 'http://u:p@h/x'}\n"
+        + "        - {on: after_step, url: 'http://h:99999/x'}\n"
+        + "        - {on: after_step, url: 'http://h/x#frag'}\n"
+        + "        - {on: after_step, url: 'h/x'}\n"
+        + "        - {on: after_step, url: 'http://[::1/x'}\n"
+        + "        - {on: before_step, url: 'http://[::1]:8080/ok', timeout: 25h}\n",
+        "",
+        [
+            "f.yaml:13:11: routes[0].rollout.webhooks[0]: expected a mapping, got a string "
+            "'rollback'",
+            "f.yaml:14:16: routes[0].rollout.webhooks[1].on: unknown event 'rollbak' (use "
+            "before_step, after_step, rollback, succeeded)",
+            f"f.yaml:14:30: routes[0].rollout.webhooks[1].url: bad URL 'ftp://x/y': the scheme "
+            f"must be http or https ({URL_HINT})",
+            "f.yaml:14:52: routes[0].rollout.webhooks[1].timeout: must be > 0",
+            "f.yaml:14:56: routes[0].rollout.webhooks[1].retries: unknown key 'retries' "
+            "(allowed: on, url, timeout)",
+            "f.yaml:15:11: routes[0].rollout.webhooks[2]: missing required key 'on'",
+            f"f.yaml:15:17: routes[0].rollout.webhooks[2].url: bad URL 'http:///nohost': no "
+            f"host ({URL_HINT})",
+            "f.yaml:16:32: routes[0].rollout.webhooks[3].url: bad URL 'http://u:p@h/x': "
+            "user:password@ is not supported",
+            "f.yaml:17:33: routes[0].rollout.webhooks[4].url: bad URL 'http://h:99999/x': the "
+            "port must be from 1 to 65535",
+            f"f.yaml:18:33: routes[0].rollout.webhooks[5].url: bad URL 'http://h/x#frag': no "
+            f"fragment ({URL_HINT})",
+            f"f.yaml:19:33: routes[0].rollout.webhooks[6].url: bad URL 'h/x': the scheme must "
+            f"be http or https ({URL_HINT})",
+            f"f.yaml:20:33: routes[0].rollout.webhooks[7].url: bad URL 'http://[::1/x' "
+            f"({URL_HINT})",
+            "f.yaml:21:67: routes[0].rollout.webhooks[8].timeout: must be at most 24h",
+        ],
+    ),
+    (
+        "annotations-not-a-mapping",
+        ROUTE,
+        "annotations: https://grafana.example/\n",
+        ["f.yaml:9:14: annotations: expected a mapping, got a string 'https://grafana.example/'"],
+    ),
+    (
+        "annotations-keys",
+        ROUTE,
+        "annotations: {timeout: 0s, token: x}\n",
+        [
+            "f.yaml:9:14: annotations: missing required key 'grafana'",
+            "f.yaml:9:24: annotations.timeout: must be > 0",
+            "f.yaml:9:28: annotations.token: unknown key 'token' (allowed: grafana, timeout)",
+        ],
+    ),
+    (
+        "annotations-grafana-scheme",
+        ROUTE,
+        "annotations: {grafana: 'grafana.example:3000', timeout: 25h}\n",
+        [
+            "f.yaml:9:24: annotations.grafana: bad URL 'grafana.example:3000': the scheme must "
+            "be http or https (expected Grafana's base URL, e.g. https://grafana.example.com/)",
+            "f.yaml:9:57: annotations.timeout: must be at most 24h",
+        ],
+    ),
+    (
+        "annotations-grafana-query",
+        ROUTE,
+        "annotations: {grafana: 'https://g.example/?orgId=1'}\n",
+        [
+            "f.yaml:9:24: annotations.grafana: bad URL 'https://g.example/?orgId=1': no query "
+            "(expected Grafana's base URL, e.g. https://grafana.example.com/)"
+        ],
+    ),
+    (
+        "annotations-grafana-full-api-path",
+        ROUTE,
+        "annotations: {grafana: 'https://g.example/api/annotations/'}\n",
+        [
+            "f.yaml:9:24: annotations.grafana: bad URL 'https://g.example/api/annotations/': "
+            "give Grafana's base URL, without /api/annotations (Turnout adds it)"
+        ],
+    ),
+    (
+        "annotations-grafana-credentials",
+        ROUTE,
+        "annotations: {grafana: 'https://admin:admin@g.example/'}\n",
+        [
+            "f.yaml:9:24: annotations.grafana: bad URL 'https://admin:admin@g.example/': "
+            "user:password@ is not supported"
+        ],
+    ),
+    (
+        "rollout-webhooks-too-many",
+        ROLLOUT
+        + "      webhooks: ["
+        + ", ".join(["{on: rollback, url: 'http://h/'}"] * 21)
+        + "]\n",
+        "",
+        ["f.yaml:12:17: routes[0].rollout.webhooks: at most 20 webhooks (this list has 21)"],
+    ),
 ]
 
 
@@ -1108,6 +1281,28 @@ def test_summary() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("written", "annotations"),
+    [
+        ("{grafana: 'https://grafana.example/'}", Annotations("https://grafana.example/", 5.0)),
+        (
+            "{grafana: 'http://[::1]:3000/grafana', timeout: 250ms}",
+            Annotations("http://[::1]:3000/grafana", 0.25),
+        ),
+    ],
+)
+def test_annotations_are_read_and_dumped(written: str, annotations: Annotations) -> None:
+    spec = parse_config(minimal(top=f"annotations: {written}\n"), "/etc/turnout/t.yaml")
+    assert spec.annotations == annotations
+    dumped = spec_to_dict(spec)
+    assert dumped["annotations"] == {
+        "grafana": annotations.grafana,
+        "timeout": format_duration(annotations.timeout),
+    }
+    assert parse_config(yaml.safe_dump(dumped, sort_keys=False), "/etc/turnout/t.yaml") == spec
+    assert "annotations" not in spec_to_dict(parse_config(minimal(), "/etc/turnout/t.yaml"))
+
+
 def test_spec_to_dict_of_the_contract_example() -> None:
     spec = parse_config(CONTRACT_EXAMPLE, "/etc/turnout/routes.yaml")
     out = spec_to_dict(spec)
@@ -1239,17 +1434,48 @@ def mirrors(draw: st.DrawFn, known: list[str]) -> Mirror:
 
 
 @st.composite
+def webhooks(draw: st.DrawFn) -> Webhook:
+    host = draw(st.sampled_from(["127.0.0.1", "[::1]", "hooks.internal"]))
+    port = draw(st.none() | st.integers(min_value=1, max_value=65535))
+    path = "/".join(draw(st.lists(labels, max_size=3)))
+    return Webhook(
+        on=draw(st.sampled_from(WEBHOOK_EVENTS)),
+        url=f"{draw(st.sampled_from(['http', 'https']))}://{host}"
+        + ("" if port is None else f":{port}")
+        + f"/{path}",
+        timeout=draw(positive_durations),
+    )
+
+
+@st.composite
+def annotation_settings(draw: st.DrawFn) -> Annotations:
+    host = draw(st.sampled_from(["127.0.0.1", "[::1]", "grafana.monitoring"]))
+    port = draw(st.none() | st.integers(min_value=1, max_value=65535))
+    path = "/".join(draw(st.lists(labels, max_size=2)))
+    return Annotations(
+        grafana=f"{draw(st.sampled_from(['http', 'https']))}://{host}"
+        + ("" if port is None else f":{port}")
+        + f"/{path}",
+        timeout=draw(positive_durations),
+    )
+
+
+@st.composite
 def rollouts(draw: st.DrawFn, known: list[str]) -> Rollout:
     baseline, canary = draw(st.permutations(known))[:2]
     steps = sorted(draw(st.sets(st.integers(min_value=1, max_value=400), min_size=1)))
+    interval = draw(positive_durations)
     return Rollout(
         baseline=baseline,
         canary=canary,
         steps=tuple(step / 4 for step in steps),
-        interval=draw(positive_durations),
+        interval=interval,
         min_requests=draw(st.integers(min_value=1, max_value=10**6)),
         max_error_rate=draw(st.integers(min_value=0, max_value=1000)) / 1000,
         max_p99=draw(positive_durations),
+        confidence=draw(st.integers(min_value=501, max_value=999)) / 1000,
+        check=draw(st.floats(min_value=0.0, max_value=interval, exclude_min=True)),
+        webhooks=tuple(draw(st.lists(webhooks(), max_size=3))),
     )
 
 
@@ -1303,6 +1529,7 @@ def config_specs(draw: st.DrawFn) -> ConfigSpec:
             max_headers=draw(st.integers(min_value=1, max_value=10**4)),
         ),
         drain=Drain(*(draw(durations) for _ in range(3))),
+        annotations=draw(st.none() | annotation_settings()),
     )
 
 

@@ -23,6 +23,7 @@ CORE = (
     "health",
     "stats",
     "rollout",
+    "sequential",
 )
 # Modules that must exist now; the others are checked as soon as they are written.
 REQUIRED = ("spec", "table", "routing", "sticky")

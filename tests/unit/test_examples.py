@@ -61,7 +61,14 @@ def test_demo_matches_what_turnout_demo_starts() -> None:
     assert api.split == (("blue", 80.0), ("canary", 20.0))
     assert api.sticky == Sticky(cookie="session_id", set=True)
     assert api.mirror == Mirror(to="shadow", percent=100.0)
-    assert api.rollout == Rollout(baseline="blue", canary="canary", interval=10.0)
+    assert api.rollout == Rollout(
+        baseline="blue",
+        canary="canary",
+        steps=(20.0, 50.0, 100.0),
+        interval=10.0,
+        check=2.0,
+        min_requests=20,
+    )
     assert web.name == "web"
     assert web.match == Match(path_prefix="/")
     assert web.split == (("blue", 50.0), ("green", 50.0))

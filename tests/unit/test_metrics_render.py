@@ -364,6 +364,31 @@ def test_config_metrics() -> None:
     assert value(samples, "turnout_config_reloads_total", result="failure") == 1
 
 
+def test_annotation_outcomes_are_counted_by_result() -> None:
+    text = render(
+        MetricsInput(
+            table=table(),
+            totals=Totals(),
+            down=frozenset(),
+            reloads={},
+            generation=1,
+            annotations={"sent": 7, "failed": 2},
+        )
+    ).decode()
+    (family,) = [
+        family
+        for family in text_string_to_metric_families(text)
+        if family.name == "turnout_annotations"
+    ]
+    assert family.type == "counter"
+    # Every result from 0, so that an alert on `failed` has a series before the first failure.
+    assert {sample.labels["result"]: sample.value for sample in family.samples} == {
+        "sent": 7,
+        "failed": 2,
+        "dropped": 0,
+    }
+
+
 def test_config_load_time_is_rendered_when_known() -> None:
     loaded_at = 1_777_629_660.25
     samples, types, text = scrape(table(), [], config_loaded_at=loaded_at)

@@ -1,4 +1,9 @@
-"""Automated canary analysis, the pure part: window figures, p99, verdicts, state machine, JSON."""
+"""Automated canary analysis, the pure part: evidence, looks, verdicts, state machine, JSON.
+
+The looks run the real tests of `proxy.sequential` on evidence with clear answers: a canary
+with 30% errors against a baseline at 1% (any sound test rejects it), and versions that serve
+alike (no test may reject them). The statistics themselves are checked in test_sequential.py.
+"""
 
 from __future__ import annotations
 
@@ -15,36 +20,42 @@ from hypothesis import strategies as st
 from proxy.rollout import (
     BUCKET_SLOTS,
     HISTORY_LIMIT,
+    INCONCLUSIVE_LIMIT,
     CounterSnapshot,
     HistoryEntry,
     RolloutError,
     RolloutState,
     StateError,
-    Verdict,
+    Statistic,
     Window,
     abort,
-    advance,
+    begin_step,
     config_changed,
-    due,
     effective_split,
     figures,
     from_json,
-    judge,
+    look,
+    next_look,
     p99,
     pause,
     promote,
-    restart_window,
+    refuse_step,
+    release,
+    restart_step,
     resume,
     start,
+    step_alpha,
     to_json,
     window_between,
 )
-from proxy.rollout import z_test as z_test_of
-from proxy.spec import Rollout
+from proxy.spec import Rollout, Webhook
 from proxy.stats import DURATION_BUCKETS, RouteUpstreamStats
 
-ROLLOUT = Rollout(baseline="blue", canary="canary")  # the contract's defaults
+# The contract's defaults, but a 10 s check to keep the arithmetic readable.
+ROLLOUT = Rollout(baseline="blue", canary="canary", check=10.0)
+GATED = replace(ROLLOUT, webhooks=(Webhook(on="before_step", url="http://127.0.0.1:9/gate"),))
 AT = "2026-01-01T00:00:00Z"
+T0 = 1000.0
 
 
 def histogram(*groups: tuple[int, float]) -> tuple[int, ...]:
@@ -56,8 +67,14 @@ def histogram(*groups: tuple[int, float]) -> tuple[int, ...]:
 
 
 def window(requests: int, errors: int = 0, seconds: float = 0.05) -> Window:
-    """A window whose requests all took `seconds`."""
+    """Evidence whose requests all took `seconds`."""
     return Window(requests, errors, histogram((requests, seconds)))
+
+
+# Evidence with a clear answer (see the module docstring).
+BAD = (window(300, 90), window(3000, 30))
+ALIKE = (window(300, 3), window(3000, 30))
+QUIET = (window(20, 0), window(200, 2))
 
 
 # --------------------------------------------------------------------------- window figures
@@ -159,151 +176,6 @@ def test_p99(buckets: tuple[int, ...], expected: float | None) -> None:
         assert got == pytest.approx(expected)
 
 
-# --------------------------------------------------------------------------- verdicts
-
-
-def test_z_test_known_values() -> None:
-    # pooled 0.075: sd sqrt(0.075 * 0.925 * 0.02) = 0.037249, z = 0.05 / 0.037249
-    z, p = z_test_of(10, 100, 5, 100)
-    assert z == pytest.approx(1.34231, abs=1e-4)
-    assert p == pytest.approx(0.089753, abs=1e-5)
-    z_back, p_back = z_test_of(5, 100, 10, 100)
-    assert z_back == pytest.approx(-z)
-    assert p + p_back == pytest.approx(1.0)
-    assert z_test_of(3, 300, 57, 5700) == (0.0, 0.5)  # equal ratios
-    assert z_test_of(0, 300, 0, 5700) == (0.0, 0.5)  # nothing to test
-    assert z_test_of(300, 300, 5700, 5700) == (0.0, 0.5)
-
-
-@pytest.mark.parametrize(
-    ("canary", "baseline", "verdict", "reason_parts"),
-    [
-        pytest.param(
-            window(49, 49, 9.0),
-            window(5000),
-            "inconclusive",
-            ["49 canary requests in the window, fewer than min_requests 50"],
-            id="below min_requests, however bad",
-        ),
-        pytest.param(
-            window(50),
-            window(5000),
-            "pass",
-            ["canary errors 0.00% (0/50), p99 49.8 ms", "baseline errors 0.00% (0/5000)"],
-            id="exactly min_requests is judged",
-        ),
-        pytest.param(
-            window(300, 1),
-            window(5700, 28),
-            "pass",
-            ["canary errors 0.33% (1/300)", "baseline errors 0.49% (28/5700)"],
-            id="healthy",
-        ),
-        pytest.param(
-            window(300, 8),
-            window(5700, 28),
-            "fail",
-            [
-                "canary error rate 2.67% (8/300) is above max_error_rate 1.00%",
-                "significantly above the baseline's 0.49% (28/5700); z=",
-            ],
-            id="errors: over the threshold and above the baseline",
-        ),
-        pytest.param(
-            window(300, 24),
-            window(5700, 456),
-            "pass",
-            ["8.00% (24/300) is above max_error_rate 1.00%", "but not significantly above"],
-            id="errors: a burst the baseline shares",
-        ),
-        pytest.param(
-            window(300, 2),
-            window(5700, 0),
-            "pass",
-            ["canary errors 0.67% (2/300)"],
-            id="errors: above the baseline but under the threshold",
-        ),
-        pytest.param(
-            window(300, 3),
-            window(0),
-            "pass",
-            ["canary errors 1.00% (3/300)", "baseline no requests"],
-            id="errors: at the threshold is not above it",
-        ),
-        pytest.param(
-            window(300, 4),
-            window(0),
-            "fail",
-            ["1.33% (4/300) is above max_error_rate 1.00% and the baseline had no requests"],
-            id="errors: no baseline traffic, the threshold alone",
-        ),
-        pytest.param(
-            window(300, 0, 0.9),
-            window(5700, 0, 0.05),
-            "fail",
-            ["canary p99 995 ms is above max_p99 500 ms while the baseline's is 49.8 ms"],
-            id="latency: slower than the threshold and the baseline",
-        ),
-        pytest.param(
-            window(300, 0, 0.9),
-            window(5700, 0, 0.9),
-            "pass",
-            ["canary p99 995 ms is above max_p99 500 ms but so is the baseline's (995 ms)"],
-            id="latency: a spike the baseline shares",
-        ),
-        pytest.param(
-            window(300, 0, 0.9),
-            window(0),
-            "fail",
-            ["canary p99 995 ms is above max_p99 500 ms and the baseline had no requests"],
-            id="latency: no baseline traffic, the threshold alone",
-        ),
-        pytest.param(
-            window(300, 0, 0.4),
-            window(5700, 0, 0.05),
-            "pass",
-            ["p99 498 ms"],
-            id="latency: under the threshold",
-        ),
-        pytest.param(
-            window(300, 30, 0.9),
-            window(5700, 5),
-            "fail",
-            ["10.00% (30/300) is above max_error_rate", "; canary p99 995 ms is above"],
-            id="both gates",
-        ),
-    ],
-)
-def test_judge(canary: Window, baseline: Window, verdict: str, reason_parts: list[str]) -> None:
-    got = judge(canary, baseline, ROLLOUT)
-    assert got.verdict == verdict
-    for part in reason_parts:
-        assert part in got.reason
-    assert got.canary == figures(canary)
-    assert got.baseline == figures(baseline)
-
-
-def test_judge_reports_the_test_statistics() -> None:
-    got = judge(window(300, 8), window(5700, 28), ROLLOUT)
-    z, p = z_test_of(8, 300, 28, 5700)
-    assert (got.z, got.p_value) == (z, p)
-    assert z > 1.6449
-    assert p < 0.05
-    assert f"z={z:.2f}, p={p:.3g}" in got.reason
-    assert judge(window(10), window(100), ROLLOUT).z is None  # inconclusive: no test
-    no_baseline = judge(window(300, 9), window(0), ROLLOUT)
-    assert (no_baseline.z, no_baseline.p_value) == (None, None)
-
-
-def test_judge_uses_the_rollout_thresholds() -> None:
-    strict = replace(ROLLOUT, min_requests=10, max_error_rate=0.0, max_p99=0.02)
-    assert judge(window(20, 1), window(0), strict).verdict == "fail"
-    assert judge(window(20, 0, 0.03), window(0), strict).verdict == "fail"
-    assert judge(window(20, 0, 0.009), window(0), strict).verdict == "pass"
-    empty = judge(window(0), window(100), replace(strict, min_requests=0))
-    assert empty.verdict == "inconclusive"
-
-
 def test_figures() -> None:
     assert figures(Window(200, 3, histogram((200, 0.07)))) == {
         "requests": 200,
@@ -319,31 +191,253 @@ def test_figures() -> None:
     }
 
 
-def test_verdict_must_be_known() -> None:
-    with pytest.raises(ValueError, match="verdict"):
-        Verdict("maybe", "", {}, {})
+# --------------------------------------------------------------------------- looks
 
 
-# --------------------------------------------------------------------------- state machine
-
-PASS = Verdict("pass", "fine", {"requests": 300}, {"requests": 5700})
-FAIL = Verdict("fail", "canary error rate 3.00% (9/300) is above ...", {}, {}, 3.1, 0.001)
-INCONCLUSIVE = Verdict("inconclusive", "12 canary requests in the window", {}, {})
-
-
-def running(step: int = 0) -> RolloutState:
-    state = start(RolloutState(), ROLLOUT, 1000.0, AT)
+def running(step: int = 0, rollout: Rollout = ROLLOUT) -> RolloutState:
+    """A rollout that passed its first `step` steps on evidence of alike versions."""
+    state = start(RolloutState(), rollout, T0, AT)
     for _ in range(step):
-        state = advance(state, ROLLOUT, PASS, state.step_started_at + 60.0, AT)
+        state, _ = look(state, rollout, *ALIKE, state.step_started_at + rollout.interval, AT)
+    assert (state.state, state.step) == ("running", step)
     return state
 
+
+def test_step_alpha_shares_one_minus_confidence_among_the_steps() -> None:
+    one = step_alpha(replace(ROLLOUT, steps=(100.0,)))
+    five = step_alpha(ROLLOUT)
+    assert 0.0 < five < one <= 1.0 - ROLLOUT.confidence + 1e-12
+    assert five * len(ROLLOUT.steps) <= 1.0 - ROLLOUT.confidence + 1e-12
+
+
+def test_a_rejection_rolls_back_at_the_first_look() -> None:
+    state = running(1)  # 5%
+    failed, entry = look(state, ROLLOUT, *BAD, state.step_started_at + 10.0, "t-fail")
+    assert (failed.state, failed.canary_weight, failed.step) == ("failed", 0.0, 1)
+    assert entry is not None
+    assert (entry.verdict, entry.step, entry.weight, entry.at) == ("fail", 1, 5.0, "t-fail")
+    assert failed.history[-1] == entry
+    assert (entry.canary["requests"], entry.canary["errors"]) == (300, 90)
+    assert entry.baseline["requests"] == 3000
+    rejected = [test for test in entry.tests if test.reject]
+    assert rejected
+    for test in rejected:
+        assert test.log_e is not None
+        assert test.threshold is not None
+        assert test.log_e >= test.threshold
+        assert test.describe() in entry.reason
+    assert failed.reason.startswith("failed at step 1 (5%) after 10.0s: ")
+    assert "canary errors 30.00% (90/300)" in failed.reason
+    assert effective_split(failed, ROLLOUT, {"blue": 100.0, "canary": 0.0}) == {
+        "blue": 100.0,
+        "canary": 0.0,
+    }
+
+
+def test_alike_versions_give_no_verdict_before_the_interval() -> None:
+    state = running()
+    after, entry = look(state, ROLLOUT, *ALIKE, T0 + 59.0, "t")
+    assert entry is None
+    assert (after.state, after.step, after.history) == ("running", 0, ())
+    assert after.last_check is not None
+    assert after.last_check.elapsed == 59.0
+    assert after.last_check.canary["requests"] == 300
+    assert {test.name for test in after.last_check.tests} == {
+        "errors",
+        "latency",
+        "error_gate",
+        "p99_gate",
+    }
+    assert not any(test.reject for test in after.last_check.tests)
+    # Each test gets a share of the step's alpha: a threshold at least log(1 / alpha).
+    for test in after.last_check.tests:
+        assert test.threshold is not None
+        assert test.threshold >= math.log(1.0 / step_alpha(ROLLOUT))
+
+
+def test_a_step_passes_when_it_lasted_interval_with_min_requests() -> None:
+    state = running()
+    after, entry = look(state, ROLLOUT, *ALIKE, T0 + 60.0, "t-pass")
+    assert entry is not None
+    assert (entry.verdict, entry.step, entry.weight) == ("pass", 0, 1.0)
+    assert len(entry.tests) == 4
+    assert not any(test.reject for test in entry.tests)
+    assert entry.reason.startswith("canary errors 1.00% (3/300), p99 ")
+    assert (after.state, after.step, after.canary_weight) == ("running", 1, 5.0)
+    assert after.step_started_at == T0 + 60.0
+    assert after.last_check is None  # the new step has not been looked at
+    assert after.reason == "passed step 0 (1%); canary at 5%"
+
+
+def test_a_passing_walk_succeeds_at_the_step_before_100() -> None:
+    state = running()
+    weights = [state.canary_weight]
+    while state.state == "running":
+        state, _ = look(state, ROLLOUT, *ALIKE, state.step_started_at + 60.0, AT)
+        weights.append(state.canary_weight)
+    assert weights == [1.0, 5.0, 25.0, 50.0, 100.0]
+    assert state.state == "succeeded"
+    assert state.reason == "succeeded: passed step 3 (50%), canary at 100%"
+    assert [(entry.step, entry.weight, entry.verdict) for entry in state.history] == [
+        (0, 1.0, "pass"),
+        (1, 5.0, "pass"),
+        (2, 25.0, "pass"),
+        (3, 50.0, "pass"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("steps", "walk"),
+    [
+        ((10.0, 50.0), [10.0, 50.0, 100.0]),  # the last step passed
+        ((100.0,), [100.0, 100.0]),  # one step, already 100
+        ((20.0, 100.0), [20.0, 100.0]),
+        ((2.5, 7.5, 99.5), [2.5, 7.5, 99.5, 100.0]),
+    ],
+)
+def test_other_step_lists(steps: tuple[float, ...], walk: list[float]) -> None:
+    rollout = replace(ROLLOUT, steps=steps)
+    state = start(RolloutState(), rollout, 0.0, AT)
+    weights = [state.canary_weight]
+    while state.state == "running":
+        state, _ = look(state, rollout, *ALIKE, state.step_started_at + 60.0, AT)
+        weights.append(state.canary_weight)
+    assert (state.state, weights) == ("succeeded", walk)
+
+
+def test_too_little_traffic_is_inconclusive_once_per_interval_then_pauses() -> None:
+    state = running(1)
+    begun = state.step_started_at
+    verdicts: list[tuple[float, str | None]] = []
+    for elapsed in range(10, 190, 10):  # a look every check, 10 s to 180 s
+        if state.state != "running":
+            break
+        state, entry = look(state, ROLLOUT, *QUIET, begun + elapsed, AT)
+        verdicts.append((elapsed, None if entry is None else entry.verdict))
+    assert [pair for pair in verdicts if pair[1] is not None] == [
+        (60, "inconclusive"),
+        (120, "inconclusive"),
+        (180, "inconclusive"),
+    ]
+    assert INCONCLUSIVE_LIMIT == 3
+    assert (state.state, state.step, state.canary_weight) == ("paused", 1, 5.0)
+    assert state.step_started_at == begun  # the evidence was never started over
+    assert state.reason.startswith(
+        "paused: 3 intervals in a row without enough traffic at step 1 (5%); last: 20 canary "
+        "requests in 180.0s, fewer than min_requests 50"
+    )
+    assert next_look(state, ROLLOUT) is None
+
+
+def test_evidence_keeps_growing_after_an_inconclusive_interval() -> None:
+    state = running(1)
+    state, entry = look(state, ROLLOUT, *QUIET, state.step_started_at + 60.0, AT)
+    assert entry is not None
+    assert entry.verdict == "inconclusive"
+    assert (state.state, state.inconclusive_in_a_row) == ("running", 1)
+    assert state.reason == (
+        "inconclusive at step 1 (5%) (1 in a row): 20 canary requests in 60.0s, fewer than "
+        "min_requests 50"
+    )
+    # The same step's evidence, now with enough requests: passes at the next look.
+    state, entry = look(state, ROLLOUT, *ALIKE, state.step_started_at + 70.0, AT)
+    assert entry is not None
+    assert entry.verdict == "pass"
+    assert (state.step, state.inconclusive_in_a_row) == (2, 0)
+
+
+def test_history_keeps_the_newest_entries() -> None:
+    state = running(1)
+    for _ in range(HISTORY_LIMIT // INCONCLUSIVE_LIMIT + 5):
+        for interval in range(1, INCONCLUSIVE_LIMIT + 1):
+            state, _ = look(state, ROLLOUT, *QUIET, state.step_started_at + 60.0 * interval, AT)
+        state = resume(state, state.step_started_at + 1000.0)
+    assert len(state.history) == HISTORY_LIMIT
+    assert all(entry.verdict == "inconclusive" for entry in state.history)
+
+
+def test_next_look_every_check_and_at_each_interval() -> None:
+    rollout = replace(ROLLOUT, check=7.0, interval=20.0)
+    state = start(RolloutState(), rollout, T0, AT)
+    assert next_look(state, rollout) == T0 + 7.0
+    times: list[float] = []
+    while len(times) < 6:
+        when = next_look(state, rollout)
+        assert when is not None
+        times.append(when - T0)
+        state, _ = look(state, rollout, *QUIET, when, AT)
+    assert times == [7.0, 14.0, 20.0, 21.0, 28.0, 35.0]
+    assert next_look(pause(state), rollout) is None
+    assert next_look(RolloutState(), rollout) is None
+
+
+def test_look_is_refused_unless_running_and_begun() -> None:
+    with pytest.raises(RolloutError, match="cannot look at a rollout that is paused"):
+        look(pause(running()), ROLLOUT, *ALIKE, T0, AT)
+    waiting = start(RolloutState(), GATED, T0, AT)
+    with pytest.raises(RolloutError, match="step 0 has not begun"):
+        look(waiting, GATED, *ALIKE, T0 + 60.0, AT)
+    with pytest.raises(RolloutError, match="config changed"):
+        look(running(3), replace(ROLLOUT, steps=(10.0, 50.0)), *ALIKE, T0, AT)
+
+
+# --------------------------------------------------------------------------- before_step
+
+
+def test_a_gated_rollout_waits_at_each_step_for_its_webhooks() -> None:
+    state = start(RolloutState(), GATED, T0, AT)
+    assert (state.state, state.step, state.canary_weight, state.waiting) == (
+        "running",
+        0,
+        0.0,
+        True,
+    )
+    assert state.reason == "started: waiting for the before_step webhooks of step 0 (1%)"
+    assert next_look(state, GATED) is None
+    state = begin_step(state, GATED, T0 + 3.0)
+    assert (state.canary_weight, state.waiting, state.step_started_at) == (1.0, False, T0 + 3.0)
+    assert state.reason == "step 0 began: canary at 1%"
+    state, entry = look(state, GATED, *ALIKE, T0 + 63.0, AT)
+    assert entry is not None
+    assert entry.verdict == "pass"
+    # Step 1 waits: the canary stays at step 0's weight until the webhooks answer.
+    assert (state.step, state.canary_weight, state.waiting) == (1, 1.0, True)
+    assert state.reason == "passed step 0 (1%); waiting for the before_step webhooks of step 1 (5%)"
+    with pytest.raises(RolloutError, match="step 0 already began"):
+        begin_step(begin_step(start(RolloutState(), GATED, T0, AT), GATED, T0), GATED, T0)
+
+
+def test_a_refused_step_fails_the_rollout() -> None:
+    state = start(RolloutState(), GATED, T0, AT)
+    state = begin_step(state, GATED, T0)
+    state, _ = look(state, GATED, *ALIKE, T0 + 60.0, AT)
+    failed = refuse_step(state, GATED, "before_step webhook http://x answered 503", "t-refused")
+    assert (failed.state, failed.canary_weight, failed.waiting) == ("failed", 0.0, False)
+    assert failed.reason == (
+        "failed at step 1 (5%) before it began: before_step webhook http://x answered 503"
+    )
+    entry = failed.history[-1]
+    assert (entry.verdict, entry.step, entry.weight, entry.at) == ("fail", 1, 5.0, "t-refused")
+    assert (entry.canary, entry.baseline, entry.tests) == ({}, {}, ())
+
+
+def test_promote_and_abort_end_the_wait() -> None:
+    waiting = start(RolloutState(), GATED, T0, AT)
+    assert promote(waiting).waiting is False
+    assert abort(waiting).waiting is False
+    paused = pause(waiting)
+    assert paused.waiting  # resumed, it waits for the webhooks again
+    assert resume(paused, T0 + 5.0).waiting
+
+
+# --------------------------------------------------------------------------- operator calls
 
 STATES_BY_NAME: dict[str, RolloutState] = {
     "idle": RolloutState(),
     "running": running(1),
     "paused": pause(running(1)),
     "succeeded": promote(running(1)),
-    "failed": advance(running(1), ROLLOUT, FAIL, 1120.0, AT),
+    "failed": look(running(1), ROLLOUT, *BAD, T0 + 70.0, AT)[0],
     "aborted": abort(running(1)),
 }
 ACTIONS: dict[str, Callable[[RolloutState], RolloutState]] = {
@@ -352,7 +446,8 @@ ACTIONS: dict[str, Callable[[RolloutState], RolloutState]] = {
     "resume": lambda state: resume(state, 5000.0),
     "abort": abort,
     "promote": promote,
-    "advance": lambda state: advance(state, ROLLOUT, PASS, 5000.0, AT),
+    "release": lambda state: release(state, "released"),
+    "look": lambda state: look(state, ROLLOUT, *ALIKE, 5000.0, AT)[0],
 }
 ALLOWED = {
     "start": {"idle", "succeeded", "failed", "aborted"},
@@ -360,7 +455,8 @@ ALLOWED = {
     "resume": {"paused"},
     "abort": {"running", "paused"},
     "promote": {"running", "paused", "failed", "aborted"},
-    "advance": {"running"},
+    "release": {"succeeded", "failed", "aborted"},
+    "look": {"running"},
 }
 RESULT = {
     "start": "running",
@@ -368,7 +464,8 @@ RESULT = {
     "resume": "running",
     "abort": "aborted",
     "promote": "succeeded",
-    "advance": "running",
+    "release": "idle",
+    "look": "running",
 }
 
 
@@ -387,135 +484,46 @@ def test_transitions(action: str, state_name: str) -> None:
 
 
 def test_start() -> None:
-    old = STATES_BY_NAME["failed"]
-    state = start(old, ROLLOUT, 1000.0, AT)
+    state = start(STATES_BY_NAME["failed"], ROLLOUT, T0, AT)
     assert state == RolloutState(
         state="running",
         step=0,
         canary_weight=1.0,
         reason="started: canary at 1%",
         started_at=AT,
-        step_started_at=1000.0,
+        step_started_at=T0,
     )
     with pytest.raises(RolloutError, match="already running at step 0; abort or promote"):
-        start(state, ROLLOUT, 1001.0, AT)
+        start(state, ROLLOUT, T0 + 1.0, AT)
 
 
 def test_operator_calls_keep_or_set_the_weight() -> None:
-    state = running(2)  # 25%
+    state, _ = look(running(2), ROLLOUT, *QUIET, T0 + 190.0, AT)  # 25%, one inconclusive
+    assert state.inconclusive_in_a_row == 1
     paused = pause(state)
     assert (paused.state, paused.canary_weight, paused.reason) == (
         "paused",
         25.0,
         "paused by operator",
     )
-    resumed = resume(replace(paused, inconclusive_in_a_row=3), 7000.0)
+    resumed = resume(paused, 7000.0)
     assert (resumed.state, resumed.canary_weight) == ("running", 25.0)
     assert (resumed.step_started_at, resumed.inconclusive_in_a_row) == (7000.0, 0)
+    assert resumed.last_check is None  # the step's evidence starts over
     assert abort(paused).canary_weight == 0.0
     assert abort(state, "page from on-call").reason == "page from on-call"
     assert promote(paused).canary_weight == 100.0
     assert promote(STATES_BY_NAME["failed"]).state == "succeeded"
 
 
-def test_a_passing_walk_succeeds_at_the_step_before_100() -> None:
-    state = running()
-    weights = [state.canary_weight]
-    now = state.step_started_at
-    while state.state == "running":
-        now += 60.0
-        state = advance(state, ROLLOUT, PASS, now, f"t{now:.0f}")
-        weights.append(state.canary_weight)
-        if state.state == "running":
-            assert state.step_started_at == now
-    assert weights == [1.0, 5.0, 25.0, 50.0, 100.0]
-    assert state.state == "succeeded"
-    assert state.reason == "succeeded: passed step 3 (50%), canary at 100%"
-    assert [(entry.step, entry.weight, entry.verdict) for entry in state.history] == [
-        (0, 1.0, "pass"),
-        (1, 5.0, "pass"),
-        (2, 25.0, "pass"),
-        (3, 50.0, "pass"),
-    ]
-    assert state.history[0].at == "t1060"
-    assert state.history[0].canary == {"requests": 300}
-
-
-@pytest.mark.parametrize(
-    ("steps", "walk"),
-    [
-        ((10.0, 50.0), [10.0, 50.0, 100.0]),  # the last step passed
-        ((100.0,), [100.0, 100.0]),  # one step, already 100
-        ((20.0, 100.0), [20.0, 100.0]),
-        ((2.5, 7.5, 99.5), [2.5, 7.5, 99.5, 100.0]),
-    ],
-)
-def test_other_step_lists(steps: tuple[float, ...], walk: list[float]) -> None:
-    rollout = replace(ROLLOUT, steps=steps)
-    state = start(RolloutState(), rollout, 0.0, AT)
-    weights = [state.canary_weight]
-    while state.state == "running":
-        state = advance(state, rollout, PASS, 0.0, AT)
-        weights.append(state.canary_weight)
-    assert (state.state, weights) == ("succeeded", walk)
-
-
-def test_fail_rolls_back_with_the_figures() -> None:
-    state = advance(running(1), ROLLOUT, FAIL, 1120.0, AT)
-    assert (state.state, state.canary_weight, state.step) == ("failed", 0.0, 1)
-    assert state.reason == f"failed at step 1 (5%): {FAIL.reason}"
-    entry = state.history[-1]
-    assert (entry.verdict, entry.weight, entry.z, entry.p_value) == ("fail", 5.0, 3.1, 0.001)
-
-
-def test_three_inconclusive_windows_in_a_row_pause() -> None:
-    state = running(1)
-    state = advance(state, ROLLOUT, INCONCLUSIVE, 1120.0, AT)
-    assert (state.state, state.step, state.inconclusive_in_a_row) == ("running", 1, 1)
-    assert state.step_started_at == 1120.0  # one more interval from now
-    assert (
-        state.reason == "inconclusive at step 1 (5%) (1 in a row): 12 canary requests in the window"
-    )
-    state = advance(state, ROLLOUT, INCONCLUSIVE, 1180.0, AT)
-    assert (state.state, state.inconclusive_in_a_row) == ("running", 2)
-    state = advance(state, ROLLOUT, INCONCLUSIVE, 1240.0, AT)
-    assert (state.state, state.canary_weight) == ("paused", 5.0)
-    assert state.reason.startswith("paused: 3 inconclusive windows in a row at step 1 (5%)")
-    assert [entry.verdict for entry in state.history] == ["pass"] + ["inconclusive"] * 3
-    assert not due(state, ROLLOUT, 10_000.0)
-
-
-def test_a_pass_resets_the_inconclusive_count() -> None:
-    state = running(1)
-    state = advance(state, ROLLOUT, INCONCLUSIVE, 1120.0, AT)
-    state = advance(state, ROLLOUT, INCONCLUSIVE, 1180.0, AT)
-    state = advance(state, ROLLOUT, PASS, 1240.0, AT)
-    assert (state.step, state.inconclusive_in_a_row) == (2, 0)
-    state = advance(state, ROLLOUT, INCONCLUSIVE, 1300.0, AT)
-    assert (state.state, state.inconclusive_in_a_row) == ("running", 1)
-
-
-def test_history_keeps_the_newest_entries() -> None:
-    state = running(1)
-    for index in range(HISTORY_LIMIT + 10):
-        state = advance(state, ROLLOUT, replace(INCONCLUSIVE, reason=str(index)), 0.0, AT)
-        state = resume(state, 0.0) if state.state == "paused" else state
-    assert len(state.history) == HISTORY_LIMIT
-    assert state.history[-1].reason == str(HISTORY_LIMIT + 9)
-
-
-def test_advance_beyond_the_steps_is_refused() -> None:
-    state = running(3)
-    with pytest.raises(RolloutError, match="config changed"):
-        advance(state, replace(ROLLOUT, steps=(10.0, 50.0)), PASS, 0.0, AT)
-
-
-def test_due() -> None:
-    state = running()  # step_started_at 1000, interval 60
-    assert not due(state, ROLLOUT, 1059.9)
-    assert due(state, ROLLOUT, 1060.0)
-    assert not due(pause(state), ROLLOUT, 2000.0)
-    assert not due(RolloutState(), ROLLOUT, 2000.0)
+@pytest.mark.parametrize("state_name", ["succeeded", "failed", "aborted"])
+def test_release_returns_the_route_to_its_file_split(state_name: str) -> None:
+    ended = STATES_BY_NAME[state_name]
+    got = release(ended, "released by DELETE")
+    assert (got.state, got.canary_weight, got.reason) == ("idle", 0.0, "released by DELETE")
+    assert got.history == ended.history
+    assert effective_split(got, ROLLOUT, {"blue": 90.0, "canary": 10.0}) is None
+    assert start(got, ROLLOUT, T0, AT).history == ()
 
 
 @pytest.mark.parametrize("state_name", STATES_BY_NAME)
@@ -530,11 +538,13 @@ def test_config_changed(state_name: str) -> None:
 
 
 @pytest.mark.parametrize("state_name", STATES_BY_NAME)
-def test_restart_window(state_name: str) -> None:
+def test_restart_step(state_name: str) -> None:
     state = STATES_BY_NAME[state_name]
-    got = restart_window(state, 99_999.0)
+    got = restart_step(state, 99_999.0)
     if state_name == "running":
-        assert got == replace(state, step_started_at=99_999.0)
+        assert got == replace(
+            state, step_started_at=99_999.0, inconclusive_in_a_row=0, last_check=None
+        )
     else:
         assert got == state
 
@@ -569,6 +579,14 @@ figure_values = st.one_of(st.none(), st.integers(0, 10**9), finite)
 figure_maps = st.dictionaries(
     st.sampled_from(["requests", "errors", "error_rate", "p99_ms"]), figure_values
 )
+statistics = st.builds(
+    Statistic,
+    name=st.sampled_from(["errors", "latency", "error_gate", "p99_gate"]),
+    reject=st.booleans(),
+    log_e=st.none() | finite,
+    threshold=st.none() | finite,
+    figures=st.dictionaries(st.text(max_size=8), st.none() | finite, max_size=3),
+)
 percents = st.floats(0.0, 100.0)
 entries = st.builds(
     HistoryEntry,
@@ -579,8 +597,7 @@ entries = st.builds(
     reason=st.text(),
     canary=figure_maps,
     baseline=figure_maps,
-    z=st.none() | finite,
-    p_value=st.none() | st.floats(0.0, 1.0),
+    tests=st.lists(statistics, max_size=4).map(tuple),
 )
 states = st.builds(
     RolloutState,
@@ -591,6 +608,7 @@ states = st.builds(
     started_at=st.text(),
     step_started_at=finite,
     inconclusive_in_a_row=st.integers(0, 3),
+    waiting=st.booleans(),
     history=st.lists(entries, max_size=5).map(tuple),
 )
 
@@ -601,20 +619,66 @@ def test_json_round_trip(state: RolloutState) -> None:
 
 
 def test_json_shape_for_admin_routes() -> None:
-    state = advance(running(1), ROLLOUT, FAIL, 1120.0, "2026-05-01T10:00:00Z")
-    data = to_json(state)
-    assert {"state", "step", "canary_weight", "reason", "history"} <= data.keys()
-    history = data["history"]
-    assert isinstance(history, list)
-    assert {"at", "step", "weight", "verdict", "reason", "canary", "baseline"} <= history[-1].keys()
-    assert history[-1]["at"] == "2026-05-01T10:00:00Z"
+    state, _ = look(running(1), ROLLOUT, *ALIKE, T0 + 65.0, AT)
+    state, _ = look(state, ROLLOUT, *BAD, T0 + 75.0, "2026-05-01T10:00:00Z")
+    data = orjson.loads(orjson.dumps(to_json(state)))
+    assert {"state", "step", "canary_weight", "reason", "history", "last_check"} <= data.keys()
+    entry = data["history"][-1]
+    assert {"at", "step", "weight", "verdict", "reason", "canary", "baseline", "tests"} <= set(
+        entry
+    )
+    assert entry["at"] == "2026-05-01T10:00:00Z"
+    assert {"name", "reject", "log_e", "threshold", "figures"} <= set(entry["tests"][0])
+    last = data["last_check"]
+    assert last["elapsed_s"] == 15.0
+    assert last["tests"] == entry["tests"]
+    # The latest look is not restored: a restored step starts its evidence over.
+    assert from_json(data) == replace(state, last_check=None)
+
+
+def test_statistic_keeps_infinite_values_as_null() -> None:
+    from proxy.sequential import Test
+
+    test = Test("p99_gate", False, -math.inf, 5.3, {"p99_ms": math.inf, "n": 3.0})
+    got = Statistic.of(test)
+    assert (got.log_e, got.threshold, got.figures) == (None, 5.3, {"p99_ms": None, "n": 3.0})
+    assert got.describe() == "p99_gate: log e unknown < 5.30"
 
 
 def test_from_json_is_tolerant() -> None:
     assert from_json({"state": "idle"}) == RolloutState()
     got = from_json({"state": "running", "step": 2, "canary_weight": 25, "future_key": [1]})
-    assert (got.step, got.canary_weight) == (2, 25.0)
+    assert (got.step, got.canary_weight, got.waiting) == (2, 25.0, False)
     assert isinstance(got.canary_weight, float)
+
+
+def test_from_json_reads_what_the_fixed_window_version_wrote() -> None:
+    old = {
+        "state": "running",
+        "step": 1,
+        "canary_weight": 25.0,
+        "reason": "passed step 0 (5%); canary at 25%",
+        "started_at": "2026-12-05T06:39:40.648Z",
+        "step_started_at": 1000061.0,
+        "inconclusive_in_a_row": 0,
+        "history": [
+            {
+                "at": "2026-12-05T06:39:40.649Z",
+                "step": 0,
+                "weight": 5.0,
+                "verdict": "pass",
+                "reason": "canary errors 0.00% (0/300), p99 5.0 ms; baseline ...",
+                "canary": {"requests": 300, "errors": 0, "error_rate": 0.0, "p99_ms": 4.975},
+                "baseline": {"requests": 3003, "errors": 3, "error_rate": 0.000999, "p99_ms": 5},
+                "z": -0.547697685332163,
+                "p_value": 0.708050249128887,
+            }
+        ],
+    }
+    got = from_json(old)
+    assert (got.state, got.step, got.canary_weight, got.waiting) == ("running", 1, 25.0, False)
+    (entry,) = got.history
+    assert (entry.verdict, entry.canary["requests"], entry.tests) == ("pass", 300, ())
 
 
 @pytest.mark.parametrize(
@@ -631,6 +695,7 @@ def test_from_json_is_tolerant() -> None:
         ({"state": "running", "canary_weight": "5"}, "canary_weight: expected a finite number"),
         ({"state": "running", "step_started_at": math.nan}, "step_started_at: expected a finite"),
         ({"state": "running", "reason": None}, "reason: expected a string, got null"),
+        ({"state": "running", "waiting": 1}, "waiting: expected true or false, got int"),
         ({"state": "running", "history": {}}, "history: expected a list, got dict"),
         ({"state": "running", "history": [1]}, r"history\[0\]: expected an object, got int"),
         ({"state": "running", "history": [{"verdict": "pass"}]}, r"history\[0\]: at: missing"),
@@ -650,8 +715,21 @@ def test_from_json_is_tolerant() -> None:
             r"history\[0\].baseline.requests: expected a number or null, got str",
         ),
         (
-            {"state": "running", "history": [{"at": "t", "verdict": "pass", "z": "x"}]},
-            r"history\[0\]: z: expected a finite number",
+            {"state": "running", "history": [{"at": "t", "verdict": "pass", "tests": {}}]},
+            r"history\[0\]: tests: expected a list, got dict",
+        ),
+        (
+            {"state": "running", "history": [{"at": "t", "verdict": "pass", "tests": [{}]}]},
+            r"history\[0\].tests\[0\]: name: missing",
+        ),
+        (
+            {
+                "state": "running",
+                "history": [
+                    {"at": "t", "verdict": "pass", "tests": [{"name": "errors", "log_e": "x"}]}
+                ],
+            },
+            r"history\[0\].tests\[0\]: log_e: expected a finite number",
         ),
     ],
 )
