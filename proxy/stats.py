@@ -23,6 +23,8 @@ DURATION_BUCKETS: tuple[float, ...] = (
     0.1,
     0.25,
     0.5,
+    # Envoy's and Linkerd's users compare a 0.75 s SLO against this bound.
+    0.75,
     1.0,
     2.5,
     5.0,

@@ -162,8 +162,8 @@ def test_window_rejects_impossible_figures(
         pytest.param(histogram((100, 0.07)), 0.0995, id="interpolated in the bucket"),
         pytest.param(histogram((100, 0.00005)), 0.000099, id="first bucket starts at 0"),
         pytest.param(histogram((99, 0.07), (1, 0.7)), 0.1, id="rank on a bucket's upper bound"),
-        # rank 99: 98 below, 2 in (0.5, 1.0]: 0.5 + 0.5 * 1/2
-        pytest.param(histogram((98, 0.03), (2, 0.7)), 0.75, id="tail bucket"),
+        # rank 99: 98 below, 2 in (0.5, 0.75]: 0.5 + 0.25 * 1/2
+        pytest.param(histogram((98, 0.03), (2, 0.7)), 0.625, id="tail bucket"),
         pytest.param(histogram((10, 75.0)), 60.0, id="+Inf reports the last bound"),
         pytest.param(histogram((1, 0.3)), 0.25 + 0.25 * 0.99, id="one request"),
     ],
