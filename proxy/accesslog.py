@@ -60,6 +60,8 @@ class AccessLog:
                 "user_agent": user_agent,
                 "upstream_ttfb_ms": round(ex.ttfb * 1000.0, 3) if ex.ttfb >= 0 else None,
                 "flags": ex.flag,
+                "tls_version": ex.conn.tls_version,
+                "sni": ex.conn.sni,
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )

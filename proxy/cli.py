@@ -81,7 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from proxy.config import summary
-    from proxy.supervisor import ConfigLoadError, load_config
+    from proxy.supervisor import ConfigLoadError, certificate_warnings, load_config
 
     try:
         _, spec = load_config(args.config)
@@ -90,6 +90,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 1
     print(summary(spec, args.config))
+    # Certificates that expire soon are valid today: a warning, not an error.
+    for line in certificate_warnings(spec):
+        print(f"{args.config}: warning: {line}", file=sys.stderr)
     return 0
 
 

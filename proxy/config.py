@@ -29,13 +29,17 @@ from yaml.reader import ReaderError
 from proxy.spec import (
     ALL_METHODS,
     MAX_WEIGHT,
+    TLS_VERSIONS,
     WEBHOOK_EVENTS,
     Annotations,
+    CertificateFiles,
     ConfigSpec,
     Drain,
     Endpoint,
     HealthCheck,
     Limits,
+    Listener,
+    ListenerTls,
     Match,
     Mirror,
     Override,
@@ -44,6 +48,7 @@ from proxy.spec import (
     Sticky,
     Timeouts,
     UpstreamSpec,
+    UpstreamTls,
     Webhook,
 )
 from proxy.table import PathError, path_from_text
@@ -119,6 +124,8 @@ _MAX_OVERRIDES = 1000
 _MAX_STEPS = 100
 _MAX_IGNORE_FIELDS = 100
 _MAX_WORKERS = 1024
+_MAX_LISTENERS = 64
+_MAX_CERTIFICATES = 1000
 _MAX_CONNECTIONS = 1_000_000
 _MAX_HEADERS = 10_000
 _MAX_HEADER_SIZE = 1 << 20
@@ -822,15 +829,22 @@ class _Checker:
         default = ConfigSpec(upstreams=(), routes=())
         upstreams = self._field(items, "upstreams", "", self._upstreams, default.upstreams)
         routes = self._field(items, "routes", "", self._routes, default.routes)
-        listen = self._address_field(items, "listen", default.listen)
+        listeners: tuple[Listener, ...] = ()
+        if "listen" in items and isinstance(items["listen"][1], SequenceNode):
+            listeners = self._listeners(items["listen"][1], "listen") or ()
+            listen = (listeners[0].host, listeners[0].port) if listeners else None
+        else:
+            listen = self._address_field(items, "listen", default.listen)
         admin = self._address_field(items, "admin", default.admin)
-        if listen is not None and admin is not None and _same_socket(listen, admin):
+        addresses = [(x.host, x.port) for x in listeners] or ([listen] if listen else [])
+        if admin is not None and any(_same_socket(a, admin) for a in addresses):
             key, other = ("admin", "listen") if "admin" in items else ("listen", "admin")
             self.error(items[key][1], key, f"must not be the same address as {other}")
         return ConfigSpec(
             upstreams=upstreams,
             routes=routes,
             listen=default.listen if listen is None else listen,
+            listeners=listeners,
             admin=default.admin if admin is None else admin,
             workers=self._field(items, "workers", "", self._workers, default.workers),
             state_file=self._field(items, "state_file", "", self._state_file, None),
@@ -848,6 +862,82 @@ class _Checker:
         if key not in items:
             return default
         return self._address(items[key][1], key)
+
+    def _listeners(self, node: Node, path: str) -> tuple[Listener, ...] | None:
+        """The list form of `listen`: plain and TLS listeners side by side."""
+        elements = self._list(node, path, _MAX_LISTENERS, "listeners")
+        if elements is None:
+            return None
+        if not elements:
+            self.error(node, path, "at least one listener is required")
+            return None
+        listeners: list[Listener] = []
+        for index, element in enumerate(elements):
+            where = f"{path}[{index}]"
+            items = self._mapping(element, where, _LISTENER_KEYS, ("address",))
+            if items is None or "address" not in items:
+                continue
+            address = self._address(items["address"][1], _join(where, "address"))
+            if address is None:
+                continue
+            clash = next((x for x in listeners if _same_socket((x.host, x.port), address)), None)
+            if clash is not None:
+                self.error(
+                    items["address"][1],
+                    _join(where, "address"),
+                    f"'{_format_address(*address)}' overlaps listener '{clash.address}'",
+                )
+                continue
+            tls = self._field(items, "tls", where, self._listener_tls, None)
+            listeners.append(Listener(host=address[0], port=address[1], tls=tls))
+        return tuple(listeners)
+
+    def _listener_tls(self, node: Node, path: str) -> ListenerTls | None:
+        items = self._mapping(node, path, _LISTENER_TLS_KEYS, ("certificates",))
+        if items is None or "certificates" not in items:
+            return None
+        certs_path = _join(path, "certificates")
+        elements = self._list(
+            items["certificates"][1], certs_path, _MAX_CERTIFICATES, "certificates"
+        )
+        if elements is None:
+            return None
+        if not elements:
+            self.error(items["certificates"][1], certs_path, "at least one certificate is required")
+            return None
+        certificates: list[CertificateFiles] = []
+        for index, element in enumerate(elements):
+            where = f"{certs_path}[{index}]"
+            pair = self._mapping(element, where, _CERTIFICATE_KEYS, ("cert", "key"))
+            if pair is None:
+                continue
+            cert = self._field(pair, "cert", where, self._file_path, None)
+            key = self._field(pair, "key", where, self._file_path, None)
+            if cert is not None and key is not None:
+                certificates.append(CertificateFiles(cert=cert, key=key))
+        return ListenerTls(
+            certificates=tuple(certificates),
+            min_version=self._field(items, "min_version", path, self._tls_version, "1.2"),
+            client_ca=self._field(items, "client_ca", path, self._file_path, None),
+        )
+
+    def _tls_version(self, node: Node, path: str) -> str | None:
+        scalar = self._scalar(node, path, "a TLS version")
+        if scalar is None:
+            return None
+        # `1.2` unquoted is a YAML float; read as written, it is the same version.
+        text = str(scalar.value)
+        if text not in TLS_VERSIONS:
+            self.error(node, path, f'bad TLS version \'{_shown(text)}\' (use "1.2" or "1.3")')
+            return None
+        return text
+
+    def _file_path(self, node: Node, path: str) -> str | None:
+        """A file path, resolved against the config file's folder (the file is checked later)."""
+        name = self._text_field(node, path, _check_file_name, "a file path")
+        if name is None:
+            return None
+        return posixpath.normpath(posixpath.join(posixpath.dirname(self.file), name))
 
     def _workers(self, node: Node, path: str) -> int | None:
         if self._placeholder(node, path):
@@ -968,7 +1058,29 @@ class _Checker:
             name=name,
             endpoints=self._field(items, "endpoints", path, self._endpoints, ()),
             health=self._field(items, "health", path, self._health, None),
+            tls=self._field(items, "tls", path, self._upstream_tls, None),
         )
+
+    def _upstream_tls(self, node: Node, path: str) -> UpstreamTls | None:
+        items = self._mapping(node, path, _UPSTREAM_TLS_KEYS)
+        if items is None:
+            return None
+        cert = self._field(items, "cert", path, self._file_path, None)
+        key = self._field(items, "key", path, self._file_path, None)
+        for given, missing in (("cert", "key"), ("key", "cert")):
+            if given in items and missing not in items:
+                self.error(items[given][0], _join(path, given), f"needs '{missing}' too")
+        return UpstreamTls(
+            ca=self._field(items, "ca", path, self._file_path, None),
+            server_name=self._field(items, "server_name", path, self._server_name, None),
+            cert=cert,
+            key=key,
+            verify=self._field(items, "verify", path, self._bool, True),
+        )
+
+    def _server_name(self, node: Node, path: str) -> str | None:
+        name = self._text_field(node, path, _check_server_name, "a host name")
+        return None if name is None else name.lower()
 
     def _endpoints(self, node: Node, path: str) -> tuple[Endpoint, ...] | None:
         elements = self._list(node, path, _MAX_ENDPOINTS, "endpoints")
@@ -1323,11 +1435,15 @@ _TOP_KEYS = (
     "upstreams",
     "routes",
 )
+_LISTENER_KEYS = ("address", "tls")
+_LISTENER_TLS_KEYS = ("certificates", "min_version", "client_ca")
+_CERTIFICATE_KEYS = ("cert", "key")
 _TIMEOUT_KEYS = ("connect", "response", "idle", "client_keepalive")
 _LIMIT_KEYS = ("max_request_body", "max_connections", "max_header_size", "max_headers")
 _DRAIN_KEYS = ("reload", "shutdown", "delay")
 _ANNOTATION_KEYS = ("grafana", "timeout")
-_UPSTREAM_KEYS = ("endpoints", "health")
+_UPSTREAM_KEYS = ("endpoints", "health", "tls")
+_UPSTREAM_TLS_KEYS = ("ca", "server_name", "cert", "key", "verify")
 _HEALTH_KEYS = ("path", "interval", "timeout", "unhealthy_after", "healthy_after")
 _ROUTE_KEYS = ("name", "match", "overrides", "split", "sticky", "mirror", "retries", "rollout")
 _MATCH_KEYS = ("host", "path_prefix")
@@ -1418,6 +1534,13 @@ def _check_file_name(text: str) -> str | None:
     # Judged by the text alone (no file system here); the caller checks what exists.
     if text.endswith("/") or posixpath.basename(text) in (".", ".."):
         return f"'{_shown(text)}' names a folder; give a file, e.g. turnout.state.json"
+    return None
+
+
+def _check_server_name(text: str) -> str | None:
+    host = text.lower()
+    if len(host) > _MAX_HOST_CHARS or not _HOSTNAME_RE.match(host):
+        return f"bad host name '{_shown(text)}' (a DNS name such as blue.internal)"
     return None
 
 
@@ -1629,12 +1752,20 @@ def summary(spec: ConfigSpec, path: str) -> str:
     upstreams = len(spec.upstreams)
     routes = len(spec.routes)
     workers = "auto" if spec.workers == 0 else str(spec.workers)
+    listen = ", ".join(_listener_summary(x) for x in spec.all_listeners())
     return (
         f"{path}: OK — {upstreams} upstream{'s' if upstreams != 1 else ''}, "
         f"{routes} route{'s' if routes != 1 else ''}, "
-        f"listen {_format_address(*spec.listen)}, admin {_format_address(*spec.admin)}, "
+        f"listen {listen}, admin {_format_address(*spec.admin)}, "
         f"workers {workers}"
     )
+
+
+def _listener_summary(listener: Listener) -> str:
+    if listener.tls is None:
+        return listener.address
+    count = len(listener.tls.certificates)
+    return f"{listener.address} (TLS, {count} certificate{'s' if count != 1 else ''})"
 
 
 def _number_out(value: float) -> float | int:
@@ -1650,7 +1781,9 @@ def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
     (given a config path in the same folder, or an absolute `state_file`).
     """
     out: dict[str, object] = {
-        "listen": _format_address(*spec.listen),
+        "listen": [_listener_dict(x) for x in spec.listeners]
+        if spec.listeners
+        else _format_address(*spec.listen),
         "admin": _format_address(*spec.admin),
         "workers": "auto" if spec.workers == 0 else spec.workers,
     }
@@ -1685,6 +1818,20 @@ def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
     return out
 
 
+def _listener_dict(listener: Listener) -> dict[str, object]:
+    out: dict[str, object] = {"address": listener.address}
+    tls = listener.tls
+    if tls is not None:
+        settings: dict[str, object] = {
+            "certificates": [{"cert": c.cert, "key": c.key} for c in tls.certificates],
+            "min_version": tls.min_version,
+        }
+        if tls.client_ca is not None:
+            settings["client_ca"] = tls.client_ca
+        out["tls"] = settings
+    return out
+
+
 def _upstream_dict(upstream: UpstreamSpec) -> dict[str, object]:
     out: dict[str, object] = {
         "endpoints": [endpoint.address for endpoint in upstream.endpoints],
@@ -1698,6 +1845,14 @@ def _upstream_dict(upstream: UpstreamSpec) -> dict[str, object]:
             "unhealthy_after": health.unhealthy_after,
             "healthy_after": health.healthy_after,
         }
+    if upstream.tls is not None:
+        tls: dict[str, object] = {}
+        for key in ("ca", "server_name", "cert", "key"):
+            value = getattr(upstream.tls, key)
+            if value is not None:
+                tls[key] = value
+        tls["verify"] = upstream.tls.verify
+        out["tls"] = tls
     return out
 
 

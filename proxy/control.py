@@ -18,6 +18,11 @@ supervisor -> worker
         sent right after a worker's first table and to every worker whenever it changes.
     {"op": "stats", "id": int}
         asks for the worker's counters; answered by a stats message with the same id.
+    {"op": "certs", "generation": int, "material": str}
+        the bytes of every TLS listener's certificate, key and CA files (a pickled, base64
+        tuple of proxy.tls.ListenerMaterial), as the supervisor read and checked them: sent
+        before a worker's first table, and to every worker when renewed files pass the checks.
+        A worker serves new handshakes with them; connections already open keep theirs.
 
 worker -> supervisor
     {"op": "ready", "generation": int, "pid": int}   listening, first table applied
@@ -40,6 +45,7 @@ from typing import Any
 import orjson
 
 from proxy.spec import ConfigSpec
+from proxy.tls import ListenerMaterial
 
 # The table message carries the whole config file (up to 64 MiB, larger once JSON-escaped);
 # a line must fit in the stream's buffer.
@@ -50,6 +56,7 @@ OP_HEALTH = "health"
 OP_STATS = "stats"
 OP_READY = "ready"
 OP_APPLIED = "applied"
+OP_CERTS = "certs"
 
 
 class ControlError(Exception):
@@ -80,6 +87,25 @@ def table_message(
             route: [dict(weights), source] for route, (weights, source) in split_overrides.items()
         },
     }
+
+
+def certs_message(generation: int, material: Iterable[ListenerMaterial]) -> dict[str, object]:
+    """Build a `certs` message."""
+    blob = base64.b64encode(pickle.dumps(tuple(material), protocol=pickle.HIGHEST_PROTOCOL))
+    return {"op": OP_CERTS, "generation": generation, "material": blob.decode("ascii")}
+
+
+def material_from_message(msg: Mapping[str, object]) -> dict[str, ListenerMaterial]:
+    """The material of a `certs` message by listener address (ControlError if malformed)."""
+    raw = msg.get("material")
+    if not isinstance(raw, str):
+        raise ControlError("certs message without material")
+    material = pickle.loads(base64.b64decode(raw))
+    if not isinstance(material, tuple) or not all(
+        isinstance(item, ListenerMaterial) for item in material
+    ):
+        raise ControlError("certs message material is not ListenerMaterial")
+    return {item.address: item for item in material}
 
 
 def spec_from_message(msg: Mapping[str, object]) -> ConfigSpec:

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import random
+import ssl
 from collections import deque
 from http import HTTPStatus
 from time import perf_counter
@@ -42,6 +43,7 @@ from proxy.headers import (
 )
 from proxy.routing import RequestView, decide, normalize_host, normalize_target, parse_cookies
 from proxy.table import PathError
+from proxy.tls import sni_of
 from proxy.upstream import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
@@ -542,7 +544,7 @@ class Exchange:
         """The forwarding headers the proxy sets (contract section 3)."""
         added = [
             (b"X-Forwarded-For", forwarded_for(self.xff, self.conn.client_ip)),
-            (b"X-Forwarded-Proto", b"http"),
+            (b"X-Forwarded-Proto", self.conn.forwarded_proto),
         ]
         if self.host is not None:
             added.append((b"X-Forwarded-Host", self.host))
@@ -633,9 +635,13 @@ class Exchange:
                 # another endpoint would fail the same way.
                 self._out_of_resources(endpoint, exc)
                 return
-            self._attempt_failed(
-                "timeout" if isinstance(exc, TimeoutError) else "connect", nothing_sent=True
-            )
+            if isinstance(exc, TimeoutError):
+                kind = "timeout"
+            elif isinstance(exc, ssl.SSLError):
+                kind = "tls"  # the handshake failed (certificate refused, protocol mismatch)
+            else:
+                kind = "connect"
+            self._attempt_failed(kind, nothing_sent=True)
             return
         if self.connect_task is None:
             # The exchange was abandoned while connecting: the fresh connection is still good,
@@ -1158,6 +1164,12 @@ class ClientConnection(CoalescingProtocol):
         "write_paused",
     )
 
+    # What the client spoke: class attributes, so a plain connection pays nothing for TLS;
+    # TlsClientConnection sets them per connection.
+    forwarded_proto = b"http"
+    tls_version: str | None = None
+    sni: str | None = None
+
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx.batcher)
         self.ctx = ctx
@@ -1514,3 +1526,16 @@ class ClientConnection(CoalescingProtocol):
         transport = self.transport
         if transport is not None:
             transport.abort()
+
+
+class TlsClientConnection(ClientConnection):
+    """A downstream connection on a TLS listener (the handshake is done when it is made)."""
+
+    __slots__ = ("sni", "tls_version")
+    forwarded_proto = b"https"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sslobj = transport.get_extra_info("ssl_object")
+        self.tls_version = sslobj.version() if sslobj is not None else None
+        self.sni = sni_of(sslobj)
+        super().connection_made(transport)

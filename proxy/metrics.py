@@ -247,6 +247,8 @@ class MetricsInput:
     config_loaded_at: float | None = None
     # Deployment annotations by result (`sent`, `failed`, `dropped`; see proxy.annotations).
     annotations: Mapping[str, int] = field(default_factory=dict)
+    # Expiry (Unix time) of each TLS listener's certificates, by (listener, name).
+    certificate_expiry: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
 
 def _escape(value: str) -> str:
@@ -528,6 +530,22 @@ def _process(out: list[str]) -> None:
             out.append(f"{sample.name} {_num(sample.value)}\n")
 
 
+def _certificates(out: list[str], view: MetricsInput) -> None:
+    if not view.certificate_expiry:
+        return
+    _family(
+        out,
+        "turnout_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "Unix time at which each TLS listener certificate in force expires.",
+    )
+    for (listener, name), value in sorted(view.certificate_expiry.items()):
+        out.append(
+            "turnout_tls_certificate_expiry_timestamp_seconds"
+            f'{{listener="{_escape(listener)}",name="{_escape(name)}"}} {_num(value)}\n'
+        )
+
+
 def render(view: MetricsInput) -> bytes:
     """The Prometheus text exposition of one scrape (serve it with CONTENT_TYPE).
 
@@ -544,6 +562,7 @@ def render(view: MetricsInput) -> bytes:
     _config(out, view)
     _rollouts(out, view)
     _annotations(out, view)
+    _certificates(out, view)
     _build_info(out)
     _process(out)
     return "".join(out).encode()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -33,10 +34,11 @@ import orjson
 from yarl import URL
 
 from proxy.jsondiff import IgnorePaths, diff
-from proxy.spec import Mirror, UpstreamSpec
+from proxy.spec import Mirror, UpstreamSpec, UpstreamTls
 from proxy.stats import MirrorStats
 from proxy.table import CompiledRoute
 from proxy.tasks import TaskSet
+from proxy.tls import TlsFileError, client_context
 
 log = logging.getLogger("turnout.mirror")
 
@@ -288,15 +290,25 @@ class MirrorCopy:
         method: str,
         url: URL,
         headers: list[tuple[str, str]],
+        tls: tuple[ssl.SSLContext, str] | None = None,
     ) -> None:
-        """Send the copy and read the shadow's response to the end (the task's body)."""
+        """Send the copy and read the shadow's response to the end (the task's body).
+
+        `tls`: the client context and server name for a shadow reached over TLS.
+        """
         mirror = self._mirror
         limit = mirror.max_body
         try:
             async with (
                 asyncio.timeout(mirror.timeout),
                 session.request(
-                    method, url, headers=headers, data=self._stream, allow_redirects=False
+                    method,
+                    url,
+                    headers=headers,
+                    data=self._stream,
+                    allow_redirects=False,
+                    ssl=tls[0] if tls is not None else True,
+                    server_hostname=tls[1] if tls is not None else None,
                 ) as response,
             ):
                 keep: list[bytes] | None = None
@@ -446,6 +458,7 @@ class Mirrorer:
         self._next_endpoint: dict[str, int] = {}
         self._resting: dict[str, _Resting] = {}
         self._ignores: dict[tuple[str, ...], IgnorePaths] = {}
+        self._contexts: dict[UpstreamTls, ssl.SSLContext] = {}
         self._last_log: dict[tuple[str, str], float] = {}
         self._unlogged: dict[tuple[str, str], int] = {}
 
@@ -522,7 +535,25 @@ class Mirrorer:
             # No endpoint, or every endpoint resting after failed copies.
             stats.outcomes["error"] += 1
             return None
-        url = URL(f"http://{address}{target.decode('latin-1')}", encoded=True)
+        tls: tuple[ssl.SSLContext, str] | None = None
+        if shadow.tls is not None:
+            context = self._contexts.get(shadow.tls)
+            if context is None:
+                try:
+                    context = self._contexts[shadow.tls] = client_context(shadow.tls)
+                except TlsFileError as exc:
+                    # The files changed since the supervisor checked them: no copy can go.
+                    key = (shadow.name, "tls")
+                    now = self.loop.time()
+                    if now - self._last_log.get(key, float("-inf")) >= LOG_INTERVAL:
+                        self._last_log[key] = now
+                        log.warning("shadow %s: cannot send copies over TLS: %s", shadow.name, exc)
+                    stats.outcomes["error"] += 1
+                    return None
+            host = address.rpartition(":")[0].strip("[]")
+            tls = (context, shadow.tls.server_name or host)
+        scheme = "http" if tls is None else "https"
+        url = URL(f"{scheme}://{address}{target.decode('latin-1')}", encoded=True)
         ignore: IgnorePaths | None = None
         if mirror.compare_json:
             ignore = self._ignores.get(mirror.compare_json_ignore)
@@ -532,7 +563,7 @@ class Mirrorer:
                 )
         stream = _BodyStream(self.loop) if has_body else None
         copy = MirrorCopy(self, name, mirror, stats, ignore, request_id, stream, address)
-        task = self._tasks.spawn(copy.run(self._client(), method, url, copied), "mirror")
+        task = self._tasks.spawn(copy.run(self._client(), method, url, copied, tls), "mirror")
         # Counted only once the task exists: its done callback is what gives the slot back.
         self._in_flight[name] = in_flight + 1
         copy.attach(task)

@@ -9,13 +9,15 @@ the new set; the supervisor sends it to every worker.
 `update` is called with each new table: loops of endpoints that stay keep running (their state
 too), loops of removed endpoints stop, new endpoints start up (optimistic) and are checked at
 once. A changed `health` block restarts the endpoint's loop with the new settings but keeps its
-state.
+state. An upstream with `tls` is checked over TLS with the same settings as the data plane
+(CA, server name, client certificate, verification); a failed handshake fails the check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -28,8 +30,9 @@ from proxy.health import (
     down_set,
     record,
 )
-from proxy.spec import ConfigSpec, HealthCheck
+from proxy.spec import ConfigSpec, HealthCheck, UpstreamTls
 from proxy.tasks import TaskSet
+from proxy.tls import TlsFileError, client_context
 
 log = logging.getLogger("turnout.prober")
 
@@ -42,7 +45,10 @@ class Prober:
     def __init__(self, on_change: Callable[[frozenset[EndpointKey]], None]) -> None:
         self._on_change = on_change
         self._tasks = TaskSet("prober")
-        self._loops: dict[EndpointKey, tuple[HealthCheck, asyncio.Task[None]]] = {}
+        # What each loop was started with: its check and its upstream's `tls`.
+        self._loops: dict[
+            EndpointKey, tuple[HealthCheck, UpstreamTls | None, asyncio.Task[None]]
+        ] = {}
         self._states: dict[EndpointKey, EndpointHealth] = {}
         self._down: frozenset[EndpointKey] = frozenset()
         self._session: aiohttp.ClientSession | None = None
@@ -55,15 +61,17 @@ class Prober:
     def update(self, spec: ConfigSpec) -> None:
         """Start, keep, restart or stop probe loops for the endpoints `spec` checks."""
         wanted = checked_endpoints(spec)
-        for key, (check, task) in list(self._loops.items()):
-            if wanted.get(key) != check:
+        tls_of = {upstream.name: upstream.tls for upstream in spec.upstreams}
+        for key, (check, tls, task) in list(self._loops.items()):
+            if wanted.get(key) != check or tls_of.get(key[0]) != tls:
                 task.cancel()
                 del self._loops[key]
         self._states = carry_over(self._states, wanted)
         for key, check in wanted.items():
             if key not in self._loops:
-                task = self._tasks.spawn(self._probe_loop(key, check), name=f"probe-{key[1]}")
-                self._loops[key] = (check, task)
+                tls = tls_of.get(key[0])
+                task = self._tasks.spawn(self._probe_loop(key, check, tls), name=f"probe-{key[1]}")
+                self._loops[key] = (check, tls, task)
         self._publish()
 
     async def close(self) -> None:
@@ -91,12 +99,27 @@ class Prober:
             )
         return self._session
 
-    async def _probe_loop(self, key: EndpointKey, check: HealthCheck) -> None:
+    async def _probe_loop(
+        self, key: EndpointKey, check: HealthCheck, tls: UpstreamTls | None
+    ) -> None:
         loop = asyncio.get_running_loop()
-        url = f"http://{key[1]}{check.path}"
+        url = f"{'https' if tls else 'http'}://{key[1]}{check.path}"
+        context: ssl.SSLContext | None = None
+        server_name: str | None = None
+        broken: str | None = None
+        if tls is not None:
+            try:
+                context = client_context(tls)
+            except TlsFileError as exc:
+                broken = str(exc)  # the files changed since the config was checked
+            host = key[1].rpartition(":")[0].strip("[]")
+            server_name = tls.server_name or host
         due = loop.time()
         while True:
-            failure = await self.probe(url, check.timeout)
+            if broken is not None:
+                failure: str | None = broken
+            else:
+                failure = await self.probe(url, check.timeout, context, server_name)
             before = self._states.get(key)
             if before is None:
                 # The endpoint left the table while the check ran.
@@ -127,11 +150,24 @@ class Prober:
             await asyncio.sleep(due - loop.time())
 
     # The check's timeout is configuration, so it is a parameter.
-    async def probe(self, url: str, timeout: float) -> str | None:  # noqa: ASYNC109
-        """One check: None when it passes (2xx or 3xx within `timeout`), else why it failed."""
+    async def probe(
+        self,
+        url: str,
+        timeout: float,  # noqa: ASYNC109
+        context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> str | None:
+        """One check: None when it passes (2xx or 3xx within `timeout`), else why it failed.
+
+        `context` and `server_name`: TLS settings for an https `url`.
+        """
         try:
             async with self._client().get(
-                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)
+                url,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                ssl=context if context is not None else True,
+                server_hostname=server_name,
             ) as response:
                 if 200 <= response.status < 400:
                     return None

@@ -72,12 +72,66 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateFiles:
+    """One certificate served by a TLS listener: PEM chain and key, as absolute paths."""
+
+    cert: str
+    key: str
+
+
+# `min_version` values a TLS listener accepts.
+TLS_VERSIONS: tuple[str, ...] = ("1.2", "1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """TLS termination on one listener; the first certificate is the default (no SNI match)."""
+
+    certificates: tuple[CertificateFiles, ...]
+    min_version: str = "1.2"
+    client_ca: str | None = None  # absolute path; set: client certificates required (mTLS)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One data-plane address; `tls` None means plain HTTP."""
+
+    host: str
+    port: int
+    tls: ListenerTls | None = None
+
+    @property
+    def address(self) -> str:
+        """`host:port`, `[v6]:port`: as written in config and in the `listener` label."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS from Turnout to an upstream's endpoints (paths absolute).
+
+    `ca` None: the system's trust store. `server_name` None: the endpoint's host (SNI and the
+    name checked). `cert`/`key`: a client certificate, both or neither. `verify` False skips
+    checking the endpoint's certificate (never the default).
+    """
+
+    ca: str | None = None
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSpec:
     """A named version of the service."""
 
     name: str
     endpoints: tuple[Endpoint, ...]
     health: HealthCheck | None = None
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +258,16 @@ class RouteSpec:
 class ConfigSpec:
     """The whole validated routing table file.
 
-    `listen` and `admin` are (host, port); `workers` is resolved to an int by the caller when
+    `listen` and `admin` are (host, port); `listeners` is the list form of `listen` (empty for
+    the string form; then `listen` is the one plain listener, else the first listener's
+    address); `workers` is resolved to an int by the caller when
     the file says `auto` (stored here as 0). `state_file` is an absolute path or None.
     """
 
     upstreams: tuple[UpstreamSpec, ...]
     routes: tuple[RouteSpec, ...]
     listen: tuple[str, int] = ("0.0.0.0", 8080)
+    listeners: tuple[Listener, ...] = ()
     admin: tuple[str, int] = ("127.0.0.1", 9901)
     workers: int = 1
     state_file: str | None = None
@@ -220,6 +277,10 @@ class ConfigSpec:
     limits: Limits = field(default_factory=Limits)
     drain: Drain = field(default_factory=Drain)
     annotations: Annotations | None = None
+
+    def all_listeners(self) -> tuple[Listener, ...]:
+        """Every data-plane listener: the list form, or the one plain `listen`."""
+        return self.listeners or (Listener(self.listen[0], self.listen[1]),)
 
     def upstream(self, name: str) -> UpstreamSpec:
         """The upstream called `name` (the config guarantees it exists)."""

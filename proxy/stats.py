@@ -33,7 +33,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
     60.0,
 )
 
-ERROR_KINDS: tuple[str, ...] = ("connect", "reset", "timeout", "protocol")
+ERROR_KINDS: tuple[str, ...] = ("connect", "reset", "timeout", "protocol", "tls")
 MIRROR_OUTCOMES: tuple[str, ...] = ("sent", "error", "dropped", "skipped")
 
 

@@ -32,6 +32,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -74,6 +75,7 @@ from proxy.control import (
     OP_STATS,
     ControlChannel,
     ControlError,
+    certs_message,
     encode,
     health_message,
     open_channel,
@@ -87,6 +89,17 @@ from proxy.spec import ConfigSpec
 from proxy.state import SavedState, load_state, save_state
 from proxy.table import CompiledRoute, Table, TableDiff, compile_table, diff_tables
 from proxy.tasks import TaskSet
+from proxy.tls import (
+    ListenerMaterial,
+    LoadedCertificate,
+    TlsFileError,
+    expiry_warnings,
+    load_listener,
+    load_material,
+    material_problems,
+    read_material,
+    tls_file_problems,
+)
 from proxy.watch import watch_file
 
 log = logging.getLogger("turnout.supervisor")
@@ -107,8 +120,16 @@ KILL_REAP_TIMEOUT = 2.0
 # Background tasks left at the very end (watch, readers) get this long to stop.
 TASKS_STOP_TIMEOUT = 2.0
 
+# Certificate renewal: the TLS listeners' files are read every CERT_POLL seconds; changed bytes
+# are taken once they read the same SETTLE seconds later (a renewal writes the certificate and
+# the key one after the other), so a renewed pair is served within about 1 s (contract: 2 s).
+CERT_POLL = 0.5
+SETTLE = 0.3
+# A certificate that expires within this long is logged at every load.
+EXPIRY_WARNING = 14 * 86400.0
+
 # Static settings: bound once at start. A reload that changes them is applied only on restart.
-STATIC_SETTINGS = ("listen", "admin", "workers")
+STATIC_SETTINGS = ("listen", "listeners", "admin", "workers")
 
 # How long a scrape waits for the workers' counters; a worker that misses it counts with its
 # last snapshot.
@@ -158,9 +179,27 @@ def load_config(path: str) -> tuple[str, ConfigSpec]:
     except UnicodeDecodeError as exc:
         raise ConfigLoadError([f"{path}: the config file is not UTF-8 text: {exc}"]) from exc
     try:
-        return text, parse_config(text, path)
+        spec = parse_config(text, path)
     except ConfigError as exc:
         raise ConfigLoadError([str(issue) for issue in exc.issues]) from exc
+    problems = tls_file_problems(spec)
+    if problems:
+        raise ConfigLoadError([f"{path}: {problem}" for problem in problems])
+    return text, spec
+
+
+def certificate_warnings(spec: ConfigSpec) -> list[str]:
+    """Listener certificates that expire within 14 days or have expired (files already checked)."""
+    warnings: list[str] = []
+    now = time.time()
+    for listener in spec.listeners:
+        if listener.tls is not None:
+            try:
+                loaded = load_listener(listener.address, listener.tls)
+            except TlsFileError:
+                continue  # changed since the check; `validate` reports what it checked
+            warnings += expiry_warnings(listener.address, loaded, now, EXPIRY_WARNING)
+    return warnings
 
 
 def admin_token() -> str | None:
@@ -227,17 +266,30 @@ def listen_lock_name(host: str, port: int) -> str:
 
 @dataclass(slots=True)
 class AddressClaims:
-    """The sockets that keep `listen` and `admin` this Turnout's (see `claim_addresses`)."""
+    """The sockets that keep `listen` and `admin` this Turnout's (see `claim_addresses`).
+
+    `lock` and `hold` are the first listener's; `more` has the locks and holds of the others.
+    """
 
     lock: socket.socket
     hold: socket.socket | None
     admin: socket.socket
+    more: list[tuple[socket.socket, socket.socket | None]] = field(default_factory=list)
+
+    @property
+    def locks(self) -> list[socket.socket]:
+        """Every listener's lock socket."""
+        return [self.lock] + [lock for lock, _ in self.more]
 
     def close(self) -> None:
         """Let the addresses go (closing the admin socket again after its server did is a no-op)."""
         for sock in (self.lock, self.hold, self.admin):
             if sock is not None:
                 sock.close()
+        for lock, hold in self.more:
+            lock.close()
+            if hold is not None:
+                hold.close()
 
 
 def _holder_pid(name: str) -> int | None:
@@ -294,16 +346,8 @@ def _hold(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-def claim_addresses(spec: ConfigSpec) -> AddressClaims:
-    """Make `listen` and `admin` this Turnout's, or StartError naming the address.
-
-    `listen`: the workers share it with SO_REUSEPORT, which would let a second Turnout of the
-    same user share it too, silently taking half the traffic. So: a lock (an abstract unix
-    socket named after the address) that a second Turnout cannot take; then a bind without
-    SO_REUSEPORT, which fails if anything listens there; then `_hold`. `admin`: bound here,
-    without SO_REUSEPORT, which is exclusive by itself.
-    """
-    host, port = spec.listen
+def _claim_listen(host: str, port: int) -> tuple[socket.socket, socket.socket | None]:
+    """The lock and the hold of one listener address (StartError naming it)."""
     name = listen_lock_name(host, port)
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -316,13 +360,30 @@ def claim_addresses(spec: ConfigSpec) -> AddressClaims:
         pid = _holder_pid(name)
         holder = f"another Turnout (pid {pid})" if pid else "another Turnout"
         raise StartError(f"listen address {where} is already in use by {holder}") from None
-    hold: socket.socket | None = None
     try:
         # Listening, so a second Turnout can ask who holds it (SO_PEERCRED).
         lock.listen(8)
         lock.setblocking(False)
         _check_free(host, port, "listen")
-        hold = _hold(host, port)
+    except BaseException:
+        lock.close()
+        raise
+    return lock, _hold(host, port)
+
+
+def claim_addresses(spec: ConfigSpec) -> AddressClaims:
+    """Make every listener address and `admin` this Turnout's, or StartError naming the address.
+
+    A listener: the workers share it with SO_REUSEPORT, which would let a second Turnout of
+    the same user share it too, silently taking half the traffic. So: a lock (an abstract unix
+    socket named after the address) that a second Turnout cannot take; then a bind without
+    SO_REUSEPORT, which fails if anything listens there; then `_hold`. `admin`: bound here,
+    without SO_REUSEPORT, which is exclusive by itself.
+    """
+    claimed: list[tuple[socket.socket, socket.socket | None]] = []
+    try:
+        for listener in spec.all_listeners():
+            claimed.append(_claim_listen(listener.host, listener.port))
         admin_host, admin_port = spec.admin
         admin = socket.socket(_family(admin_host), socket.SOCK_STREAM)
         try:
@@ -333,11 +394,13 @@ def claim_addresses(spec: ConfigSpec) -> AddressClaims:
             admin.close()
             raise _bind_error("admin", admin_host, admin_port, exc) from None
     except BaseException:
-        lock.close()
-        if hold is not None:
-            hold.close()
+        for lock, hold in claimed:
+            lock.close()
+            if hold is not None:
+                hold.close()
         raise
-    return AddressClaims(lock=lock, hold=hold, admin=admin)
+    (lock, hold), *more = claimed
+    return AddressClaims(lock=lock, hold=hold, admin=admin, more=more)
 
 
 def resolve_workers(spec: ConfigSpec) -> int:
@@ -507,6 +570,22 @@ class Supervisor:
         self._force = asyncio.Event()
         self._watch_stop = asyncio.Event()
 
+        # TLS listeners are bound at start (static): their certificates in force, as bytes
+        # (what workers load) and loaded (names, expiry), renewed by `check_certificates`.
+        self._tls_listeners = [(i, x) for i, x in enumerate(spec.listeners) if x.tls is not None]
+        self._tls_material: tuple[ListenerMaterial, ...] = ()
+        self.certificates: dict[str, list[LoadedCertificate]] = {}
+        self._cert_generation = 0
+        self._cert_error: str | None = None
+        self._cert_failed: tuple[ListenerMaterial, ...] | None = None
+        if self._tls_listeners:
+            material = self._read_tls_material()
+            try:
+                self._install_certificates(material, self._load_certificates(material))
+            except TlsFileError as exc:
+                # Changed since load_config checked them: the workers read the files themselves.
+                log.error("TLS certificates: %s", exc)
+
         app = create_admin_app(self, token=token)
         self.admin_app = app
         self._admin = AdminServer(app)
@@ -542,7 +621,7 @@ class Supervisor:
             "sha256": current.sha256,
             "loaded_at": _utc_iso(current.loaded_at),
             "path": self.path,
-            "last_error": self._last_error,
+            "last_error": self._last_error or self._cert_error,
             "config": spec_to_dict(current.spec),
             "workers": [
                 {
@@ -556,6 +635,8 @@ class Supervisor:
             ],
             "pending_restart": list(self._pending_restart),
             "reloads": dict(self.reload_counts),
+            "certificates": self.certificates_view(),
+            "certificates_error": self._cert_error,
         }
 
     def routes_view(self) -> dict[str, Any]:
@@ -750,6 +831,11 @@ class Supervisor:
             },
             rollout_verdicts=dict(self.rollouts.verdicts),
             config_loaded_at=self._current.loaded_at.timestamp(),
+            certificate_expiry={
+                (listener, cert.names[0]): cert.not_after
+                for listener, certs in self.certificates.items()
+                for cert in certs
+            },
             annotations=dict(self.annotations.counts),
         )
         # Rendering takes ~0.7 us per series (0.2 s for 5,000 routes that all saw traffic, see
@@ -804,6 +890,13 @@ class Supervisor:
         folder = state_file_is_folder(spec)
         if folder is not None:
             return self._reload_failed(trigger, sha, [f"{self.path}: {folder}"])
+        # The listeners in force are bound at start and their files are the certificate
+        # watch's business: a bad renewal must not block unrelated config changes.
+        problems = await asyncio.to_thread(
+            tls_file_problems, spec, listeners=spec.listeners != self._static["listeners"]
+        )
+        if problems:
+            return self._reload_failed(trigger, sha, [f"{self.path}: {p}" for p in problems])
 
         # Compile to the side, then swap one reference; no await in between, so nothing sees a
         # half-made generation.
@@ -838,6 +931,7 @@ class Supervisor:
         log.info("reload (%s): generation %d in force (sha256 %s)", trigger, generation, sha[:12])
         self.annotate(reload_event(trigger, generation, sha, current.table, table))
         self._check_static_settings(spec)
+        self._warn_expiring()
         if state_moved:
             log.info("state_file is now %s", spec.state_file or "(none: memory only)")
         if state_changed or state_moved:
@@ -926,6 +1020,117 @@ class Supervisor:
 
     def _last_errors(self) -> tuple[str, ...]:
         return tuple(self._last_error.split("\n")) if self._last_error else ()
+
+    # --- certificates -----------------------------------------------------------------------------
+
+    def _read_tls_material(self) -> tuple[ListenerMaterial, ...]:
+        """The bytes of every TLS listener's files (TlsFileError naming an unreadable one)."""
+        return tuple(
+            read_material(listener.address, listener.tls)
+            for _, listener in self._tls_listeners
+            if listener.tls is not None
+        )
+
+    def _load_certificates(
+        self, material: tuple[ListenerMaterial, ...]
+    ) -> dict[str, list[LoadedCertificate]]:
+        return {
+            listener.address: load_material(listener.tls, pem)
+            for (_, listener), pem in zip(self._tls_listeners, material, strict=True)
+            if listener.tls is not None
+        }
+
+    def _install_certificates(
+        self, material: tuple[ListenerMaterial, ...], loaded: dict[str, list[LoadedCertificate]]
+    ) -> None:
+        self._tls_material = material
+        self.certificates = loaded
+        self._warn_expiring()
+
+    def _warn_expiring(self) -> None:
+        now = time.time()
+        for listener, certs in self.certificates.items():
+            for line in expiry_warnings(listener, certs, now, EXPIRY_WARNING):
+                log.warning("%s", line)
+
+    def certificates_view(self) -> list[dict[str, Any]]:
+        """The TLS listeners' certificates in force, for GET /admin/config."""
+        return [
+            {
+                "listener": listener,
+                "cert": cert.files.cert,
+                "key": cert.files.key,
+                "names": list(cert.names),
+                "not_after": _utc_iso(datetime.fromtimestamp(cert.not_after, UTC)),
+            }
+            for listener, certs in self.certificates.items()
+            for cert in certs
+        ]
+
+    async def watch_certificates(self) -> None:
+        """Look for renewed certificate files every CERT_POLL seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(CERT_POLL)
+            await self.check_certificates()
+
+    async def check_certificates(self) -> bool:
+        """Take renewed certificate files into use when they pass the checks; True if taken.
+
+        A pair that fails (unreadable, not PEM, key not matching, no names) keeps the old one
+        in force: logged, counted as a reload failure, shown in /admin/config until the files
+        are good again.
+        """
+        try:
+            material = await asyncio.to_thread(self._read_tls_material)
+        except TlsFileError as exc:
+            material = None
+            error = str(exc)
+        if material is not None:
+            if material == self._tls_material:
+                self._cert_failed = None
+                self._cert_error = None
+                return False
+            if material == self._cert_failed:
+                return False  # already reported
+            # Wait for the writes of a renewal to settle: the key may lag the certificate.
+            await asyncio.sleep(SETTLE)
+            try:
+                again = await asyncio.to_thread(self._read_tls_material)
+            except TlsFileError:
+                return False  # still moving: the next look decides
+            if again != material:
+                return False
+            problems = [
+                problem
+                for (index, listener), pem in zip(self._tls_listeners, material, strict=True)
+                if listener.tls is not None
+                for problem in await asyncio.to_thread(material_problems, index, listener.tls, pem)
+            ]
+            if not problems:
+                loaded = await asyncio.to_thread(self._load_certificates, material)
+                self._cert_failed = None
+                self._cert_error = None
+                self._cert_generation += 1
+                self._install_certificates(material, loaded)
+                self.reload_counts["success"] += 1
+                self.broadcast(certs_message(self._cert_generation, material))
+                log.info(
+                    "certificates renewed (certificate generation %d): %s",
+                    self._cert_generation,
+                    "; ".join(
+                        f"{listener}: {', '.join(c.names[0] for c in certs)}"
+                        for listener, certs in loaded.items()
+                    ),
+                )
+                return True
+            error = "; ".join(problems)
+            self._cert_failed = material
+        elif self._cert_error is not None:
+            return False  # the same unreadable state, already reported
+        self._cert_error = f"certificate renewal refused, the old certificates stay: {error}"
+        self.reload_counts["failure"] += 1
+        log.error("%s", self._cert_error)
+        return False
 
     def _check_static_settings(self, spec: ConfigSpec) -> None:
         changed = [name for name in STATIC_SETTINGS if getattr(spec, name) != self._static[name]]
@@ -1077,6 +1282,9 @@ class Supervisor:
             pid=process.pid,
         )
         self._workers[index] = handle
+        if self._tls_material:
+            # Before the first table: the worker binds its listeners when that table arrives.
+            self._send(handle, encode(certs_message(self._cert_generation, self._tls_material)))
         self._send(handle, encode(self._table_message()))
         # Right behind its first table, so a restarted worker never routes to an endpoint the
         # health checks already took down.
@@ -1194,7 +1402,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         # Accept and drop the connections of Turnouts asking who holds the lock (SO_PEERCRED),
         # so they never fill its backlog.
-        loop.add_reader(claims.lock.fileno(), _drop_connection, claims.lock)
+        for lock in claims.locks:
+            loop.add_reader(lock.fileno(), _drop_connection, lock)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
@@ -1203,7 +1412,8 @@ class Supervisor:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
-            loop.remove_reader(claims.lock.fileno())
+            for lock in claims.locks:
+                loop.remove_reader(lock.fileno())
             claims.close()
 
     async def _serve(self, claims: AddressClaims) -> int:
@@ -1235,6 +1445,8 @@ class Supervisor:
         )
         self._tasks.spawn(self.rollouts.run(), name="rollouts")
         self._tasks.spawn(self.poll_stats(), name="poll-stats")
+        if self._tls_listeners:
+            self._tasks.spawn(self.watch_certificates(), name="certificate-watch")
         await self._stop.wait()
         return await self._shutdown()
 

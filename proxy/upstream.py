@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Protocol
 
 import httptools
 
 from proxy.headers import is_chunked
 from proxy.routing import pick_endpoint
-from proxy.spec import Endpoint, UpstreamSpec
+from proxy.spec import Endpoint, UpstreamSpec, UpstreamTls
 from proxy.writes import CoalescingProtocol, WriteBatcher
 
 log = logging.getLogger("turnout.upstream")
@@ -416,11 +417,26 @@ class EndpointPool:
         "idle",
         "in_flight",
         "passive_failures",
+        "server_name",
+        "ssl",
+        "tls",
         "upstream",
     )
 
-    def __init__(self, upstream: str, endpoint: Endpoint, batcher: WriteBatcher) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        endpoint: Endpoint,
+        batcher: WriteBatcher,
+        tls: UpstreamTls | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.upstream = upstream
+        # TLS to this endpoint: the settings (to tell a changed upstream apart on reload) and
+        # the context built from them; None: plain TCP.
+        self.tls = tls
+        self.ssl = ssl_context
+        self.server_name = (tls.server_name if tls is not None else None) or endpoint.host
         self.batcher = batcher
         self.endpoint = endpoint
         self.address = endpoint.address
@@ -457,9 +473,19 @@ class EndpointPool:
     async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
         """Open a new connection (the caller bounds the time)."""
         endpoint = self.endpoint
-        _, protocol = await loop.create_connection(
-            lambda: UpstreamConnection(self), endpoint.host, endpoint.port
-        )
+        if self.ssl is None:
+            _, protocol = await loop.create_connection(
+                lambda: UpstreamConnection(self), endpoint.host, endpoint.port
+            )
+        else:
+            # A failed handshake raises ssl.SSLError: the caller counts it as kind "tls".
+            _, protocol = await loop.create_connection(
+                lambda: UpstreamConnection(self),
+                endpoint.host,
+                endpoint.port,
+                ssl=self.ssl,
+                server_hostname=self.server_name,
+            )
         self.connections.add(protocol)
         return protocol
 

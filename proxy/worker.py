@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,20 +28,30 @@ import uvloop
 from proxy.accesslog import AccessLog
 from proxy.control import (
     OP_APPLIED,
+    OP_CERTS,
     OP_HEALTH,
     OP_READY,
     OP_STATS,
     OP_TABLE,
     ControlChannel,
+    material_from_message,
     open_channel,
     parse_split_overrides,
     spec_from_message,
 )
-from proxy.dataplane import ClientConnection, Exchange
-from proxy.spec import Limits, Timeouts
+from proxy.dataplane import ClientConnection, Exchange, TlsClientConnection
+from proxy.spec import Limits, Listener, Timeouts, UpstreamTls
 from proxy.stats import MirrorStats, RouteUpstreamStats
 from proxy.table import CompiledRoute, Table, compile_table
 from proxy.tasks import TaskSet
+from proxy.tls import (
+    CertificateSet,
+    ListenerMaterial,
+    TlsFileError,
+    client_context,
+    load_material,
+    read_material,
+)
 from proxy.upstream import EndpointPool, UpstreamPool
 from proxy.writes import WriteBatcher
 
@@ -147,6 +158,19 @@ def client_capacity(fd_limit: int) -> int:
     return max(1, (fd_limit - FD_RESERVE) // 2)
 
 
+class BoundListener:
+    """One listening socket of this worker and, on a TLS listener, its certificates."""
+
+    __slots__ = ("address", "certificates", "sock", "tls")
+
+    def __init__(self, sock: socket.socket, listener: Listener) -> None:
+        self.sock = sock
+        self.address = listener.address
+        self.tls = listener.tls
+        # Replaced whole on renewal: a new handshake takes the set in force when it begins.
+        self.certificates: CertificateSet | None = None
+
+
 class WorkerContext:
     """The state of one worker shared by its connections: the current generation and timers."""
 
@@ -184,10 +208,12 @@ class WorkerContext:
         # Exchanges with a deadline or an idle timeout (added by the data plane); see tick().
         self.watched: set[Exchange] = set()
         self.endpoints: dict[tuple[str, str], EndpointPool] = {}
+        self.client_contexts: dict[UpstreamTls, ssl.SSLContext] = {}
+        self.tls_material: dict[str, ListenerMaterial] = {}
         self.down: set[tuple[str, str]] = set()
         self.fail_open: dict[str, int] = {}
         self.closing = False
-        self.listener: socket.socket | None = None
+        self.listeners: list[BoundListener] = []
         self.accepting = False
         self.adopting = 0  # accepted sockets whose protocol is not connected yet
         self.idle_event = asyncio.Event()
@@ -223,19 +249,30 @@ class WorkerContext:
         old = self.generation
         endpoints: dict[tuple[str, str], EndpointPool] = {}
         pools: dict[str, UpstreamPool] = {}
+        # Client contexts by settings: one per distinct upstream `tls`, kept across tables.
+        contexts: dict[UpstreamTls, ssl.SSLContext] = {}
         for name, upstream in table.upstreams.items():
+            tls = upstream.tls
+            context = None
+            if tls is not None:
+                context = contexts.get(tls) or self.client_contexts.get(tls)
+                if context is None:
+                    context = self._client_context(name, tls)
+                contexts[tls] = context
             members = []
             for endpoint in upstream.endpoints:
                 key = (name, endpoint.address)
                 pool = self.endpoints.get(key)
-                if pool is None or pool.draining:
-                    pool = EndpointPool(name, endpoint, self.batcher)
+                if pool is None or pool.draining or pool.tls != tls:
+                    # A changed `tls` makes a new pool: no connection of the old kind is reused.
+                    pool = EndpointPool(name, endpoint, self.batcher, tls, context)
                     pool.active_up = key not in self.down
                     pool.refresh(self.now)
                 endpoints[key] = pool
                 members.append(pool)
             pools[name] = UpstreamPool(upstream, tuple(members))
-        removed = [pool for key, pool in self.endpoints.items() if key not in endpoints]
+        self.client_contexts = contexts
+        removed = [pool for key, pool in self.endpoints.items() if endpoints.get(key) is not pool]
         self.endpoints = endpoints
         carried: dict[tuple[str, str], RouteUpstreamStats] = {}
         if old is not None:
@@ -291,6 +328,15 @@ class WorkerContext:
             pool.drain()
             self.tasks.spawn(self._close_later(pool, spec.drain.reload), name="drain-endpoint")
 
+    def _client_context(self, upstream: str, tls: UpstreamTls) -> ssl.SSLContext:
+        try:
+            return client_context(tls)
+        except TlsFileError as exc:
+            # The supervisor checked the files before sending the table; they changed since.
+            # Fail closed: only the system's trust store, so nothing goes out unverified.
+            log.error("worker %d: upstream %s: %s", self.index, upstream, exc)
+            return ssl.create_default_context()
+
     async def _close_later(self, pool: EndpointPool, seconds: float) -> None:
         await asyncio.sleep(seconds)
         pool.close_all()
@@ -335,7 +381,7 @@ class WorkerContext:
     def _resume_accepting(self) -> None:
         if (
             not self.closing
-            and self.listener is not None
+            and self.listeners
             and len(self.connections) + self.adopting < self.max_clients
             and self.loop.time() >= self.short_until
         ):
@@ -391,34 +437,59 @@ class WorkerContext:
 
     # ---- listening -----------------------------------------------------------------------
 
-    def listen(self, host: str, port: int) -> None:
-        """Bind `listen` with SO_REUSEPORT so every worker shares the port."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-        self.listener = sock
+    def listen(self, listeners: tuple[Listener, ...]) -> None:
+        """Bind every listener with SO_REUSEPORT so every worker shares the ports.
+
+        A TLS listener's certificates come from the bytes of the supervisor's `certs` message,
+        which precedes the first table.
+        """
+        for listener in listeners:
+            family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((listener.host, listener.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+            bound = BoundListener(sock, listener)
+            if listener.tls is not None:
+                material = self.tls_material.get(listener.address)
+                if material is None:
+                    # No certs message (a supervisor that sent none): the files themselves.
+                    material = read_material(listener.address, listener.tls)
+                bound.certificates = CertificateSet(load_material(listener.tls, material))
+            self.listeners.append(bound)
         self.start_accepting()
 
+    def renew_certificates(self, material: dict[str, ListenerMaterial]) -> None:
+        """Serve new handshakes with renewed certificates; open connections keep theirs."""
+        self.tls_material = material
+        for bound in self.listeners:
+            fresh = material.get(bound.address)
+            if bound.tls is None or fresh is None:
+                continue
+            try:
+                bound.certificates = CertificateSet(load_material(bound.tls, fresh))
+            except TlsFileError as exc:
+                # The supervisor checked these bytes; keep serving the old ones regardless.
+                log.error("worker %d: renewed certificates not loaded: %s", self.index, exc)
+
     def start_accepting(self) -> None:
-        """Watch the listening socket for new connections."""
-        if self.listener is not None and not self.accepting:
-            self.loop.add_reader(self.listener.fileno(), self._accept)
+        """Watch the listening sockets for new connections."""
+        if self.listeners and not self.accepting:
+            for bound in self.listeners:
+                self.loop.add_reader(bound.sock.fileno(), self._accept, bound)
             self.accepting = True
 
     def stop_accepting(self) -> None:
         """Leave new connections in the kernel's backlog (max_connections reached, or drain)."""
-        if self.listener is not None and self.accepting:
-            self.loop.remove_reader(self.listener.fileno())
+        if self.listeners and self.accepting:
+            for bound in self.listeners:
+                self.loop.remove_reader(bound.sock.fileno())
             self.accepting = False
 
-    def _accept(self) -> None:
-        listener = self.listener
-        if listener is None:
-            return
+    def _accept(self, bound: BoundListener) -> None:
+        listener = bound.sock
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = listener.accept()
@@ -429,15 +500,19 @@ class WorkerContext:
                 # connection waits in the backlog.
                 self.resource_shortage(exc)
                 return
-            self._take(sock)
+            self._take(sock, bound)
             if len(self.connections) + self.adopting >= self.max_clients:
                 self.stop_accepting()
                 return
 
-    def _take(self, sock: socket.socket) -> None:
+    def _take(self, sock: socket.socket, bound: BoundListener) -> None:
         sock.setblocking(False)
         self.adopting += 1
-        self.tasks.spawn(self._adopt(sock), name="adopt")
+        certificates = bound.certificates
+        if certificates is None:
+            self.tasks.spawn(self._adopt(sock), name="adopt")
+        else:
+            self.tasks.spawn(self._adopt_tls(sock, certificates.default), name="adopt-tls")
 
     async def _adopt(self, sock: socket.socket) -> None:
         try:
@@ -445,31 +520,49 @@ class WorkerContext:
         except OSError:
             sock.close()
         finally:
-            self.adopting -= 1
-            # A connection that closed while others were being adopted may have left room.
-            if not self.accepting:
-                self._resume_accepting()
-            self._check_idle()
+            self._adopted()
+
+    async def _adopt_tls(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        # The handshake is bounded by client_keepalive: a client that stalls it must not hold
+        # a connection slot longer than an idle keep-alive client could.
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: TlsClientConnection(self),
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=self.timeouts.client_keepalive,
+            )
+        except (OSError, TimeoutError, ConnectionError):
+            # A failed or stalled handshake: nothing was requested, nothing to answer.
+            sock.close()
+        finally:
+            self._adopted()
+
+    def _adopted(self) -> None:
+        self.adopting -= 1
+        # A connection that closed while others were being adopted may have left room.
+        if not self.accepting:
+            self._resume_accepting()
+        self._check_idle()
 
     def close_listener(self) -> None:
-        """Stop accepting and close the listening socket: new connections are refused.
+        """Stop accepting and close the listening sockets: new connections are refused.
 
-        Connections the kernel already completed sit in the backlog, and closing the listener
+        Connections the kernel already completed sit in the backlog, and closing a listener
         would reset them although their clients may have sent a request: they are taken in
         first and served (with `Connection: close`).
         """
         self.stop_accepting()
-        listener = self.listener
-        if listener is None:
-            return
-        self.listener = None
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                break
-            self._take(sock)
-        listener.close()
+        listeners = self.listeners
+        self.listeners = []
+        for bound in listeners:
+            while True:
+                try:
+                    sock, _ = bound.sock.accept()
+                except OSError:
+                    break
+                self._take(sock, bound)
+            bound.sock.close()
 
     # ---- timers --------------------------------------------------------------------------
 
@@ -617,12 +710,17 @@ async def _control_loop(ctx: WorkerContext, channel: ControlChannel, stop: async
             )
             ctx.apply(table)
             if not ready:
-                host, port = spec.listen
-                ctx.listen(host, port)
+                ctx.listen(spec.all_listeners())
                 ready = True
                 channel.send({"op": OP_READY, "generation": table.generation, "pid": os.getpid()})
             else:
                 channel.send({"op": OP_APPLIED, "generation": table.generation})
+        elif op == OP_CERTS:
+            material = material_from_message(msg)
+            if ready:
+                ctx.renew_certificates(material)
+            else:
+                ctx.tls_material = material
         elif op == OP_HEALTH:
             ctx.set_down({(str(u), str(e)) for u, e in msg.get("down", [])})
         elif op == OP_STATS:

@@ -101,7 +101,10 @@ class TurnoutProcess:
         self.config = config
         self.config_path = config_path
         self.stderr_path = config_path.with_suffix(".stderr")
-        listen_host, _, listen_port = str(config["listen"]).rpartition(":")
+        listen = config["listen"]
+        # The list form (contract section 10): the first listener is the one `url` names.
+        first = listen[0]["address"] if isinstance(listen, list) else listen
+        listen_host, _, listen_port = str(first).rpartition(":")
         self.port = int(listen_port)
         self.url = f"http://{listen_host}:{self.port}"
         self.admin_url = f"http://{config['admin']}"
