@@ -69,6 +69,9 @@ ACCEPT_BATCH = 64
 # (fd limit - FD_RESERVE) / 2 clients.
 FD_RESERVE = 64
 
+# Fewer client connections per worker than this, forced by the fd limit, is worth a warning.
+LOW_CAPACITY = 1024
+
 # At shutdown, an idle keep-alive connection is closed at once only if it has been idle this
 # long; a client that used its connection more recently may be sending a request right now,
 # so that connection gets `Connection: close` on its next response instead (or is closed once
@@ -314,7 +317,10 @@ class WorkerContext:
         wanted = spec.limits.max_connections
         self.max_clients = min(wanted, capacity)
         if wanted > capacity and (old is None or old.table.spec.limits.max_connections != wanted):
-            log.warning(
+            # A warning when the cap really bites; the default 10,000 against a 20,000-fd limit
+            # is worth a line, not an alarm.
+            log.log(
+                logging.WARNING if capacity < min(wanted, LOW_CAPACITY) else logging.INFO,
                 "worker %d: limits.max_connections %d needs about %d file descriptors but the "
                 "limit is %d: taking at most %d client connections",
                 self.index,
