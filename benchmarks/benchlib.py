@@ -26,6 +26,21 @@ ONE_MIB = 1024 * 1024
 # 100 bytes: the size of a typical small JSON API answer.
 SMALL_BODY = "turnout-bench " + "x" * 85 + "\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Mozilla's "intermediate" TLS 1.2 cipher list, as Turnout configures it (proxy/tls.py), so
+# that both proxies offer the same handshakes; TLS 1.3 suites are OpenSSL's defaults in both.
+INTERMEDIATE_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 
 class StartError(RuntimeError):
@@ -290,12 +305,41 @@ http {{
     return conf
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listening port and the PEM certificate chain and key it serves."""
+
+    port: int
+    cert: Path
+    key: Path
+
+
+def _nginx_tls_lines(tls: TlsListener | None) -> str:
+    if tls is None:
+        return ""
+    # Turnout's defaults (docs/tls.md): TLS 1.2 and 1.3, the intermediate ciphers, session
+    # tickets on (nginx's default too); HTTP/1.1 only, as Turnout offers no h2 yet.
+    return f"""
+        listen {LOOPBACK}:{tls.port} ssl backlog=4096;
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {INTERMEDIATE_CIPHERS};
+        ssl_prefer_server_ciphers off;"""
+
+
 def write_proxy_conf(
-    prefix: Path, port: int, backend_port: int, workers: int, keepalive: int
+    prefix: Path,
+    port: int,
+    backend_port: int,
+    workers: int,
+    keepalive: int,
+    tls: TlsListener | None = None,
 ) -> Path:
     """Write an nginx reverse-proxy config in front of the backend; return the conf path.
 
-    `keepalive` is the number of idle upstream connections each worker keeps.
+    `keepalive` is the number of idle upstream connections each worker keeps. With `tls`, the
+    same server also listens with TLS on `tls.port`.
     """
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -310,7 +354,7 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen {LOOPBACK}:{port} backlog=4096;
+        listen {LOOPBACK}:{port} backlog=4096;{_nginx_tls_lines(tls)}
         # The default 1m limit is exactly the upload size; 2m leaves room, like Turnout's 64MiB.
         client_max_body_size 2m;
         # Keep request bodies in memory rather than temp files, as a tuned deployment would.

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --dry        # nginx in Turnout's place: shows the noise
     .venv/bin/python benchmarks/run.py --fixed-rate 2000   # open-loop latency instead of wrk
     .venv/bin/python benchmarks/run.py --fixed-rate-half-max   # ... at half Turnout's max req/s
+    .venv/bin/python benchmarks/run.py --scenarios tls   # HTTPS: keep-alive and new handshakes
 
 See docs/benchmarks.md for what is measured and how to read the table. All traffic stays on
 127.0.0.1; every process started here is stopped on exit, Ctrl-C or error.
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,7 @@ from types import FrameType
 
 import benchlib as bl
 import orjson
+import trustme
 from latency import GRACE_S, LatencyResult
 from latency import format_table as format_latency_table
 
@@ -72,12 +77,19 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Scenario:
-    """One load shape: a path, the wrk connection counts, and an optional upload body."""
+    """One load shape: a path, the wrk connection counts, and an optional upload body; `tls`:
+    over HTTPS; `close`: `Connection: close`, so every request is a new connection (over HTTPS
+    wrk resumes the previous connection's TLS session); `full_handshake`: instead of wrk,
+    `connections` parallel `openssl s_time -new` clients, one full handshake per request.
+    """
 
     name: str
     path: str
     connections: tuple[int, ...]
     upload_bytes: int = 0
+    tls: bool = False
+    close: bool = False
+    full_handshake: bool = False
 
 
 SCENARIOS = {
@@ -86,8 +98,22 @@ SCENARIOS = {
         Scenario("small", "/small", (64, 256)),
         Scenario("1m-download", "/1m", (16,)),
         Scenario("1m-upload", "/upload", (16,), upload_bytes=bl.ONE_MIB),
+        Scenario("tls-small", "/small", (64,), tls=True),
+        Scenario("tls-handshake", "/small", (32,), tls=True, close=True),
+        Scenario("tls-full-handshake", "/small", (8,), tls=True, full_handshake=True),
     )
 }
+# What `--scenarios` runs by default, and names standing for several scenarios.
+DEFAULT_SCENARIOS = ("small", "1m-download", "1m-upload")
+SCENARIO_GROUPS = {
+    "tls": ("tls-small", "tls-handshake", "tls-full-handshake"),
+    "all": tuple(SCENARIOS),
+}
+# The issue-12 goal: Turnout's keep-alive TLS req/s at least this share of NGINX's.
+TLS_GOAL_SHARE = 0.5
+# The test certificate's name: wrk and the probes connect to 127.0.0.1 and send no SNI (an IP
+# address), so both proxies serve their one (default) certificate.
+TLS_HOSTS = ("localhost", bl.LOOPBACK)
 
 
 @dataclass(frozen=True)
@@ -119,15 +145,34 @@ class Settings:
     syscalls: bool
     keepalive: int
     quick: bool
+    tls_key: str = "ecdsa"
+
+    @property
+    def tls(self) -> bool:
+        """Whether any scenario needs the proxies' TLS listeners."""
+        return any(s.tls for s in self.scenarios)
 
 
 @dataclass(frozen=True)
 class Subject:
-    """A proxy under test: its table label, data port and process."""
+    """A proxy under test: its table label, data port, TLS port (None: none) and process."""
 
     label: str
     port: int
     proc: bl.Proc
+    tls_port: int | None = None
+    # What a default Python client negotiated on the TLS port: protocol and cipher.
+    tls_info: str = ""
+
+
+@dataclass(frozen=True)
+class TestCert:
+    """The certificate both proxies serve, made at run time, and the CA that issued it."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -140,6 +185,7 @@ class Lab:
     tmp: Path
     raw_dir: Path
     backend: Subject
+    cert: TestCert | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +237,8 @@ class Report:
     latency_rates: dict[int, tuple[float, float | None]] = field(default_factory=dict)
     # workers -> lines on the CPU the proxies and the background used during the visits
     latency_cpu: dict[int, list[str]] = field(default_factory=dict)
+    # What the TLS scenarios served: the certificate, and what a client negotiated with each proxy.
+    tls: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -206,10 +254,17 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--scenarios",
         nargs="+",
-        choices=list(SCENARIOS),
-        default=list(SCENARIOS),
+        choices=[*SCENARIOS, *SCENARIO_GROUPS],
+        default=list(DEFAULT_SCENARIOS),
         metavar="NAME",
-        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+        help=f"any of {', '.join(SCENARIOS)}; `tls` = tls-small tls-handshake, `all` = every "
+        f"one (default: {' '.join(DEFAULT_SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--tls-key",
+        choices=["ecdsa", "rsa"],
+        default="ecdsa",
+        help="key of the test certificate for the TLS scenarios: ECDSA P-256 (default) or RSA-2048",
     )
     parser.add_argument("--workers", default="1,2", help="comma list of worker counts (1,2)")
     parser.add_argument("--repeat", type=int, help="interleaved runs per proxy (3; quick 1)")
@@ -272,8 +327,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     except ValueError:
         parser.error(f"--workers: expected a comma list of integers, got {args.workers!r}")
     quick: bool = args.quick
+    names = [n for arg in args.scenarios for n in SCENARIO_GROUPS.get(arg, (arg,))]
     settings = Settings(
-        scenarios=[SCENARIOS[name] for name in dict.fromkeys(args.scenarios)],
+        scenarios=[SCENARIOS[name] for name in dict.fromkeys(names)],
         workers=workers,
         repeat=args.repeat or (1 if quick else 3),
         duration=args.duration or (3 if quick else 10),
@@ -289,6 +345,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         syscalls=args.syscalls,
         keepalive=args.nginx_keepalive,
         quick=quick,
+        tls_key=args.tls_key,
     )
     if not workers or min(workers) < 1 or settings.repeat < 1 or settings.duration < 1:
         parser.error("workers, repeat and duration must be positive")
@@ -296,6 +353,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         parser.error("--fixed-rate must be positive")
     if settings.fixed_rate is not None and settings.fixed_rate_half_max:
         parser.error("--fixed-rate and --fixed-rate-half-max exclude each other")
+    if settings.tls and settings.dry:
+        parser.error("--dry does not cover the TLS scenarios")
     return settings
 
 
@@ -314,13 +373,16 @@ def which(tool: str) -> str | None:
     return None
 
 
-def ensure_tools(pin: bool, perf: bool = False) -> dict[str, str]:
-    """Find nginx and wrk (and taskset when pinning), installing missing ones with apt-get;
-    with `perf`, also find perf (not installed: its package follows the kernel).
+def ensure_tools(pin: bool, perf: bool = False, tls: bool = False) -> dict[str, str]:
+    """Find nginx and wrk (and taskset when pinning, openssl for the TLS scenarios), installing
+    missing ones with apt-get; with `perf`, also find perf (not installed: its package follows
+    the kernel).
     """
     packages = {"nginx": "nginx", "wrk": "wrk"}
     if pin:
         packages["taskset"] = "util-linux"
+    if tls:
+        packages["openssl"] = "openssl"
     missing = sorted({pkg for tool, pkg in packages.items() if which(tool) is None})
     if missing:
         install = ["apt-get", "install", "-y", *missing]
@@ -383,16 +445,87 @@ def start_backend(
     return Subject("backend", port, proc)
 
 
+def make_cert(tmp: Path, kind: str) -> TestCert:
+    """Issue the test certificate (ECDSA P-256 or RSA-2048) from a fresh CA; write PEM files."""
+    key_type = trustme.KeyType.ECDSA if kind == "ecdsa" else trustme.KeyType.RSA
+    ca = trustme.CA(key_type=key_type)
+    issued = ca.issue_cert(*TLS_HOSTS, key_type=key_type)
+    folder = tmp / "certs"
+    folder.mkdir()
+    cert = TestCert(folder / "server.pem", folder / "server.key", folder / "ca.pem", kind)
+    cert.cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    cert.key.write_bytes(issued.private_key_pem.bytes())
+    cert.ca.write_bytes(ca.cert_pem.bytes())
+    return cert
+
+
+def cert_description(cert: TestCert) -> str:
+    """One line: which key the test certificate has and how it was made."""
+    key = "ECDSA P-256" if cert.kind == "ecdsa" else "RSA-2048"
+    return (
+        f"certificate: {key} (trustme, made at run time, names {', '.join(TLS_HOSTS)}), "
+        "the same files for both proxies"
+    )
+
+
+def client_context(cert: TestCert) -> ssl.SSLContext:
+    """A client context trusting the test CA (probes; wrk itself does not verify)."""
+    return ssl.create_default_context(cafile=str(cert.ca))
+
+
+def wait_for_https(proc: bl.Proc, port: int, cert: TestCert, deadline_s: float) -> str:
+    """Wait until GET /small over HTTPS on `port` answers 200, verifying the test certificate;
+    return the protocol and cipher negotiated. StartError if `proc` dies or time runs out.
+    """
+    deadline = time.monotonic() + deadline_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise bl.StartError(
+                f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}"
+            )
+        conn = http.client.HTTPSConnection(
+            bl.LOOPBACK, port, timeout=2.0, context=client_context(cert)
+        )
+        try:
+            conn.request("GET", "/small")
+            resp = conn.getresponse()
+            resp.read()
+            sock = conn.sock
+            if resp.status == 200 and isinstance(sock, ssl.SSLSocket):
+                cipher = sock.cipher()
+                return f"{sock.version()}, {cipher[0] if cipher else 'unknown cipher'}"
+            last = f"status {resp.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = str(exc)
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise bl.StartError(
+        f"{proc.name}: no HTTPS 200 on port {port} after {deadline_s:.0f}s ({last}):\n"
+        f"{proc.log_tail()}"
+    )
+
+
 def start_nginx_proxy(lab: Lab, label: str, workers: int, stack: contextlib.ExitStack) -> Subject:
-    """Start an nginx reverse proxy with `workers` workers in front of the backend."""
+    """Start an nginx reverse proxy with `workers` workers in front of the backend (with a TLS
+    listener too when a TLS scenario runs).
+    """
     prefix = lab.tmp / f"{label}-w{workers}"
     port = bl.free_port()
-    conf = bl.write_proxy_conf(prefix, port, lab.backend.port, workers, lab.settings.keepalive)
+    tls = None
+    if lab.cert is not None:
+        tls = bl.TlsListener(bl.free_port(), lab.cert.cert, lab.cert.key)
+    conf = bl.write_proxy_conf(prefix, port, lab.backend.port, workers, lab.settings.keepalive, tls)
     argv = bl.nginx_argv(lab.tools["nginx"], prefix, conf, lab.pinning.proxy)
     proc = bl.Proc(label, argv, prefix / "error.log")
     stack.callback(proc.stop)
     bl.wait_for_http(proc, port, "/small", 10.0)
-    return Subject(label, port, proc)
+    if tls is None or lab.cert is None:
+        return Subject(label, port, proc)
+    info = wait_for_https(proc, tls.port, lab.cert, 10.0)
+    print(f"  {label} TLS ready ({info})", flush=True)
+    return Subject(label, port, proc, tls.port, info)
 
 
 def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subject:
@@ -400,6 +533,15 @@ def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subjec
     settings = lab.settings
     port, admin_port = bl.free_port(), bl.free_port()
     config = bl.turnout_config(port, admin_port, workers, lab.backend.port, settings.features)
+    tls_port = None
+    if lab.cert is not None:
+        # The list form of `listen` (docs/config.md): the plain listener and a TLS one.
+        tls_port = bl.free_port()
+        pair = {"cert": str(lab.cert.cert), "key": str(lab.cert.key)}
+        config["listen"] = [
+            {"address": config["listen"]},
+            {"address": f"{bl.LOOPBACK}:{tls_port}", "tls": {"certificates": [pair]}},
+        ]
     conf = bl.write_turnout_conf(lab.tmp / f"turnout-w{workers}.yaml", config)
     argv = [*bl.taskset_prefix(lab.pinning.proxy), *settings.turnout_cmd, "run", str(conf)]
     if not settings.access_log:
@@ -412,7 +554,11 @@ def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subjec
     stack.callback(proc.stop)
     how = bl.wait_for_turnout(proc, port, admin_port, "/small", 15.0)
     print(f"  turnout ready ({how})", flush=True)
-    return Subject("turnout", port, proc)
+    if tls_port is None or lab.cert is None:
+        return Subject("turnout", port, proc)
+    info = wait_for_https(proc, tls_port, lab.cert, 10.0)
+    print(f"  turnout TLS ready ({info})", flush=True)
+    return Subject("turnout", port, proc, tls_port, info)
 
 
 def start_subjects(lab: Lab, workers: int, stack: contextlib.ExitStack) -> list[Subject]:
@@ -431,6 +577,8 @@ def start_subjects(lab: Lab, workers: int, stack: contextlib.ExitStack) -> list[
 def write_lua(tmp: Path, scenario: Scenario) -> Path:
     """The wrk script of a scenario: method, body, headers and the done() reporter."""
     lines = [f'wrk.headers["{STICKY_HEADER[0]}"] = "{STICKY_HEADER[1]}"']
+    if scenario.close:
+        lines.append('wrk.headers["Connection"] = "close"')
     if scenario.upload_bytes:
         lines += [
             'wrk.method = "POST"',
@@ -463,6 +611,81 @@ def run_wrk(
     return wrk_figures(done), done.stdout
 
 
+S_TIME_COUNT = re.compile(r"^(\d+) connections in [\d.]+ real seconds", re.MULTILINE)
+
+
+def s_time_request(path: str) -> str:
+    """What to give `s_time -www` so that its `GET %s HTTP/1.0` request carries `Host` (both
+    proxies answer 400 without it) and the sticky header; its own trailing ` HTTP/1.0` becomes
+    the value of a last, ignored header.
+    """
+    return (
+        f"{path} HTTP/1.0\r\nHost: localhost\r\n{STICKY_HEADER[0]}: {STICKY_HEADER[1]}\r\nx-s-time:"
+    )
+
+
+def run_s_time(lab: Lab, port: int, clients: int, seconds: int, path: str) -> dict[str, float]:
+    """`clients` parallel `openssl s_time -new` for `seconds`: each does one full handshake and
+    one HTTP/1.0 GET `path` per connection. Figures shaped like wrk's done() line; latency is
+    not measured (0). A client that fails counts as a connect error.
+    """
+    request = s_time_request(path)
+    argv = [
+        *bl.taskset_prefix(lab.pinning.load),
+        lab.tools["openssl"],
+        "s_time",
+        "-connect",
+        f"{bl.LOOPBACK}:{port}",
+        "-new",
+        "-time",
+        str(seconds),
+        "-www",
+        request,
+    ]
+    began = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(clients)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            outputs.append((proc.returncode, out))
+    finally:
+        # On Ctrl-C or SIGTERM no client outlives the harness.
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    wall = time.monotonic() - began
+    counts = [S_TIME_COUNT.findall(out) for _, out in outputs]
+    failed = sum(1 for (code, _), found in zip(outputs, counts, strict=True) if code or not found)
+    return {
+        "requests": sum(int(found[-1]) for found in counts if found),
+        "duration_us": wall * 1e6,
+        "bytes": 0,
+        "connect": failed,
+        "read": 0,
+        "write": 0,
+        "status": 0,
+        "timeout": 0,
+        "p50_us": 0.0,
+        "p99_us": 0.0,
+    }
+
+
 def wrk_figures(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
     """The figures wrk's done() hook printed (see WRK_DONE_LUA); BenchError when there are none."""
     for line in done.stdout.splitlines():
@@ -491,9 +714,17 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     if not subject.proc.alive():
         raise BenchError(f"{subject.label} is gone:\n{subject.proc.log_tail()}")
     scenario, connections = shape.scenario, shape.connections
-    url = f"http://{bl.LOOPBACK}:{subject.port}{scenario.path}"
+    if scenario.tls:
+        if subject.tls_port is None:
+            raise BenchError(f"{subject.label} has no TLS listener for {scenario.name}")
+        url = f"https://{bl.LOOPBACK}:{subject.tls_port}{scenario.path}"
+    else:
+        url = f"http://{bl.LOOPBACK}:{subject.port}{scenario.path}"
     if lab.settings.warmup:
-        run_wrk(lab, url, connections, lab.settings.warmup, shape.script)
+        if scenario.full_handshake and subject.tls_port is not None:
+            run_s_time(lab, subject.tls_port, connections, lab.settings.warmup, scenario.path)
+        else:
+            run_wrk(lab, url, connections, lab.settings.warmup, shape.script)
     pids = bl.process_tree(subject.proc.pid)
     # Everything this harness runs; CPU used by any other process is background noise.
     ours = {os.getpid()}
@@ -503,7 +734,13 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     split_before = bl.cpu_ticks_split(pids)
     before = bl.cpu_snapshot()
     try:
-        figures, output = run_wrk(lab, url, connections, lab.settings.duration, shape.script)
+        if scenario.full_handshake and subject.tls_port is not None:
+            figures = run_s_time(
+                lab, subject.tls_port, connections, lab.settings.duration, scenario.path
+            )
+            output = orjson.dumps(figures).decode()
+        else:
+            figures, output = run_wrk(lab, url, connections, lab.settings.duration, shape.script)
     finally:
         syscalls = counter.stop() if counter is not None else None
     after = bl.cpu_snapshot()
@@ -875,6 +1112,8 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
     if report.runs:
         rows = median_rows(report.runs)
         lines += ["## Medians", "", *results_table(rows), ""]
+        if report.tls:
+            lines += ["## TLS", "", *report.tls, *tls_verdicts(rows), ""]
         scaling = scaling_table(rows)
         if scaling:
             lines += [
@@ -912,6 +1151,38 @@ def render(report: Report, tools: dict[str, str], complete: bool) -> list[str]:
         ]
     if report.notes:
         lines += ["## Notes", "", *(f"- {note}" for note in report.notes), ""]
+    return lines
+
+
+def tls_verdicts(rows: list[Row]) -> list[str]:
+    """How to read the TLS rows, and the issue-12 goal on tls-small: Turnout's req/s at least
+    TLS_GOAL_SHARE of NGINX's, per connections and workers.
+    """
+    by_key = {(r.scenario, r.connections, r.workers, r.proxy): r for r in rows}
+    lines = []
+    if any(r.scenario == "tls-handshake" for r in rows):
+        lines.append(
+            "- tls-handshake: every request is a new connection (`Connection: close`) whose "
+            "handshake wrk resumes from its previous connection's session (TLS 1.3: PSK with "
+            "ECDHE, no certificate sent or signed); req/s = resumed handshakes/s"
+        )
+    if any(r.scenario == "tls-full-handshake" for r in rows):
+        lines.append(
+            "- tls-full-handshake: parallel `openssl s_time -new` clients (conns = clients), "
+            "one full handshake (certificate signed and sent) and one HTTP/1.0 GET per "
+            "connection; req/s = full handshakes/s, latency not measured (0.000)"
+        )
+    for r in rows:
+        nginx = by_key.get((r.scenario, r.connections, r.workers, "nginx"))
+        if r.scenario != "tls-small" or r.proxy != "turnout" or nginx is None or not nginx.rps:
+            continue
+        share = r.rps / nginx.rps
+        verdict = "met" if share >= TLS_GOAL_SHARE and not r.errors else "NOT met"
+        lines.append(
+            f"- goal (issue 12) tls-small c{r.connections} w{r.workers}: Turnout "
+            f"{r.rps:.0f} req/s = {share:.2f}x NGINX's {nginx.rps:.0f} "
+            f"(goal >= {TLS_GOAL_SHARE}x): {verdict}"
+        )
     return lines
 
 
@@ -953,7 +1224,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables and write benchmarks/out/results-<timestamp>.md."""
     settings = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    tools = ensure_tools(settings.pin, settings.syscalls)
+    tools = ensure_tools(settings.pin, settings.syscalls, settings.tls)
     pinning = choose_pinning(settings.pin, settings.workers)
     report = Report(settings, pinning)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -967,11 +1238,20 @@ def main(argv: list[str] | None = None) -> int:
         with _session_dir() as tmp, contextlib.ExitStack() as stack:
             backend = start_backend(tmp, tools, pinning, stack)
             print(f"backend nginx on {bl.LOOPBACK}:{backend.port}", flush=True)
-            lab = Lab(settings, tools, pinning, tmp, raw_dir, backend)
+            cert = make_cert(tmp, settings.tls_key) if settings.tls else None
+            if cert is not None:
+                report.tls.append(f"- {cert_description(cert)}")
+                print(cert_description(cert), flush=True)
+            lab = Lab(settings, tools, pinning, tmp, raw_dir, backend, cert)
             for workers in settings.workers:
                 print(f"== {workers} worker(s)", flush=True)
                 with contextlib.ExitStack() as per_workers:
                     subjects = start_subjects(lab, workers, per_workers)
+                    report.tls += [
+                        f"- w{workers} {s.label}: a default client negotiates {s.tls_info}"
+                        for s in subjects
+                        if s.tls_info
+                    ]
                     if settings.fixed_rate is None and not settings.fixed_rate_half_max:
                         wrk_session(lab, subjects, workers, report)
                     else:
