@@ -19,9 +19,11 @@ Traffic is drawn per check period, not per request: a fixed number of requests (
 the canary's share binomial at the step's weight, errors binomial per version, the latency
 histogram a multinomial over the buckets of a log-normal latency. Seeded; pure Python.
 
-    .venv/bin/python benchmarks/rollout_sim.py            # 10,000 rollouts per cell, minutes
-    .venv/bin/python benchmarks/rollout_sim.py --quick    # 1,000 per cell
+    .venv/bin/python benchmarks/rollout_sim.py            # 10,000 rollouts per cell, ~20 min
+    .venv/bin/python benchmarks/rollout_sim.py --quick    # 1,000 per cell, ~2 min
     .venv/bin/python benchmarks/rollout_sim.py --runs 200 --workers 1
+
+(times on 2 cores; docs/rollout-statistics.md has the tables of the default run)
 """
 
 from __future__ import annotations
