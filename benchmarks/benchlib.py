@@ -21,26 +21,16 @@ from typing import IO, Any
 
 import yaml
 
+from proxy.tls import INTERMEDIATE_CIPHERS as TURNOUT_CIPHERS
+
 LOOPBACK = "127.0.0.1"
 ONE_MIB = 1024 * 1024
 # 100 bytes: the size of a typical small JSON API answer.
 SMALL_BODY = "turnout-bench " + "x" * 85 + "\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Mozilla's "intermediate" TLS 1.2 cipher list, as Turnout configures it (proxy/tls.py), so
-# that both proxies offer the same handshakes; TLS 1.3 suites are OpenSSL's defaults in both.
-INTERMEDIATE_CIPHERS = ":".join(
-    (
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-CHACHA20-POLY1305",
-    )
-)
+# Both proxies offer the same TLS 1.2 suites (Turnout's, from proxy/tls.py); TLS 1.3 suites are
+# OpenSSL's defaults in both.
+INTERMEDIATE_CIPHERS = TURNOUT_CIPHERS
 
 
 class StartError(RuntimeError):
