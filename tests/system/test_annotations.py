@@ -128,16 +128,6 @@ def grafana(upstream_host: UpstreamHost) -> Iterator[FakeGrafana]:
     upstream_host.call(made.stop())
 
 
-@pytest.fixture
-def upstreams(upstream_host: UpstreamHost) -> Iterator[dict[str, FlakyUpstream]]:
-    made = {"blue": FlakyUpstream("blue"), "canary": FlakyUpstream("canary")}
-    for upstream in made.values():
-        upstream_host.call(upstream.start())
-    yield made
-    for upstream in made.values():
-        upstream_host.call(upstream.stop())
-
-
 @pytest.fixture(autouse=True)
 def grafana_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The token Turnout's subprocess finds in its environment."""

@@ -87,16 +87,6 @@ def receiver(upstream_host: UpstreamHost) -> Iterator[Receiver]:
     upstream_host.call(made.stop())
 
 
-@pytest.fixture
-def upstreams(upstream_host: UpstreamHost) -> Iterator[dict[str, FlakyUpstream]]:
-    made = {"blue": FlakyUpstream("blue"), "canary": FlakyUpstream("canary")}
-    for upstream in made.values():
-        upstream_host.call(upstream.start())
-    yield made
-    for upstream in made.values():
-        upstream_host.call(upstream.stop())
-
-
 def config(
     upstreams: dict[str, FlakyUpstream], receiver: Receiver, timeout: str = "2s"
 ) -> dict[str, Any]:
