@@ -35,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.controller import ACTIONS
 from proxy.dashboard import PAGE_PATHS, add_dashboard_routes
+from proxy.fleet import FleetConflict, FleetDisagreement, FleetUnavailable
 from proxy.metrics import CONTENT_TYPE, Totals
 from proxy.rollout import RolloutError
 from proxy.routing import explain, make_view
@@ -119,6 +120,10 @@ class AdminBackend(Protocol):
 
     def polled_totals(self) -> tuple[Totals, float]:
         """The counters of the latest poll and when it arrived (see proxy.dashboard)."""
+        ...
+
+    def fleet_view(self) -> dict[str, Any] | None:
+        """The body of GET /admin/fleet; None when the config has no `fleet`."""
         ...
 
 
@@ -257,6 +262,24 @@ def error_response(message: str, status: int) -> web.Response:
     return json_response({"error": message}, status=status)
 
 
+def fleet_error(exc: Exception) -> web.Response:
+    """The answer to a change the fleet refused: nothing changed anywhere."""
+    if isinstance(exc, FleetUnavailable):
+        return json_response(
+            {
+                "error": "fleet store unavailable",
+                "detail": f"Redis cannot be reached ({exc}); nothing changed, retry later",
+            },
+            status=503,
+        )
+    if isinstance(exc, FleetDisagreement):
+        return json_response({"error": str(exc), "instances": exc.instances}, status=409)
+    return json_response(
+        {"error": "the fleet's state changed meanwhile", "detail": f"{exc}; nothing changed"},
+        status=409,
+    )
+
+
 def parse_split(body: bytes, upstreams: Sequence[str]) -> dict[str, float]:
     """The weights of a `PUT .../split` body; ValueError with a message for the client.
 
@@ -301,6 +324,8 @@ async def _change_split(request: web.Request, weights: Mapping[str, float] | Non
         state = await request.app[BACKEND].set_split(name, weights)
     except RouteNotFound:
         return error_response(f"unknown route {name!r}", 404)
+    except (FleetUnavailable, FleetConflict) as exc:
+        return fleet_error(exc)
     except ValueError as exc:
         return error_response(str(exc), 400)
     except OSError as exc:
@@ -335,6 +360,8 @@ async def _post_rollout(request: web.Request) -> web.Response:
         state = await request.app[BACKEND].rollout_command(name, action)
     except RouteNotFound:
         return error_response(f"unknown route {name!r}", 404)
+    except (FleetUnavailable, FleetConflict, FleetDisagreement) as exc:
+        return fleet_error(exc)
     except RolloutError as exc:
         return error_response(str(exc), 409)
     except OSError as exc:
@@ -353,11 +380,19 @@ def add_rollout_routes(app: web.Application) -> None:
     app.router.add_post(f"/admin/routes/{{name}}/rollout/{{action:{actions}}}", _post_rollout)
 
 
+async def _get_fleet(request: web.Request) -> web.Response:
+    view = request.app[BACKEND].fleet_view()
+    if view is None:
+        return error_response("fleet mode is off: the config has no `fleet` block", 404)
+    return json_response(view)
+
+
 def add_route_routes(app: web.Application) -> None:
     """`GET /admin/routes` and the runtime split: `PUT`/`DELETE /admin/routes/{name}/split`."""
     app.router.add_get("/admin/routes", _get_routes)
     app.router.add_put("/admin/routes/{name}/split", _put_split)
     app.router.add_delete("/admin/routes/{name}/split", _delete_split)
+    app.router.add_get("/admin/fleet", _get_fleet)
 
 
 # --- explain ----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from proxy.spec import (
     ConfigSpec,
     Drain,
     Endpoint,
+    Fleet,
     HealthCheck,
     Limits,
     Listener,
@@ -54,6 +55,7 @@ from proxy.spec import (
 from proxy.table import PathError, path_from_text
 
 __all__ = [
+    "ENV_REF_RE",
     "GRAFANA_ANNOTATIONS_PATH",
     "LOG_ISSUE_LIMIT",
     "MAX_FILE_BYTES",
@@ -67,6 +69,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_size",
+    "redact_redis_url",
     "spec_to_dict",
     "summary",
 ]
@@ -853,6 +856,7 @@ class _Checker:
             limits=self._field(items, "limits", "", self._limits, default.limits),
             drain=self._field(items, "drain", "", self._drain, default.drain),
             annotations=self._field(items, "annotations", "", self._annotations, None),
+            fleet=self._field(items, "fleet", "", self._fleet, None),
         )
 
     def _address_field(
@@ -1031,6 +1035,35 @@ class _Checker:
         return Annotations(
             grafana=self._field(items, "grafana", path, grafana, d.grafana),
             timeout=self._field(items, "timeout", path, self._positive_duration, d.timeout),
+        )
+
+    def _fleet(self, node: Node, path: str) -> Fleet | None:
+        items = self._mapping(node, path, _FLEET_KEYS, ("name", "redis"))
+        if items is None:
+            return None
+        d = Fleet(name="", redis="")
+
+        def name(n: Node, p: str) -> str | None:
+            return self._text_field(n, p, _check_fleet_name, "a fleet name")
+
+        def redis(n: Node, p: str) -> str | None:
+            return self._text_field(n, p, _check_redis_url, "a Redis URL")
+
+        def instance(n: Node, p: str) -> str | None:
+            return self._text_field(n, p, _check_instance, "an instance name")
+
+        def lease(n: Node, p: str) -> float | None:
+            value = self._positive_duration(n, p)
+            if value is not None and not _MIN_LEASE <= value <= _MAX_LEASE:
+                self.error(n, p, f"must be from {_MIN_LEASE:g}s to {_MAX_LEASE:g}s")
+                return None
+            return value
+
+        return Fleet(
+            name=self._field(items, "name", path, name, d.name),
+            redis=self._field(items, "redis", path, redis, d.redis),
+            instance=self._field(items, "instance", path, instance, None),
+            lease=self._field(items, "lease", path, lease, d.lease),
         )
 
     def _upstreams(self, node: Node, path: str) -> tuple[UpstreamSpec, ...] | None:
@@ -1432,6 +1465,7 @@ _TOP_KEYS = (
     "limits",
     "drain",
     "annotations",
+    "fleet",
     "upstreams",
     "routes",
 )
@@ -1442,6 +1476,13 @@ _TIMEOUT_KEYS = ("connect", "response", "idle", "client_keepalive")
 _LIMIT_KEYS = ("max_request_body", "max_connections", "max_header_size", "max_headers")
 _DRAIN_KEYS = ("reload", "shutdown", "delay")
 _ANNOTATION_KEYS = ("grafana", "timeout")
+_FLEET_KEYS = ("name", "redis", "instance", "lease")
+# A lease below a second is renewed faster than Redis round trips can be trusted; above an
+# hour a dead leader holds rollouts for too long.
+_MIN_LEASE = 1.0
+_MAX_LEASE = 3600.0
+_MAX_INSTANCE_CHARS = 128
+ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UPSTREAM_KEYS = ("endpoints", "health", "tls")
 _UPSTREAM_TLS_KEYS = ("ca", "server_name", "cert", "key", "verify")
 _HEALTH_KEYS = ("path", "interval", "timeout", "unhealthy_after", "healthy_after")
@@ -1605,6 +1646,59 @@ def _check_grafana_url(text: str) -> str | None:
             f"bad URL '{_shown(text)}': give Grafana's base URL, without "
             f"{GRAFANA_ANNOTATIONS_PATH} (Turnout adds it)"
         )
+    return None
+
+
+def _check_fleet_name(text: str) -> str | None:
+    if not NAME_RE.match(text):
+        return f"'{_shown(text)}' is not a name (a-z, 0-9, '_', '-'; up to 63 characters)"
+    return None
+
+
+def _check_instance(text: str) -> str | None:
+    if not text or len(text) > _MAX_INSTANCE_CHARS:
+        return f"expected 1 to {_MAX_INSTANCE_CHARS} characters"
+    if _CONTROL_RE.search(text) or any(c.isspace() for c in text):
+        return "no spaces or control characters"
+    rest = ENV_REF_RE.sub("", text)
+    if "$" in rest:
+        return "write an environment variable as ${NAME}"
+    return None
+
+
+def redact_redis_url(text: str) -> str:
+    """`text` with the password of its user part replaced by `***` (for dumps and logs)."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.password is None:
+        return text
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _check_redis_url(text: str) -> str | None:
+    hint = "expected redis://host:6379/0 or rediss://host:6380/0"
+    if len(text) > _MAX_URL_CHARS:
+        return f"a URL of {len(text)} characters; at most {_MAX_URL_CHARS}"
+    if _CONTROL_RE.search(text) or " " in text:
+        return f"bad URL (no spaces or control characters; {hint})"
+    shown = _shown(redact_redis_url(text)) if "@" in text else _shown(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return f"bad URL '{shown}' ({hint})"
+    if parts.scheme not in ("redis", "rediss"):
+        return f"bad URL '{shown}': the scheme must be redis or rediss ({hint})"
+    if not parts.hostname:
+        return f"bad URL '{shown}': no host ({hint})"
+    if port == 0:
+        return f"bad URL '{shown}': the port must be from 1 to 65535"
+    database = parts.path.strip("/")
+    if database and (not database.isdigit() or int(database) > 15):
+        return f"bad URL '{shown}': the path is a database number from 0 to 15 ({hint})"
+    if parts.fragment or parts.query:
+        return f"bad URL '{shown}': no query or fragment ({hint})"
     return None
 
 
@@ -1813,6 +1907,15 @@ def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
             "grafana": spec.annotations.grafana,
             "timeout": format_duration(spec.annotations.timeout),
         }
+    if spec.fleet is not None:
+        fleet: dict[str, object] = {
+            "name": spec.fleet.name,
+            "redis": redact_redis_url(spec.fleet.redis),
+            "lease": format_duration(spec.fleet.lease),
+        }
+        if spec.fleet.instance is not None:
+            fleet["instance"] = spec.fleet.instance
+        out["fleet"] = fleet
     out["upstreams"] = {upstream.name: _upstream_dict(upstream) for upstream in spec.upstreams}
     out["routes"] = [_route_dict(route) for route in spec.routes]
     return out

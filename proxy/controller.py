@@ -58,11 +58,19 @@ class RolloutHost(Protocol):
     def table(self) -> Table:
         """The table in force."""
 
-    async def request_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
-        """Every worker's stats snapshot."""
+    async def rollout_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
+        """The counters rollouts judge on: every worker's snapshot (or, in a fleet, every
+        instance's); [] when none can be had."""
 
-    async def rollout_changed(self) -> None:
-        """Effective splits or rollout state changed: push a new table and persist."""
+    def may_judge(self) -> bool:
+        """True when this process runs the rollouts (always, except on a fleet's followers)."""
+
+    async def rollout_changed(self, *, judged: bool = False) -> None:
+        """Effective splits or rollout state changed: push a new table and persist.
+
+        `judged`: the change is the controller's own (a verdict, a step begun), which in a
+        fleet only the leader may store.
+        """
 
 
 def fingerprint(route: CompiledRoute) -> str:
@@ -166,18 +174,67 @@ class RolloutController:
                 result[name] = (split, "rollout")
         return result
 
-    def state_json(self) -> dict[str, Mapping[str, object]]:
+    def state_json(self, *, marks: bool = False) -> dict[str, Mapping[str, object]]:
         """Everything to persist: per route the state and the config fingerprint.
 
         An idle rollout (one that a DELETE of the split released) is kept for its reason and
         history; the latest look is left out (a restored step starts its evidence over).
+        `marks` (a fleet's shared state) adds the counters each running step's evidence is
+        measured from, so another instance that takes over goes on with the same evidence.
         """
         saved: dict[str, Mapping[str, object]] = {}
         for name, state in self.states.items():
             data = core.to_json(state)
             del data["last_check"]
-            saved[name] = {**data, "fingerprint": self._fingerprints.get(name, "")}
+            data["fingerprint"] = self._fingerprints.get(name, "")
+            mark = self._marks.get(name) if marks else None
+            if mark is not None:
+                data["mark"] = {
+                    "canary": _snapshot_json(mark[0]),
+                    "baseline": _snapshot_json(mark[1]),
+                }
+            saved[name] = data
         return saved
+
+    def adopt(self, saved: Mapping[str, object], table: Table) -> None:
+        """Take a fleet's shared rollout states (and marks) as they are, replacing this
+        instance's; a rollout whose route has no rollout here is left out."""
+        states: dict[str, core.RolloutState] = {}
+        marks: dict[str, tuple[core.CounterSnapshot, core.CounterSnapshot]] = {}
+        prints: dict[str, str] = {}
+        for name, raw in saved.items():
+            route = table.route(name)
+            if route is None or route.rollout is None or not isinstance(raw, Mapping):
+                continue
+            try:
+                state = core.from_json(raw)
+                mark = raw.get("mark")
+                if isinstance(mark, Mapping):
+                    marks[name] = (
+                        core.CounterSnapshot.from_stats([mark["canary"]]),
+                        core.CounterSnapshot.from_stats([mark["baseline"]]),
+                    )
+            except (core.StateError, ValueError, KeyError, TypeError) as exc:
+                log.warning("rollout state of route '%s' in the fleet unreadable: %s", name, exc)
+                continue
+            before = self.states.get(name)
+            if before is not None and before == state:
+                state = before  # keeps the latest look shown by /admin/routes
+            elif before is None or before.step != state.step or before.state != state.state:
+                self._cancel_gate(name)
+            states[name] = state
+            prints[name] = str(raw.get("fingerprint", ""))
+        for name in set(self.states) - set(states):
+            self._cancel_gate(name)
+        self.states = states
+        self._marks = marks
+        self._fingerprints = prints
+        self._wake.set()
+
+    def hold(self) -> None:
+        """This instance stopped leading: no webhook gate may begin a step from here."""
+        for name in list(self._gates):
+            self._cancel_gate(name)
 
     def view(self, route: str) -> dict[str, object] | None:
         """The `rollout` object of /admin/routes for `route` (None when it never ran)."""
@@ -237,17 +294,18 @@ class RolloutController:
             self._cancel_gate(name)
             self._marks.pop(name, None)
             if state.state == "running":
-                if state.waiting:
-                    self._spawn_gate(route, rollout, state)
-                else:
+                if not state.waiting:
                     await self._mark(route)
+                elif self._host.may_judge():
+                    self._spawn_gate(route, rollout, state)
             self._log(name, f"{action}: {state.reason}", state)
+            # Stored first (in a fleet it may be refused): nothing is announced that did not happen.
+            await self._host.rollout_changed()
             self._event(name, rollout, state, state.reason, rollback=action == "abort")
             if action == "abort":
                 self._notify(name, rollout, "rollback", before, None, state.reason, None)
             elif action == "promote":
                 self._notify(name, rollout, "succeeded", before, None, state.reason, None)
-            await self._host.rollout_changed()
             return state
 
     def runtime_split_set(self, name: str) -> bool:
@@ -348,6 +406,8 @@ class RolloutController:
 
     async def tick(self) -> None:
         """Look at every step whose `check` came and apply the verdicts."""
+        if not self._host.may_judge():
+            return  # a fleet's follower, or a leader cut off from Redis: rollouts hold
         table = self._host.table
         now = self._clock()
         running = [
@@ -371,7 +431,7 @@ class RolloutController:
         if not unmarked and not due:
             return
         async with self._lock:
-            stats = await self._host.request_stats(self._stats_timeout)
+            stats = await self._host.rollout_stats(self._stats_timeout)
             self._starved = not stats
             if not stats:
                 return  # no worker answered: no evidence to judge or to start from
@@ -386,8 +446,8 @@ class RolloutController:
                 self.states[route.name] = core.restart_step(restored, now)
             for route in due:
                 changed |= self._look(route, stats, now)
-            if changed:
-                await self._host.rollout_changed()
+            if changed or unmarked:
+                await self._host.rollout_changed(judged=True)
 
     def _look(self, route: CompiledRoute, stats: list[dict[str, Any]], now: float) -> bool:
         """One look at `route`'s step; True when it gave a verdict (to push and persist)."""
@@ -493,7 +553,7 @@ class RolloutController:
                 entry = state.history[-1]
                 self._event(name, rollout, state, state.reason, verdict="fail", rollback=True)
                 self._notify(name, rollout, "rollback", waiting, "fail", state.reason, entry)
-            await self._host.rollout_changed()
+            await self._host.rollout_changed(judged=True)
 
     def _notify(
         self,
@@ -551,7 +611,7 @@ class RolloutController:
 
         When no worker answers the mark is left unset, and the next tick sets it.
         """
-        stats = await self._host.request_stats(self._stats_timeout)
+        stats = await self._host.rollout_stats(self._stats_timeout)
         if stats:
             self._marks[route.name] = self._counters_of(route, stats)
         self._wake.set()
@@ -576,6 +636,14 @@ class RolloutController:
             state.step,
             f"{state.canary_weight:g}",
         )
+
+
+def _snapshot_json(snapshot: core.CounterSnapshot) -> dict[str, object]:
+    """A mark as `CounterSnapshot.from_stats` reads it back."""
+    return {
+        "codes": {str(code): count for code, count in snapshot.codes.items()},
+        "buckets": list(snapshot.buckets),
+    }
 
 
 def _body(

@@ -249,6 +249,8 @@ class MetricsInput:
     annotations: Mapping[str, int] = field(default_factory=dict)
     # Expiry (Unix time) of each TLS listener's certificates, by (listener, name).
     certificate_expiry: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    # Fleet mode (contract section 9): (connected, leader, live instances); None when off.
+    fleet: tuple[bool, bool, int] | None = None
 
 
 def _escape(value: str) -> str:
@@ -546,6 +548,27 @@ def _certificates(out: list[str], view: MetricsInput) -> None:
         )
 
 
+def _fleet(out: list[str], view: MetricsInput) -> None:
+    if view.fleet is None:
+        return
+    connected, leader, instances = view.fleet
+    _family(
+        out, "turnout_fleet_connected", "gauge", "1 while this instance reaches the fleet's Redis."
+    )
+    out.append(f"turnout_fleet_connected {_num(int(connected))}\n")
+    _family(
+        out, "turnout_fleet_leader", "gauge", "1 while this instance leads (runs the rollouts)."
+    )
+    out.append(f"turnout_fleet_leader {_num(int(leader))}\n")
+    _family(
+        out,
+        "turnout_fleet_instances",
+        "gauge",
+        "Instances of the fleet seen in Redis within three leases (as of the last look).",
+    )
+    out.append(f"turnout_fleet_instances {_num(instances)}\n")
+
+
 def render(view: MetricsInput) -> bytes:
     """The Prometheus text exposition of one scrape (serve it with CONTENT_TYPE).
 
@@ -563,6 +586,7 @@ def render(view: MetricsInput) -> bytes:
     _rollouts(out, view)
     _annotations(out, view)
     _certificates(out, view)
+    _fleet(out, view)
     _build_info(out)
     _process(out)
     return "".join(out).encode()

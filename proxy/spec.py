@@ -233,6 +233,21 @@ class Annotations:
 
 
 @dataclass(frozen=True, slots=True)
+class Fleet:
+    """Fleet mode (contract section 9): instances with the same `name` share state in Redis.
+
+    `redis` is the URL as written (redis:// or rediss://; a password in it is never shown);
+    `instance` is this instance's name as written, `${VAR}` references expanded at start
+    (None: host name and pid); `lease` is the leader lease in seconds.
+    """
+
+    name: str
+    redis: str
+    instance: str | None = None
+    lease: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Match:
     """Route match. `host` lower-cased without port; `*.example.com` is a suffix match."""
 
@@ -277,6 +292,7 @@ class ConfigSpec:
     limits: Limits = field(default_factory=Limits)
     drain: Drain = field(default_factory=Drain)
     annotations: Annotations | None = None
+    fleet: Fleet | None = None
 
     def all_listeners(self) -> tuple[Listener, ...]:
         """Every data-plane listener: the list form, or the one plain `listen`."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ from typing import Any
 
 import aiohttp.helpers
 import aiohttp.http_parser
+import orjson
 import uvloop
 
 from proxy.admin import (
@@ -81,7 +83,16 @@ from proxy.control import (
     open_channel,
     table_message,
 )
-from proxy.controller import RolloutController
+from proxy.controller import RolloutController, fingerprint
+from proxy.fleet import (
+    WRITE_ATTEMPTS,
+    FleetConflict,
+    FleetDisagreement,
+    FleetStore,
+    FleetUnavailable,
+    Heartbeat,
+    expand_instance,
+)
 from proxy.health import EndpointKey
 from proxy.metrics import MetricsInput, Totals, render
 from proxy.prober import Prober
@@ -129,7 +140,7 @@ SETTLE = 0.3
 EXPIRY_WARNING = 14 * 86400.0
 
 # Static settings: bound once at start. A reload that changes them is applied only on restart.
-STATIC_SETTINGS = ("listen", "listeners", "admin", "workers")
+STATIC_SETTINGS = ("listen", "listeners", "admin", "workers", "fleet")
 
 # How long a scrape waits for the workers' counters; a worker that misses it counts with its
 # last snapshot.
@@ -148,8 +159,10 @@ METRICS_GZIP_LEVEL = 1
 # answers anyway (a worker that slow is logged).
 APPLY_DEADLINE = 2.0
 
-# route -> (weights, source): the runtime ("runtime") or rollout ("rollout") split in force.
+# route -> (weights, source): the runtime ("runtime"; "fleet" when the fleet shares it) or
+# rollout ("rollout") split in force.
 SplitOverrides = dict[str, tuple[dict[str, float], str]]
+RUNTIME_SOURCES = ("runtime", "fleet")
 
 
 class ConfigLoadError(Exception):
@@ -232,6 +245,11 @@ def startup_refusals(spec: ConfigSpec, token: str | None) -> list[str]:
     folder = state_file_is_folder(spec)
     if folder is not None:
         reasons.append(folder)
+    if spec.fleet is not None:
+        try:
+            expand_instance(spec.fleet.instance)
+        except ValueError as exc:
+            reasons.append(str(exc))
     host = spec.admin[0]
     if token is None and not is_loopback(host):
         reasons.append(
@@ -518,7 +536,12 @@ class Supervisor:
         self._static = {name: getattr(spec, name) for name in STATIC_SETTINGS}
         sha = config_sha256(text)
         saved = load_state(spec.state_file) if spec.state_file is not None else SavedState()
-        restored = {route: (dict(weights), "runtime") for route, weights in saved.splits.items()}
+        # In a fleet the state file is this instance's cache of the shared state, used when it
+        # starts while Redis is away; the fleet's document replaces it once connected.
+        self._runtime_source = "runtime" if spec.fleet is None else "fleet"
+        restored = {
+            route: (dict(weights), self._runtime_source) for route, weights in saved.splits.items()
+        }
         self._split_overrides: SplitOverrides = _usable_overrides(
             spec, restored, "in the state file"
         )
@@ -586,6 +609,20 @@ class Supervisor:
                 # Changed since load_config checked them: the workers read the files themselves.
                 log.error("TLS certificates: %s", exc)
 
+        self.fleet: FleetStore | None = None
+        # (config sha256, digest of its upstreams and routes), computed once per config.
+        self._table_digest = ("", "")
+        if spec.fleet is not None:
+            self.fleet = FleetStore(
+                spec.fleet,
+                expand_instance(spec.fleet.instance),
+                on_document=self._on_fleet_document,
+                seed=lambda: self._export(self._split_overrides),
+                heartbeat=self._fleet_heartbeat,
+                counters=self._fleet_counters,
+                on_leader=self._on_fleet_leader,
+            )
+
         app = create_admin_app(self, token=token)
         self.admin_app = app
         self._admin = AdminServer(app)
@@ -652,7 +689,7 @@ class Supervisor:
 
     def _route_state(self, route: CompiledRoute, in_file: Mapping[str, Any]) -> dict[str, Any]:
         override = self._split_overrides.get(route.name)
-        runtime = override[0] if override is not None and override[1] == "runtime" else None
+        runtime = override[0] if override is not None and override[1] in RUNTIME_SOURCES else None
         return {
             "name": route.name,
             "match": in_file["match"],
@@ -682,6 +719,20 @@ class Supervisor:
     # --- runtime splits -------------------------------------------------------------------------
 
     async def set_split(self, route: str, weights: Mapping[str, float] | None) -> dict[str, Any]:
+        """`_set_split`; in a fleet on the newest shared state, tried again when another
+        instance changed it meanwhile (FleetUnavailable when Redis cannot be reached)."""
+        if self.fleet is None:
+            return await self._set_split(route, weights)
+        for attempt in range(WRITE_ATTEMPTS):
+            await self._fleet_refresh()
+            try:
+                return await self._set_split(route, weights)
+            except FleetConflict:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _set_split(self, route: str, weights: Mapping[str, float] | None) -> dict[str, Any]:
         """Put a runtime split in force on `route`, or drop it (`weights` None).
 
         Dropping also releases a rollout of the route that ended (succeeded, failed,
@@ -704,13 +755,13 @@ class Supervisor:
             released = False
             if weights is None:
                 released = self.rollouts.release(route)
-                if not released and (existing is None or existing[1] != "runtime"):
+                if not released and (existing is None or existing[1] not in RUNTIME_SOURCES):
                     return self._route_answer(route)
                 overrides.pop(route, None)
                 # A rollout in progress takes the route back (its split was under the runtime's).
                 overrides = self._with_rollouts(overrides, current.table)
             else:
-                wanted = (dict(weights), "runtime")
+                wanted = (dict(weights), self._runtime_source)
                 if existing == wanted:
                     return self._route_answer(route)
                 overrides[route] = wanted
@@ -721,7 +772,11 @@ class Supervisor:
                 sha256=current.sha256,
                 split_overrides=overrides,
             )
-            await self._save_state(overrides)
+            try:
+                await self._store(overrides, judged=False)
+            except BaseException:
+                self._undo_fleet_change()
+                raise
             self._split_overrides = overrides
             self._install(replace(current, generation=generation, table=table))
             if weights is None:
@@ -767,25 +822,51 @@ class Supervisor:
         async with self._applied:
             self._applied.notify_all()
 
-    async def _save_state(self, overrides: SplitOverrides) -> None:
-        """Write the runtime splits and rollout state to `state_file` (OSError on failure)."""
-        path = self._current.spec.state_file
-        if path is None:
-            return
-        state = SavedState(
+    def _export(self, overrides: SplitOverrides) -> SavedState:
+        """The runtime splits and rollout state as the state file (or the fleet) keeps them."""
+        return SavedState(
             splits={
                 route: weights
                 for route, (weights, source) in overrides.items()
-                if source == "runtime"
+                if source in RUNTIME_SOURCES
             },
-            rollouts=self.rollouts.state_json(),
+            rollouts=self.rollouts.state_json(marks=self.fleet is not None),
         )
-        await asyncio.to_thread(save_state, path, state)
+
+    async def _store(self, overrides: SplitOverrides, *, judged: bool) -> None:
+        """Store the state that `overrides` and the rollouts make before it is put in force.
+
+        Alone: the state file (OSError on failure). In a fleet: the shared document first
+        (FleetUnavailable, FleetConflict; `judged` changes only while leading), then the
+        state file as a cache (a failure there is logged only: the fleet has the state).
+        """
+        state = self._export(overrides)
+        if self.fleet is not None:
+            await self.fleet.write(state, fenced=judged)
+            await self._write_cache(state)
+            return
+        path = self._current.spec.state_file
+        if path is not None:
+            await asyncio.to_thread(save_state, path, state)
+
+    async def _write_cache(self, state: SavedState) -> None:
+        path = self._current.spec.state_file
+        if path is None:
+            return
+        try:
+            await asyncio.to_thread(save_state, path, state)
+        except OSError as exc:
+            log.error("cannot write the state file %s (the fleet's cache): %s", path, exc)
 
     async def _persist_after_change(self, why: str) -> None:
         """Save the state after a change the file forced; a failure is logged, not raised."""
         try:
-            await self._save_state(self._split_overrides)
+            await self._store(self._split_overrides, judged=False)
+        except FleetConflict:
+            log.warning("fleet: %s: another instance changed the shared state first", why)
+        except FleetUnavailable as exc:
+            log.warning("fleet: %s not shared (Redis unreachable: %s)", why, exc)
+            await self._write_cache(self._export(self._split_overrides))
         except OSError as exc:
             log.error(
                 "cannot write the state file %s (%s): %s; a restart may bring back what it held",
@@ -837,6 +918,9 @@ class Supervisor:
                 for cert in certs
             },
             annotations=dict(self.annotations.counts),
+            fleet=None
+            if self.fleet is None
+            else (self.fleet.connected, self.fleet.may_lead(), len(self.fleet.live_members())),
         )
         # Rendering takes ~0.7 us per series (0.2 s for 5,000 routes that all saw traffic, see
         # benchmarks/metrics_cost.py); off the loop, health checks and probes keep their pace.
@@ -961,17 +1045,31 @@ class Supervisor:
 
     def _with_rollouts(self, overrides: SplitOverrides, table: Table) -> SplitOverrides:
         """`overrides` with every active rollout's split added; a runtime split wins."""
-        merged = {route: o for route, o in overrides.items() if o[1] == "runtime"}
+        merged = {route: o for route, o in overrides.items() if o[1] in RUNTIME_SOURCES}
         for route, override in self.rollouts.splits(table).items():
             merged.setdefault(route, override)
         return merged
 
-    async def rollout_changed(self) -> None:
-        """The rollout controller moved a weight or a state: push the table, persist."""
+    async def rollout_changed(self, *, judged: bool = False) -> None:
+        """The rollout controller moved a weight or a state: persist, push the table.
+
+        In a fleet the change is stored in the shared state first; when that is refused
+        (Redis away, another instance first, or a judged change and this instance no longer
+        leads) the change is undone here and, for an operator's call, the error raised.
+        """
         async with self._change_lock:
             current = self._current
             overrides = self._with_rollouts(self._split_overrides, current.table)
             generation = current.generation
+            if self.fleet is not None:
+                try:
+                    await self._store(overrides, judged=judged)
+                except (FleetConflict, FleetUnavailable) as exc:
+                    self._undo_fleet_change()
+                    if not judged:
+                        raise
+                    log.warning("fleet: a rollout change was not stored, so not made: %s", exc)
+                    return
             if overrides != self._split_overrides:
                 generation += 1
                 table = compile_table(
@@ -982,7 +1080,8 @@ class Supervisor:
                 )
                 self._split_overrides = overrides
                 self._install(replace(current, generation=generation, table=table))
-            await self._persist_after_change("rollout change")
+            if self.fleet is None:
+                await self._persist_after_change("rollout change")
         await self._wait_applied(generation, APPLY_DEADLINE)
 
     async def rollout_command(self, route: str, action: str) -> dict[str, Any]:
@@ -994,14 +1093,135 @@ class Supervisor:
         """
         if self._current.table.route(route) is None:
             raise RouteNotFound(route)
+        if self.fleet is None:
+            await self._rollout_command(route, action)
+            return self._route_answer(route)
+        for attempt in range(WRITE_ATTEMPTS):
+            await self._fleet_refresh()
+            if action == "start":
+                self._check_fleet_agrees(route)
+            try:
+                await self._rollout_command(route, action)
+            except FleetConflict:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise
+            else:
+                break
+        return self._route_answer(route)
+
+    async def _rollout_command(self, route: str, action: str) -> None:
         if action == "start" and route in self._split_overrides:
             async with self._change_lock:
-                if self._split_overrides.get(route, ("", ""))[1] == "runtime":
+                if self._split_overrides.get(route, ("", ""))[1] in RUNTIME_SOURCES:
                     self._split_overrides = {
                         name: o for name, o in self._split_overrides.items() if name != route
                     }
         await self.rollouts.command(self._current.table, route, action)
-        return self._route_answer(route)
+
+    # --- fleet ----------------------------------------------------------------------------------
+
+    def fleet_view(self) -> dict[str, Any] | None:
+        """The body of GET /admin/fleet (None: not in a fleet)."""
+        return None if self.fleet is None else self.fleet.view()
+
+    async def rollout_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
+        """What rollouts judge on: the workers' counters, or the whole fleet's."""
+        stats = await self.request_stats(timeout)
+        if self.fleet is None:
+            return stats
+        return await self.fleet.fleet_counters()
+
+    def may_judge(self) -> bool:
+        """Rollouts move here: always alone; in a fleet only on the leader, while it leads."""
+        return self.fleet is None or self.fleet.may_lead()
+
+    def _check_fleet_agrees(self, route: str) -> None:
+        assert self.fleet is not None
+        compiled = self._current.table.route(route)
+        if compiled is None or compiled.rollout is None:
+            return  # the controller says what is wrong
+        others = self.fleet.disagreeing(route, fingerprint(compiled))
+        if others:
+            raise FleetDisagreement(route, others)
+
+    async def _fleet_refresh(self) -> None:
+        """Before a change: take the newest shared state (FleetUnavailable when unreachable)."""
+        assert self.fleet is not None
+        if await self.fleet.refresh():
+            await self._on_fleet_document(self.fleet.document or SavedState())
+
+    async def _on_fleet_document(self, document: SavedState) -> None:
+        async with self._change_lock:
+            self._adopt(document)
+        await self._write_cache(document)
+
+    def _undo_fleet_change(self) -> None:
+        """A change was refused by the fleet: back to the newest shared state known."""
+        if self.fleet is not None and self.fleet.document is not None:
+            self._adopt(self.fleet.document)
+
+    def _adopt(self, document: SavedState) -> None:
+        """Put the fleet's shared state in force here (the caller holds the change lock)."""
+        current = self._current
+        self.rollouts.adopt(document.rollouts, current.table)
+        shared = {route: (dict(weights), "fleet") for route, weights in document.splits.items()}
+        overrides = self._with_rollouts(
+            _usable_overrides(current.spec, shared, "from the fleet"), current.table
+        )
+        if overrides == self._split_overrides:
+            return
+        generation = current.generation + 1
+        table = compile_table(
+            current.spec, generation=generation, sha256=current.sha256, split_overrides=overrides
+        )
+        for name in sorted(set(overrides) | set(self._split_overrides)):
+            if overrides.get(name) != self._split_overrides.get(name):
+                log.info(
+                    "route %s: the fleet's split %s is in force; generation %d",
+                    name,
+                    overrides[name][0] if name in overrides else "(the file's)",
+                    generation,
+                )
+        self._split_overrides = overrides
+        self._install(replace(current, generation=generation, table=table))
+
+    def _fleet_heartbeat(self) -> Heartbeat:
+        current = self._current
+        if self._table_digest[0] != current.sha256:
+            file = spec_to_dict(current.spec)
+            routing = orjson.dumps({"upstreams": file["upstreams"], "routes": file["routes"]})
+            self._table_digest = (current.sha256, hashlib.sha256(routing).hexdigest())
+        return Heartbeat(
+            generation=current.generation,
+            sha256=current.sha256,
+            table_sha256=self._table_digest[1],
+            routes={r.name: fingerprint(r) for r in current.table.routes if r.rollout is not None},
+        )
+
+    def _fleet_counters(self) -> list[dict[str, Any]]:
+        """This instance's cumulative counters of every (route, upstream) a rollout judges."""
+        table = self._current.table
+        judged = {
+            (route.name, upstream)
+            for route in table.routes
+            if route.rollout is not None
+            for upstream in (route.rollout.canary, route.rollout.baseline)
+        }
+        totals = self.polled_totals()[0]
+        return [
+            {
+                "route": route,
+                "upstream": upstream,
+                "codes": {str(code): count for code, count in pair.codes.items()},
+                "buckets": list(pair.buckets),
+            }
+            for (route, upstream), pair in totals.pairs.items()
+            if (route, upstream) in judged
+        ]
+
+    def _on_fleet_leader(self, leading: bool) -> None:
+        if not leading:
+            self.rollouts.hold()
 
     def _reload_failed(self, trigger: str, sha: str | None, errors: list[str]) -> ReloadOutcome:
         self.reload_counts["failure"] += 1
@@ -1444,6 +1664,8 @@ class Supervisor:
             watch_file(self.path, self._on_file_change, self._watch_stop), name="config-watch"
         )
         self._tasks.spawn(self.rollouts.run(), name="rollouts")
+        if self.fleet is not None:
+            self._tasks.spawn(self.fleet.run(), name="fleet")
         self._tasks.spawn(self.poll_stats(), name="poll-stats")
         if self._tls_listeners:
             self._tasks.spawn(self.watch_certificates(), name="certificate-watch")
@@ -1490,6 +1712,9 @@ class Supervisor:
         #    Rollout webhooks: gates stop, notifications under way get a short grace; so do
         #    annotations under way.
         await self._prober.close()
+        if self.fleet is not None:
+            # Lets go of the leader lease, so another instance takes over at once.
+            await self.fleet.close()
         await self.rollouts.close()
         await self.annotations.close()
 

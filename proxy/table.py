@@ -28,7 +28,7 @@ from proxy.spec import (
     UpstreamSpec,
 )
 
-SPLIT_SOURCES = ("file", "runtime", "rollout")
+SPLIT_SOURCES = ("file", "runtime", "fleet", "rollout")
 
 
 # --- the normal form of a request path --------------------------------------------------------
@@ -359,7 +359,7 @@ def _compile_route(
         source = "file"
     else:
         weights, source = override
-        if source not in ("runtime", "rollout"):
+        if source not in SPLIT_SOURCES[1:]:
             raise ValueError(f"route {route.name!r}: bad split source {source!r}")
     names = _split_names(route, weights, upstream_order)
     split = compile_split(names, weights, route.name)

@@ -286,7 +286,7 @@
           Object.entries(configured)
             .map(([name, weight]) => name + " " + weight)
             .join(", ");
-    card.reset.hidden = source !== "runtime";
+    card.reset.hidden = source !== "runtime" && source !== "fleet";
 
     const split = route.effective_split || {};
     card.bar.replaceChildren();

@@ -495,7 +495,7 @@ ERROR_CASES: list[tuple[str, str, str, list[str]]] = [
         "listn: 1.2.3.4:80\n",
         [
             "f.yaml:9:1: listn: unknown key 'listn' (allowed: listen, admin, workers, "
-            "state_file, via, timeouts, limits, drain, annotations, upstreams, routes)"
+            "state_file, via, timeouts, limits, drain, annotations, fleet, upstreams, routes)"
         ],
     ),
     (

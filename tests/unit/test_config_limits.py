@@ -110,7 +110,7 @@ def test_a_surrogate_under_an_unknown_key_is_still_reported() -> None:
     errors = errors_of(table(top='extra: {a: "\\udc80"}\n'))
     assert errors == [
         "f.yaml:7:1: extra: unknown key 'extra' (allowed: listen, admin, workers, state_file, "
-        "via, timeouts, limits, drain, annotations, upstreams, routes)",
+        "via, timeouts, limits, drain, annotations, fleet, upstreams, routes)",
         "f.yaml:7:12: '\\udc80' is half of a UTF-16 surrogate pair, not a character; write the "
         "character itself (or \\U0001F600 for one above U+FFFF)",
     ]
@@ -152,7 +152,7 @@ def test_nesting_up_to_the_limit_is_read() -> None:
     errors = errors_of(table(top="extra: " + "[" * 63 + "]" * 63 + "\n"))
     assert errors == [
         "f.yaml:7:1: extra: unknown key 'extra' (allowed: listen, admin, workers, state_file, "
-        "via, timeouts, limits, drain, annotations, upstreams, routes)"
+        "via, timeouts, limits, drain, annotations, fleet, upstreams, routes)"
     ]
 
 

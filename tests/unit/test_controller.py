@@ -88,13 +88,18 @@ class FakeHost:
         self.codes: dict[tuple[str, str], dict[int, int]] = {}
         self.changes = 0
         self.answering = True
+        # False: a fleet's follower, which must never move a rollout.
+        self.leading = True
 
     def serve(self, upstream: str, ok: int, errors: int = 0) -> None:
         codes = self.codes.setdefault(("api", upstream), {})
         codes[200] = codes.get(200, 0) + ok
         codes[500] = codes.get(500, 0) + errors
 
-    async def request_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
+    def may_judge(self) -> bool:
+        return self.leading
+
+    async def rollout_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
         if not self.answering:
             return []
         routes = []
@@ -112,7 +117,7 @@ class FakeHost:
             )
         return [{"routes": routes}]
 
-    async def rollout_changed(self) -> None:
+    async def rollout_changed(self, *, judged: bool = False) -> None:
         self.changes += 1
 
 
@@ -345,6 +350,46 @@ async def test_three_intervals_without_enough_traffic_pause(setup: Setup) -> Non
     # The evidence grew over the three intervals: it was never started over.
     assert [h.canary["requests"] for h in state.history] == [5, 10, 15]
     assert controller.verdicts[("api", "inconclusive")] == 3
+
+
+async def test_a_follower_never_moves_a_rollout(setup: Setup) -> None:
+    host, clock, controller = setup
+    await controller.command(host.table, "api", "start")
+    host.leading = False
+    for _ in range(20):
+        host.serve("canary", ok=0, errors=50)
+        host.serve("blue", ok=1000)
+        clock.now += 5
+        await controller.tick()
+    state = controller.states["api"]
+    assert (state.state, state.step, state.history) == ("running", 0, ())
+    host.leading = True  # it leads now: the same evidence fails the canary
+    clock.now += 5
+    await controller.tick()
+    assert controller.states["api"].state == "failed"
+
+
+async def test_a_new_leader_goes_on_with_the_shared_evidence(setup: Setup) -> None:
+    host, clock, controller = setup
+    await controller.command(host.table, "api", "start")
+    host.serve("canary", ok=40)
+    host.serve("blue", ok=760)
+    shared = controller.state_json(marks=True)
+    assert "mark" in shared["api"]
+    # Another instance takes over with the shared state: its evidence starts at the same mark,
+    # so the 40 canary requests served before the handover count.
+    successor = RolloutController(host, clock=clock)
+    try:
+        successor.adopt(shared, host.table)
+        assert successor.states == controller.states
+        clock.now += 60  # the interval's end: a verdict on all the evidence
+        await successor.tick()
+        (entry,) = successor.states["api"].history
+        assert (entry.verdict, entry.canary["requests"]) == ("inconclusive", 40)
+    finally:
+        await successor.close()
+    # Without the marks (the state file's form) a restored step starts its evidence over.
+    assert "mark" not in controller.state_json()["api"]
 
 
 # --------------------------------------------------------------------------- webhooks
