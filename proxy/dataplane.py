@@ -5,7 +5,8 @@ client layers: a request costs callbacks, not coroutines and tasks, which is wha
 proxy keep up with NGINX (see docs/benchmarks.md). The life of a request:
 
 1. `ClientConnection` feeds bytes to the request parser; `on_headers_complete` has the head.
-2. The exchange snapshots `ctx.generation` once and keeps it (table, pools, bound counters).
+2. The exchange snapshots `ctx.generation` once, when the request's first byte is parsed, and
+   keeps it: head rules, routing, pools, counters, limits, timeouts and Via all come from it.
 3. `routing.decide` picks route and upstream; no route -> local 404, no endpoint -> local 503.
 4. An `UpstreamConnection` from the endpoint's pool carries the request; bodies are streamed and
    each side's transport pauses the other when its buffer fills (backpressure).
@@ -81,16 +82,13 @@ _H_COOKIE = 11
 _H_VIA = 12
 _H_MAX_FORWARDS = 13
 _SPECIAL: dict[bytes, int] = {
+    # Every hop-by-hop header is dropped; the three that carry framing or an upgrade are read
+    # first (their entries below replace these).
+    **dict.fromkeys(HOP_BY_HOP, _H_HOP),
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
     b"transfer-encoding": _H_TRANSFER_ENCODING,
     b"connection": _H_CONNECTION,
-    b"keep-alive": _H_HOP,
-    b"proxy-connection": _H_HOP,
-    b"proxy-authenticate": _H_HOP,
-    b"proxy-authorization": _H_HOP,
-    b"te": _H_HOP,
-    b"trailer": _H_HOP,
     b"upgrade": _H_UPGRADE,
     b"expect": _H_EXPECT,
     b"x-forwarded-for": _H_XFF,
@@ -262,11 +260,14 @@ class Exchange:
         self.retained_size = 0
         self.request_id = ""
         self.head = b""
-        self.gen: Generation | None = None
+        # The one read of the generation: a reload after this never reaches this request, so
+        # a pipelined request waiting behind another is filtered and routed by the same table.
+        gen = conn.ctx.generation
+        self.gen: Generation = gen
         self.decision = ""
         self.route_name = ""
         self.upstream_name = ""
-        self.stats = conn.ctx.generation.no_route
+        self.stats = gen.no_route
         self.upstream: UpstreamPool | None = None
         self.upstream_conn: UpstreamConnection | None = None
         self.endpoint: EndpointPool | None = None
@@ -353,7 +354,7 @@ class Exchange:
             self.max_forwards = value
             self.kept_headers.append((lname, name, value))
         elif kind == _H_VIA:
-            if via_names_us(value, self.conn.ctx.via_name):
+            if via_names_us(value, self.gen.via_name):
                 # RFC 9110 section 7.6.3: Via is how a proxy sees its own requests come back.
                 raise HeadError(508, "forwarding loop: the request already passed this proxy")
             self.kept_headers.append((lname, name, value))
@@ -407,14 +408,13 @@ class Exchange:
                     self.xff = []
                 if b"x-request-id" in extra:
                     self.request_id_in = None
-        ctx = self.conn.ctx
-        limit = ctx.limits.max_request_body
+        limit = self.gen.limits.max_request_body
         if self.content_length is not None and self.content_length > limit:
             raise HeadError(413, "request body larger than limits.max_request_body")
         if self.request_id_in is not None:
             self.request_id = self.request_id_in.decode("latin-1")
         else:
-            self.request_id = ctx.new_request_id()
+            self.request_id = self.conn.ctx.new_request_id()
 
     def _max_forwards(self) -> None:
         """RFC 9110 section 7.6.2: OPTIONS stops here at 0, else goes on with one less."""
@@ -442,8 +442,7 @@ class Exchange:
         if self.answer_here:
             self._local_answer(200, b"", b"Allow: " + _ALLOW + b"\r\n", close=False)
             return
-        gen = ctx.generation
-        self.gen = gen
+        gen = self.gen
         table = gen.table
         url = self.url
         if url[:1] != b"/":
@@ -549,7 +548,7 @@ class Exchange:
         if self.host is not None:
             added.append((b"X-Forwarded-Host", self.host))
         added.append((b"X-Request-Id", self.request_id.encode("latin-1")))
-        added.append((b"Via", self.conn.ctx.via_value))
+        added.append((b"Via", self.gen.via_value))
         return added
 
     def _build_head(self, added: list[tuple[bytes, bytes]]) -> bytes:
@@ -624,7 +623,7 @@ class Exchange:
     async def _connect(self, endpoint: EndpointPool) -> None:
         ctx = self.conn.ctx
         try:
-            async with asyncio.timeout(ctx.timeouts.connect):
+            async with asyncio.timeout(self.gen.timeouts.connect):
                 upstream_conn = await endpoint.connect(ctx.loop)
         except (OSError, TimeoutError) as exc:
             if self.connect_task is None:
@@ -656,7 +655,7 @@ class Exchange:
     def _send_on(self, upstream_conn: UpstreamConnection) -> None:
         ctx = self.conn.ctx
         self.upstream_conn = upstream_conn
-        limits = ctx.limits
+        limits = self.gen.limits
         upstream_conn.start(
             self,
             self.method == "HEAD",
@@ -680,7 +679,7 @@ class Exchange:
         if self.body_done:
             if self.chunked_in:
                 upstream_conn.write(b"0\r\n\r\n")
-            self.deadline = ctx.now + ctx.timeouts.response
+            self.deadline = ctx.now + self.gen.timeouts.response
         else:
             # While the body streams, the idle timeout applies; the response timeout starts
             # when the whole request is out (a long upload is not a slow upstream).
@@ -747,10 +746,7 @@ class Exchange:
             endpoint.in_flight -= 1
 
     def _route_retries(self) -> int:
-        gen = self.gen
-        if gen is None:
-            return 0
-        route = gen.route_by_name.get(self.route_name)
+        route = self.gen.route_by_name.get(self.route_name)
         return route.retries if route is not None else 0
 
     # ---- request body -------------------------------------------------------------------
@@ -761,7 +757,7 @@ class Exchange:
         self.bytes_in += size
         ctx = self.conn.ctx
         self.last_io = ctx.now
-        if self.bytes_in > ctx.limits.max_request_body:
+        if self.bytes_in > self.gen.limits.max_request_body:
             if not self.response_started:
                 self.local_error(
                     413, "request body larger than limits.max_request_body", close=True
@@ -806,8 +802,7 @@ class Exchange:
             if self.chunked_in:
                 upstream_conn.write(b"0\r\n\r\n")
             if not self.response_started:
-                ctx = self.conn.ctx
-                self.deadline = ctx.now + ctx.timeouts.response
+                self.deadline = self.conn.ctx.now + self.gen.timeouts.response
 
     # ---- ResponseSink: the upstream side ------------------------------------------------
 
@@ -848,7 +843,7 @@ class Exchange:
             if lname not in drop:
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
-        parts.append(ctx.via_line)
+        parts.append(self.gen.via_line)
         if self.set_cookie is not None:
             parts.append(self._cookie_header())
         if status == 101:
@@ -884,9 +879,7 @@ class Exchange:
             self.deadline = 0.0
 
     def _cookie_header(self) -> bytes:
-        gen = self.gen
-        assert gen is not None
-        route = gen.route_by_name[self.route_name]
+        route = self.gen.route_by_name[self.route_name]
         sticky = route.sticky
         assert sticky is not None
         assert sticky.cookie is not None
@@ -1239,7 +1232,7 @@ class ClientConnection(CoalescingProtocol):
                 # body byte. Only reads that are all this request's count: a read may also
                 # carry the end of the previous request (its body, or pipelined requests).
                 ex.raw_head += len(data)
-                if ex.raw_head > self.ctx.limits.max_header_size:
+                if ex.raw_head > ex.gen.limits.max_header_size:
                     self._reject(431, "request head larger than limits.max_header_size")
         except httptools.HttpParserUpgrade as upgrade:
             self._upgraded(data[upgrade.args[0] :])
@@ -1315,7 +1308,7 @@ class ClientConnection(CoalescingProtocol):
         assert ex is not None
         ex.url += url
         ex.head_size += len(url)
-        if ex.head_size > self.ctx.limits.max_header_size:
+        if ex.head_size > ex.gen.limits.max_header_size:
             self.error = HeadError(414, "request target longer than limits.max_header_size")
             raise self.error
 
@@ -1324,7 +1317,8 @@ class ClientConnection(CoalescingProtocol):
         assert ex is not None
         ex.head_size += len(name) + len(value) + 4
         ex.header_count += 1
-        limits = self.ctx.limits
+        gen = ex.gen
+        limits = gen.limits
         if ex.method:
             # Trailer fields come after the head and are not forwarded, but they are bounded
             # like the head (with it).
@@ -1333,7 +1327,7 @@ class ClientConnection(CoalescingProtocol):
                 raise self.error
             return
         lname = name.lower()
-        wanted = self.ctx.generation.wanted_headers
+        wanted = gen.wanted_headers
         if (
             lname not in _SPECIAL
             and lname not in wanted
@@ -1376,7 +1370,7 @@ class ClientConnection(CoalescingProtocol):
                 ex.bytes_in += len(body)
                 ex.pending.append(body)
                 ex.keep_for_retry(body)
-                if ex.bytes_in > self.ctx.limits.max_request_body:
+                if ex.bytes_in > ex.gen.limits.max_request_body:
                     raise HeadError(413, "request body larger than limits.max_request_body")
         except Exception as exc:
             self.error = exc

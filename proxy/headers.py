@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# RFC 9110 section 7.6.1 plus the legacy ones the contract names. Lower-case.
+# RFC 9110 section 7.6.1 plus the legacy ones the contract names. Lower-case. The one list:
+# the data plane builds its request and response filters from it.
 HOP_BY_HOP: frozenset[bytes] = frozenset(
     {
         b"connection",
@@ -22,12 +23,6 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
         b"upgrade",
     }
 )
-
-# Headers the proxy sets itself; copies from the other side are dropped so there is one value.
-REQUEST_REPLACED: frozenset[bytes] = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"expect"}
-)
-RESPONSE_REPLACED: frozenset[bytes] = frozenset({b"x-request-id", b"content-length"})
 
 IDEMPOTENT_RETRY_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRY_BODY_LIMIT = 64 * 1024
@@ -56,11 +51,6 @@ def forwarded_for(existing: list[bytes], client: str) -> bytes:
     if not existing:
         return encoded
     return b", ".join([*existing, encoded])
-
-
-def has_token(values: Iterable[bytes], token: bytes) -> bool:
-    """Whether a comma-separated header (e.g. Upgrade, Connection) lists `token`."""
-    return token in connection_tokens(values)
 
 
 def via_names_us(value: bytes, name: bytes) -> bool:

@@ -92,16 +92,27 @@ EJECT_MAX = 60.0
 
 
 class Generation:
-    """Everything one config generation needs at request time, swapped as one reference."""
+    """Everything one config generation needs at request time, swapped as one reference.
+
+    A request takes this reference once, when its first byte is parsed, and uses nothing else
+    for its whole life: the head rules, routing, pools, limits, timeouts and Via name all come
+    from the same config even if a reload swaps the worker's generation meanwhile. Never
+    changed after construction.
+    """
 
     __slots__ = (
+        "limits",
         "mirror_stats",
         "no_route",
         "pools",
         "route_by_name",
         "stats",
         "table",
+        "timeouts",
         "uses_host",
+        "via_line",
+        "via_name",
+        "via_value",
         "wanted_headers",
     )
 
@@ -112,12 +123,19 @@ class Generation:
         stats: tuple[dict[str, RouteUpstreamStats], ...],
         no_route: RouteUpstreamStats,
         mirror_stats: tuple[MirrorStats | None, ...],
+        via_name: str,
     ) -> None:
         self.table = table
         self.mirror_stats = mirror_stats
         self.pools = pools
         self.stats = stats
         self.no_route = no_route
+        self.limits: Limits = table.spec.limits
+        self.timeouts: Timeouts = table.spec.timeouts
+        # This instance's received-by name in Via (RFC 9110 section 7.6.3), ready to write.
+        self.via_name = via_name.encode("ascii")
+        self.via_value = b"1.1 " + self.via_name
+        self.via_line = b"Via: " + self.via_value + b"\r\n"
         self.route_by_name: dict[str, CompiledRoute] = {r.name: r for r in table.routes}
         self.wanted_headers = frozenset(name.encode("latin-1") for name in table.header_names)
         # Without a host-matching route the Host header need not be normalised per request.
@@ -191,11 +209,8 @@ class WorkerContext:
         self.fd_limit = fd_limit
         # limits.max_connections, lowered to what the fd limit allows (see apply).
         self.max_clients = client_capacity(fd_limit)
+        # The Via name of a config without `via` (see Generation).
         self.default_via = via_name
-        self.via_name = b""
-        self.via_value = b""
-        self.via_line = b""
-        self.set_via(via_name)
         self._logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._last_trim = self.now
@@ -205,7 +220,8 @@ class WorkerContext:
         self.batcher = WriteBatcher(loop)
         self.access_log = AccessLog() if access_log else None
         self.generation: Generation = None  # type: ignore[assignment]  # set before serving
-        self.limits = Limits()
+        # The timeouts of the generation in force, for what is not part of a request: idle
+        # keep-alive clients and TLS handshakes. An exchange reads its own generation's.
         self.timeouts = Timeouts()
         self.connections: set[ClientConnection] = set()
         # Exchanges with a deadline or an idle timeout (added by the data plane); see tick().
@@ -226,12 +242,6 @@ class WorkerContext:
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
         self._mirrorer: Mirrorer | None = None
-
-    def set_via(self, name: str) -> None:
-        """Use `name` as this instance's received-by name in Via."""
-        self.via_name = name.encode("ascii")
-        self.via_value = b"1.1 " + self.via_name
-        self.via_line = b"Via: " + self.via_value + b"\r\n"
 
     def new_request_id(self) -> str:
         """A fresh X-Request-Id (32 hex digits)."""
@@ -305,14 +315,14 @@ class WorkerContext:
             else None
             for route in table.routes
         )
-        self.generation = Generation(table, pools, stats, no_route, mirror_stats)
+        spec = table.spec
+        self.generation = Generation(
+            table, pools, stats, no_route, mirror_stats, spec.via or self.default_via
+        )
         if any(route.mirror is not None for route in table.routes):
             # Create the sender (and import aiohttp) now, not on the first mirrored request.
             self.mirrorer()
-        spec = table.spec
-        self.limits = spec.limits
         self.timeouts = spec.timeouts
-        self.set_via(spec.via or self.default_via)
         capacity = client_capacity(self.fd_limit)
         wanted = spec.limits.max_connections
         self.max_clients = min(wanted, capacity)
@@ -582,11 +592,12 @@ class WorkerContext:
         """One pass of the timers (also called directly by tests)."""
         now = self.loop.time()
         self.now = now
-        idle = self.timeouts.idle
+        # Each exchange's idle timeout is that of its own generation (a reload does not move it).
         expired = [
             ex
             for ex in self.watched
-            if (ex.deadline and now > ex.deadline) or (not ex.deadline and now - ex.last_io > idle)
+            if (ex.deadline and now > ex.deadline)
+            or (not ex.deadline and now - ex.last_io > ex.gen.timeouts.idle)
         ]
         for ex in expired:
             self.watched.discard(ex)
