@@ -60,6 +60,7 @@ __all__ = [
     "LOG_ISSUE_LIMIT",
     "MAX_FILE_BYTES",
     "NAME_RE",
+    "SENTINEL_SCHEMES",
     "ConfigError",
     "ConfigIssue",
     "config_sha256",
@@ -68,6 +69,7 @@ __all__ = [
     "format_size",
     "parse_config",
     "parse_duration",
+    "parse_sentinel_url",
     "parse_size",
     "redact_redis_url",
     "spec_to_dict",
@@ -1677,7 +1679,9 @@ def redact_redis_url(text: str) -> str:
 
 
 def _check_redis_url(text: str) -> str | None:
-    hint = "expected redis://host:6379/0 or rediss://host:6380/0"
+    hint = (
+        "expected redis://host:6379/0, rediss://host:6380/0 or redis+sentinel://host:26379/name/0"
+    )
     if len(text) > _MAX_URL_CHARS:
         return f"a URL of {len(text)} characters; at most {_MAX_URL_CHARS}"
     if _CONTROL_RE.search(text) or " " in text:
@@ -1685,11 +1689,25 @@ def _check_redis_url(text: str) -> str | None:
     shown = _shown(redact_redis_url(text)) if "@" in text else _shown(text)
     try:
         parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return f"bad URL '{shown}' ({hint})"
+    if parts.fragment or parts.query:
+        return f"bad URL '{shown}': no query or fragment ({hint})"
+    if parts.scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(text)
+        except ValueError as exc:
+            return f"bad URL '{shown}': {exc} ({hint})"
+        return None
+    try:
         port = parts.port
     except ValueError:
         return f"bad URL '{shown}' ({hint})"
     if parts.scheme not in ("redis", "rediss"):
-        return f"bad URL '{shown}': the scheme must be redis or rediss ({hint})"
+        return (
+            f"bad URL '{shown}': the scheme must be redis, rediss, redis+sentinel or "
+            f"rediss+sentinel ({hint})"
+        )
     if not parts.hostname:
         return f"bad URL '{shown}': no host ({hint})"
     if port == 0:
@@ -1697,9 +1715,34 @@ def _check_redis_url(text: str) -> str | None:
     database = parts.path.strip("/")
     if database and (not database.isdigit() or int(database) > 15):
         return f"bad URL '{shown}': the path is a database number from 0 to 15 ({hint})"
-    if parts.fragment or parts.query:
-        return f"bad URL '{shown}': no query or fragment ({hint})"
     return None
+
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+def parse_sentinel_url(text: str) -> tuple[list[tuple[str, int]], str, int]:
+    """`redis+sentinel://[:password@]host[:port][,host[:port]...]/service[/db]` ->
+    (sentinels, service, db); ValueError says what is wrong. Sentinels listen on 26379 by
+    default."""
+    parts = urllib.parse.urlsplit(text)
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, colon, port_text = item.rpartition(":") if "]" not in item[-1:] else ("", "", "")
+        if not colon or "]" in port_text:
+            host, port_text = item, "26379"
+        host = host.strip("[]")
+        if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"'{_shown(item)}' is not host:port")
+        sentinels.append((host, int(port_text)))
+    path = [piece for piece in parts.path.split("/") if piece]
+    if not path or len(path) > 2:
+        raise ValueError("the path is /service or /service/db (the name Sentinel monitors)")
+    database = path[1] if len(path) == 2 else "0"
+    if not database.isdigit() or int(database) > 15:
+        raise ValueError("the database is a number from 0 to 15")
+    return sentinels, path[0], int(database)
 
 
 def _check_url(text: str, hint: str) -> str | None:

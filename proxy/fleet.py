@@ -43,9 +43,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
-from proxy.config import ENV_REF_RE, redact_redis_url
+from proxy.config import ENV_REF_RE, SENTINEL_SCHEMES, parse_sentinel_url, redact_redis_url
 from proxy.spec import Fleet
 from proxy.state import SavedState, StateFileError, decode_state, encode_state
 from proxy.tasks import TaskSet
@@ -144,10 +145,27 @@ def expand_instance(written: str | None) -> str:
 
 
 def redis_client(spec: Fleet, timeout: float) -> aioredis.Redis:
-    """A client for `spec.redis`; the password from the URL or TURNOUT_REDIS_PASSWORD."""
-    password = urllib.parse.urlsplit(spec.redis).password
+    """A client for `spec.redis`; the password from the URL or TURNOUT_REDIS_PASSWORD.
+
+    A `redis+sentinel://` URL asks the Sentinels for the service's primary at each connect,
+    so a Sentinel failover is followed by the next reconnect.
+    """
+    parts = urllib.parse.urlsplit(spec.redis)
+    password = parts.password
     if password is None:
         password = os.environ.get("TURNOUT_REDIS_PASSWORD") or None
+    if parts.scheme in SENTINEL_SCHEMES:
+        sentinels, service, database = parse_sentinel_url(spec.redis)
+        sentinel = Sentinel(sentinels, socket_timeout=timeout, socket_connect_timeout=timeout)
+        primary: aioredis.Redis = sentinel.master_for(
+            service,
+            db=database,
+            password=password,
+            ssl=parts.scheme.startswith("rediss"),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return primary
     client: aioredis.Redis = aioredis.Redis.from_url(
         spec.redis,
         password=password,
