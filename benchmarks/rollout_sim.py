@@ -12,8 +12,12 @@ run, s), so both procedures see the same requests for as long as they are at the
   max_p99 while the baseline's is not; fewer than min_requests canary requests is inconclusive
   (a new window), three in a row pause.
 - NEW: proxy.sequential.judge on all the evidence since the step began, every `check`, with
-  alpha = step_alpha(confidence, len(steps)); any rejection rolls back at once; the step passes
-  at the first look after `interval` with min_requests; three intervals without them pause.
+  the alpha of a step's first evidence segment, proxy.rollout.segment_alpha(rollout, 0): the
+  budget 1 - confidence shared among the 4 judged steps (the 100% step is promotion, never
+  judged), 3/4 of it to the step's first evidence (the rest pays for fresh starts after a
+  pause, a restart or counters that went down; these walks have none); any rejection rolls
+  back at once; the step passes at the first look after `interval` with min_requests; three
+  intervals without them pause.
 
 Traffic is drawn per check period, not per request: a fixed number of requests (rate x 5 s),
 the canary's share binomial at the step's weight, errors binomial per version, the latency
@@ -41,7 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy import sequential
+from proxy import rollout, sequential
+from proxy.spec import Rollout
 from proxy.stats import DURATION_BUCKETS
 
 STEPS: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 100.0)
@@ -54,7 +59,8 @@ CONFIDENCE = 0.99
 INCONCLUSIVE_LIMIT = 3
 CHECKS_PER_INTERVAL = round(INTERVAL / CHECK)
 SLOTS = len(DURATION_BUCKETS) + 1
-ALPHA = sequential.step_alpha(CONFIDENCE, len(STEPS))
+ROLLOUT = Rollout(baseline="blue", canary="canary", steps=STEPS, confidence=CONFIDENCE)
+ALPHA = rollout.segment_alpha(ROLLOUT, 0)
 Z_99 = 2.3263478740408408  # the standard normal's 99th percentile
 Z_95 = 1.6448536269514722  # one-sided 95%
 
@@ -451,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = Runner(args.seed, args.workers)
     began = time.monotonic()
     print(f"rollout_sim: {runs} rollouts per cell, seed {args.seed}, alpha per step "
-          f"{ALPHA:g} (confidence {CONFIDENCE}, {len(STEPS)} steps)\n")  # fmt: skip
+          f"{ALPHA:g} (a first evidence segment's; confidence {CONFIDENCE}, "
+          f"{rollout.judged_steps(ROLLOUT)} judged steps)\n")  # fmt: skip
     print("Identical versions (latency log-normal, median 40 ms, sigma 0.5): share of rollouts "
           "rolled back\n")  # fmt: skip
     print(identical(runner, runs), "\n", flush=True)

@@ -469,6 +469,12 @@ class RolloutController:
             _now_iso(),
         )
         self.states[route.name] = after
+        if after.state != "running" or after.waiting:
+            self._marks.pop(route.name, None)
+        elif core.starts_evidence(after):
+            # The next step, or evidence started over (counters went down): it starts with
+            # the counters of this look.
+            self._marks[route.name] = (canary_now, baseline_now)
         if entry is None:
             if after.last_check is not None:
                 log.debug(
@@ -478,7 +484,9 @@ class RolloutController:
                     after.last_check.elapsed,
                     "; ".join(test.describe() for test in after.last_check.tests),
                 )
-            return False
+            # A look that spent a share of alpha, or started the evidence over, is stored:
+            # after a crash the next segment must not spend the same share again.
+            return after.spent != state.spent or core.starts_evidence(after)
         key = (route.name, entry.verdict)
         self.verdicts[key] = self.verdicts.get(key, 0) + 1
         self._log(route.name, f"verdict {entry.verdict}: {entry.reason}", after)
@@ -490,11 +498,6 @@ class RolloutController:
             verdict=entry.verdict,
             rollback=after.state == "failed",
         )
-        if after.step != state.step or after.state != "running":
-            self._marks.pop(route.name, None)
-            if after.state == "running" and not after.waiting:
-                # The next step's evidence starts with the counters of this look.
-                self._marks[route.name] = (canary_now, baseline_now)
         self._notify(route.name, rollout, "after_step", state, entry.verdict, entry.reason, entry)
         if after.state == "failed":
             self._notify(route.name, rollout, "rollback", state, "fail", after.reason, entry)

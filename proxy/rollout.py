@@ -7,7 +7,11 @@ pairs into the `Window`s served since the step began (`window_between`) and hand
 which runs the anytime-valid tests of `proxy.sequential` on that cumulative evidence and applies
 what they say: a rejection rolls back at once; a step that lasted `interval` with
 `min_requests` passes; one without enough traffic is inconclusive, and pauses after
-`INCONCLUSIVE_LIMIT` intervals. The operator's calls map to `start`, `pause`, `resume`, `abort`,
+`INCONCLUSIVE_LIMIT` intervals. The false-rollback budget `1 - confidence` is shared among the
+steps that can be judged (`judged_steps`), and each step's among its evidence segments: the
+step's evidence starts over after a pause, a restart of the proxy, or counters that went down
+(`Window.reset`), and each fresh start spends a share of its own (`segment_alpha`,
+`RolloutState.spent`). The operator's calls map to `start`, `pause`, `resume`, `abort`,
 `promote` and `release`; `begin_step`/`refuse_step` apply a `before_step` webhook's answer;
 `effective_split` says which split the route gets.
 
@@ -108,12 +112,15 @@ class Window:
     """What one upstream of a route served since the current step began (its evidence).
 
     `errors` are responses with a 5xx code, proxy-made 502/503/504 included; `buckets` is the
-    latency histogram of the window in the layout of `proxy.stats`.
+    latency histogram of the window in the layout of `proxy.stats`. `reset` means that the
+    counters went down since the step's evidence began (a worker died or restarted): there is
+    no window to measure (the figures are 0) and `look` starts the step's evidence over.
     """
 
     requests: int
     errors: int
     buckets: tuple[int, ...] = (0,) * BUCKET_SLOTS
+    reset: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.errors <= self.requests:
@@ -130,22 +137,28 @@ class Window:
 def window_between(start: CounterSnapshot, end: CounterSnapshot) -> Window:
     """What was served between `start` and `end` (two snapshots of the same counters).
 
-    A restarted worker's counters start again from 0, so a sum over the workers can go down.
-    Each field (every status code, every bucket) is clamped at 0 on its own: the evidence never
-    has negative figures, and it undercounts (by at most what the restarted worker had served)
-    rather than inventing requests. Raises ValueError when the histograms differ in layout.
+    A restarted or dead worker's counters leave the sum over the workers, so it can go down.
+    When any field (a status code's count, a bucket's) is below its value in `start`, the
+    difference is not what was served since `start`: the window is empty with `reset` set,
+    and `look` starts the step's evidence over from `end` (clamping each field at 0 instead
+    would mix counts from before `start` with a partial undercount, evidence that is no
+    longer cumulative). Raises ValueError when the histograms differ in layout.
     """
     if len(start.buckets) != BUCKET_SLOTS or len(end.buckets) != BUCKET_SLOTS:
         raise ValueError(f"counter snapshots need {BUCKET_SLOTS} buckets")
     requests = errors = 0
     for code in start.codes.keys() | end.codes.keys():
-        served = max(0, end.codes.get(code, 0) - start.codes.get(code, 0))
+        served = end.codes.get(code, 0) - start.codes.get(code, 0)
+        if served < 0:
+            return Window(requests=0, errors=0, reset=True)
         requests += served
         if code >= 500:
             errors += served
     buckets = tuple(
-        max(0, after - before) for before, after in zip(start.buckets, end.buckets, strict=True)
+        after - before for before, after in zip(start.buckets, end.buckets, strict=True)
     )
+    if min(buckets) < 0:
+        return Window(requests=0, errors=0, reset=True)
     return Window(requests=requests, errors=errors, buckets=buckets)
 
 
@@ -240,17 +253,50 @@ class Look:
     tests: tuple[Statistic, ...]
 
 
+def judged_steps(rollout: Rollout) -> int:
+    """How many steps a walk can judge: those before the first step of 100% after the first.
+
+    The first step is always judged (its weight is in force from `start`); passing a step
+    whose next step is 100% (or the last step) promotes the canary (`_next_step`), so a step
+    of 100% after the first is never looked at and spends nothing.
+    """
+    for index, weight in enumerate(rollout.steps[1:], start=1):
+        if weight >= 100.0:
+            return index
+    return len(rollout.steps)
+
+
 def step_alpha(rollout: Rollout) -> float:
-    """The false-rollback budget of one step: `1 - confidence` shared among the steps."""
-    return sequential.step_alpha(rollout.confidence, len(rollout.steps))
+    """The false-rollback budget of one step: `1 - confidence` shared among the judged steps."""
+    return sequential.step_alpha(rollout.confidence, judged_steps(rollout))
 
 
-def examine(rollout: Rollout, canary: Window, baseline: Window, elapsed: float, at: str) -> Look:
-    """Run every test and gate on the evidence since the step began (no verdict yet)."""
+def segment_alpha(rollout: Rollout, segment: int) -> float:
+    """The alpha of a step's evidence segment number `segment` (0: the step's first evidence).
+
+    The segments of one step spend less than `step_alpha` in all (`sequential.segment_share`),
+    however many times the step's evidence starts over.
+    """
+    return sequential.segment_alpha(step_alpha(rollout), segment)
+
+
+def examine(
+    rollout: Rollout,
+    canary: Window,
+    baseline: Window,
+    elapsed: float,
+    at: str,
+    *,
+    segment: int = 0,
+) -> Look:
+    """Run every test and gate on the evidence since the step began (no verdict yet).
+
+    The tests get the alpha of the step's evidence segment `segment` (`segment_alpha`).
+    """
     tests = sequential.judge(
         (canary.requests, canary.errors, canary.buckets),
         (baseline.requests, baseline.errors, baseline.buckets),
-        alpha=step_alpha(rollout),
+        alpha=segment_alpha(rollout, segment),
         max_error_rate=rollout.max_error_rate,
         max_p99=rollout.max_p99,
     )
@@ -320,7 +366,16 @@ class RolloutState:
     `waiting` means that `step` has not begun yet: its `before_step` webhooks have not
     answered, and `canary_weight` is still the previous step's (0 before the first);
     `history` holds the verdicts, oldest first (at most `HISTORY_LIMIT`); `last_check` is the
-    latest look at the current step (None before the first).
+    latest look at the current evidence of the step (None before its first look).
+
+    `spent` counts the evidence segments of the current step that were looked at, each of
+    which spent its share of the step's alpha (`segment_alpha`), and `spent_at` is the
+    `step_started_at` of the newest of them (None before the first). The step's evidence
+    starts over (a new `step_started_at`) at `begin_step`, `resume`, `restart_step` and when
+    the counters go down; the first look at it (`step_started_at` is not `spent_at`) tests it
+    at `segment_alpha(spent)` and counts it. Both are saved, unlike `last_check`, so that a
+    segment is counted once however the state travels (a state file, a fleet's store). A new
+    step starts at 0.
     """
 
     state: str = "idle"
@@ -333,6 +388,8 @@ class RolloutState:
     waiting: bool = False
     history: tuple[HistoryEntry, ...] = ()
     last_check: Look | None = None
+    spent: int = 0
+    spent_at: float | None = None
 
 
 def gated(rollout: Rollout) -> bool:
@@ -436,6 +493,13 @@ def look(
     - inconclusive, at each whole `interval` the step lasted without `min_requests`: the step
       runs on (its evidence keeps growing); the `INCONCLUSIVE_LIMIT`th pauses the rollout;
     - otherwise no verdict.
+    When a counter went down (`canary.reset` or `baseline.reset`, or fewer requests or errors
+    than at the previous look of the same evidence) nothing is tested: the step's evidence
+    starts over at `now` (as `restart_step`), and the caller takes this look's counters as the
+    step's new start. The state returned then has `last_check` None, as when the next step
+    began: `starts_evidence` says when to take new marks. The tests get the alpha of the
+    step's current evidence segment (`current_segment`); the first look at new evidence
+    counts it in `spent` (the caller should store the state when `spent` changed).
     Raises RolloutError unless the rollout is running and its step has begun, or when its
     step is beyond `rollout`'s steps (the config changed under it: call `config_changed`).
     """
@@ -445,10 +509,31 @@ def look(
         raise RolloutError(
             f"step {state.step} has not begun: its before_step webhooks have not answered"
         )
-    elapsed = max(0.0, now - state.step_started_at)
-    seen = examine(rollout, canary, baseline, elapsed, at)
-    state = replace(state, last_check=seen)
     here = f"step {state.step} ({_weight(state.canary_weight)})"
+    last = state.last_check
+    went_down = [
+        name
+        for name, window, before in (
+            ("canary", canary, None if last is None else last.canary),
+            ("baseline", baseline, None if last is None else last.baseline),
+        )
+        if window.reset or (before is not None and _shrank(window, before))
+    ]
+    if went_down:
+        which = " and ".join(went_down)
+        restarted = replace(
+            state,
+            reason=f"evidence of {here} started over: the {which} counters went down "
+            "(a worker died or restarted)",
+            step_started_at=now,
+            inconclusive_in_a_row=0,
+            last_check=None,
+        )
+        return restarted, None
+    elapsed = max(0.0, now - state.step_started_at)
+    segment = current_segment(state)
+    seen = examine(rollout, canary, baseline, elapsed, at, segment=segment)
+    state = replace(state, last_check=seen, spent=segment + 1, spent_at=state.step_started_at)
 
     rejected = [test for test in seen.tests if test.reject]
     if rejected:
@@ -490,6 +575,40 @@ def look(
     return replace(state, reason=f"inconclusive at {here} ({intervals} in a row): {reason}"), entry
 
 
+def _shrank(window: Window, before: Figures) -> bool:
+    """Whether `window` has fewer requests or errors than the same step's previous look.
+
+    Both count everything since the same marks, so they only grow while the counters do: a
+    worker that died after the marks took its counts since then with it, even when the sum
+    stayed above the marks (which `window_between` alone cannot see).
+    """
+    requests, errors = before.get("requests"), before.get("errors")
+    return (isinstance(requests, int) and window.requests < requests) or (
+        isinstance(errors, int) and window.errors < errors
+    )
+
+
+def current_segment(state: RolloutState) -> int:
+    """The number (from 0) of the step's evidence segment that the next look tests.
+
+    Evidence not looked at yet (its `step_started_at` is not `spent_at`: the step just began,
+    or its evidence started over) is a new segment, number `spent`; otherwise the look
+    continues the segment already counted in `spent`.
+    """
+    if state.spent == 0 or state.spent_at != state.step_started_at:
+        return state.spent
+    return state.spent - 1
+
+
+def starts_evidence(state: RolloutState) -> bool:
+    """Whether `state`'s step is running on evidence that was not looked at yet.
+
+    After `look`, True means that the look began new evidence (the next step began, or the
+    counters went down): the caller takes that look's counters as the step's start.
+    """
+    return state.state == "running" and not state.waiting and state.last_check is None
+
+
 def _entry(state: RolloutState, seen: Look, verdict: str, reason: str) -> HistoryEntry:
     return HistoryEntry(
         at=seen.at,
@@ -516,9 +635,13 @@ def _next_step(state: RolloutState, rollout: Rollout, now: float, here: str) -> 
             canary_weight=100.0,
             reason=f"succeeded: passed {here}, canary at 100%",
             inconclusive_in_a_row=0,
+            spent=0,
+            spent_at=None,
         )
     weight = rollout.steps[following]
-    moved = replace(state, step=following, inconclusive_in_a_row=0, last_check=None)
+    moved = replace(
+        state, step=following, inconclusive_in_a_row=0, last_check=None, spent=0, spent_at=None
+    )
     if gated(rollout):
         return replace(
             moved,
@@ -561,9 +684,10 @@ def pause(state: RolloutState, reason: str = "paused by operator") -> RolloutSta
 def resume(state: RolloutState, now: float, reason: str = "resumed by operator") -> RolloutState:
     """Run a paused rollout again; the current step's evidence starts over at `now`.
 
-    The inconclusive count starts over too, so a rollout paused for lack of traffic gets
-    `INCONCLUSIVE_LIMIT` more intervals. A step still `waiting` for its `before_step`
-    webhooks waits for them again. Only a paused rollout can be resumed.
+    The new evidence is a new segment of the step: its first look spends the next share of
+    the step's alpha (`spent`). The inconclusive count starts over too, so a rollout paused
+    for lack of traffic gets `INCONCLUSIVE_LIMIT` more intervals. A step still `waiting` for
+    its `before_step` webhooks waits for them again. Only a paused rollout can be resumed.
     """
     _expect(state, ("paused",), "resume")
     return replace(
@@ -625,8 +749,11 @@ def restart_step(state: RolloutState, now: float) -> RolloutState:
     """After a restart of the proxy, start the current step's evidence over at `now`.
 
     The counters the evidence was measured on died with the workers, so a running rollout's
-    step is judged on fresh evidence (and gets its `INCONCLUSIVE_LIMIT` intervals again).
-    Other states are returned as is.
+    step is judged on fresh evidence (and gets its `INCONCLUSIVE_LIMIT` intervals again), a
+    new segment whose first look spends the next share of the step's alpha (`spent`; calling
+    this again before that look spends nothing more). Other states are returned as is.
+    A fleet instance that takes over a step with its marks (the same evidence) must not call
+    this: the evidence goes on, and so does its segment.
     """
     if state.state != "running":
         return state
@@ -690,6 +817,8 @@ def to_json(state: RolloutState) -> dict[str, object]:
         "step_started_at": state.step_started_at,
         "inconclusive_in_a_row": state.inconclusive_in_a_row,
         "waiting": state.waiting,
+        "spent": state.spent,
+        "spent_at": state.spent_at,
         "history": [entry_json(entry) for entry in state.history],
         "last_check": None if state.last_check is None else look_json(state.last_check),
     }
@@ -736,12 +865,20 @@ def from_json(obj: object) -> RolloutState:
     Tolerant where that is safe: unknown keys are ignored (a newer Turnout may add some, an
     older one wrote `z` and `p_value` in history entries), keys missing but "state" take the
     idle defaults, integers are accepted for numbers. `last_check` is not read back: a
-    restored step starts its evidence over (`restart_step`). Anything else raises StateError
-    naming the key, rather than resuming a rollout from garbage.
+    restored step starts its evidence over (`restart_step`). A state written before `spent`
+    existed gets 1 when its step was running on evidence (running or paused, not waiting),
+    so that the segment the older Turnout may have looked at is paid for, else 0 (and
+    `spent_at` None either way). Anything else raises StateError naming the key, rather than
+    resuming a rollout from garbage.
     """
     data = _mapping(obj, "rollout state")
     state = _choice(data, "state", STATES, "rollout state", required=True)
     history = _list(data, "history", "rollout state")
+    waiting = _bool(data, "waiting", "rollout state")
+    if "spent" in data:
+        spent = _int(data, "spent", "rollout state")
+    else:
+        spent = 1 if state in ACTIVE and not waiting else 0
     return RolloutState(
         state=state,
         step=_int(data, "step", "rollout state"),
@@ -750,11 +887,13 @@ def from_json(obj: object) -> RolloutState:
         started_at=_text(data, "started_at", "rollout state"),
         step_started_at=_number(data, "step_started_at", "rollout state"),
         inconclusive_in_a_row=_int(data, "inconclusive_in_a_row", "rollout state"),
-        waiting=_bool(data, "waiting", "rollout state"),
+        waiting=waiting,
         history=tuple(
             _history_entry(item, f"rollout state: history[{index}]")
             for index, item in enumerate(history)
         ),
+        spent=spent,
+        spent_at=_optional_number(data, "spent_at", "rollout state"),
     )
 
 

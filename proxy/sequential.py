@@ -28,6 +28,9 @@ over a grid of odds ratios of likelihood ratios, a function of (successes, trial
   requests slower than the bound at or above `max_p99` (p99 above the gate), is above the gate.
 - `judge` runs the four with `alpha` shared among them, each gate requiring the baseline to be
   below the gate with the same confidence.
+- `step_alpha` shares a rollout's `1 - confidence` among its judged steps, and `segment_alpha`
+  a step's among its evidence segments (the evidence starts over after a pause, a restart,
+  counters that went down: each fresh start is a new e-process and pays its own share).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ _SHARE_BETS_GROWTH: tuple[tuple[float, float], ...] = tuple(
 )
 # The quantile the p99 gate is about.
 P99_TAIL = 0.01
+# The share of a step's alpha kept for the evidence segments after the first (`segment_share`).
+RESTART_RESERVE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,18 +98,50 @@ class Test:
 
 
 def step_alpha(confidence: float, steps: int) -> float:
-    """The false-rollback budget of one step so the whole walk stays within `1 - confidence`.
+    """The false-rollback budget of one judged step so the whole walk stays within `1 - confidence`.
 
-    Each step's evidence starts afresh and is tested at level alpha; a walk judges at most
-    `steps` of them, so by the union bound the whole walk rolls back a canary no worse than
-    its baseline with probability at most `steps * alpha = 1 - confidence`. Every time the
-    evidence restarts (a new step, a resume after a pause) is one more "step" to pay for.
+    `steps` is the number of steps a walk can judge: the steps whose evidence is looked at
+    (`proxy.rollout.judged_steps`; a step of 100% is promotion and never judged). Each step
+    spends at most its budget (`segment_alpha` shares it among the step's evidence segments),
+    so by the union bound the whole walk rolls back a canary no worse than its baseline with
+    probability at most `steps * budget = 1 - confidence`.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be > 0 and < 1, got {confidence!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     return (1.0 - confidence) / steps
+
+
+def segment_share(segment: int) -> float:
+    """The share of a step's budget that its evidence segment number `segment` (from 0) spends.
+
+    A step's evidence starts over when the rollout is resumed after a pause, when the proxy
+    restarts, or when the counters go down; each fresh start is a new e-process, another
+    chance to reject by luck, so it must be paid for. The first segment gets
+    `1 - RESTART_RESERVE`; segment j >= 1 gets `RESTART_RESERVE / (j (j + 1))`, so the first
+    k segments spend `1 - RESTART_RESERVE / k` of the budget (`segments_spent`) and any
+    number of them less than all of it. The share shrinks like 1/j^2: after j fresh starts
+    the threshold is only log(3 j (j + 1)) nats above the first segment's.
+    """
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 0:
+        raise ValueError(f"segment must be an integer >= 0, got {segment!r}")
+    if segment == 0:
+        return 1.0 - RESTART_RESERVE
+    return RESTART_RESERVE / (segment * (segment + 1))
+
+
+def segments_spent(segments: int) -> float:
+    """The share of a step's budget spent by its first `segments` evidence segments, < 1."""
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 0:
+        raise ValueError(f"segments must be an integer >= 0, got {segments!r}")
+    return 0.0 if segments == 0 else 1.0 - RESTART_RESERVE / segments
+
+
+def segment_alpha(budget: float, segment: int) -> float:
+    """The alpha of evidence segment `segment` of a step whose budget is `budget`."""
+    _check_alpha(budget)
+    return budget * segment_share(segment)
 
 
 def log_mixture(successes: int, trials: int, p0: float, *, above: bool = True) -> float:

@@ -34,6 +34,7 @@ from proxy.rollout import (
     effective_split,
     figures,
     from_json,
+    judged_steps,
     look,
     next_look,
     p99,
@@ -43,11 +44,14 @@ from proxy.rollout import (
     release,
     restart_step,
     resume,
+    segment_alpha,
     start,
+    starts_evidence,
     step_alpha,
     to_json,
     window_between,
 )
+from proxy.sequential import GATE_SHARE, RESTART_RESERVE, segments_spent
 from proxy.spec import Rollout, Webhook
 from proxy.stats import DURATION_BUCKETS, RouteUpstreamStats
 
@@ -91,8 +95,6 @@ def snapshot(codes: dict[int, int], buckets: tuple[int, ...] | None = None) -> C
         pytest.param({200: 5, 500: 1}, {200: 15, 500: 3}, 12, 2, id="deltas"),
         pytest.param({}, {200: 1, 404: 2, 502: 3, 503: 4, 504: 5}, 15, 12, id="proxy 5xx count"),
         pytest.param({200: 5}, {200: 5, 503: 2}, 2, 2, id="code new in the window"),
-        pytest.param({200: 100, 500: 10}, {200: 30, 500: 12}, 2, 2, id="reset clamps per code"),
-        pytest.param({200: 100, 418: 3}, {200: 100}, 0, 0, id="code gone: clamped at 0"),
         pytest.param({200: 7}, {200: 7}, 0, 0, id="idle"),
     ],
 )
@@ -100,15 +102,74 @@ def test_window_between_counts(
     start_codes: dict[int, int], end_codes: dict[int, int], requests: int, errors: int
 ) -> None:
     got = window_between(snapshot(start_codes), snapshot(end_codes))
-    assert (got.requests, got.errors) == (requests, errors)
+    assert (got.requests, got.errors, got.reset) == (requests, errors, False)
 
 
-def test_window_between_buckets_and_reset() -> None:
+def test_window_between_buckets() -> None:
     before = histogram((10, 0.01), (5, 0.2))
-    after = histogram((12, 0.01), (2, 0.2), (4, 1.0))  # 0.2 s went down: a worker restarted
+    after = histogram((12, 0.01), (5, 0.2), (4, 1.0))
     got = window_between(snapshot({}, before), snapshot({}, after))
-    assert got.buckets == histogram((2, 0.01), (4, 1.0))
-    assert min(got.buckets) >= 0
+    assert (got.buckets, got.reset) == (histogram((2, 0.01), (4, 1.0)), False)
+
+
+@pytest.mark.parametrize(
+    ("start_codes", "end_codes", "before", "after"),
+    [
+        pytest.param({200: 100, 500: 10}, {200: 30, 500: 12}, None, None, id="a code went down"),
+        pytest.param({200: 100, 418: 3}, {200: 100}, None, None, id="a code is gone"),
+        pytest.param(
+            {200: 15},
+            {200: 20},
+            histogram((10, 0.01), (5, 0.2)),
+            histogram((18, 0.01), (2, 0.2)),  # more requests in all, but 0.2 s went down
+            id="a bucket went down",
+        ),
+    ],
+)
+def test_window_between_counters_that_went_down_reset_the_evidence(
+    start_codes: dict[int, int],
+    end_codes: dict[int, int],
+    before: tuple[int, ...] | None,
+    after: tuple[int, ...] | None,
+) -> None:
+    """A worker died or restarted: no window is measured (clamping would mix in old counts)."""
+    got = window_between(snapshot(start_codes, before), snapshot(end_codes, after))
+    assert got == Window(0, 0, reset=True)
+
+
+@given(
+    st.lists(st.integers(0, 50), min_size=BUCKET_SLOTS, max_size=BUCKET_SLOTS),
+    st.lists(st.integers(-50, 50), min_size=BUCKET_SLOTS, max_size=BUCKET_SLOTS),
+    st.dictionaries(st.sampled_from([200, 404, 500, 503]), st.integers(0, 50)),
+    st.dictionaries(st.sampled_from([200, 404, 500, 503]), st.integers(-50, 50)),
+)
+def test_window_between_is_the_difference_or_a_reset(
+    start_buckets: list[int],
+    bucket_moves: list[int],
+    start_codes: dict[int, int],
+    code_moves: dict[int, int],
+) -> None:
+    end_buckets = tuple(max(0, a + b) for a, b in zip(start_buckets, bucket_moves, strict=True))
+    end_codes = {
+        code: max(0, start_codes.get(code, 0) + code_moves.get(code, 0))
+        for code in start_codes.keys() | code_moves.keys()
+    }
+    got = window_between(
+        snapshot(start_codes, tuple(start_buckets)), snapshot(end_codes, end_buckets)
+    )
+    went_down = any(end_codes.get(code, 0) < count for code, count in start_codes.items()) or any(
+        after < before for before, after in zip(start_buckets, end_buckets, strict=True)
+    )
+    assert got.reset == went_down
+    if went_down:
+        assert (got.requests, got.errors, sum(got.buckets)) == (0, 0, 0)
+    else:
+        served = {code: end_codes[code] - start_codes.get(code, 0) for code in end_codes}
+        assert got.requests == sum(served.values())
+        assert got.errors == sum(n for code, n in served.items() if code >= 500)
+        assert got.buckets == tuple(
+            after - before for before, after in zip(start_buckets, end_buckets, strict=True)
+        )
 
 
 def test_window_between_rejects_other_layouts() -> None:
@@ -203,11 +264,56 @@ def running(step: int = 0, rollout: Rollout = ROLLOUT) -> RolloutState:
     return state
 
 
-def test_step_alpha_shares_one_minus_confidence_among_the_steps() -> None:
-    one = step_alpha(replace(ROLLOUT, steps=(100.0,)))
-    five = step_alpha(ROLLOUT)
-    assert 0.0 < five < one <= 1.0 - ROLLOUT.confidence + 1e-12
-    assert five * len(ROLLOUT.steps) <= 1.0 - ROLLOUT.confidence + 1e-12
+def test_step_alpha_shares_one_minus_confidence_among_the_judged_steps() -> None:
+    # 1, 5, 25, 50 are judged; reaching 100 is promotion, never judged: 4 shares, not 5.
+    assert judged_steps(ROLLOUT) == 4
+    assert step_alpha(ROLLOUT) == pytest.approx((1.0 - ROLLOUT.confidence) / 4)
+    assert step_alpha(replace(ROLLOUT, steps=(100.0,))) == pytest.approx(0.01)
+    assert step_alpha(replace(ROLLOUT, steps=(10.0, 100.0))) == pytest.approx(0.01)
+    assert step_alpha(replace(ROLLOUT, steps=(10.0, 20.0))) == pytest.approx(0.005)
+    assert step_alpha(replace(ROLLOUT, steps=(10.0, 20.0, 100.0))) == pytest.approx(0.005)
+
+
+def walk_looked_at(rollout: Rollout) -> list[tuple[int, float]]:
+    """(step, alpha) of every look of a walk of alike versions that passes each step."""
+    state = start(RolloutState(), rollout, T0, AT)
+    looked: list[tuple[int, float]] = []
+    while state.state == "running":
+        step = state.step
+        state, _ = look(state, rollout, *ALIKE, state.step_started_at + rollout.interval, AT)
+        assert state.history[-1].verdict == "pass"
+        looked.append((step, look_alpha(state.history[-1].tests)))
+    assert (state.state, state.canary_weight) == ("succeeded", 100.0)
+    return looked
+
+
+def look_alpha(tests: tuple[Statistic, ...]) -> float:
+    """The alpha a look was given, read back from its error gate's threshold (a 10% share)."""
+    (gate,) = [test for test in tests if test.name == "error_gate"]
+    assert gate.threshold is not None
+    return math.exp(-gate.threshold) / GATE_SHARE
+
+
+@given(
+    st.lists(st.floats(1.0, 100.0), min_size=1, max_size=8, unique=True).map(
+        lambda steps: tuple(sorted(steps))
+    ),
+    st.sampled_from([0.9, 0.95, 0.99, 0.999]),
+)
+def test_the_budget_is_shared_by_exactly_the_steps_a_walk_looks_at(
+    steps: tuple[float, ...], confidence: float
+) -> None:
+    rollout = replace(ROLLOUT, steps=steps, confidence=confidence)
+    looked = walk_looked_at(rollout)
+    assert [step for step, _ in looked] == list(range(judged_steps(rollout)))
+    # No step of 100% after the first is looked at, so it gets no share.
+    assert all(rollout.steps[step] < 100.0 or step == 0 for step, _ in looked)
+    assert judged_steps(rollout) * step_alpha(rollout) == pytest.approx(1.0 - confidence)
+    # Each step's only look is its first evidence segment's.
+    for _, alpha in looked:
+        assert alpha == pytest.approx(segment_alpha(rollout, 0), rel=1e-9)
+        assert alpha == pytest.approx(step_alpha(rollout) * (1.0 - RESTART_RESERVE), rel=1e-9)
+    assert sum(alpha for _, alpha in looked) <= 1.0 - confidence
 
 
 def test_a_rejection_rolls_back_at_the_first_look() -> None:
@@ -253,6 +359,8 @@ def test_alike_versions_give_no_verdict_before_the_interval() -> None:
     for test in after.last_check.tests:
         assert test.threshold is not None
         assert test.threshold >= math.log(1.0 / step_alpha(ROLLOUT))
+    assert look_alpha(after.last_check.tests) == pytest.approx(segment_alpha(ROLLOUT, 0))
+    assert after.spent == 1
 
 
 def test_a_step_passes_when_it_lasted_interval_with_min_requests() -> None:
@@ -549,6 +657,184 @@ def test_restart_step(state_name: str) -> None:
         assert got == state
 
 
+# --------------------------------------------------------------------------- alpha accounting
+
+# Steps that never pass on their own (the accounting tests look many times within one step).
+LONG = replace(ROLLOUT, interval=1e9)
+RESET = Window(0, 0, reset=True)
+
+
+def looked_alpha(state: RolloutState) -> float:
+    assert state.last_check is not None
+    return look_alpha(state.last_check.tests)
+
+
+def test_each_fresh_start_of_a_steps_evidence_spends_a_share_of_its_own() -> None:
+    """Resume, a restart of the proxy, counters that went down: each a new e-process."""
+    state = running(1, LONG)
+    alphas: list[float] = []
+    state, _ = look(state, LONG, *ALIKE, T0 + 10.0, AT)
+    state, _ = look(state, LONG, *ALIKE, T0 + 20.0, AT)  # the same evidence, looked at again
+    alphas.append(looked_alpha(state))
+    assert state.spent == 1
+    state = resume(pause(state), T0 + 100.0)
+    assert (state.spent, state.last_check) == (1, None)  # nothing spent before it is looked at
+    state, _ = look(state, LONG, *ALIKE, T0 + 110.0, AT)
+    alphas.append(looked_alpha(state))
+    assert state.spent == 2
+    state = restart_step(state, T0 + 200.0)
+    state, _ = look(state, LONG, *ALIKE, T0 + 210.0, AT)
+    alphas.append(looked_alpha(state))
+    state, _ = look(state, LONG, ALIKE[0], RESET, T0 + 220.0, AT)
+    state, _ = look(state, LONG, *ALIKE, T0 + 230.0, AT)
+    alphas.append(looked_alpha(state))
+    assert state.spent == 4
+    budget = step_alpha(LONG)
+    assert alphas == pytest.approx([segment_alpha(LONG, j) for j in range(4)], rel=1e-9)
+    assert alphas == pytest.approx([budget * 3 / 4, budget / 8, budget / 24, budget / 48], rel=1e-9)
+    assert sum(alphas) == pytest.approx(budget * segments_spent(4))
+    assert sum(alphas) < budget
+
+
+OPERATIONS = st.sampled_from(["look", "pause-resume", "restart", "reset", "look-reset"])
+
+
+@given(st.lists(OPERATIONS, max_size=40))
+def test_with_k_fresh_starts_a_step_spends_at_most_its_budget(operations: list[str]) -> None:
+    """Any sequence of looks and fresh starts: one alpha per segment looked at, summing < budget.
+
+    The segments are told apart as they happen (a fresh start, then a look); every look of a
+    segment uses the same alpha, the k-th segment looked at gets `segment_alpha(k)` whatever
+    fresh starts came between (those never looked at spend nothing), and `spent` counts them.
+    """
+    state = running(2, LONG)
+    now = state.step_started_at
+    segments: list[list[float]] = []
+    fresh = True
+    for operation in operations:
+        now += 5.0
+        if operation == "pause-resume":
+            state = resume(pause(state), now)
+            fresh = True
+        elif operation == "restart":
+            state = restart_step(state, now)
+            fresh = True
+        elif operation == "reset":  # the canary's counters went down at this look
+            state, entry = look(state, LONG, RESET, ALIKE[1], now, AT)
+            assert (entry, state.last_check, state.step_started_at) == (None, None, now)
+            assert starts_evidence(state)
+            fresh = True
+        else:
+            state, entry = look(state, LONG, *ALIKE, now, AT)
+            assert entry is None
+            assert not starts_evidence(state)
+            if fresh:
+                segments.append([])
+                fresh = False
+            segments[-1].append(looked_alpha(state))
+            if operation == "look-reset":
+                now += 5.0
+                state, _ = look(state, LONG, *ALIKE[:1], RESET, now, AT)
+                fresh = True
+        assert (state.state, state.step) == ("running", 2)
+        assert state.spent == len(segments)
+    spent = [looks[0] for looks in segments]
+    for index, looks in enumerate(segments):
+        assert looks == pytest.approx([segment_alpha(LONG, index)] * len(looks), rel=1e-9)
+    assert sum(spent) <= step_alpha(LONG) * segments_spent(len(segments)) * (1 + 1e-9)
+    assert sum(spent) < step_alpha(LONG)
+
+
+def test_a_reset_restarts_the_evidence_without_a_verdict() -> None:
+    state = running(1)
+    moment = state.step_started_at + ROLLOUT.interval
+    state, _ = look(state, ROLLOUT, *QUIET, moment, AT)  # one inconclusive interval
+    assert (state.inconclusive_in_a_row, state.spent) == (1, 1)
+    after, entry = look(state, ROLLOUT, *BAD[:1], RESET, moment + 5.0, AT)
+    assert entry is None
+    assert after == replace(
+        state,
+        step_started_at=moment + 5.0,
+        inconclusive_in_a_row=0,
+        last_check=None,
+        reason="evidence of step 1 (5%) started over: the baseline counters went down "
+        "(a worker died or restarted)",
+    )
+    assert next_look(after, ROLLOUT) == moment + 5.0 + ROLLOUT.check
+    # Even a look whose evidence is clearly bad: nothing is judged on counters that went down.
+    both, entry = look(state, ROLLOUT, RESET, RESET, moment + 5.0, AT)
+    assert (entry, both.state) == (None, "running")
+    assert "the canary and baseline counters went down" in both.reason
+
+
+@pytest.mark.parametrize(
+    ("canary", "baseline", "which"),
+    [
+        pytest.param(window(200, 3), window(3100, 30), "canary", id="fewer canary requests"),
+        pytest.param(window(400, 2), window(3100, 30), "canary", id="fewer canary errors"),
+        pytest.param(window(400, 3), window(3100, 29), "baseline", id="fewer baseline errors"),
+        pytest.param(window(100, 0), window(100, 0), "canary and baseline", id="both"),
+    ],
+)
+def test_evidence_that_shrank_since_the_previous_look_starts_over(
+    canary: Window, baseline: Window, which: str
+) -> None:
+    """A worker that died after the marks: the sums stay above them but below the last look."""
+    state, _ = look(running(1), ROLLOUT, *ALIKE, T0 + 70.0, AT)  # 300 (3 errors) / 3000 (30)
+    after, entry = look(state, ROLLOUT, canary, baseline, T0 + 75.0, AT)
+    assert (entry, after.last_check, after.step_started_at) == (None, None, T0 + 75.0)
+    assert f"the {which} counters went down" in after.reason
+    assert after.spent == state.spent
+    grown, _ = look(state, ROLLOUT, window(300, 3), window(3001, 30), T0 + 75.0, AT)
+    assert grown.last_check is not None
+
+
+def test_restarts_before_any_look_spend_nothing_more() -> None:
+    """The controller calls restart_step at load and again when it marks the counters."""
+    state, _ = look(running(1, LONG), LONG, *ALIKE, T0 + 10.0, AT)
+    saved = from_json(orjson.loads(orjson.dumps(to_json(state))))
+    assert saved.spent == 1
+    state = restart_step(restart_step(saved, T0 + 100.0), T0 + 101.0)
+    state = resume(pause(state), T0 + 102.0)
+    state, _ = look(state, LONG, *ALIKE, T0 + 110.0, AT)
+    assert looked_alpha(state) == pytest.approx(segment_alpha(LONG, 1))
+    assert state.spent == 2
+
+
+def test_a_state_that_lost_its_last_look_goes_on_with_the_same_segment() -> None:
+    """A fleet instance takes over with the shared marks: same evidence, same segment."""
+    state, _ = look(running(1, LONG), LONG, *ALIKE, T0 + 70.0, AT)
+    state = resume(pause(state), T0 + 80.0)
+    state, _ = look(state, LONG, *ALIKE, T0 + 90.0, AT)
+    assert (state.spent, state.spent_at) == (2, T0 + 80.0)
+    taken_over = from_json(orjson.loads(orjson.dumps(to_json(state))))
+    assert (taken_over.last_check, taken_over.spent, taken_over.spent_at) == (None, 2, T0 + 80.0)
+    after, _ = look(taken_over, LONG, *ALIKE, T0 + 95.0, AT)
+    assert looked_alpha(after) == pytest.approx(segment_alpha(LONG, 1))
+    assert after.spent == 2
+
+
+def test_a_new_step_has_a_budget_of_its_own() -> None:
+    state = running(1)
+    for moment in (10.0, 20.0):
+        state = resume(pause(state), T0 + moment)
+        state, _ = look(state, ROLLOUT, *ALIKE, T0 + moment + 5.0, AT)
+    assert state.spent == 2
+    passed, entry = look(state, ROLLOUT, *ALIKE, state.step_started_at + 60.0, AT)
+    assert entry is not None
+    assert look_alpha(entry.tests) == pytest.approx(segment_alpha(ROLLOUT, 1))
+    assert (passed.step, passed.spent, passed.last_check) == (2, 0, None)
+    assert starts_evidence(passed)
+    after, _ = look(passed, ROLLOUT, *ALIKE, passed.step_started_at + 5.0, AT)
+    assert looked_alpha(after) == pytest.approx(segment_alpha(ROLLOUT, 0))
+    # A gated next step waits: its evidence has not begun, no marks to take.
+    begun = begin_step(start(RolloutState(), GATED, T0, AT), GATED, T0)
+    gated_pass, _ = look(begun, GATED, *ALIKE, T0 + 60.0, AT)
+    assert gated_pass.waiting
+    assert not starts_evidence(gated_pass)
+    assert not starts_evidence(STATES_BY_NAME["failed"])
+
+
 FILE_SPLIT = {"blue": 90.0, "canary": 10.0, "green": 0.0, "shadow": 5.0}
 
 
@@ -610,6 +896,8 @@ states = st.builds(
     inconclusive_in_a_row=st.integers(0, 3),
     waiting=st.booleans(),
     history=st.lists(entries, max_size=5).map(tuple),
+    spent=st.integers(0, 1000),
+    spent_at=st.none() | finite,
 )
 
 
@@ -623,6 +911,7 @@ def test_json_shape_for_admin_routes() -> None:
     state, _ = look(state, ROLLOUT, *BAD, T0 + 75.0, "2026-05-01T10:00:00Z")
     data = orjson.loads(orjson.dumps(to_json(state)))
     assert {"state", "step", "canary_weight", "reason", "history", "last_check"} <= data.keys()
+    assert (data["spent"], data["spent_at"]) == (1, T0 + 60.0)
     entry = data["history"][-1]
     assert {"at", "step", "weight", "verdict", "reason", "canary", "baseline", "tests"} <= set(
         entry
@@ -650,6 +939,7 @@ def test_from_json_is_tolerant() -> None:
     got = from_json({"state": "running", "step": 2, "canary_weight": 25, "future_key": [1]})
     assert (got.step, got.canary_weight, got.waiting) == (2, 25.0, False)
     assert isinstance(got.canary_weight, float)
+    assert from_json({"state": "running", "spent_at": None}).spent_at is None
 
 
 def test_from_json_reads_what_the_fixed_window_version_wrote() -> None:
@@ -679,6 +969,29 @@ def test_from_json_reads_what_the_fixed_window_version_wrote() -> None:
     assert (got.state, got.step, got.canary_weight, got.waiting) == ("running", 1, 25.0, False)
     (entry,) = got.history
     assert (entry.verdict, entry.canary["requests"], entry.tests) == ("pass", 300, ())
+    # Without `spent`, the evidence the older version may have looked at counts as spent.
+    assert got.spent == 1
+    state = restart_step(got, 5000.0)
+    state, _ = look(state, ROLLOUT, *ALIKE, 5010.0, AT)
+    assert looked_alpha(state) == pytest.approx(segment_alpha(ROLLOUT, 1))
+
+
+@pytest.mark.parametrize(
+    ("saved", "spent"),
+    [
+        pytest.param({"state": "running"}, 1, id="running"),
+        pytest.param({"state": "paused"}, 1, id="paused"),
+        pytest.param({"state": "running", "waiting": True}, 0, id="waiting: nothing looked at"),
+        pytest.param({"state": "idle"}, 0, id="idle"),
+        pytest.param({"state": "failed"}, 0, id="failed"),
+        pytest.param({"state": "running", "spent": 0}, 0, id="saved 0"),
+        pytest.param({"state": "paused", "spent": 7}, 7, id="saved 7"),
+    ],
+)
+def test_from_json_spent_defaults_for_states_saved_without_it(
+    saved: dict[str, object], spent: int
+) -> None:
+    assert from_json(saved).spent == spent
 
 
 @pytest.mark.parametrize(
@@ -696,6 +1009,9 @@ def test_from_json_reads_what_the_fixed_window_version_wrote() -> None:
         ({"state": "running", "step_started_at": math.nan}, "step_started_at: expected a finite"),
         ({"state": "running", "reason": None}, "reason: expected a string, got null"),
         ({"state": "running", "waiting": 1}, "waiting: expected true or false, got int"),
+        ({"state": "running", "spent": -1}, "spent: expected an integer >= 0, got -1"),
+        ({"state": "running", "spent": 1.0}, "spent: expected an integer >= 0, got 1.0"),
+        ({"state": "running", "spent_at": "now"}, "spent_at: expected a finite number"),
         ({"state": "running", "history": {}}, "history: expected a list, got dict"),
         ({"state": "running", "history": [1]}, r"history\[0\]: expected an object, got int"),
         ({"state": "running", "history": [{"verdict": "pass"}]}, r"history\[0\]: at: missing"),

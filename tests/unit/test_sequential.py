@@ -10,6 +10,7 @@ rejection rate stays below alpha (seeded Monte Carlo, a few seconds).
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import random
 from pathlib import Path
@@ -30,6 +31,9 @@ from proxy.sequential import (
     latency_test,
     log_mixture,
     p99_gate,
+    segment_alpha,
+    segment_share,
+    segments_spent,
     share_bound,
     share_lower_bound,
     step_alpha,
@@ -63,6 +67,35 @@ def test_step_alpha_shares_the_walks_budget_among_its_steps() -> None:
     for confidence, steps in [(1.0, 5), (0.0, 5), (1.5, 5), (0.99, 0)]:
         with pytest.raises(ValueError, match=r"confidence|steps"):
             step_alpha(confidence, steps)
+
+
+def test_segment_shares_exact_values() -> None:
+    assert sequential.RESTART_RESERVE == 0.25
+    expected = [3 / 4, 1 / 8, 1 / 24, 1 / 48, 1 / 80]
+    assert [segment_share(j) for j in range(5)] == pytest.approx(expected, rel=1e-12)
+    assert [segments_spent(k) for k in range(4)] == pytest.approx([0.0, 3 / 4, 7 / 8, 11 / 12])
+    assert segment_alpha(0.0025, 0) == pytest.approx(0.001875)
+    assert segment_alpha(0.0025, 1) == pytest.approx(0.0003125)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="segment"):
+            segment_share(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="segments"):
+            segments_spent(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="alpha"):
+        segment_alpha(0.0, 0)
+
+
+@given(st.integers(0, 2000), st.floats(1e-6, 0.5))
+def test_k_segments_of_a_step_spend_less_than_its_budget(segments: int, budget: float) -> None:
+    """However often a step's evidence starts over, its segments' alphas sum below its budget."""
+    alphas = [segment_alpha(budget, j) for j in range(segments)]
+    assert math.fsum(alphas) == pytest.approx(budget * segments_spent(segments), rel=1e-9)
+    assert math.fsum(alphas) < budget
+    assert all(later < earlier for earlier, later in itertools.pairwise(alphas))
+    if segments:
+        # The threshold after j fresh starts rises by about 2 log j nats, no more.
+        rise = math.log(alphas[0] / alphas[-1])
+        assert rise <= math.log(3.0 * segments * (segments + 1)) + 1e-9
 
 
 # --------------------------------------------------------------------------- log_mixture
