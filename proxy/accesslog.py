@@ -1,5 +1,7 @@
 """The JSON access log: one line per request on stdout (contract section 8).
 
+The data plane hands over an `AccessRecord` (plain values, built once when an exchange ends), so
+this module knows nothing of connections or exchanges and imports nothing from the data plane.
 Lines are buffered and written in batches by the worker's ticker, so a request costs one orjson
 call, not a system call. Each write is at most `PIPE_BUF` bytes cut at line ends, so the lines of
 several workers sharing one stdout pipe never interleave mid-line.
@@ -9,16 +11,46 @@ from __future__ import annotations
 
 import os
 import select
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import orjson
 
-if TYPE_CHECKING:
-    from proxy.dataplane import Exchange
-
 _ATOMIC = getattr(select, "PIPE_BUF", 4096)
 _FLUSH_AT = 64 * 1024
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """What one finished exchange contributes to its line, as the protocol layer saw it.
+
+    Built once, when the exchange ends, and not changed after. Raw where the wire gives bytes
+    (target, authority, headers): decoding is the log's job. A slots class rather than a
+    NamedTuple: cheaper to build and to read on a path taken once per request.
+    """
+
+    request_id: str
+    client: str
+    method: str
+    target: bytes  # the request target as received; the query is cut off in the line
+    status: int
+    route: str
+    upstream: str
+    decision: str
+    endpoint: str
+    attempts: int
+    duration: float  # seconds, from the request's first byte
+    bytes_in: int
+    bytes_out: int
+    mirrored: bool
+    version: str  # "1.1", "1.0"
+    authority: bytes | None
+    headers: list[tuple[bytes, bytes, bytes]]  # (lower-case name, name, value), as forwarded
+    ttfb: float  # seconds from the request sent upstream to the response head; < 0: none
+    flag: str
+    tls_version: str | None
+    sni: str | None
 
 
 class AccessLog:
@@ -28,40 +60,63 @@ class AccessLog:
         self._fd = fd
         self._lines: list[bytes] = []
         self._size = 0
+        # The timestamp up to the second, made again only when the second changes.
+        self._second = -1
+        self._prefix = ""
 
-    def record(self, ex: Exchange, duration: float) -> None:
+    def timestamp(self, now: float) -> str:
+        """`now` (seconds since the epoch) in ISO 8601 UTC with milliseconds, as
+        `datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")` but with `Z`.
+
+        A quarter of the cost of formatting a datetime per line: the date and time of day are
+        formatted once a second.
+        """
+        # Rounded to the microsecond as datetime does (half to even), then cut to milliseconds.
+        second = int(now)
+        micro = round((now - second) * 1_000_000)
+        if micro == 1_000_000:
+            second += 1
+            micro = 0
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._prefix}{micro // 1000:03d}Z"
+
+    def record(self, rec: AccessRecord) -> None:
         """Add the line of one finished exchange."""
-        url = ex.url
+        url = rec.target
         q = url.find(b"?")
         user_agent = ""
-        for lname, _, value in ex.kept_headers:
+        for lname, _, value in rec.headers:
             if lname == b"user-agent":
                 user_agent = value.decode("latin-1")
                 break
+        host = rec.authority
+        ttfb = rec.ttfb
         line = orjson.dumps(
             {
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "request_id": ex.request_id,
-                "client": ex.conn.client_ip,
-                "method": ex.method,
+                "time": self.timestamp(time.time()),
+                "request_id": rec.request_id,
+                "client": rec.client,
+                "method": rec.method,
                 "path": (url if q < 0 else url[:q]).decode("latin-1"),
-                "status": ex.status,
-                "route": ex.route_name,
-                "upstream": ex.upstream_name,
-                "decision": ex.decision,
-                "endpoint": ex.endpoint_address,
-                "attempts": ex.attempts,
-                "duration_ms": round(duration * 1000.0, 3),
-                "bytes_in": ex.bytes_in,
-                "bytes_out": ex.bytes_out,
-                "mirrored": ex.mirrored,
-                "protocol": f"HTTP/{ex.version}",
-                "authority": ex.host.decode("latin-1") if ex.host is not None else "",
+                "status": rec.status,
+                "route": rec.route,
+                "upstream": rec.upstream,
+                "decision": rec.decision,
+                "endpoint": rec.endpoint,
+                "attempts": rec.attempts,
+                "duration_ms": round(rec.duration * 1000.0, 3),
+                "bytes_in": rec.bytes_in,
+                "bytes_out": rec.bytes_out,
+                "mirrored": rec.mirrored,
+                "protocol": f"HTTP/{rec.version}",
+                "authority": host.decode("latin-1") if host is not None else "",
                 "user_agent": user_agent,
-                "upstream_ttfb_ms": round(ex.ttfb * 1000.0, 3) if ex.ttfb >= 0 else None,
-                "flags": ex.flag,
-                "tls_version": ex.conn.tls_version,
-                "sni": ex.conn.sni,
+                "upstream_ttfb_ms": round(ttfb * 1000.0, 3) if ttfb >= 0 else None,
+                "flags": rec.flag,
+                "tls_version": rec.tls_version,
+                "sni": rec.sni,
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )

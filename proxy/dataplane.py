@@ -29,11 +29,12 @@ import ssl
 from collections import deque
 from http import HTTPStatus
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 import orjson
 
+from proxy.accesslog import AccessRecord
 from proxy.headers import (
     HOP_BY_HOP,
     IDEMPOTENT_RETRY_METHODS,
@@ -57,10 +58,13 @@ from proxy.writes import CoalescingProtocol
 from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 if TYPE_CHECKING:
-    from proxy.mirror import MirrorCopy
-    from proxy.spec import Limits
-    from proxy.table import CompiledRoute
-    from proxy.worker import Generation, WorkerContext
+    from proxy.accesslog import AccessLog
+    from proxy.mirror import MirrorCopy, Mirrorer
+    from proxy.spec import Limits, Timeouts
+    from proxy.stats import MirrorStats, RouteUpstreamStats
+    from proxy.table import CompiledRoute, Table
+    from proxy.tasks import TaskSet
+    from proxy.writes import WriteBatcher
 
 log = logging.getLogger("turnout.dataplane")
 
@@ -137,6 +141,82 @@ CONNECT_BUFFER = 64 * 1024
 # errno values that mean this process is short of descriptors or memory, not that the
 # endpoint failed.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Generation:
+    """Everything one config generation needs at request time, swapped as one reference.
+
+    A request takes this reference once, when its first byte is parsed, and uses nothing else
+    for its whole life: the head rules, routing, pools, limits, timeouts and Via name all come
+    from the same config even if a reload swaps the worker's generation meanwhile. Never
+    changed after construction.
+    """
+
+    __slots__ = (
+        "limits",
+        "mirror_stats",
+        "no_route",
+        "pools",
+        "route_by_name",
+        "stats",
+        "table",
+        "timeouts",
+        "uses_host",
+        "via_line",
+        "via_name",
+        "via_value",
+        "wanted_headers",
+    )
+
+    def __init__(
+        self,
+        table: Table,
+        pools: dict[str, UpstreamPool],
+        stats: tuple[dict[str, RouteUpstreamStats], ...],
+        no_route: RouteUpstreamStats,
+        mirror_stats: tuple[MirrorStats | None, ...],
+        via_name: str,
+    ) -> None:
+        self.table = table
+        self.mirror_stats = mirror_stats
+        self.pools = pools
+        self.stats = stats
+        self.no_route = no_route
+        self.limits: Limits = table.spec.limits
+        self.timeouts: Timeouts = table.spec.timeouts
+        # This instance's received-by name in Via (RFC 9110 section 7.6.3), ready to write.
+        self.via_name = via_name.encode("ascii")
+        self.via_value = b"1.1 " + self.via_name
+        self.via_line = b"Via: " + self.via_value + b"\r\n"
+        self.route_by_name: dict[str, CompiledRoute] = {r.name: r for r in table.routes}
+        self.wanted_headers = frozenset(name.encode("latin-1") for name in table.header_names)
+        # Without a host-matching route the Host header need not be normalised per request.
+        self.uses_host = any(r.host_exact or r.host_suffix for r in table.routes)
+
+
+class WorkerHooks(Protocol):
+    """What the data plane needs of the worker that runs it (`worker.WorkerContext`).
+
+    Written here, as a protocol, so that the data plane does not import the worker, which
+    imports the data plane.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    now: float  # the loop's time at the last tick
+    generation: Generation  # the one in force; an exchange reads it once, when it begins
+    tasks: TaskSet
+    batcher: WriteBatcher
+    access_log: AccessLog | None
+    watched: set[Exchange]  # exchanges with a deadline or an idle timeout, checked each tick
+
+    def new_request_id(self) -> str: ...
+    def mirrorer(self) -> Mirrorer: ...
+    def count_fail_open(self, upstream: str) -> None: ...
+    def passive_result(self, endpoint: EndpointPool, status: int) -> None: ...
+    def resource_shortage(self, exc: OSError) -> None: ...
+    def warn_limited(self, key: str, message: str, *args: object) -> None: ...
+    def connection_opened(self, conn: ClientConnection) -> None: ...
+    def connection_closed(self, conn: ClientConnection) -> None: ...
 
 
 class HeadError(Exception):
@@ -912,7 +992,7 @@ class Exchange:
         ctx = conn.ctx
         if upstream_conn is not None and endpoint is not None:
             endpoint.in_flight -= 1
-            if self.status >= 500 or endpoint.passive_failures or endpoint.ejections:
+            if self.status >= 500 or endpoint.ejection.streak:
                 # A success with no failure streak to reset needs no bookkeeping.
                 ctx.passive_result(endpoint, self.status)
             if self.body_done:
@@ -1124,10 +1204,36 @@ class Exchange:
         stats = self.stats
         if self.in_flight_counted:
             stats.in_flight -= 1
+        duration = perf_counter() - self.start_time
         if not self.tunnel:
-            stats.observe(self.status, perf_counter() - self.start_time)
-        if ctx.access_log is not None:
-            ctx.access_log.record(self, perf_counter() - self.start_time)
+            stats.observe(self.status, duration)
+        access_log = ctx.access_log
+        if access_log is not None:
+            access_log.record(
+                AccessRecord(
+                    self.request_id,
+                    conn.client_ip,
+                    self.method,
+                    self.url,
+                    self.status,
+                    self.route_name,
+                    self.upstream_name,
+                    self.decision,
+                    self.endpoint_address,
+                    self.attempts,
+                    duration,
+                    self.bytes_in,
+                    self.bytes_out,
+                    self.mirrored,
+                    self.version,
+                    self.host,
+                    self.kept_headers,
+                    self.ttfb,
+                    self.flag,
+                    conn.tls_version,
+                    conn.sni,
+                )
+            )
         if broken:
             conn.close_after = True
         conn.exchange_done(self)
@@ -1163,7 +1269,7 @@ class ClientConnection(CoalescingProtocol):
     tls_version: str | None = None
     sni: str | None = None
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerHooks) -> None:
         super().__init__(ctx.batcher)
         self.ctx = ctx
         self.parser = httptools.HttpRequestParser(self)

@@ -33,6 +33,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from proxy.health import CLEAR, Ejection, EjectionRule, after_failure, after_success
 from proxy.jsondiff import IgnorePaths, diff
 from proxy.spec import Mirror, UpstreamSpec, UpstreamTls
 from proxy.stats import MirrorStats
@@ -56,9 +57,13 @@ CLOSE_WAIT = 1.0
 # counted as `error` without a connection attempt, first for REST_BASE seconds, doubling on each
 # failure after a rest up to REST_MAX; a whole response ends it. A failed copy costs a worker
 # about as much CPU as proxying a request, so without this a broken shadow would tax the primary.
+# Once rested, the endpoint rests again on its first failure (a copy after a rest is a probe).
 REST_AFTER = 5
 REST_BASE = 1.0
 REST_MAX = 30.0
+REST = EjectionRule(
+    after=REST_AFTER, base=REST_BASE, cap=REST_MAX, again_after=1, success_ends=True
+)
 
 # Headers the copy must not take from the primary's list: framing is aiohttp's to write, and
 # the mirror marker is set exactly once by us.
@@ -133,17 +138,6 @@ class _BodyStream:
             await self.waiter
             self.waiter = None
         return self.chunks.popleft()
-
-
-class _Resting:
-    """Failed copies of one shadow endpoint (see REST_AFTER)."""
-
-    __slots__ = ("backoff", "failures", "until")
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self.until = 0.0
-        self.backoff = REST_BASE
 
 
 class MirrorCopy:
@@ -456,7 +450,8 @@ class Mirrorer:
         self._closed = False
         self._in_flight: dict[str, int] = {}
         self._next_endpoint: dict[str, int] = {}
-        self._resting: dict[str, _Resting] = {}
+        # Back-off states of shadow endpoints that failed copies (no entry: CLEAR).
+        self._resting: dict[str, Ejection] = {}
         self._ignores: dict[tuple[str, ...], IgnorePaths] = {}
         self._contexts: dict[UpstreamTls, ssl.SSLContext] = {}
         self._last_log: dict[tuple[str, str], float] = {}
@@ -578,33 +573,32 @@ class Mirrorer:
             index = (first + step) % count
             address = endpoints[index].address
             resting = self._resting.get(address)
-            if resting is None or self.loop.time() >= resting.until:
+            if resting is None or not resting.out(self.loop.time()):
                 self._next_endpoint[shadow.name] = index + 1
                 return address
         return None
 
     def copy_failed(self, address: str) -> None:
         """`address` refused, reset or broke a copy; enough in a row and the endpoint rests."""
-        resting = self._resting.get(address)
-        if resting is None:
-            resting = self._resting[address] = _Resting()
-        resting.failures += 1
-        now = self.loop.time()
+        state = self._resting.get(address, CLEAR)
         # Copies already in flight fail together: only the first failure after a rest counts.
-        if resting.failures >= REST_AFTER and now >= resting.until:
-            resting.until = now + resting.backoff
+        self._resting[address] = after = after_failure(state, self.loop.time(), REST)
+        if after.until != state.until:
             log.warning(
                 "shadow endpoint %s failed %d copies in a row: no copies to it for %.0fs",
                 address,
-                resting.failures,
-                resting.backoff,
+                after.streak,
+                after.backoff,
             )
-            resting.backoff = min(REST_MAX, resting.backoff * 2)
 
     def answered(self, address: str) -> None:
         """A response came from `address`: it is healthy again."""
         if self._resting:
-            self._resting.pop(address, None)
+            state = self._resting.pop(address, None)
+            if state is not None:
+                state = after_success(state, REST)
+                if state != CLEAR:
+                    self._resting[address] = state
 
     def _client(self) -> aiohttp.ClientSession:
         """The worker's session to every shadow, made on first use (inside the running loop)."""

@@ -21,6 +21,7 @@ from typing import Protocol
 import httptools
 
 from proxy.headers import is_chunked
+from proxy.health import CLEAR
 from proxy.routing import pick_endpoint
 from proxy.spec import Endpoint, UpstreamSpec, UpstreamTls
 from proxy.writes import CoalescingProtocol, WriteBatcher
@@ -410,13 +411,11 @@ class EndpointPool:
         "batcher",
         "connections",
         "draining",
-        "ejected_until",
-        "ejections",
+        "ejection",
         "endpoint",
         "healthy",
         "idle",
         "in_flight",
-        "passive_failures",
         "server_name",
         "ssl",
         "tls",
@@ -447,14 +446,13 @@ class EndpointPool:
         # ejection is not in force. `refresh` recomputes it when either changes.
         self.healthy = True
         self.active_up = True
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.passive_failures = 0
+        # Passive ejection (health.EjectionRule, driven by WorkerContext.passive_result).
+        self.ejection = CLEAR
         self.draining = False
 
     def refresh(self, now: float) -> None:
         """Recompute `healthy` from the active check and passive ejection."""
-        self.healthy = self.active_up and not (self.ejected_until and now < self.ejected_until)
+        self.healthy = self.active_up and not self.ejection.out(now)
 
     def take_idle(self, now: float) -> UpstreamConnection | None:
         """The warmest idle connection that is still open and fresh, or None."""

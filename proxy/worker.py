@@ -39,10 +39,11 @@ from proxy.control import (
     parse_split_overrides,
     spec_from_message,
 )
-from proxy.dataplane import ClientConnection, Exchange, TlsClientConnection
-from proxy.spec import Limits, Listener, Timeouts, UpstreamTls
+from proxy.dataplane import ClientConnection, Exchange, Generation, TlsClientConnection
+from proxy.health import EjectionRule, after_expiry, after_failure, after_success
+from proxy.spec import Listener, Timeouts, UpstreamTls
 from proxy.stats import MirrorStats, RouteUpstreamStats
-from proxy.table import CompiledRoute, Table, compile_table
+from proxy.table import Table, compile_table
 from proxy.tasks import TaskSet
 from proxy.tls import (
     CertificateSet,
@@ -85,61 +86,19 @@ LOG_EVERY = 5.0
 TRIM_EVERY = 10.0
 
 # Passive ejection: this many consecutive failures (connect/reset or 5xx) take an endpoint out
-# for EJECT_BASE seconds, doubling on each ejection in a row up to EJECT_MAX.
+# for EJECT_BASE seconds, doubling on each ejection in a row up to EJECT_MAX. After an
+# ejection, a full run of failures again; a success during one does not end it (see
+# health.EjectionRule).
 PASSIVE_FAILURES = 5
 EJECT_BASE = 5.0
 EJECT_MAX = 60.0
-
-
-class Generation:
-    """Everything one config generation needs at request time, swapped as one reference.
-
-    A request takes this reference once, when its first byte is parsed, and uses nothing else
-    for its whole life: the head rules, routing, pools, limits, timeouts and Via name all come
-    from the same config even if a reload swaps the worker's generation meanwhile. Never
-    changed after construction.
-    """
-
-    __slots__ = (
-        "limits",
-        "mirror_stats",
-        "no_route",
-        "pools",
-        "route_by_name",
-        "stats",
-        "table",
-        "timeouts",
-        "uses_host",
-        "via_line",
-        "via_name",
-        "via_value",
-        "wanted_headers",
-    )
-
-    def __init__(
-        self,
-        table: Table,
-        pools: dict[str, UpstreamPool],
-        stats: tuple[dict[str, RouteUpstreamStats], ...],
-        no_route: RouteUpstreamStats,
-        mirror_stats: tuple[MirrorStats | None, ...],
-        via_name: str,
-    ) -> None:
-        self.table = table
-        self.mirror_stats = mirror_stats
-        self.pools = pools
-        self.stats = stats
-        self.no_route = no_route
-        self.limits: Limits = table.spec.limits
-        self.timeouts: Timeouts = table.spec.timeouts
-        # This instance's received-by name in Via (RFC 9110 section 7.6.3), ready to write.
-        self.via_name = via_name.encode("ascii")
-        self.via_value = b"1.1 " + self.via_name
-        self.via_line = b"Via: " + self.via_value + b"\r\n"
-        self.route_by_name: dict[str, CompiledRoute] = {r.name: r for r in table.routes}
-        self.wanted_headers = frozenset(name.encode("latin-1") for name in table.header_names)
-        # Without a host-matching route the Host header need not be normalised per request.
-        self.uses_host = any(r.host_exact or r.host_suffix for r in table.routes)
+PASSIVE_EJECTION = EjectionRule(
+    after=PASSIVE_FAILURES,
+    base=EJECT_BASE,
+    cap=EJECT_MAX,
+    again_after=PASSIVE_FAILURES,
+    success_ends=False,
+)
 
 
 def default_via_name() -> str:
@@ -409,26 +368,18 @@ class WorkerContext:
 
     def passive_result(self, endpoint: EndpointPool, status: int) -> None:
         """Outcome of one attempt: 0 for a connect/reset/timeout failure, else the status."""
+        state = endpoint.ejection
         if 0 < status < 500:
-            endpoint.passive_failures = 0
-            endpoint.ejections = 0
+            endpoint.ejection = after_success(state, PASSIVE_EJECTION)
             return
-        if endpoint.ejected_until and self.now < endpoint.ejected_until:
-            # Failures of requests already on their way when it was ejected say nothing new;
-            # counting them would eject it again and again, doubling the back-off each time.
-            return
-        endpoint.passive_failures += 1
-        if endpoint.passive_failures >= PASSIVE_FAILURES:
-            endpoint.passive_failures = 0
-            backoff = min(EJECT_MAX, EJECT_BASE * (2**endpoint.ejections))
-            endpoint.ejections += 1
-            endpoint.ejected_until = self.now + backoff
+        endpoint.ejection = after = after_failure(state, self.now, PASSIVE_EJECTION)
+        if after.until != state.until:
             endpoint.refresh(self.now)
             log.warning(
                 "endpoint %s of %s ejected for %.0fs after %d consecutive failures",
                 endpoint.address,
                 endpoint.upstream,
-                backoff,
+                after.backoff,
                 PASSIVE_FAILURES,
             )
 
@@ -614,8 +565,9 @@ class WorkerContext:
                     conn.close()
             for pool in self.endpoints.values():
                 pool.sweep(now)
-                if pool.ejected_until and now >= pool.ejected_until:
-                    pool.ejected_until = 0.0
+                ejection = pool.ejection
+                if ejection.until and now >= ejection.until:
+                    pool.ejection = after_expiry(ejection, now)
                     pool.refresh(now)
             if self._trim is not None and now - self._last_trim >= TRIM_EVERY:
                 # Buffers of many slow clients leave free holes in the heap that glibc (tuned
@@ -651,7 +603,7 @@ class WorkerContext:
                     "endpoint": pool.address,
                     "healthy": pool.healthy,
                     "active_up": pool.active_up,
-                    "ejected": bool(pool.ejected_until),
+                    "ejected": bool(pool.ejection.until),
                     "in_flight": pool.in_flight,
                 }
                 for pool in self.endpoints.values()

@@ -1,15 +1,23 @@
 """The JSON access log on stdout (contract section 8), read from a real Turnout subprocess.
 
 Turnout is stopped (SIGTERM) before stdout is judged, so "exactly one line per request" and
-"no line at all" are decided on the complete output, not on a wait that hopes.
+"no line at all" are decided on the complete output, not on a wait that hopes. The first tests
+drive `AccessLog` in-process with records, for the formatting on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
+from proxy.accesslog import AccessLog, AccessRecord
 from tests.support import rawhttp
 from tests.support.rawhttp import RawConnection
 from tests.support.turnout import TurnoutFactory
@@ -37,6 +45,104 @@ KEYS = {
     "upstream_ttfb_ms",
     "flags",
 }
+
+
+def record(**changes: Any) -> AccessRecord:
+    base = AccessRecord(
+        request_id="rid-1",
+        client="192.0.2.7",
+        method="POST",
+        target=b"/api/items?secret=1",
+        status=201,
+        route="api",
+        upstream="blue",
+        decision="weighted",
+        endpoint="127.0.0.1:9001",
+        attempts=2,
+        duration=0.0123456,
+        bytes_in=10,
+        bytes_out=20,
+        mirrored=True,
+        version="1.0",
+        authority=b"example.test:8080",
+        headers=[(b"accept", b"Accept", b"*/*"), (b"user-agent", b"User-Agent", b"curl/8\xe9")],
+        ttfb=0.0045,
+        flag="retried",
+        tls_version="TLSv1.3",
+        sni="example.test",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def lines_of(records: list[AccessRecord], tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        log = AccessLog(fd)
+        for rec in records:
+            log.record(rec)
+        log.flush()
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    return [orjson.loads(line) for line in data.splitlines()]
+
+
+def test_a_record_becomes_one_line(tmp_path: Path) -> None:
+    (line,) = lines_of([record()], tmp_path)
+    assert set(line) == KEYS | {"tls_version", "sni"}
+    assert line["time"].endswith("Z")
+    assert {k: v for k, v in line.items() if k != "time"} == {
+        "request_id": "rid-1",
+        "client": "192.0.2.7",
+        "method": "POST",
+        "path": "/api/items",
+        "status": 201,
+        "route": "api",
+        "upstream": "blue",
+        "decision": "weighted",
+        "endpoint": "127.0.0.1:9001",
+        "attempts": 2,
+        "duration_ms": 12.346,
+        "bytes_in": 10,
+        "bytes_out": 20,
+        "mirrored": True,
+        "protocol": "HTTP/1.0",
+        "authority": "example.test:8080",
+        "user_agent": "curl/8\u00e9",
+        "upstream_ttfb_ms": 4.5,
+        "flags": "retried",
+        "tls_version": "TLSv1.3",
+        "sni": "example.test",
+    }
+
+
+def test_a_record_without_host_agent_or_upstream_answer(tmp_path: Path) -> None:
+    (line,) = lines_of(
+        [record(authority=None, headers=[], ttfb=-1.0, tls_version=None, sni=None, target=b"*")],
+        tmp_path,
+    )
+    assert line["authority"] == ""
+    assert line["user_agent"] == ""
+    assert line["upstream_ttfb_ms"] is None
+    assert line["tls_version"] is None
+    assert line["sni"] is None
+    assert line["path"] == "*"
+
+
+def test_many_records_are_written_whole_and_in_order(tmp_path: Path) -> None:
+    # Past the 64 KiB buffer: records write batches themselves, before the final flush.
+    lines = lines_of([record(request_id=f"r{i}") for i in range(2000)], tmp_path)
+    assert [line["request_id"] for line in lines] == [f"r{i}" for i in range(2000)]
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=4_102_444_799.0), max_size=20))
+def test_timestamps_read_as_datetime_writes_them(times: list[float]) -> None:
+    log = AccessLog()  # one log for the whole sequence: its once-a-second cache is tested too
+    for now in times:
+        expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        assert log.timestamp(now) == expected.replace("+00:00", "Z")
 
 
 def config_for(blue: EchoUpstream, green: EchoUpstream) -> dict[str, Any]:

@@ -18,6 +18,7 @@ in process, as the data plane does, and assert every counter exactly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 import socket
@@ -891,7 +892,7 @@ async def test_refused_endpoint_rests(
     local_shadow: Service, mirrorer: Mirrorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A rest far longer than the test, so that the assertions below cannot race its end.
-    monkeypatch.setattr(proxy.mirror, "REST_BASE", 600.0)
+    monkeypatch.setattr(proxy.mirror, "REST", dataclasses.replace(proxy.mirror.REST, base=600.0))
     closed = f"127.0.0.1:{free_port()}"
     route, shadow = mirror_route(Mirror(to="shadow"), closed, local_shadow.address)
     stats = MirrorStats("r", "shadow")

@@ -8,6 +8,7 @@ never waits without a deadline.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -323,10 +324,33 @@ class RawConnection:
             return False
         return True
 
+    def closed_already(self) -> bool:
+        """Whether the peer has closed by now, without waiting. Bytes already there are
+        buffered."""
+        while not self.eof:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            self._fill(time.monotonic() + self.deadline)
+        return True
+
     @property
     def buffered(self) -> bytes:
         """Bytes received but not consumed by a read."""
         return bytes(self._buf)
+
+
+def announces_close(response: RawResponse) -> bool:
+    """Whether the response says the connection ends after it (RFC 9112 section 9.3): a
+    `Connection: close`, an HTTP/1.0 response without keep-alive, or a close-delimited body."""
+    tokens = {
+        token.strip().lower()
+        for value in response.header_values("connection")
+        for token in value.split(",")
+    }
+    if "close" in tokens or response.framing == "close":
+        return True
+    return response.version == "HTTP/1.0" and "keep-alive" not in tokens
 
 
 def send_raw(
@@ -336,12 +360,20 @@ def send_raw(
     method: str = "GET",
     deadline: float = DEFAULT_DEADLINE,
 ) -> tuple[RawResponse, bool]:
-    """Send `data` on a fresh connection; the final response and whether the peer then closed."""
+    """Send `data` on a fresh connection; the final response and whether the peer then closed.
+
+    Returns as soon as the answer is settled. A response that announces the close (see
+    `announces_close`) is followed by a wait for it, up to `deadline`: the flag says whether
+    the peer kept its word. A response that keeps the connection alive is not waited on: the
+    flag says whether the peer had closed by then (to see a late close, use
+    `RawConnection.wait_closed`).
+    """
     with RawConnection(port, deadline=deadline) as conn:
         conn.send(data)
         _, response = conn.read_final_response(method)
-        closed = conn.wait_closed(deadline)
-        return response, closed
+        if announces_close(response):
+            return response, conn.wait_closed(deadline)
+        return response, conn.closed_already()
 
 
 def get(

@@ -1,4 +1,4 @@
-"""Review tests for the data plane: connection state machine, pipelining, framing, retries.
+"""The connection state machine: pipelining, framing, retries, hop-by-hop Connection, HTTP/1.0.
 
 Every test talks raw HTTP/1.1 to a real Turnout and to `ScriptedUpstream`, a hand-written
 upstream in this module whose behaviour is chosen per request by the path:
