@@ -23,9 +23,15 @@ Traffic is drawn per check period, not per request: a fixed number of requests (
 the canary's share binomial at the step's weight, errors binomial per version, the latency
 histogram a multinomial over the buckets of a log-normal latency. Seeded; pure Python.
 
-    .venv/bin/python benchmarks/rollout_sim.py            # 10,000 rollouts per cell, ~20 min
-    .venv/bin/python benchmarks/rollout_sim.py --quick    # 1,000 per cell, ~2 min
+    .venv/bin/python benchmarks/rollout_sim.py            # 10,000 rollouts per cell, ~25 min
+    .venv/bin/python benchmarks/rollout_sim.py --quick    # 1,000 per cell, ~3 min
     .venv/bin/python benchmarks/rollout_sim.py --runs 200 --workers 1
+    .venv/bin/python benchmarks/rollout_sim.py --target   # only the 5x target, 5,000 per row
+
+The last table is issue 14's target (a canary at 5x the baseline's errors at 100 req/s rolled
+back before its weight passes 5% in >= 99% of runs) by the steps' interval, the new test only,
+next to the power of the best possible test on the same evidence (Neyman-Pearson, exact): the
+target is out of reach of any test at the default interval, and of this one below 6 minutes.
 
 (times on 2 cores; docs/rollout-statistics.md has the tables of the default run)
 """
@@ -57,7 +63,6 @@ MAX_ERROR_RATE = 0.01
 MAX_P99 = 0.5
 CONFIDENCE = 0.99
 INCONCLUSIVE_LIMIT = 3
-CHECKS_PER_INTERVAL = round(INTERVAL / CHECK)
 SLOTS = len(DURATION_BUCKETS) + 1
 ROLLOUT = Rollout(baseline="blue", canary="canary", steps=STEPS, confidence=CONFIDENCE)
 ALPHA = rollout.segment_alpha(ROLLOUT, 0)
@@ -220,15 +225,23 @@ def old_fails(canary: Sequence[int], baseline: Sequence[int], c_buckets: list[in
     )
 
 
-def walk_old(traffic: Traffic) -> Outcome:
+def checks_per(interval: float) -> int:
+    checks = round(interval / CHECK)
+    if checks < 1 or abs(checks * CHECK - interval) > 1e-9:
+        raise ValueError(f"interval {interval:g} s is not a whole number of checks of {CHECK:g} s")
+    return checks
+
+
+def walk_old(traffic: Traffic, interval: float = INTERVAL) -> Outcome:
     seconds = 0.0
+    checks = checks_per(interval)
     for step in range(len(STEPS) - 1):
         inconclusive = 0
         index = 0
         while True:
             canary, baseline = [0, 0], [0, 0]
             c_buckets, b_buckets = [0] * SLOTS, [0] * SLOTS
-            for _ in range(CHECKS_PER_INTERVAL):
+            for _ in range(checks):
                 (cr, ce, cb), (br, be, bb) = traffic.period(step, index)
                 index += 1
                 canary[0] += cr
@@ -237,7 +250,7 @@ def walk_old(traffic: Traffic) -> Outcome:
                 baseline[1] += be
                 add(c_buckets, cb)
                 add(b_buckets, bb)
-            seconds += INTERVAL
+            seconds += interval
             if canary[0] < MIN_REQUESTS:
                 inconclusive += 1
                 if inconclusive >= INCONCLUSIVE_LIMIT:
@@ -249,8 +262,11 @@ def walk_old(traffic: Traffic) -> Outcome:
     return Outcome("succeeded", seconds, 100.0)
 
 
-def walk_new(traffic: Traffic) -> Outcome:
+def walk_new(traffic: Traffic, interval: float = INTERVAL) -> Outcome:
+    """As proxy.rollout.look: a step passes at the first look, once it has lasted `interval`,
+    at which the canary has min_requests; it pauses at INCONCLUSIVE_LIMIT intervals without."""
     seconds = 0.0
+    checks = checks_per(interval)
     for step in range(len(STEPS) - 1):
         canary, baseline = [0, 0], [0, 0]
         c_buckets, b_buckets = [0] * SLOTS, [0] * SLOTS
@@ -274,10 +290,10 @@ def walk_new(traffic: Traffic) -> Outcome:
             )
             if any(test.reject for test in tests):
                 return Outcome("failed", seconds, STEPS[step])
-            if index % CHECKS_PER_INTERVAL == 0:
+            if index >= checks:
                 if canary[0] >= MIN_REQUESTS:
                     break
-                if index >= INCONCLUSIVE_LIMIT * CHECKS_PER_INTERVAL:
+                if index >= INCONCLUSIVE_LIMIT * checks:
                     return Outcome("paused", seconds, STEPS[step])
     return Outcome("succeeded", seconds, 100.0)
 
@@ -294,12 +310,18 @@ def healthy(error_rate: float) -> Version:
 
 @dataclass(frozen=True)
 class Cell:
-    """One scenario: traffic rate and the two versions."""
+    """One scenario: traffic rate, the two versions, the steps' interval.
+
+    The traffic is seeded by the name (and the run), not by the interval: cells that differ
+    only in their interval serve the same requests in the same check periods.
+    """
 
     name: str
     rps: float
     canary: Version
     baseline: Version
+    interval: float = INTERVAL
+    old: bool = True  # also walk the old procedure (else its list of outcomes is empty)
 
 
 def run_cell(args: tuple[int, Cell, int, int]) -> tuple[list[Outcome], list[Outcome]]:
@@ -309,8 +331,9 @@ def run_cell(args: tuple[int, Cell, int, int]) -> tuple[list[Outcome], list[Outc
     for run in range(first, first + count):
         traffic = Traffic((seed * 1_000_003 + hash_name(cell.name)) * 1_000_000 + run,
                           cell.rps, cell.canary, cell.baseline)  # fmt: skip
-        old.append(walk_old(traffic))
-        new.append(walk_new(traffic))
+        if cell.old:
+            old.append(walk_old(traffic, cell.interval))
+        new.append(walk_new(traffic, cell.interval))
     return old, new
 
 
@@ -442,6 +465,169 @@ def smallest(runner: Runner, runs: int) -> str:
     return table(["regression", *(f"{rps:g} req/s: old / new" for rps in RATES)], rows)
 
 
+# --------------------------------------------------------------------------- the 5x target
+
+# Issue 14's target: a canary at 5x the baseline's errors (0.5% -> 2.5%) at 100 req/s rolled
+# back before its weight passes 5% (at the 1% or the 5% step) in >= 99% of runs.
+FIVE_X_CANARY, FIVE_X_BASELINE = healthy(0.025), healthy(0.005)
+EARLY = 2  # the steps at 1% and 5%
+SWEEP_INTERVALS = (60.0, 120.0, 180.0, 240.0, 300.0, 360.0, 600.0, 900.0)
+TARGET = 0.99
+
+
+def early(outcome: Outcome) -> bool:
+    return failed(outcome) and outcome.weight <= STEPS[EARLY - 1]
+
+
+def wilson(hits: int, runs: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share."""
+    share_ = hits / runs
+    centre = share_ + z * z / (2 * runs)
+    spread = z * math.sqrt(share_ * (1 - share_) / runs + z * z / (4 * runs * runs))
+    return (centre - spread) / (1 + z * z / runs), (centre + spread) / (1 + z * z / runs)
+
+
+def binomial_law(n: int, p: float) -> tuple[int, list[float]]:
+    """(first k, P(K = k) for k from it) of Binomial(n, p), cut where under 1e-20."""
+    mean, sd = n * p, math.sqrt(n * p * (1.0 - p))
+    low, high = max(0, math.floor(mean - 10 * sd - 10)), min(n, math.ceil(mean + 10 * sd + 10))
+    log_p, log_q = math.log(p), math.log1p(-p)
+    head = math.lgamma(n + 1)
+    law = [
+        math.exp(head - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q)
+        for k in range(low, high + 1)
+    ]
+    return low, law
+
+
+def early_requests_law(rps: float, interval: float) -> tuple[int, list[float]]:
+    """The law of the canary's requests in the 1% and 5% steps, each lasting `interval`.
+
+    As the simulation draws them: round(rps x check) requests per check period, each the
+    canary's with the step's weight. (A step short of min_requests at its interval lasts
+    longer; at these rates that is the 1% step at 100 req/s and 1 minute, in about 10% of runs,
+    for a few more seconds: left out.)
+    """
+    requests = round(rps * CHECK) * checks_per(interval)
+    first, law = 0, [1.0]
+    for weight in STEPS[:EARLY]:
+        low, part = binomial_law(requests, weight / 100.0)
+        joined = [0.0] * (len(law) + len(part) - 1)
+        for i, a in enumerate(law):
+            if a > 1e-22:
+                for j, b in enumerate(part):
+                    joined[i + j] += a * b
+        first, law = first + low, joined
+    return first, law
+
+
+def best_test(rps: float, interval: float, alpha: float,
+              healthy_rate: float = 0.005, bad_rate: float = 0.025) -> float:  # fmt: skip
+    """Power of the most powerful test at level `alpha` on all the evidence before the canary's
+    weight passes 5%, for the canary at `bad_rate` against one at `healthy_rate`.
+
+    Neyman-Pearson for two simple hypotheses, the baseline's rate known (so the baseline's
+    requests, the latencies and the split, whose laws are the same under both, cancel from the
+    likelihood ratio): reject on the largest values of the likelihood ratio of (canary
+    requests n, canary errors k), randomised at the edge, until the rejected mass under the
+    healthy canary is exactly `alpha`. Exact, up to the tails cut below 1e-20. Any procedure
+    that rolls back a canary no worse than its baseline with probability <= alpha and decides
+    on these requests rolls back this canary before its weight passes 5% with at most this
+    probability.
+    """
+    step = math.log(bad_rate / healthy_rate) - math.log1p(-bad_rate) + math.log1p(-healthy_rate)
+    drift = math.log1p(-bad_rate) - math.log1p(-healthy_rate)
+    first, law = early_requests_law(rps, interval)
+    cells: list[tuple[float, float, float]] = []
+    for offset, weight in enumerate(law):
+        if weight < 1e-20:
+            continue
+        n = first + offset
+        null_first, null = binomial_law(n, healthy_rate)
+        bad_first, bad = binomial_law(n, bad_rate)
+        for k in range(min(null_first, bad_first),
+                       max(null_first + len(null), bad_first + len(bad))):  # fmt: skip
+            p0 = null[k - null_first] if 0 <= k - null_first < len(null) else 0.0
+            p1 = bad[k - bad_first] if 0 <= k - bad_first < len(bad) else 0.0
+            if p0 * weight > 1e-24 or p1 * weight > 1e-24:
+                cells.append((k * step + n * drift, weight * p0, weight * p1))
+    cells.sort(key=lambda cell: -cell[0])
+    size, power = 0.0, 0.0
+    for _, p0, p1 in cells:
+        if size + p0 > alpha:
+            power += p1 * (alpha - size) / p0
+            break
+        size += p0
+        power += p1
+    return min(1.0, power)
+
+
+def shortest_possible(rps: float, alpha: float, target: float = TARGET) -> float:
+    """The shortest interval (whole checks) at which `best_test` reaches `target`."""
+    low, high = 1, 2
+    while best_test(rps, high * CHECK, alpha) < target:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if best_test(rps, middle * CHECK, alpha) >= target:
+            high = middle
+        else:
+            low = middle
+    return high * CHECK
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds % 60 == 0 else f"{seconds:g} s"
+
+
+def five_x_target(runner: Runner, runs: int) -> str:
+    """Issue 14's 5x target by interval at 100 req/s, and at 1,000 req/s with the default."""
+    rows = []
+    met: str | None = None
+    cases = [(100.0, interval) for interval in SWEEP_INTERVALS] + [(1000.0, INTERVAL)]
+    for rps, interval in cases:
+        # Named as the 5x cell of the main tables: the same traffic at every interval, and the
+        # 1-minute row at 100 req/s is that cell's "new" row.
+        name = "5x errors" if rps == 100.0 else f"5x errors {rps:g}"
+        cell = Cell(name, rps, FIVE_X_CANARY, FIVE_X_BASELINE, interval, old=False)
+        _, new = runner.run(cell, runs)
+        hits = sum(1 for outcome in new if early(outcome))
+        low, high = wilson(hits, runs)
+        requests = rps * interval * sum(STEPS[:EARLY]) / 100.0
+        rows.append([
+            f"{rps:g} req/s, {minutes(interval)}",
+            f"{requests:,.0f} ({requests * 0.025:.1f} / {requests * 0.005:.1f})",
+            percent(best_test(rps, interval, 1.0 - CONFIDENCE)),
+            f"{percent(hits / runs)} ({percent(low)}-{percent(high)})",
+            percent(share(new, failed)),
+            median_seconds(new),
+        ])  # fmt: skip
+        if rps == 100.0 and met is None and hits / runs >= TARGET:
+            met = minutes(interval)
+    header = ["rate, interval", "canary requests at 1% and 5% (errors: 5x / healthy)",
+              "best possible test, alpha 1%", "rolled back at 1% or 5% (95% interval)",
+              "rolled back at all", "median time to rollback"]  # fmt: skip
+    possible = shortest_possible(100.0, 1.0 - CONFIDENCE)
+    possible_steps = shortest_possible(100.0, EARLY * rollout.step_alpha(ROLLOUT))
+    return "\n".join([
+        table(header, rows),
+        "",
+        f"Shortest interval in the sweep at which the new test reaches {percent(TARGET)} at "
+        f"100 req/s: {met or 'none'}.",
+        f"Shortest interval at which any test can (best possible test, whole checks): "
+        f"{minutes(possible)} at alpha {1.0 - CONFIDENCE:g} (the whole rollout's budget); "
+        f"{minutes(possible_steps)} at alpha {EARLY * rollout.step_alpha(ROLLOUT):g} "
+        f"(the two steps' shares).",
+    ])  # fmt: skip
+
+
+def print_target(runner: Runner, runs: int) -> None:
+    print(f"Canary 5x the baseline's errors (0.5% -> 2.5%): rolled back before its weight "
+          f"passes 5%, by interval ({runs} rollouts per row, the new test only; the other "
+          f"settings the defaults)\n")  # fmt: skip
+    print(five_x_target(runner, runs), "\n", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=10_000, help="rollouts per cell")
@@ -451,11 +637,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default: a tenth of --runs, at least 200)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument(
+        "--target", action="store_true", help="only the 5x target by interval (issue 14)"
+    )
+    parser.add_argument("--target-runs", type=int, default=0,
+                        help="rollouts per row of the 5x target by interval "
+                             "(default: half of --runs, at least 1,000)")  # fmt: skip
     args = parser.parse_args(argv)
     runs = 1000 if args.quick else args.runs
     ladder_runs = args.ladder_runs or max(200, runs // 10)
+    target_runs = args.target_runs or max(1000, runs // 2)
     runner = Runner(args.seed, args.workers)
     began = time.monotonic()
+    if args.target:
+        print_target(runner, target_runs)
+        print(f"run time {time.monotonic() - began:.0f} s, {args.workers} worker(s)")
+        return 0
     print(f"rollout_sim: {runs} rollouts per cell, seed {args.seed}, alpha per step "
           f"{ALPHA:g} (a first evidence segment's; confidence {CONFIDENCE}, "
           f"{rollout.judged_steps(ROLLOUT)} judged steps)\n")  # fmt: skip
@@ -470,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     slow = Version(0.005, lognormal(0.060, 0.5))
     print(regression(runner, runs, "median +50%", slow, healthy(0.005)), "\n", flush=True)
     print(f"Smallest regression rolled back in >= 90% of {ladder_runs} rollouts\n")
-    print(smallest(runner, ladder_runs), "\n")
+    print(smallest(runner, ladder_runs), "\n", flush=True)
+    print_target(runner, target_runs)
     print(f"run time {time.monotonic() - began:.0f} s, {args.workers} worker(s)")
     return 0
 

@@ -55,7 +55,7 @@ from proxy.stats import DURATION_BUCKETS
 # (its scripts import each other by bare name, and mypy checks them as top-level modules), so
 # the directory goes on the path and the module is imported by the name mypy knows it by.
 sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from rollout_sim import binomial, lognormal
+from rollout_sim import best_test, binomial, lognormal
 
 ROLLOUT = Rollout(baseline="blue", canary="canary")
 Z_99 = 2.326347874  # the standard normal's 99th percentile
@@ -214,6 +214,31 @@ def test_latency_model_has_the_stated_p99() -> None:
     assert share_below(FAST, 0.1) < 0.99 < share_below(FAST, 0.25)
     assert math.isclose(share_below(SLOW, 1.0), 0.99)
     assert share_below(SLOW, ROLLOUT.max_p99) < 0.9
+
+
+def test_the_best_possible_test_of_the_5x_target_matches_a_direct_sum() -> None:
+    """The bound of docs/rollout-statistics.md section 10 (issue 14's 5x target).
+
+    At 100 req/s and the default 1-minute interval the canary serves about 360 requests at
+    1% and 5% (60 + 300). By hand for exactly 360, at alpha 1%: the Neyman-Pearson test of
+    2.5% against 0.5% errors rejects on 7 errors or more and on 6 with the probability that
+    makes its size 1%; its power is under 89%. `best_test` (the canary's requests random)
+    agrees within half a point, and reaches 99% with 2 minutes.
+    """
+
+    def tail(n: int, p: float, k: int) -> float:
+        return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+    def exactly(n: int, p: float, k: int) -> float:
+        return math.comb(n, k) * p**k * (1 - p) ** (n - k)
+
+    assert tail(360, 0.005, 6) > 0.01 > tail(360, 0.005, 7)
+    edge = (0.01 - tail(360, 0.005, 7)) / exactly(360, 0.005, 6)
+    by_hand = tail(360, 0.025, 7) + edge * exactly(360, 0.025, 6)
+    assert 0.88 < by_hand < 0.89
+    assert best_test(100.0, 60.0, 0.01) == pytest.approx(by_hand, abs=0.005)
+    assert best_test(100.0, 60.0, 0.01) < 0.99 <= best_test(100.0, 120.0, 0.01)
+    assert best_test(1000.0, 60.0, 0.01) > 0.9999
 
 
 # --------------------------------------------------------------------------- scenarios
