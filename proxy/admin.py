@@ -265,11 +265,14 @@ def error_response(message: str, status: int) -> web.Response:
 def fleet_error(exc: Exception) -> web.Response:
     """The answer to a change the fleet refused: nothing changed anywhere."""
     if isinstance(exc, FleetUnavailable):
+        outcome = (
+            "Redis did not answer in time after the change was sent: it may have been stored; "
+            "check GET /admin/routes before retrying"
+            if exc.ambiguous
+            else "nothing changed, retry later"
+        )
         return json_response(
-            {
-                "error": "fleet store unavailable",
-                "detail": f"Redis cannot be reached ({exc}); nothing changed, retry later",
-            },
+            {"error": "fleet store unavailable", "detail": f"Redis: {exc}; {outcome}"},
             status=503,
         )
     if isinstance(exc, FleetDisagreement):

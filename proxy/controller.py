@@ -65,11 +65,11 @@ class RolloutHost(Protocol):
     def may_judge(self) -> bool:
         """True when this process runs the rollouts (always, except on a fleet's followers)."""
 
-    async def rollout_changed(self, *, judged: bool = False) -> None:
+    async def rollout_changed(self, *, judged: bool = False) -> bool:
         """Effective splits or rollout state changed: push a new table and persist.
 
         `judged`: the change is the controller's own (a verdict, a step begun), which in a
-        fleet only the leader may store.
+        fleet only the leader may store; False when it was not stored (and so undone).
         """
 
 
@@ -444,13 +444,24 @@ class RolloutController:
                 # A rollout restored after a restart: its step's evidence starts with these.
                 self._marks[route.name] = self._counters_of(route, stats)
                 self.states[route.name] = core.restart_step(restored, now)
+            announce: list[Callable[[], None]] = []
             for route in due:
-                changed |= self._look(route, stats, now)
-            if changed or unmarked:
-                await self._host.rollout_changed(judged=True)
+                changed |= self._look(route, stats, now, announce)
+            # Verdicts are counted, logged and told (webhooks, annotations) only once stored:
+            # in a fleet a leader that lost its lease has its verdict undone, never announced.
+            if (changed or unmarked) and await self._host.rollout_changed(judged=True):
+                for told in announce:
+                    told()
 
-    def _look(self, route: CompiledRoute, stats: list[dict[str, Any]], now: float) -> bool:
-        """One look at `route`'s step; True when it gave a verdict (to push and persist)."""
+    def _look(
+        self,
+        route: CompiledRoute,
+        stats: list[dict[str, Any]],
+        now: float,
+        announce: list[Callable[[], None]],
+    ) -> bool:
+        """One look at `route`'s step; True when it changed what is stored (to push and
+        persist). What a verdict tells (counts, log, events, webhooks) goes to `announce`."""
         rollout = route.rollout
         state = self.states.get(route.name)
         mark = self._marks.get(route.name)
@@ -487,6 +498,19 @@ class RolloutController:
             # A look that spent a share of alpha, or started the evidence over, is stored:
             # after a crash the next segment must not spend the same share again.
             return after.spent != state.spent or core.starts_evidence(after)
+        announce.append(lambda: self._tell(route, state, after, entry))
+        return True
+
+    def _tell(
+        self,
+        route: CompiledRoute,
+        before: core.RolloutState,
+        after: core.RolloutState,
+        entry: core.HistoryEntry,
+    ) -> None:
+        """Count, log and announce a stored verdict; begin the gate of a waiting next step."""
+        rollout = route.rollout
+        assert rollout is not None
         key = (route.name, entry.verdict)
         self.verdicts[key] = self.verdicts.get(key, 0) + 1
         self._log(route.name, f"verdict {entry.verdict}: {entry.reason}", after)
@@ -498,14 +522,13 @@ class RolloutController:
             verdict=entry.verdict,
             rollback=after.state == "failed",
         )
-        self._notify(route.name, rollout, "after_step", state, entry.verdict, entry.reason, entry)
+        self._notify(route.name, rollout, "after_step", before, entry.verdict, entry.reason, entry)
         if after.state == "failed":
-            self._notify(route.name, rollout, "rollback", state, "fail", after.reason, entry)
+            self._notify(route.name, rollout, "rollback", before, "fail", after.reason, entry)
         elif after.state == "succeeded":
-            self._notify(route.name, rollout, "succeeded", state, "pass", after.reason, entry)
-        elif after.waiting:
+            self._notify(route.name, rollout, "succeeded", before, "pass", after.reason, entry)
+        elif after.waiting and self.states.get(route.name) is after:
             self._spawn_gate(route, rollout, after)
-        return True
 
     # ---- webhooks ----------------------------------------------------------------------------
 
@@ -545,18 +568,20 @@ class RolloutController:
                 state = core.begin_step(waiting, rollout, self._clock())
                 self.states[name] = state
                 await self._mark(route)
-                self._log(name, state.reason, state)
-                self._event(name, rollout, state, state.reason)
-            else:
-                state = core.refuse_step(waiting, rollout, refusal, _now_iso())
-                self.states[name] = state
-                key = (name, "fail")
-                self.verdicts[key] = self.verdicts.get(key, 0) + 1
-                log.warning("rollout %s: %s", name, state.reason)
-                entry = state.history[-1]
-                self._event(name, rollout, state, state.reason, verdict="fail", rollback=True)
-                self._notify(name, rollout, "rollback", waiting, "fail", state.reason, entry)
-            await self._host.rollout_changed(judged=True)
+                if await self._host.rollout_changed(judged=True):
+                    self._log(name, state.reason, state)
+                    self._event(name, rollout, state, state.reason)
+                return
+            state = core.refuse_step(waiting, rollout, refusal, _now_iso())
+            self.states[name] = state
+            if not await self._host.rollout_changed(judged=True):
+                return
+            key = (name, "fail")
+            self.verdicts[key] = self.verdicts.get(key, 0) + 1
+            log.warning("rollout %s: %s", name, state.reason)
+            entry = state.history[-1]
+            self._event(name, rollout, state, state.reason, verdict="fail", rollback=True)
+            self._notify(name, rollout, "rollback", waiting, "fail", state.reason, entry)
 
     def _notify(
         self,

@@ -45,6 +45,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from proxy.config import ENV_REF_RE, SENTINEL_SCHEMES, parse_sentinel_url, redact_redis_url
 from proxy.spec import Fleet
@@ -105,7 +106,12 @@ return 0
 
 
 class FleetUnavailable(Exception):
-    """Redis cannot be reached: the change was not made anywhere."""
+    """Redis cannot be reached: the change was not made anywhere — unless `ambiguous`: the
+    write was sent and its answer never came, so Redis may have made it."""
+
+    def __init__(self, message: str, *, ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.ambiguous = ambiguous
 
 
 class FleetConflict(Exception):
@@ -359,6 +365,12 @@ class FleetStore:
                 fence,
                 self._channel,
             )
+        except RedisTimeout as exc:
+            self._lost(exc)
+            raise FleetUnavailable(
+                f"{_describe(exc)}; the change was sent and may have been stored",
+                ambiguous=True,
+            ) from exc
         except (RedisError, OSError) as exc:
             raise self._lost(exc) from exc
         outcome, rev = int(result[0]), int(result[1])

@@ -610,6 +610,10 @@ class Supervisor:
                 log.error("TLS certificates: %s", exc)
 
         self.fleet: FleetStore | None = None
+        # The shared document in force here: the last one adopted, written or seeded. One the
+        # store read since (`fleet.document`) that is not in force yet must be adopted before
+        # anything is written on top of the revision it came with (see `_store`).
+        self._fleet_applied: SavedState | None = None
         # (config sha256, digest of its upstreams and routes), computed once per config.
         self._table_digest = ("", "")
         if spec.fleet is not None:
@@ -617,7 +621,7 @@ class Supervisor:
                 spec.fleet,
                 expand_instance(spec.fleet.instance),
                 on_document=self._on_fleet_document,
-                seed=lambda: self._export(self._split_overrides),
+                seed=self._fleet_seed,
                 heartbeat=self._fleet_heartbeat,
                 counters=self._fleet_counters,
                 on_leader=self._on_fleet_leader,
@@ -842,7 +846,17 @@ class Supervisor:
         """
         state = self._export(overrides)
         if self.fleet is not None:
+            fetched = self.fleet.document
+            if fetched is not None and fetched is not self._fleet_applied:
+                if fetched != self._fleet_applied:
+                    # The store already read a newer revision (its document waits for the
+                    # change lock): a write now would pass the compare-and-set on that
+                    # revision with this instance's older picture, losing the newer change
+                    # and leaving this instance on another state than the fleet's.
+                    raise FleetConflict("a newer shared state arrived and is not in force here")
+                self._fleet_applied = fetched
             await self.fleet.write(state, fenced=judged)
+            self._fleet_applied = self.fleet.document
             await self._write_cache(state)
             return
         path = self._current.spec.state_file
@@ -864,6 +878,8 @@ class Supervisor:
             await self._store(self._split_overrides, judged=False)
         except FleetConflict:
             log.warning("fleet: %s: another instance changed the shared state first", why)
+            # The newest shared state is in force instead (as after any refused change).
+            self._undo_fleet_change()
         except FleetUnavailable as exc:
             log.warning("fleet: %s not shared (Redis unreachable: %s)", why, exc)
             await self._write_cache(self._export(self._split_overrides))
@@ -1018,9 +1034,42 @@ class Supervisor:
         self._warn_expiring()
         if state_moved:
             log.info("state_file is now %s", spec.state_file or "(none: memory only)")
-        if state_changed or state_moved:
+        if self.fleet is not None and state_changed:
+            await self._share_reload(diff, file_table)
+        elif state_changed or state_moved:
             await self._persist_after_change(f"reload to generation {generation}")
-        return ReloadOutcome(generation, changed=True)
+        return ReloadOutcome(self._current.generation, changed=True)
+
+    async def _share_reload(self, diff: TableDiff, file_table: Table) -> None:
+        """Store what a reload changed in the fleet's state (the caller holds the change lock).
+
+        When another instance changed the state first, the reload's decisions (rollouts of
+        changed routes end, runtime splits of routes whose split changed go) are made again on
+        the newest state; Redis away: kept here and in the cache only (the next change or
+        document from the fleet decides).
+        """
+        assert self.fleet is not None
+        changed = set(diff.routes_split_changed) | set(diff.routes_rollout_changed)
+        for _ in range(WRITE_ATTEMPTS):
+            try:
+                await self._store(self._split_overrides, judged=False)
+                return
+            except FleetUnavailable as exc:
+                log.warning("fleet: the reload's changes are not shared (Redis: %s)", exc)
+                await self._write_cache(self._export(self._split_overrides))
+                return
+            except FleetConflict:
+                if self.fleet.document is None:
+                    return
+                self._adopt(self.fleet.document)
+                self.rollouts.reconcile(file_table, changed)
+                kept = {
+                    route: override
+                    for route, override in self._split_overrides.items()
+                    if route not in diff.routes_split_changed and override[1] != "rollout"
+                }
+                self._put_in_force(self._with_rollouts(kept, file_table))
+        log.warning("fleet: the reload's changes were not shared: the fleet kept changing")
 
     def _overrides_after_reload(self, diff: TableDiff, spec: ConfigSpec) -> SplitOverrides:
         """The split overrides that survive a reload to `spec`.
@@ -1050,7 +1099,7 @@ class Supervisor:
             merged.setdefault(route, override)
         return merged
 
-    async def rollout_changed(self, *, judged: bool = False) -> None:
+    async def rollout_changed(self, *, judged: bool = False) -> bool:
         """The rollout controller moved a weight or a state: persist, push the table.
 
         In a fleet the change is stored in the shared state first; when that is refused
@@ -1069,7 +1118,7 @@ class Supervisor:
                     if not judged:
                         raise
                     log.warning("fleet: a rollout change was not stored, so not made: %s", exc)
-                    return
+                    return False
             if overrides != self._split_overrides:
                 generation += 1
                 table = compile_table(
@@ -1083,6 +1132,7 @@ class Supervisor:
             if self.fleet is None:
                 await self._persist_after_change("rollout change")
         await self._wait_applied(generation, APPLY_DEADLINE)
+        return True
 
     async def rollout_command(self, route: str, action: str) -> dict[str, Any]:
         """Run POST /admin/routes/{route}/rollout/{action}; the route's new state.
@@ -1155,6 +1205,12 @@ class Supervisor:
             self._adopt(document)
         await self._write_cache(document)
 
+    def _fleet_seed(self) -> SavedState:
+        """What this instance knows, for an empty store to start from (then in force here)."""
+        state = self._export(self._split_overrides)
+        self._fleet_applied = state
+        return state
+
     def _undo_fleet_change(self) -> None:
         """A change was refused by the fleet: back to the newest shared state known."""
         if self.fleet is not None and self.fleet.document is not None:
@@ -1162,12 +1218,19 @@ class Supervisor:
 
     def _adopt(self, document: SavedState) -> None:
         """Put the fleet's shared state in force here (the caller holds the change lock)."""
+        self._fleet_applied = document
         current = self._current
         self.rollouts.adopt(document.rollouts, current.table)
         shared = {route: (dict(weights), "fleet") for route, weights in document.splits.items()}
         overrides = self._with_rollouts(
             _usable_overrides(current.spec, shared, "from the fleet"), current.table
         )
+        self._put_in_force(overrides)
+
+    def _put_in_force(self, overrides: SplitOverrides) -> None:
+        """Compile and install a new generation with `overrides` (no-op when they are in
+        force already); the caller holds the change lock."""
+        current = self._current
         if overrides == self._split_overrides:
             return
         generation = current.generation + 1

@@ -89,10 +89,14 @@ class RedisServer:
         except OSError:
             return None
 
-    def stop(self) -> None:
-        """Kill it (SIGKILL: the data in memory is gone unless a restart keeps a dump)."""
+    def stop(self, *, keep: bool = False) -> None:
+        """Kill it (SIGKILL: the data in memory is gone unless a restart keeps a dump);
+        `keep` dumps the data first, for a later `start(dbfile=True)` (a Redis that
+        persists its data and comes back)."""
         if self.process is None:
             return
+        if keep and self.command("SAVE") != b"+OK":
+            raise RuntimeError(f"redis-server on port {self.port} did not SAVE its data")
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGCONT)
@@ -102,9 +106,7 @@ class RedisServer:
 
     def restart(self, *, keep: bool) -> None:
         """Stop and start again on the same port; `keep` keeps the data (a SAVE first)."""
-        if keep:
-            self.command("SAVE")
-        self.stop()
+        self.stop(keep=keep)
         self.start(dbfile=keep)
 
     def pause(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy import rollout as core
+from proxy.annotations import Event
 from proxy.config import parse_config
 from proxy.controller import RolloutController, fingerprint
 from proxy.stats import DURATION_BUCKETS
@@ -90,6 +91,8 @@ class FakeHost:
         self.answering = True
         # False: a fleet's follower, which must never move a rollout.
         self.leading = True
+        # False: the fleet refuses to store the controller's changes (a lost lease).
+        self.storing = True
 
     def serve(self, upstream: str, ok: int, errors: int = 0) -> None:
         codes = self.codes.setdefault(("api", upstream), {})
@@ -117,8 +120,9 @@ class FakeHost:
             )
         return [{"routes": routes}]
 
-    async def rollout_changed(self, *, judged: bool = False) -> None:
+    async def rollout_changed(self, *, judged: bool = False) -> bool:
         self.changes += 1
+        return self.storing
 
 
 class Clock:
@@ -390,6 +394,24 @@ async def test_a_new_leader_goes_on_with_the_shared_evidence(setup: Setup) -> No
         await successor.close()
     # Without the marks (the state file's form) a restored step starts its evidence over.
     assert "mark" not in controller.state_json()["api"]
+
+
+async def test_a_verdict_that_is_not_stored_is_never_counted_or_told(setup: Setup) -> None:
+    host, clock, controller = setup
+    events: list[Event] = []
+    controller = RolloutController(host, clock=clock, annotate=events.append)
+    try:
+        await controller.command(host.table, "api", "start")
+        events.clear()
+        host.storing = False  # e.g. the leader lost its lease between the look and the write
+        host.serve("canary", ok=0, errors=50)
+        host.serve("blue", ok=1000)
+        clock.now += 5
+        await controller.tick()
+        assert controller.verdicts == {}
+        assert events == []
+    finally:
+        await controller.close()
 
 
 # --------------------------------------------------------------------------- webhooks
