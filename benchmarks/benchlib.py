@@ -21,15 +21,15 @@ from typing import IO, Any
 
 import yaml
 
-from proxy.tls import INTERMEDIATE_CIPHERS as TURNOUT_CIPHERS
+from proxy.runtime.tls import INTERMEDIATE_CIPHERS as TURNOUT_CIPHERS
 
 LOOPBACK = "127.0.0.1"
 ONE_MIB = 1024 * 1024
 # 100 bytes: the size of a typical small JSON API answer.
 SMALL_BODY = "turnout-bench " + "x" * 85 + "\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Both proxies offer the same TLS 1.2 suites (Turnout's, from proxy/tls.py); TLS 1.3 suites are
-# OpenSSL's defaults in both.
+# Both proxies offer the same TLS 1.2 suites (Turnout's, from proxy/runtime/tls.py); TLS 1.3
+# suites are OpenSSL's defaults in both.
 INTERMEDIATE_CIPHERS = TURNOUT_CIPHERS
 
 

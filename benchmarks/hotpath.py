@@ -20,11 +20,11 @@ from typing import Any
 
 import uvloop
 
-from proxy.config import parse_config
-from proxy.dataplane import ClientConnection
-from proxy.table import compile_table
-from proxy.upstream import UpstreamConnection
-from proxy.worker import WorkerContext
+from proxy.core.config import parse_config
+from proxy.core.table import compile_table
+from proxy.dataplane.http1 import ClientConnection
+from proxy.dataplane.upstream import UpstreamConnection
+from proxy.dataplane.worker import WorkerContext
 
 PLAIN = """
 listen: 127.0.0.1:18080

@@ -34,11 +34,11 @@ from typing import Any
 import benchlib as bl
 import orjson
 
-from proxy.config import parse_config
-from proxy.metrics import MetricsInput, Totals, render
-from proxy.stats import RouteUpstreamStats
-from proxy.supervisor import METRICS_GZIP_LEVEL
-from proxy.table import Table, compile_table
+from proxy.control.metrics import MetricsInput, Totals, render
+from proxy.control.supervisor import METRICS_GZIP_LEVEL
+from proxy.core.config import parse_config
+from proxy.core.counters import RouteUpstreamStats
+from proxy.core.table import Table, compile_table
 
 ROUTE_COUNTS = (10, 100, 1000, 5000)
 WORKER_COUNTS = (1, 4)

@@ -6,13 +6,13 @@ traffic: the traffic of step s, check period j is drawn from a generator seeded 
 run, s), so both procedures see the same requests for as long as they are at the same step.
 
 - OLD: the analysis before issue 14, reimplemented here in a few lines because
-  proxy.rollout.judge is being rewritten: each `interval` is a fixed window judged at its end;
+  proxy.core.rollout.judge is being rewritten: each `interval` is a fixed window judged at its end;
   fail when the canary's error ratio is above max_error_rate AND a one-sided two-proportion
   z-test at 95% says it is above the baseline's, or its p99 (histogram estimate) is above
   max_p99 while the baseline's is not; fewer than min_requests canary requests is inconclusive
   (a new window), three in a row pause.
-- NEW: proxy.sequential.judge on all the evidence since the step began, every `check`, with
-  the alpha of a step's first evidence segment, proxy.rollout.segment_alpha(rollout, 0): the
+- NEW: proxy.core.sequential.judge on all the evidence since the step began, every `check`, with
+  the alpha of a step's first evidence segment, proxy.core.rollout.segment_alpha(rollout, 0): the
   budget 1 - confidence shared among the 4 judged steps (the 100% step is promotion, never
   judged), 3/4 of it to the step's first evidence (the rest pays for fresh starts after a
   pause, a restart or counters that went down; these walks have none); any rejection rolls
@@ -51,9 +51,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy import rollout, sequential
-from proxy.spec import Rollout
-from proxy.stats import DURATION_BUCKETS
+from proxy.core import rollout, sequential
+from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.spec import Rollout
 
 STEPS: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 100.0)
 INTERVAL = 60.0
@@ -188,7 +188,7 @@ def add(total: list[int], part: Sequence[int]) -> None:
 
 
 def p99(buckets: Sequence[int]) -> float | None:
-    """As proxy.rollout.p99 before issue 14 (Prometheus' histogram_quantile)."""
+    """As proxy.core.rollout.p99 before issue 14 (Prometheus' histogram_quantile)."""
     total = sum(buckets)
     if total == 0:
         return None
@@ -263,7 +263,7 @@ def walk_old(traffic: Traffic, interval: float = INTERVAL) -> Outcome:
 
 
 def walk_new(traffic: Traffic, interval: float = INTERVAL) -> Outcome:
-    """As proxy.rollout.look: a step passes at the first look, once it has lasted `interval`,
+    """As proxy.core.rollout.look: a step passes at the first look, once it has lasted `interval`,
     at which the canary has min_requests; it pauses at INCONCLUSIVE_LIMIT intervals without."""
     seconds = 0.0
     checks = checks_per(interval)

@@ -1300,7 +1300,8 @@ def main(argv: list[str] | None = None) -> int:
             f"nginx keeps {settings.keepalive} idle upstream connections per worker "
             f"(`keepalive`); with more requests in flight than that ({', '.join(churn)}) it "
             "opens and closes a backend connection for the excess requests, which dominates "
-            "its figures; Turnout's pool keeps more (POOL_MAX_IDLE in proxy/upstream.py). "
+            "its figures; Turnout's pool keeps more (POOL_MAX_IDLE in "
+            "proxy/dataplane/upstream.py). "
             "Rerun with --nginx-keepalive 256 to compare like with like"
         )
     flagged = [r for r in report.runs if r.error_count]

@@ -38,7 +38,7 @@ import httptools
 import run as bench
 import uvloop
 
-from proxy.tasks import TaskSet
+from proxy.runtime.tasks import TaskSet
 
 # The bound on a worker's RSS, idle and under load.
 RSS_BOUND_MIB = 60.0

@@ -23,8 +23,8 @@ from typing import Any
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 # Import names of the dependencies that differ from the name to install.
 DISTRIBUTIONS = {"yaml": "pyyaml", "prometheus_client": "prometheus-client"}
-# The admin API's rollout actions (proxy.controller.ACTIONS, which imports far more; a test keeps
-# them equal).
+# The admin API's rollout actions (proxy.control.rollouts.ACTIONS, which imports far more; a
+# test keeps them equal).
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "abort", "promote")
 # How long the client commands wait for an answer (seconds). A container runtime kills a slow
 # health check anyway (Docker's HEALTHCHECK --timeout): `healthcheck` answers before that.
@@ -73,15 +73,15 @@ def setup_logging() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from proxy.supervisor import run_supervisor
+    from proxy.control.supervisor import run_supervisor
 
     setup_logging()
     return run_supervisor(args.config, access_log=not args.no_access_log)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from proxy.config import summary
-    from proxy.supervisor import ConfigLoadError, certificate_warnings, load_config
+    from proxy.control.supervisor import ConfigLoadError, certificate_warnings, load_config
+    from proxy.core.config import summary
 
     try:
         _, spec = load_config(args.config)
@@ -135,7 +135,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        from proxy.metrics import BUILD_VERSION
+        from proxy.control.metrics import BUILD_VERSION
 
         print(f"turnout {BUILD_VERSION}")
         parser.exit()

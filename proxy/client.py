@@ -32,9 +32,9 @@ import orjson
 import yaml
 from yaml.nodes import MappingNode, ScalarNode
 
-# The server reads the same variable (proxy.supervisor.TOKEN_ENV; a test keeps them equal).
+# The server reads the same variable (proxy.control.supervisor.TOKEN_ENV; a test keeps them equal).
 TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
-# `admin`'s default in the config (proxy.spec.ConfigSpec; a test keeps them equal).
+# `admin`'s default in the config (proxy.core.spec.ConfigSpec; a test keeps them equal).
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 
 _WEIGHT_RE = re.compile(r"(?P<name>[^=\s]+)=(?P<weight>[^=\s]+)\Z")

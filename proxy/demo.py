@@ -32,17 +32,17 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from proxy.admin import json_response
 from proxy.client import DEFAULT_ADMIN
-from proxy.spec import ConfigSpec, Rollout, RouteSpec
-from proxy.supervisor import (
+from proxy.control.admin import json_response
+from proxy.control.supervisor import (
     ConfigLoadError,
     Supervisor,
     admin_token,
     load_config,
     startup_refusals,
 )
-from proxy.tasks import TaskSet
+from proxy.core.spec import ConfigSpec, Rollout, RouteSpec
+from proxy.runtime.tasks import TaskSet
 
 # How long the upstreams and then the proxy may take to come up before the demo gives up.
 UPSTREAMS_START_TIMEOUT = 10.0

@@ -17,7 +17,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.accesslog import AccessLog, AccessRecord
+from proxy.dataplane.accesslog import AccessLog, AccessRecord
 from tests.support import rawhttp
 from tests.support.rawhttp import RawConnection
 from tests.support.turnout import TurnoutFactory

@@ -36,11 +36,11 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-import proxy.mirror
-from proxy.mirror import REST_AFTER, Mirrorer
-from proxy.spec import ConfigSpec, Endpoint, Mirror, RouteSpec, UpstreamSpec
-from proxy.stats import MirrorStats
-from proxy.table import CompiledRoute, compile_table
+import proxy.dataplane.mirror
+from proxy.core.counters import MirrorStats
+from proxy.core.spec import ConfigSpec, Endpoint, Mirror, RouteSpec, UpstreamSpec
+from proxy.core.table import CompiledRoute, compile_table
+from proxy.dataplane.mirror import REST_AFTER, Mirrorer
 from tests.support import async_wait_until
 from tests.support.turnout import TurnoutProcess, free_port, http_status, start_turnout
 from tests.support.upstreams import UpstreamHost, pattern_bytes, pattern_chunks, read_request
@@ -892,7 +892,9 @@ async def test_refused_endpoint_rests(
     local_shadow: Service, mirrorer: Mirrorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A rest far longer than the test, so that the assertions below cannot race its end.
-    monkeypatch.setattr(proxy.mirror, "REST", dataclasses.replace(proxy.mirror.REST, base=600.0))
+    monkeypatch.setattr(
+        proxy.dataplane.mirror, "REST", dataclasses.replace(proxy.dataplane.mirror.REST, base=600.0)
+    )
     closed = f"127.0.0.1:{free_port()}"
     route, shadow = mirror_route(Mirror(to="shadow"), closed, local_shadow.address)
     stats = MirrorStats("r", "shadow")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, parse_config
+from proxy.core.config import ConfigError, parse_config
 from tests.support.rawhttp import get
 from tests.support.turnout import TurnoutProcess, free_port, start_turnout
 from tests.support.upstreams import EchoUpstream

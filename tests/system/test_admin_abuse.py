@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.admin import HEAD_TIMEOUT, MAX_CONNECTIONS, AdminServer
+from proxy.control.admin import HEAD_TIMEOUT, MAX_CONNECTIONS, AdminServer
 from tests.support import async_wait_until, wait_until
 from tests.support.turnout import TurnoutFactory, http_status
 from tests.support.upstreams import EchoUpstream

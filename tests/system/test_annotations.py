@@ -29,11 +29,11 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.annotations import MAX_TEXT, Event, annotation_body, reload_changes
-from proxy.config import parse_config
-from proxy.controller import RolloutController
-from proxy.table import compile_table
-from proxy.webhooks import Webhooks
+from proxy.control.annotations import MAX_TEXT, Event, annotation_body, reload_changes
+from proxy.control.rollouts import RolloutController
+from proxy.control.webhooks import Webhooks
+from proxy.core.config import parse_config
+from proxy.core.table import compile_table
 from tests.support import async_wait_until, wait_until
 from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import UpstreamHost

@@ -27,8 +27,8 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.control.supervisor import load_config
 from proxy.demo import path_note, try_lines
-from proxy.supervisor import load_config
 from tests.support import wait_until
 from tests.support.turnout import PROJECT_ROOT, TurnoutFactory, free_port
 from tests.support.upstreams import EchoUpstream

@@ -27,9 +27,9 @@ import pytest
 import yaml
 
 from proxy import cli, client
-from proxy.controller import ACTIONS
-from proxy.spec import ConfigSpec
-from proxy.supervisor import TOKEN_ENV
+from proxy.control.rollouts import ACTIONS
+from proxy.control.supervisor import TOKEN_ENV
+from proxy.core.spec import ConfigSpec
 from tests.support import wait_until
 from tests.support.turnout import (
     PROJECT_ROOT,

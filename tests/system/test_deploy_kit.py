@@ -39,16 +39,16 @@ import orjson
 import pytest
 import yaml
 
-from proxy.admin import is_loopback
-from proxy.config import parse_config
-from proxy.spec import ConfigSpec
-from proxy.supervisor import (
+from proxy.control.admin import is_loopback
+from proxy.control.supervisor import (
     EXIT_MARGIN,
     KILL_REAP_TIMEOUT,
     TASKS_STOP_TIMEOUT,
     TOKEN_ENV,
     startup_refusals,
 )
+from proxy.core.config import parse_config
+from proxy.core.spec import ConfigSpec
 from tests.support import wait_until
 from tests.support.turnout import PROJECT_ROOT, TurnoutProcess, free_port, http_status, launch
 from tests.support.upstreams import EchoUpstream
@@ -535,7 +535,7 @@ def test_dockerignore_admits_what_the_dockerfile_copies_and_nothing_else() -> No
     ]
     for source in sources:
         assert not dockerignore_excludes(source), source
-    for path in ("proxy/__init__.py", "proxy/static/dashboard.html"):
+    for path in ("proxy/__init__.py", "proxy/control/static/dashboard.html"):
         assert not dockerignore_excludes(path), path
     for path in (
         ".git/HEAD",
@@ -555,9 +555,14 @@ def test_the_package_carries_every_file_the_code_reads() -> None:
     package data, or they exist in a checkout (and its editable install) but not in the image."""
     with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
         setuptools = tomllib.load(f).get("tool", {}).get("setuptools", {})
-    patterns = setuptools.get("package-data", {}).get("proxy", [])
+    # Each package's patterns are relative to its folder (proxy.control -> proxy/control/).
+    patterns = [
+        f"{package.replace('.', '/')}/{pattern}"
+        for package, package_patterns in setuptools.get("package-data", {}).items()
+        for pattern in package_patterns
+    ]
     data = [
-        path.relative_to(PROJECT_ROOT / "proxy").as_posix()
+        path.relative_to(PROJECT_ROOT).as_posix()
         for path in (PROJECT_ROOT / "proxy").rglob("*")
         if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
     ]

@@ -28,8 +28,8 @@ import pytest
 import redis
 import yaml
 
-from proxy.config import config_sha256
-from proxy.state import decode_state
+from proxy.control.state import decode_state
+from proxy.core.config import config_sha256
 from tests.support import wait_until
 from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import TurnoutProcess, free_port, launch, process_tree

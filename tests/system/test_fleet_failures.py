@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.fleet import BACKOFF_LAST
-from proxy.state import decode_state, load_state
+from proxy.control.fleet import BACKOFF_LAST
+from proxy.control.state import decode_state, load_state
 from tests.support import wait_until
 from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import TurnoutProcess, http_status

@@ -17,10 +17,10 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import parse_config
-from proxy.health import EndpointKey
-from proxy.prober import Prober
-from proxy.spec import ConfigSpec
+from proxy.control.prober import Prober
+from proxy.core.config import parse_config
+from proxy.core.health import EndpointKey
+from proxy.core.spec import ConfigSpec
 from tests.support import async_wait_until, wait_until
 from tests.support.rawhttp import get
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, free_port

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import parse_config
-from proxy.spec import ConfigSpec
-from proxy.supervisor import StartError, claim_addresses
+from proxy.control.supervisor import StartError, claim_addresses
+from proxy.core.config import parse_config
+from proxy.core.spec import ConfigSpec
 from tests.support.load import BackgroundLoad, Load
 from tests.support.rawhttp import get
 from tests.support.turnout import PROJECT_ROOT, TurnoutFactory, TurnoutProcess, free_port
@@ -202,7 +202,7 @@ def test_claims_keep_other_programs_off_until_the_workers_listen() -> None:
             claim_addresses(spec(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
         with pytest.raises(StartError, match="another process"):
             claim_addresses(spec(f"localhost:{port}", f"127.0.0.1:{free_port()}"))
-        # ...while this Turnout's workers can join (same user, SO_REUSEPORT, as proxy.worker).
+        # ...while this Turnout's workers can join (same user, SO_REUSEPORT, as the workers do).
         with socket.socket() as worker:
             worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -26,7 +26,7 @@ import orjson
 import pytest
 import yaml
 
-from proxy.upstream import POOL_IDLE_TIMEOUT
+from proxy.dataplane.upstream import POOL_IDLE_TIMEOUT
 from tests.support import async_wait_until, wait_until
 from tests.support.load import (
     ConfigLayout,

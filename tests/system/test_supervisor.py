@@ -27,8 +27,8 @@ import orjson
 import pytest
 import yaml
 
-from proxy.supervisor import Supervisor, load_config
-from proxy.tasks import TaskSet
+from proxy.control.supervisor import Supervisor, load_config
+from proxy.runtime.tasks import TaskSet
 from tests.support import async_wait_until, wait_until
 from tests.support.turnout import PROJECT_ROOT, TurnoutProcess, free_port, process_tree
 from tests.support.upstreams import EchoUpstream, UpstreamHost

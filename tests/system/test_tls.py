@@ -21,9 +21,9 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import parse_config
-from proxy.spec import ConfigSpec
-from proxy.supervisor import StartError, claim_addresses
+from proxy.control.supervisor import StartError, claim_addresses
+from proxy.core.config import parse_config
+from proxy.core.spec import ConfigSpec
 from tests.support import wait_until
 from tests.support.certs import PemPair, write_ca, write_pair
 from tests.support.turnout import PROJECT_ROOT, TurnoutFactory, TurnoutProcess, free_port

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from proxy.config import ConfigError, parse_config, spec_to_dict
-from proxy.fleet import FleetStore, Heartbeat, expand_instance
-from proxy.spec import Fleet
-from proxy.state import SavedState
-from proxy.supervisor import startup_refusals
+from proxy.control.fleet import FleetStore, Heartbeat, expand_instance
+from proxy.control.state import SavedState
+from proxy.control.supervisor import startup_refusals
+from proxy.core.config import ConfigError, parse_config, spec_to_dict
+from proxy.core.spec import Fleet
 
 PATH = "/etc/turnout/routes.yaml"
 TAIL = """upstreams:

@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import (
+from proxy.core.config import (
     LOG_ISSUE_LIMIT,
     MAX_FILE_BYTES,
     ConfigError,
@@ -24,9 +24,9 @@ from proxy.config import (
     spec_to_dict,
     summary,
 )
-from proxy.routing import match_route
-from proxy.spec import ConfigSpec, Endpoint, Match, RouteSpec, UpstreamSpec
-from proxy.table import compile_table
+from proxy.core.routing import match_route
+from proxy.core.spec import ConfigSpec, Endpoint, Match, RouteSpec, UpstreamSpec
+from proxy.core.table import compile_table
 
 HEAD = """\
 upstreams:

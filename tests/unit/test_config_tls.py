@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from proxy.config import ConfigError, parse_config, spec_to_dict, summary
-from proxy.spec import CertificateFiles, Listener, ListenerTls, UpstreamTls
+from proxy.core.config import ConfigError, parse_config, spec_to_dict, summary
+from proxy.core.spec import CertificateFiles, Listener, ListenerTls, UpstreamTls
 
 TAIL = """
 upstreams:

@@ -15,13 +15,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy import rollout as core
-from proxy.annotations import Event
-from proxy.config import parse_config
-from proxy.controller import RolloutController, fingerprint
-from proxy.stats import DURATION_BUCKETS
-from proxy.table import Table, compile_table
-from proxy.webhooks import Webhooks
+from proxy.control.annotations import Event
+from proxy.control.rollouts import RolloutController, fingerprint
+from proxy.control.webhooks import Webhooks
+from proxy.core import rollout as core
+from proxy.core.config import parse_config
+from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.table import Table, compile_table
 from tests.support import async_wait_until
 
 CONFIG = """

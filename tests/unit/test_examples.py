@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import parse_config, spec_to_dict, summary
-from proxy.spec import ConfigSpec, Endpoint, Match, Mirror, Override, Rollout, Sticky
+from proxy.core.config import parse_config, spec_to_dict, summary
+from proxy.core.spec import ConfigSpec, Endpoint, Match, Mirror, Override, Rollout, Sticky
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -1,4 +1,5 @@
-"""Health (proxy.health): active-check thresholds and the back-off rule, by tables and properties.
+"""Health (proxy.core.health): active-check thresholds and the back-off rule, by tables and
+properties.
 
 The back-off rule replaced two hand-written copies (passive ejection in worker.py, resting shadow
 endpoints in mirror.py); `LegacyPassive` and `LegacyShadow` below are those copies as they were,
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.health import (
+from proxy.core.health import (
     CLEAR,
     Ejection,
     EjectionRule,
@@ -24,7 +25,7 @@ from proxy.health import (
     down_set,
     record,
 )
-from proxy.spec import ConfigSpec, Endpoint, HealthCheck, RouteSpec, UpstreamSpec
+from proxy.core.spec import ConfigSpec, Endpoint, HealthCheck, RouteSpec, UpstreamSpec
 
 CHECK = HealthCheck(path="/ready", interval=1.0, timeout=0.5, unhealthy_after=3, healthy_after=2)
 
@@ -180,7 +181,7 @@ SHADOW = EjectionRule(after=5, base=1.0, cap=30.0, again_after=1, success_ends=T
 
 
 def test_the_modules_use_these_rules() -> None:
-    from proxy import mirror, worker
+    from proxy.dataplane import mirror, worker
 
     assert worker.PASSIVE_EJECTION == PASSIVE
     assert mirror.REST == SHADOW

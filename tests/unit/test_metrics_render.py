@@ -1,7 +1,8 @@
-"""Rendering /metrics from synthetic worker snapshots (proxy.metrics): sums, cumulation, retired
+"""Rendering /metrics from synthetic worker snapshots (proxy.control.metrics): sums, cumulation,
+retired
 workers, series of the table in force only (and of its pairs that saw a request), the exact text
 format; the supervisor's own series (build info, config load time, process_*); and when /metrics
-is gzipped (proxy.admin)."""
+is gzipped (proxy.control.admin)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
-from proxy.admin import accepts_gzip
-from proxy.config import parse_config
-from proxy.metrics import LE_LABELS, MetricsInput, Totals, render
-from proxy.stats import DURATION_BUCKETS, ERROR_KINDS, MirrorStats, RouteUpstreamStats
-from proxy.table import Table, compile_table
+from proxy.control.admin import accepts_gzip
+from proxy.control.metrics import LE_LABELS, MetricsInput, Totals, render
+from proxy.core.config import parse_config
+from proxy.core.counters import DURATION_BUCKETS, ERROR_KINDS, MirrorStats, RouteUpstreamStats
+from proxy.core.table import Table, compile_table
 
 CONFIG = """
 upstreams:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.routing import make_view, match_route, normalize_target
-from proxy.spec import ConfigSpec, Endpoint, Match, RouteSpec, UpstreamSpec
-from proxy.table import PathError, Table, compile_table, normalize_path, path_from_text
+from proxy.core.routing import make_view, match_route, normalize_target
+from proxy.core.spec import ConfigSpec, Endpoint, Match, RouteSpec, UpstreamSpec
+from proxy.core.table import PathError, Table, compile_table, normalize_path, path_from_text
 
 UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 HEX = frozenset(b"0123456789abcdefABCDEF")

@@ -1,6 +1,6 @@
 """Automated canary analysis, the pure part: evidence, looks, verdicts, state machine, JSON.
 
-The looks run the real tests of `proxy.sequential` on evidence with clear answers: a canary
+The looks run the real tests of `proxy.core.sequential` on evidence with clear answers: a canary
 with 30% errors against a baseline at 1% (any sound test rejects it), and versions that serve
 alike (no test may reject them). The statistics themselves are checked in test_sequential.py.
 """
@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.rollout import (
+from proxy.core.counters import DURATION_BUCKETS, RouteUpstreamStats
+from proxy.core.rollout import (
     BUCKET_SLOTS,
     HISTORY_LIMIT,
     INCONCLUSIVE_LIMIT,
@@ -51,9 +52,8 @@ from proxy.rollout import (
     to_json,
     window_between,
 )
-from proxy.sequential import GATE_SHARE, RESTART_RESERVE, segments_spent
-from proxy.spec import Rollout, Webhook
-from proxy.stats import DURATION_BUCKETS, RouteUpstreamStats
+from proxy.core.sequential import GATE_SHARE, RESTART_RESERVE, segments_spent
+from proxy.core.spec import Rollout, Webhook
 
 # The contract's defaults, but a 10 s check to keep the arithmetic readable.
 ROLLOUT = Rollout(baseline="blue", canary="canary", check=10.0)
@@ -926,7 +926,7 @@ def test_json_shape_for_admin_routes() -> None:
 
 
 def test_statistic_keeps_infinite_values_as_null() -> None:
-    from proxy.sequential import Test
+    from proxy.core.sequential import Test
 
     test = Test("p99_gate", False, -math.inf, 5.3, {"p99_ms": math.inf, "n": 3.0})
     got = Statistic.of(test)

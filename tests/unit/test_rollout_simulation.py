@@ -3,7 +3,7 @@
 Each run is simulated as the rollout controller sees it: between two looks, requests are split
 at random by the canary's weight in force, each upstream's cumulative counters (status codes,
 latency histogram) grow, and at every look the evidence since the step began (`window_between`
-the counters at the step's start and now) goes to `proxy.rollout.look`, whose real tests
+the counters at the step's start and now) goes to `proxy.core.rollout.look`, whose real tests
 decide. Nothing sleeps; time is a number. Counts are drawn per check period (binomial errors,
 latency histograms per bucket), not per request.
 
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.rollout import (
+from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.rollout import (
     BUCKET_SLOTS,
     CounterSnapshot,
     RolloutState,
@@ -48,8 +49,7 @@ from proxy.rollout import (
     step_alpha,
     window_between,
 )
-from proxy.spec import Rollout
-from proxy.stats import DURATION_BUCKETS
+from proxy.core.spec import Rollout
 
 # One sampler for the simulations: benchmarks/rollout_sim.py's. benchmarks/ is not a package
 # (its scripts import each other by bare name, and mypy checks them as top-level modules), so

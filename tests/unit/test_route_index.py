@@ -10,9 +10,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.routing import match_route, normalize_host
-from proxy.spec import ConfigSpec, Endpoint, Match, RouteSpec, UpstreamSpec
-from proxy.table import CompiledRoute, Table, compile_table, first_segment
+from proxy.core.routing import match_route, normalize_host
+from proxy.core.spec import ConfigSpec, Endpoint, Match, RouteSpec, UpstreamSpec
+from proxy.core.table import CompiledRoute, Table, compile_table, first_segment
 
 UPSTREAMS = (UpstreamSpec("blue", (Endpoint("127.0.0.1", 9001),)),)
 

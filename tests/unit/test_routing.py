@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.routing import (
+from proxy.core.routing import (
     NEW_ID_PLACEHOLDER,
     Decision,
     RequestView,
@@ -22,7 +22,7 @@ from proxy.routing import (
     parse_cookies,
     pick_endpoint,
 )
-from proxy.spec import (
+from proxy.core.spec import (
     ConfigSpec,
     Endpoint,
     Match,
@@ -32,8 +32,8 @@ from proxy.spec import (
     Sticky,
     UpstreamSpec,
 )
-from proxy.sticky import choose
-from proxy.table import Table, compile_table
+from proxy.core.sticky import choose
+from proxy.core.table import Table, compile_table
 
 UPSTREAMS = tuple(
     UpstreamSpec(name, (Endpoint("127.0.0.1", 9000 + i),))

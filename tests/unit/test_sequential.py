@@ -1,4 +1,5 @@
-"""The anytime-valid tests of proxy.sequential: exact numerics, hypothesis properties, Monte Carlo.
+"""The anytime-valid tests of proxy.core.sequential: exact numerics, hypothesis properties,
+Monte Carlo.
 
 The e-values are checked against direct computations (a product of per-trial factors, the
 expectation under the null summed exactly over the binomial law), the confidence sequences on
@@ -19,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import sequential
-from proxy.sequential import (
+from proxy.core import sequential
+from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.sequential import (
     BUCKET_SLOTS,
     ODDS_RATIOS,
     SHARE_BETS,
@@ -38,7 +40,6 @@ from proxy.sequential import (
     share_lower_bound,
     step_alpha,
 )
-from proxy.stats import DURATION_BUCKETS
 
 EMPTY = (0,) * BUCKET_SLOTS
 
@@ -406,7 +407,13 @@ def test_the_module_is_pure_core() -> None:
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
-    assert imported <= {"__future__", "math", "collections.abc", "dataclasses", "proxy.stats"}
+    assert imported <= {
+        "__future__",
+        "math",
+        "collections.abc",
+        "dataclasses",
+        "proxy.core.counters",
+    }
 
 
 # --------------------------------------------------------------------------- Monte Carlo

@@ -1,4 +1,4 @@
-"""The state file (proxy.state): round trips, atomic writes, and corrupt or missing files."""
+"""The state file (proxy.control.state): round trips, atomic writes, corrupt or missing files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.state import (
+from proxy.control.state import (
     SavedState,
     StateFileError,
     decode_state,

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.sticky import choose, choose_cached, key_unit
+from proxy.core.sticky import choose, choose_cached, key_unit
 
 KEYS = tuple(f"user-{i}" for i in range(10_000))
 NAMES = ("blue", "green", "canary", "shadow", "v5", "v6")
@@ -174,7 +174,7 @@ def test_scaling_all_weights_changes_nothing() -> None:
 def test_same_across_processes_and_hash_seeds() -> None:
     names, weights = ("blue", "green", "canary"), (50.0, 30.0, 20.0)
     script = (
-        "from proxy.sticky import choose\n"
+        "from proxy.core.sticky import choose\n"
         f"for i in range(1000): print(choose(f'user-{{i}}', {names!r}, {weights!r}))\n"
     )
     hash_seeds = {"0", "12345"}

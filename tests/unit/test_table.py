@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.spec import (
+from proxy.core.spec import (
     ConfigSpec,
     Endpoint,
     HealthCheck,
@@ -22,7 +22,7 @@ from proxy.spec import (
     Sticky,
     UpstreamSpec,
 )
-from proxy.table import Table, compile_split, compile_table, diff_tables
+from proxy.core.table import Table, compile_split, compile_table, diff_tables
 
 NAMES = ("blue", "green", "canary", "shadow")
 

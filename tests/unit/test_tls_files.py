@@ -1,4 +1,4 @@
-"""The TLS file checks of proxy.tls: every bad file is one clear, located line, never a crash."""
+"""The TLS file checks of proxy.runtime.tls: every bad file is one clear, located line, no crash."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from proxy.config import parse_config
-from proxy.spec import ConfigSpec
-from proxy.tls import CertificateSet, load_listener, tls_file_problems
+from proxy.core.config import parse_config
+from proxy.core.spec import ConfigSpec
+from proxy.runtime.tls import CertificateSet, load_listener, tls_file_problems
 from tests.support.certs import PemPair, write_ca, write_pair
 
 

@@ -1,4 +1,4 @@
-"""Frame-boundary tracking for clean WebSocket closes (proxy.wsframes)."""
+"""Frame-boundary tracking for clean WebSocket closes (proxy.core.wsframes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
+from proxy.core.wsframes import GOING_AWAY, FrameTracker, close_frame
 
 
 def frame(payload: bytes, *, masked: bool, opcode: int = 0x2) -> bytes:

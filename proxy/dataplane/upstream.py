@@ -20,11 +20,11 @@ from typing import Protocol
 
 import httptools
 
-from proxy.headers import is_chunked
-from proxy.health import CLEAR
-from proxy.routing import pick_endpoint
-from proxy.spec import Endpoint, UpstreamSpec, UpstreamTls
-from proxy.writes import CoalescingProtocol, WriteBatcher
+from proxy.core.headers import is_chunked
+from proxy.core.health import CLEAR
+from proxy.core.routing import pick_endpoint
+from proxy.core.spec import Endpoint, UpstreamSpec, UpstreamTls
+from proxy.dataplane.writes import CoalescingProtocol, WriteBatcher
 
 log = logging.getLogger("turnout.upstream")
 

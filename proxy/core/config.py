@@ -26,7 +26,7 @@ from yaml.events import AliasEvent, CollectionStartEvent, StreamEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
-from proxy.spec import (
+from proxy.core.spec import (
     ALL_METHODS,
     MAX_WEIGHT,
     TLS_VERSIONS,
@@ -52,7 +52,7 @@ from proxy.spec import (
     UpstreamTls,
     Webhook,
 )
-from proxy.table import PathError, path_from_text
+from proxy.core.table import PathError, path_from_text
 
 __all__ = [
     "ENV_REF_RE",

@@ -1,8 +1,8 @@
 """Prometheus metrics: the workers' counters summed, rendered in the text format at scrape time.
 
 Workers count per (route, upstream) in plain attributes bound when a table is compiled
-(`proxy.stats`); nothing is shared between processes. At each scrape the supervisor asks every
-worker for a snapshot (`WorkerContext.stats_snapshot`), sums them in a `Totals`, adds the
+(`proxy.core.counters`); nothing is shared between processes. At each scrape the supervisor
+asks every worker for a snapshot (`WorkerContext.stats_snapshot`), sums them in a `Totals`, adds the
 `retired` totals of workers that died, and `render` writes the exposition text (the format of
 prometheus_client's `generate_latest`, written directly: it is 10x faster).
 
@@ -36,9 +36,9 @@ from prometheus_client import utils as prometheus_utils
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.process_collector import ProcessCollector
 
-from proxy.health import EndpointKey
-from proxy.stats import DURATION_BUCKETS, ERROR_KINDS, MIRROR_OUTCOMES
-from proxy.table import Table
+from proxy.core.counters import DURATION_BUCKETS, ERROR_KINDS, MIRROR_OUTCOMES
+from proxy.core.health import EndpointKey
+from proxy.core.table import Table
 
 # The text format every Prometheus version reads (prometheus_client's default moved to 1.0.0).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -245,7 +245,7 @@ class MetricsInput:
     rollout_steps: Mapping[str, int] = field(default_factory=dict)
     rollout_verdicts: Mapping[tuple[str, str], int] = field(default_factory=dict)
     config_loaded_at: float | None = None
-    # Deployment annotations by result (`sent`, `failed`, `dropped`; see proxy.annotations).
+    # Deployment annotations by result (`sent`, `failed`, `dropped`; see proxy.control.annotations).
     annotations: Mapping[str, int] = field(default_factory=dict)
     # Expiry (Unix time) of each TLS listener's certificates, by (listener, name).
     certificate_expiry: Mapping[tuple[str, str], float] = field(default_factory=dict)

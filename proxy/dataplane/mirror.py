@@ -33,13 +33,13 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from proxy.health import CLEAR, Ejection, EjectionRule, after_failure, after_success
-from proxy.jsondiff import IgnorePaths, diff
-from proxy.spec import Mirror, UpstreamSpec, UpstreamTls
-from proxy.stats import MirrorStats
-from proxy.table import CompiledRoute
-from proxy.tasks import TaskSet
-from proxy.tls import TlsFileError, client_context
+from proxy.core.counters import MirrorStats
+from proxy.core.health import CLEAR, Ejection, EjectionRule, after_failure, after_success
+from proxy.core.jsondiff import IgnorePaths, diff
+from proxy.core.spec import Mirror, UpstreamSpec, UpstreamTls
+from proxy.core.table import CompiledRoute
+from proxy.runtime.tasks import TaskSet
+from proxy.runtime.tls import TlsFileError, client_context
 
 log = logging.getLogger("turnout.mirror")
 

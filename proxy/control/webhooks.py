@@ -1,5 +1,5 @@
 """Rollout webhooks (contract section 5), and the background delivery they share with
-deployment annotations (`proxy.annotations`).
+deployment annotations (`proxy.control.annotations`).
 
 A `before_step` webhook gates a step: `gate` POSTs the step's JSON body to each such URL at once
 and the step begins only when every one answered 2xx within its `timeout`; otherwise `gate`
@@ -30,8 +30,8 @@ from functools import partial
 import aiohttp
 import orjson
 
-from proxy.spec import Webhook
-from proxy.tasks import TaskSet
+from proxy.core.spec import Webhook
+from proxy.runtime.tasks import TaskSet
 
 log = logging.getLogger("turnout.webhooks")
 

@@ -12,9 +12,10 @@ No `dashboardUID`: an organization annotation, which every dashboard shows throu
 built-in annotation query filtered by tags. With `TURNOUT_GRAFANA_TOKEN` set (a service
 account token), each POST carries `Authorization: Bearer <token>`.
 
-Posting never blocks anything: `Annotator.post` hands the body to `proxy.webhooks.Deliveries`
-(a bounded set of background tasks, tried again with back-off on no answer, a 5xx, 408 or
-429) and returns. What cannot be posted is counted (`turnout_annotations_total`) and logged,
+Posting never blocks anything: `Annotator.post` hands the body to
+`proxy.control.webhooks.Deliveries` (a bounded set of background tasks, tried again with
+back-off on no answer, a 5xx, 408 or 429) and returns. What cannot be posted is counted
+(`turnout_annotations_total`) and logged,
 at most one line per `LOG_EVERY` seconds.
 
 Not part of the pure core: it reads the clock and the environment.
@@ -31,10 +32,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.config import GRAFANA_ANNOTATIONS_PATH
-from proxy.spec import Annotations
-from proxy.table import Table
-from proxy.webhooks import Deliveries
+from proxy.control.webhooks import Deliveries
+from proxy.core.config import GRAFANA_ANNOTATIONS_PATH
+from proxy.core.spec import Annotations
+from proxy.core.table import Table
 
 log = logging.getLogger("turnout.annotations")
 

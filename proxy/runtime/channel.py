@@ -20,7 +20,7 @@ supervisor -> worker
         asks for the worker's counters; answered by a stats message with the same id.
     {"op": "certs", "generation": int, "material": str}
         the bytes of every TLS listener's certificate, key and CA files (a pickled, base64
-        tuple of proxy.tls.ListenerMaterial), as the supervisor read and checked them: sent
+        tuple of proxy.runtime.tls.ListenerMaterial), as the supervisor read and checked them: sent
         before a worker's first table, and to every worker when renewed files pass the checks.
         A worker serves new handshakes with them; connections already open keep theirs.
 
@@ -44,8 +44,8 @@ from typing import Any
 
 import orjson
 
-from proxy.spec import ConfigSpec
-from proxy.tls import ListenerMaterial
+from proxy.core.spec import ConfigSpec
+from proxy.runtime.tls import ListenerMaterial
 
 # The table message carries the whole config file (up to 64 MiB, larger once JSON-escaped);
 # a line must fit in the stream's buffer.

@@ -2,9 +2,10 @@
 
 Instances whose config has the same `fleet.name` keep one *shared document* in Redis: the
 runtime splits and the rollout states (with the counter marks each running step's evidence is
-measured from), in the state file's format (`proxy.state`). Every change is a compare-and-set
-on the document's revision, so two instances never overwrite each other's change unseen; a
-leader's change is also fenced by its lease, so a leader that lost the lease (paused, cut off)
+measured from), in the state file's format (`proxy.control.state`). Every change is a
+compare-and-set on the document's revision, so two instances never overwrite each other's change
+unseen; a leader's change is also fenced by its lease, so a leader that lost the lease (paused,
+cut off)
 cannot advance or roll back anything. Each write publishes the new revision; every instance
 listens, and also compares revisions once a period, so a lost message leaves it behind for
 one period at most.
@@ -12,7 +13,7 @@ one period at most.
 Keys (the `{name}` hash tag keeps them in one Redis Cluster slot, as Lua scripts need):
 
     turnout:{name}:rev        revision of the shared document (an integer)
-    turnout:{name}:doc        the shared document (JSON, `proxy.state` format)
+    turnout:{name}:doc        the shared document (JSON, `proxy.control.state` format)
     turnout:{name}:leader     "<instance>#<boot> <epoch>", with the lease as its expiry
     turnout:{name}:epoch      the fencing epoch: one more for every new leader
     turnout:{name}:instances  hash: instance -> its heartbeat (generation, sha256, routes)
@@ -47,10 +48,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from proxy.config import ENV_REF_RE, SENTINEL_SCHEMES, parse_sentinel_url, redact_redis_url
-from proxy.spec import Fleet
-from proxy.state import SavedState, StateFileError, decode_state, encode_state
-from proxy.tasks import TaskSet
+from proxy.control.state import SavedState, StateFileError, decode_state, encode_state
+from proxy.core.config import ENV_REF_RE, SENTINEL_SCHEMES, parse_sentinel_url, redact_redis_url
+from proxy.core.spec import Fleet
+from proxy.runtime.tasks import TaskSet
 
 log = logging.getLogger("turnout.fleet")
 

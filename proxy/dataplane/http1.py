@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 import orjson
 
-from proxy.accesslog import AccessRecord
-from proxy.headers import (
+from proxy.core.headers import (
     HOP_BY_HOP,
     IDEMPOTENT_RETRY_METHODS,
     RETRY_BODY_LIMIT,
@@ -43,10 +42,11 @@ from proxy.headers import (
     forwarded_for,
     via_names_us,
 )
-from proxy.routing import RequestView, decide, normalize_host, normalize_target, parse_cookies
-from proxy.table import PathError
-from proxy.tls import sni_of
-from proxy.upstream import (
+from proxy.core.routing import RequestView, decide, normalize_host, normalize_target, parse_cookies
+from proxy.core.table import PathError
+from proxy.core.wsframes import GOING_AWAY, FrameTracker, close_frame
+from proxy.dataplane.accesslog import AccessRecord
+from proxy.dataplane.upstream import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
     FRAMING_NONE,
@@ -54,17 +54,17 @@ from proxy.upstream import (
     UpstreamConnection,
     UpstreamPool,
 )
-from proxy.writes import CoalescingProtocol
-from proxy.wsframes import GOING_AWAY, FrameTracker, close_frame
+from proxy.dataplane.writes import CoalescingProtocol
+from proxy.runtime.tls import sni_of
 
 if TYPE_CHECKING:
-    from proxy.accesslog import AccessLog
-    from proxy.mirror import MirrorCopy, Mirrorer
-    from proxy.spec import Limits, Timeouts
-    from proxy.stats import MirrorStats, RouteUpstreamStats
-    from proxy.table import CompiledRoute, Table
-    from proxy.tasks import TaskSet
-    from proxy.writes import WriteBatcher
+    from proxy.core.counters import MirrorStats, RouteUpstreamStats
+    from proxy.core.spec import Limits, Timeouts
+    from proxy.core.table import CompiledRoute, Table
+    from proxy.dataplane.accesslog import AccessLog
+    from proxy.dataplane.mirror import MirrorCopy, Mirrorer
+    from proxy.dataplane.writes import WriteBatcher
+    from proxy.runtime.tasks import TaskSet
 
 log = logging.getLogger("turnout.dataplane")
 

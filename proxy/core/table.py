@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from proxy.spec import (
+from proxy.core.spec import (
     ConfigSpec,
     Endpoint,
     Mirror,

@@ -1,20 +1,21 @@
-"""The rollout controller: runs contract section 5 in the supervisor, around `proxy.rollout`.
+"""The rollout controller: runs contract section 5 in the supervisor, around `proxy.core.rollout`.
 
 It owns each route's `RolloutState`, the counters at the start of each step, the wall clock,
-the verdict counts and the webhooks; `proxy.rollout` decides. About every second (sooner for a
+the verdict counts and the webhooks; `proxy.core.rollout` decides. About every second (sooner for a
 `check` below a second) it looks at every running step whose `check` came: it reads the
 canary's and the baseline's counters summed over all workers, takes the difference from the
 counters at the step's start (the evidence since the step began) and applies what
-`proxy.rollout.look` says. It tells its host (the supervisor) when the effective splits
+`proxy.core.rollout.look` says. It tells its host (the supervisor) when the effective splits
 changed, so the host pushes a new table to every worker and writes the state file: a fail sets
 the canary's weight to 0 in the same tick.
 
 A step with `before_step` webhooks begins when they answered 2xx: the controller calls them in
 a task of its own (never in the tick), and applies the answer if nothing changed the rollout
 meanwhile. Notifications (`after_step`, `rollback`, `succeeded`) are handed to
-`proxy.webhooks.Webhooks`, which delivers them in the background. Every change of a rollout's
-state (an operator call, a step that begins, a verdict, a rollback by a config change) is also
-handed to the `annotate` callback as a `proxy.annotations.Event`, which must not wait.
+`proxy.control.webhooks.Webhooks`, which delivers them in the background. Every change of a
+rollout's state (an operator call, a step that begins, a verdict, a rollback by a config change)
+is also handed to the `annotate` callback as a `proxy.control.annotations.Event`, which must not
+wait.
 
 State survives restarts through `state_json`/`load`. Each saved rollout carries a fingerprint of
 its route's `split` and `rollout` in the file; a file changed while the proxy was down aborts it
@@ -34,12 +35,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from proxy import rollout as core
-from proxy.annotations import Event
-from proxy.spec import Rollout, Webhook
-from proxy.table import CompiledRoute, Table
-from proxy.tasks import TaskSet
-from proxy.webhooks import Webhooks
+from proxy.control.annotations import Event
+from proxy.control.webhooks import Webhooks
+from proxy.core import rollout as core
+from proxy.core.spec import Rollout, Webhook
+from proxy.core.table import CompiledRoute, Table
+from proxy.runtime.tasks import TaskSet
 
 log = logging.getLogger("turnout.rollout")
 

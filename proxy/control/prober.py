@@ -2,7 +2,7 @@
 
 Every `interval` each endpoint of an upstream with a `health` block gets `GET path` with a
 `timeout`; a 2xx or 3xx answer passes, anything else (another status, a refused or reset
-connection, the timeout) fails. `proxy.health` turns the results into up/down with the
+connection, the timeout) fails. `proxy.core.health` turns the results into up/down with the
 consecutive thresholds. Whenever the set of down endpoints changes, `on_change` is called with
 the new set; the supervisor sends it to every worker.
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from proxy.health import (
+from proxy.core.health import (
     EndpointHealth,
     EndpointKey,
     carry_over,
@@ -30,9 +30,9 @@ from proxy.health import (
     down_set,
     record,
 )
-from proxy.spec import ConfigSpec, HealthCheck, UpstreamTls
-from proxy.tasks import TaskSet
-from proxy.tls import TlsFileError, client_context
+from proxy.core.spec import ConfigSpec, HealthCheck, UpstreamTls
+from proxy.runtime.tasks import TaskSet
+from proxy.runtime.tls import TlsFileError, client_context
 
 log = logging.getLogger("turnout.prober")
 

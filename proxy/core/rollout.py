@@ -4,8 +4,8 @@ The rollout controller in the supervisor owns the clock, the workers' counters, 
 the state file; this module only computes. When a step begins the controller takes a
 `CounterSnapshot` of the canary and of the baseline; every `check` it takes another, turns the
 pairs into the `Window`s served since the step began (`window_between`) and hands them to `look`,
-which runs the anytime-valid tests of `proxy.sequential` on that cumulative evidence and applies
-what they say: a rejection rolls back at once; a step that lasted `interval` with
+which runs the anytime-valid tests of `proxy.core.sequential` on that cumulative evidence and
+applies what they say: a rejection rolls back at once; a step that lasted `interval` with
 `min_requests` passes; one without enough traffic is inconclusive, and pauses after
 `INCONCLUSIVE_LIMIT` intervals. The false-rollback budget `1 - confidence` is shared among the
 steps that can be judged (`judged_steps`), and each step's among its evidence segments: the
@@ -27,9 +27,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from proxy import sequential
-from proxy.spec import Rollout
-from proxy.stats import DURATION_BUCKETS
+from proxy.core import sequential
+from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.spec import Rollout
 
 STATES: tuple[str, ...] = ("idle", "running", "paused", "succeeded", "failed", "aborted")
 VERDICTS: tuple[str, ...] = ("pass", "fail", "inconclusive")
@@ -38,7 +38,7 @@ ACTIVE: tuple[str, ...] = ("running", "paused")
 # States of a rollout that ended; its split holds until a new start or a DELETE of the split.
 ENDED: tuple[str, ...] = ("succeeded", "failed", "aborted")
 
-# One slot per finite bucket and a final +Inf slot, as in proxy.stats.
+# One slot per finite bucket and a final +Inf slot, as in proxy.core.counters.
 BUCKET_SLOTS = len(DURATION_BUCKETS) + 1
 # The third interval in a row without `min_requests` pauses the rollout (contract section 5).
 INCONCLUSIVE_LIMIT = 3
@@ -112,7 +112,7 @@ class Window:
     """What one upstream of a route served since the current step began (its evidence).
 
     `errors` are responses with a 5xx code, proxy-made 502/503/504 included; `buckets` is the
-    latency histogram of the window in the layout of `proxy.stats`. `reset` means that the
+    latency histogram of the window in the layout of `proxy.core.counters`. `reset` means that the
     counters went down since the step's evidence began (a worker died or restarted): there is
     no window to measure (the figures are 0) and `look` starts the step's evidence over.
     """
@@ -206,7 +206,7 @@ def figures(window: Window) -> dict[str, int | float | None]:
 class Statistic:
     """One test's outcome at one look, as the history and the state file keep it.
 
-    The fields of `proxy.sequential.Test`; a value that is not finite (an e-value of 0 or of
+    The fields of `proxy.core.sequential.Test`; a value that is not finite (an e-value of 0 or of
     infinity) is kept as None, which JSON can carry.
     """
 

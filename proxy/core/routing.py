@@ -15,9 +15,9 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from proxy.spec import Override
-from proxy.sticky import choose_cached, key_unit
-from proxy.table import (
+from proxy.core.spec import Override
+from proxy.core.sticky import choose_cached, key_unit
+from proxy.core.table import (
     CompiledRoute,
     PathError,
     PathGroup,

@@ -1,6 +1,7 @@
 """The dashboard: a page on the admin port that shows and drives every route (docs/dashboard.md).
 
-`GET /` serves a static page (`proxy/static/`: HTML, CSS, JS; nothing from the internet). The
+`GET /` serves a static page (`proxy/control/static/`: HTML, CSS, JS; nothing from the
+internet). The
 page and its assets carry no data, so they are served without the admin token; everything
 they show comes from calls that need it like every other admin call: `GET /admin/routes` (splits
 and rollouts), `GET /admin/stats` (below) and the admin API's own `PUT`/`DELETE .../split` and
@@ -13,7 +14,7 @@ as they are: a page that refreshes costs the data plane nothing. The page comput
 error shares and p99 from the differences between two answers, as Prometheus's `rate` and
 `histogram_quantile` would.
 
-Not imported by the pure core; imports nothing from `proxy.admin` (which wires it in).
+Not imported by the pure core; imports nothing from `proxy.control.admin` (which wires it in).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from proxy.metrics import PairTotals, Totals
-from proxy.stats import DURATION_BUCKETS
-from proxy.table import Table
+from proxy.control.metrics import PairTotals, Totals
+from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.table import Table
 
-# Served path -> (file in proxy/static/, content type); all UTF-8.
+# Served path -> (file in proxy/control/static/, content type); all UTF-8.
 ASSETS: Mapping[str, tuple[str, str]] = {
     "/": ("dashboard.html", "text/html"),
     "/dashboard.css": ("dashboard.css", "text/css"),
@@ -74,7 +75,7 @@ class DashboardBackend(Protocol):
 
 
 def _load_asset(name: str) -> bytes:
-    return resources.files("proxy").joinpath("static", name).read_bytes()
+    return resources.files("proxy.control").joinpath("static", name).read_bytes()
 
 
 def _pair_json(pair: PairTotals | None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Validated configuration, as plain immutable data.
 
-`proxy.config` turns YAML into these objects (or a list of errors); `proxy.table` compiles them
-into the routing table. Nothing here does I/O, and nothing here may import asyncio, sockets,
-time, random or os: this is the pure core.
+`proxy.core.config` turns YAML into these objects (or a list of errors); `proxy.core.table`
+compiles them into the routing table. Nothing here does I/O, and nothing here may import
+asyncio, sockets, time, random or os: this is the pure core.
 
 Durations are float seconds, sizes are int bytes, names are validated strings.
 """

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.spec import CertificateFiles, ConfigSpec, ListenerTls, UpstreamTls
+from proxy.core.spec import CertificateFiles, ConfigSpec, ListenerTls, UpstreamTls
 
 # Mozilla's "intermediate" cipher suites for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults).
 INTERMEDIATE_CIPHERS = ":".join(

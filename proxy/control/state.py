@@ -9,7 +9,7 @@
 ```
 
 `splits` holds the runtime splits set with `PUT /admin/routes/{name}/split`; `rollouts` holds each
-route's rollout state as `proxy.rollout.to_json` writes it (kept opaque here: the rollout
+route's rollout state as `proxy.core.rollout.to_json` writes it (kept opaque here: the rollout
 controller reads it back with `from_json`). Unknown top-level keys are ignored, so a newer
 Turnout may add some.
 
@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 
 import orjson
 
-from proxy.config import NAME_RE
-from proxy.spec import MAX_WEIGHT
+from proxy.core.config import NAME_RE
+from proxy.core.spec import MAX_WEIGHT
 
 log = logging.getLogger("turnout.state")
 

@@ -2,20 +2,21 @@
 
 `turnout run` always has this shape, also with `workers: 1`:
 
-    supervisor (this module)                      workers (proxy.worker), N processes
+    supervisor (this module)                      workers (proxy.dataplane.worker), N processes
       reads + validates the config file             bind `listen` with SO_REUSEPORT
       admin plane (aiohttp) on `admin`              serve the data plane
       reloads: SIGHUP, POST /admin/reload, watch    apply each table they are sent
       restarts workers that die                     drain on SIGTERM and exit
       SIGTERM/SIGINT: the shutdown sequence
 
-Supervisor and worker talk over one socketpair per worker (`proxy.control`). Workers run in their
-own session so a Ctrl-C in a terminal reaches only the supervisor, which forwards exactly one
-SIGTERM to each worker (a worker treats a second signal as "exit now").
+Supervisor and worker talk over one socketpair per worker (`proxy.runtime.channel`). Workers run
+in their own session so a Ctrl-C in a terminal reaches only the supervisor, which forwards
+exactly one SIGTERM to each worker (a worker treats a second signal as "exit now").
 
 The supervisor also owns what must be one per Turnout, not one per worker: the active health
-checks (`proxy.prober`; the down set goes to every worker), runtime splits and their state file
-(`proxy.state`), and the metrics, summed over the workers at scrape time (`proxy.metrics`).
+checks (`proxy.control.prober`; the down set goes to every worker), runtime splits and their
+state file (`proxy.control.state`), and the metrics, summed over the workers at scrape time
+(`proxy.control.metrics`).
 
 Generations: every new table gets the next generation number, whether it comes from the file
 (a reload) or from a runtime split change (`set_split`); the sha256 is the file's.
@@ -45,7 +46,7 @@ import aiohttp.http_parser
 import orjson
 import uvloop
 
-from proxy.admin import (
+from proxy.control.admin import (
     BACKLOG,
     AdminServer,
     Readiness,
@@ -54,7 +55,7 @@ from proxy.admin import (
     create_admin_app,
     is_loopback,
 )
-from proxy.annotations import (
+from proxy.control.annotations import (
     Annotator,
     Event,
     carried,
@@ -63,7 +64,21 @@ from proxy.annotations import (
     reload_failed_event,
     split_text,
 )
-from proxy.config import (
+from proxy.control.fleet import (
+    WRITE_ATTEMPTS,
+    FleetConflict,
+    FleetDisagreement,
+    FleetStore,
+    FleetUnavailable,
+    Heartbeat,
+    expand_instance,
+)
+from proxy.control.metrics import MetricsInput, Totals, render
+from proxy.control.prober import Prober
+from proxy.control.rollouts import RolloutController, fingerprint
+from proxy.control.state import SavedState, load_state, save_state
+from proxy.control.watch import watch_file
+from proxy.core.config import (
     MAX_FILE_BYTES,
     ConfigError,
     config_sha256,
@@ -71,7 +86,10 @@ from proxy.config import (
     parse_config,
     spec_to_dict,
 )
-from proxy.control import (
+from proxy.core.health import EndpointKey
+from proxy.core.spec import ConfigSpec
+from proxy.core.table import CompiledRoute, Table, TableDiff, compile_table, diff_tables
+from proxy.runtime.channel import (
     OP_APPLIED,
     OP_READY,
     OP_STATS,
@@ -83,24 +101,8 @@ from proxy.control import (
     open_channel,
     table_message,
 )
-from proxy.controller import RolloutController, fingerprint
-from proxy.fleet import (
-    WRITE_ATTEMPTS,
-    FleetConflict,
-    FleetDisagreement,
-    FleetStore,
-    FleetUnavailable,
-    Heartbeat,
-    expand_instance,
-)
-from proxy.health import EndpointKey
-from proxy.metrics import MetricsInput, Totals, render
-from proxy.prober import Prober
-from proxy.spec import ConfigSpec
-from proxy.state import SavedState, load_state, save_state
-from proxy.table import CompiledRoute, Table, TableDiff, compile_table, diff_tables
-from proxy.tasks import TaskSet
-from proxy.tls import (
+from proxy.runtime.tasks import TaskSet
+from proxy.runtime.tls import (
     ListenerMaterial,
     LoadedCertificate,
     TlsFileError,
@@ -111,7 +113,6 @@ from proxy.tls import (
     read_material,
     tls_file_problems,
 )
-from proxy.watch import watch_file
 
 log = logging.getLogger("turnout.supervisor")
 
@@ -269,7 +270,8 @@ def format_address(host: str, port: int) -> str:
 
 
 def _family(host: str) -> socket.AddressFamily:
-    # The workers' rule (proxy.worker, WorkerContext.listen): a ':' in the host means IPv6.
+    # The workers' rule (proxy.dataplane.worker, WorkerContext.listen): a ':' in the host means
+    # IPv6.
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
@@ -525,7 +527,7 @@ class Supervisor:
         access_log: bool = True,
         token: str | None = None,
         grafana_token: str | None = None,
-        worker_argv: Sequence[str] = (sys.executable, "-m", "proxy.worker"),
+        worker_argv: Sequence[str] = (sys.executable, "-m", "proxy.dataplane.worker"),
     ) -> None:
         # Absolute, so the watch, reloads and workers (which parse the same path) agree even if
         # something changes the working directory.
@@ -580,7 +582,7 @@ class Supervisor:
         self._slot_tasks: list[asyncio.Task[None]] = []
         self._tasks = TaskSet("supervisor")
         self._stats_seq = 0
-        # Counters of workers that died (their last snapshots), see proxy.metrics.
+        # Counters of workers that died (their last snapshots), see proxy.control.metrics.
         self._retired = Totals()
         # Notified whenever a worker reports the generation it applied (or exits).
         self._applied = asyncio.Condition()
@@ -894,7 +896,7 @@ class Supervisor:
     # --- metrics --------------------------------------------------------------------------------
 
     async def gather_totals(self, timeout: float) -> Totals:  # noqa: ASYNC109
-        """The counters of every worker, summed with the retired ones (see proxy.metrics)."""
+        """The counters of every worker, summed with the retired ones (proxy.control.metrics)."""
         await self.request_stats(timeout)
         return self.polled_totals()[0]
 

@@ -1,6 +1,6 @@
 """A worker process: the data plane of one process, driven by the supervisor.
 
-Started by the supervisor as `python -m proxy.worker --control-fd FD --index I`. It binds
+Started by the supervisor as `python -m proxy.dataplane.worker --control-fd FD --index I`. It binds
 `listen` with SO_REUSEPORT, applies every table the supervisor sends (compiled here, swapped by
 one reference), answers stats requests, and on SIGTERM runs the drain sequence. It never reads
 the config file itself: the supervisor is the one source of truth.
@@ -25,8 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from proxy.accesslog import AccessLog
-from proxy.control import (
+from proxy.core.counters import MirrorStats, RouteUpstreamStats
+from proxy.core.health import EjectionRule, after_expiry, after_failure, after_success
+from proxy.core.spec import Listener, Timeouts, UpstreamTls
+from proxy.core.table import Table, compile_table
+from proxy.dataplane.accesslog import AccessLog
+from proxy.dataplane.http1 import ClientConnection, Exchange, Generation, TlsClientConnection
+from proxy.dataplane.upstream import EndpointPool, UpstreamPool
+from proxy.dataplane.writes import WriteBatcher
+from proxy.runtime.channel import (
     OP_APPLIED,
     OP_CERTS,
     OP_HEALTH,
@@ -39,13 +46,8 @@ from proxy.control import (
     parse_split_overrides,
     spec_from_message,
 )
-from proxy.dataplane import ClientConnection, Exchange, Generation, TlsClientConnection
-from proxy.health import EjectionRule, after_expiry, after_failure, after_success
-from proxy.spec import Listener, Timeouts, UpstreamTls
-from proxy.stats import MirrorStats, RouteUpstreamStats
-from proxy.table import Table, compile_table
-from proxy.tasks import TaskSet
-from proxy.tls import (
+from proxy.runtime.tasks import TaskSet
+from proxy.runtime.tls import (
     CertificateSet,
     ListenerMaterial,
     TlsFileError,
@@ -53,11 +55,9 @@ from proxy.tls import (
     load_material,
     read_material,
 )
-from proxy.upstream import EndpointPool, UpstreamPool
-from proxy.writes import WriteBatcher
 
 if TYPE_CHECKING:
-    from proxy.mirror import Mirrorer
+    from proxy.dataplane.mirror import Mirrorer
 
 log = logging.getLogger("turnout.worker")
 
@@ -209,7 +209,7 @@ class WorkerContext:
     def mirrorer(self) -> Mirrorer:
         """The shadow-traffic sender, created on first use (it owns an HTTP client session)."""
         if self._mirrorer is None:
-            from proxy.mirror import Mirrorer
+            from proxy.dataplane.mirror import Mirrorer
 
             self._mirrorer = Mirrorer(self.loop)
         return self._mirrorer

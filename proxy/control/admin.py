@@ -33,14 +33,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.controller import ACTIONS
-from proxy.dashboard import PAGE_PATHS, add_dashboard_routes
-from proxy.fleet import FleetConflict, FleetDisagreement, FleetUnavailable
-from proxy.metrics import CONTENT_TYPE, Totals
-from proxy.rollout import RolloutError
-from proxy.routing import explain, make_view
-from proxy.spec import MAX_WEIGHT
-from proxy.table import Table
+from proxy.control.dashboard import PAGE_PATHS, add_dashboard_routes
+from proxy.control.fleet import FleetConflict, FleetDisagreement, FleetUnavailable
+from proxy.control.metrics import CONTENT_TYPE, Totals
+from proxy.control.rollouts import ACTIONS
+from proxy.core.rollout import RolloutError
+from proxy.core.routing import explain, make_view
+from proxy.core.spec import MAX_WEIGHT
+from proxy.core.table import Table
 
 log = logging.getLogger("turnout.admin")
 
@@ -119,7 +119,7 @@ class AdminBackend(Protocol):
         ...
 
     def polled_totals(self) -> tuple[Totals, float]:
-        """The counters of the latest poll and when it arrived (see proxy.dashboard)."""
+        """The counters of the latest poll and when it arrived (see proxy.control.dashboard)."""
         ...
 
     def fleet_view(self) -> dict[str, Any] | None:

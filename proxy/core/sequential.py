@@ -39,9 +39,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.stats import DURATION_BUCKETS
+from proxy.core.counters import DURATION_BUCKETS
 
-# The histogram layout of proxy.stats: one count per bucket bound, then +Inf.
+# The histogram layout of proxy.core.counters: one count per bucket bound, then +Inf.
 BUCKET_SLOTS = len(DURATION_BUCKETS) + 1
 
 # Odds ratios of the alternatives, log-spaced from 1.05 to about 24: the mixture is about as
@@ -101,7 +101,7 @@ def step_alpha(confidence: float, steps: int) -> float:
     """The false-rollback budget of one judged step so the whole walk stays within `1 - confidence`.
 
     `steps` is the number of steps a walk can judge: the steps whose evidence is looked at
-    (`proxy.rollout.judged_steps`; a step of 100% is promotion and never judged). Each step
+    (`proxy.core.rollout.judged_steps`; a step of 100% is promotion and never judged). Each step
     spends at most its budget (`segment_alpha` shares it among the step's evidence segments),
     so by the union bound the whole walk rolls back a canary no worse than its baseline with
     probability at most `steps * budget = 1 - confidence`.

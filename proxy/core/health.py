@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from proxy.spec import ConfigSpec, HealthCheck
+from proxy.core.spec import ConfigSpec, HealthCheck
 
 # (upstream name, endpoint address "host:port"): the identity of an endpoint across reloads, and
 # the pair the health control message and the metrics labels carry.
