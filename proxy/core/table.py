@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from proxy.core.spec import (
+    MAX_WEIGHT,
     ConfigSpec,
     Endpoint,
     Mirror,
@@ -303,14 +304,18 @@ def compile_split(
 ) -> CompiledSplit:
     """Compile weights over `names` (upstreams missing from `weights` get 0).
 
-    Raises ValueError for a negative or non-finite weight, or when no weight is > 0.
+    Raises ValueError for a weight outside 0..MAX_WEIGHT (the one bound the config, the admin
+    API, the state file and the fleet's shared state all meet here), or when no weight is > 0.
     """
     where = f"route {route_name!r}: " if route_name else ""
     values = [float(weights.get(name, 0.0)) for name in names]
     for name, value in zip(names, values, strict=True):
-        # `not value >= 0` also catches NaN; inf would make every share NaN.
-        if not value >= 0.0 or value == float("inf"):
-            raise ValueError(f"{where}weight of {name!r} must be a finite number >= 0")
+        # `not 0 <= value` also catches NaN; larger weights make sums of weights overflow.
+        if not 0.0 <= value <= MAX_WEIGHT:
+            raise ValueError(
+                f"{where}weight of {name!r} must be a number from 0 to {MAX_WEIGHT:.0f}, "
+                f"got {value!r}"
+            )
     total = sum(values)
     if total <= 0.0:
         raise ValueError(f"{where}at least one weight must be > 0")

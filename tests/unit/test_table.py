@@ -146,7 +146,14 @@ def test_compile_split_invariants(weights: list[float]) -> None:
 
 @pytest.mark.parametrize(
     "weights",
-    [{"blue": 0.0}, {"blue": -1.0, "green": 2.0}, {"blue": math.nan}, {"blue": math.inf}, {}],
+    [
+        {"blue": 0.0},
+        {"blue": -1.0, "green": 2.0},
+        {"blue": math.nan},
+        {"blue": math.inf},
+        {},
+        {"blue": 1_000_001.0},  # above the bound the config, admin and state file all use
+    ],
 )
 def test_compile_split_rejects_bad_weights(weights: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="weight"):
