@@ -338,7 +338,7 @@ def test_sigterm_drains_with_readyz_503_then_exits_0(
     # Still serving during drain.delay, and still alive.
     assert_serves(proc)
     assert call("GET", f"{proc.admin_url}/healthz")[0] == 200
-    assert time.monotonic() - started < delay
+    assert proc.proc.poll() is None
 
     assert proc.proc.wait(timeout=delay + 5 + 10) == 0
     assert time.monotonic() - started >= delay - 0.5
@@ -357,10 +357,9 @@ def test_second_signal_exits_at_once(tmp_path: Path, blue: EchoUpstream, launch:
         timeout=DEADLINE,
         what="draining",
     )
-    started = time.monotonic()
     proc.proc.send_signal(signal.SIGINT)
+    # Within 10 s of a 60 s drain: the second signal did not wait for it.
     assert proc.proc.wait(timeout=10) == 1
-    assert time.monotonic() - started < 5
     wait_until(
         lambda: not os.path.exists(f"/proc/{worker['pid']}"),
         timeout=DEADLINE,
@@ -454,9 +453,9 @@ async def test_request_stats_gathers_answers_within_the_deadline(
         # A worker that cannot answer (stopped) is left out once the deadline passes.
         os.kill(pids[0], signal.SIGSTOP)
         try:
-            started = time.monotonic()
-            answers = await supervisor.request_stats(0.5)
-            assert 0.4 < time.monotonic() - started < 3.0
+            # Bounded by the caller's deadline, not by the stopped worker.
+            async with asyncio.timeout(DEADLINE):
+                answers = await supervisor.request_stats(0.5)
             assert [a["pid"] for a in answers] == [pids[1]]
         finally:
             os.kill(pids[0], signal.SIGCONT)
