@@ -125,6 +125,7 @@ _CHUNKED_ONLY = [b"chunked"]
 
 # The Connection header nearly every keep-alive upstream sends: nothing to strip.
 _KEEP_ALIVE = [b"keep-alive"]
+_JSON_HEADERS = ((b"Content-Type", b"application/json"),)
 
 # Why reading from the client is paused; reading resumes only when no reason is left.
 PAUSE_BACKPRESSURE = 1
@@ -219,6 +220,61 @@ class WorkerHooks(Protocol):
     def connection_closed(self, conn: ClientConnection) -> None: ...
 
 
+class Downstream(Protocol):
+    """The client side an exchange answers, as the exchange sees it.
+
+    Today an HTTP/1.1 connection (ClientConnection); an HTTP/2 stream implements the same.
+    The exchange decides *what* the client gets (the status, which upstream fields pass, the
+    proxy's own fields, when the response ends or breaks); the downstream decides *how*
+    (status line or pseudo-headers, chunked or length or frames, connection reuse). The
+    exchange never writes bytes to the client itself.
+    """
+
+    ctx: WorkerHooks
+    client_ip: str
+    forwarded_proto: bytes
+    tls_version: str | None
+    sni: str | None
+    # Reasons (bit flags) the request side is not being read; backpressure from the client.
+    paused: int
+    write_paused: bool
+    # Set to end the connection once the current response is done.
+    close_after: bool
+
+    def pause(self, reason: int) -> None: ...
+    def unpause(self, reason: int) -> None: ...
+    def send_continue(self, ex: Exchange) -> None: ...
+    def send_interim(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        drop: frozenset[bytes],
+    ) -> None: ...
+    def send_head(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        drop: frozenset[bytes],
+        body_framing: int,
+    ) -> None: ...
+    def send_data(self, ex: Exchange, data: bytes) -> None: ...
+    def finish_response(self, ex: Exchange) -> None: ...
+    def send_local(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: tuple[tuple[bytes, bytes], ...],
+        body: bytes,
+        close: bool,
+    ) -> None: ...
+    def abort(self) -> None: ...
+    def start_tunnel(self, ex: Exchange) -> None: ...
+    def linger(self, seconds: float) -> None: ...
+    def exchange_done(self, ex: Exchange) -> None: ...
+
+
 class HeadError(Exception):
     """A request the proxy refuses before any byte reaches an upstream."""
 
@@ -303,7 +359,7 @@ class Exchange:
         "xff",
     )
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: Downstream) -> None:
         self.conn = conn
         self.url = b""
         self.kept_headers: list[tuple[bytes, bytes, bytes]] = []  # (lower name, name, value)
@@ -520,7 +576,7 @@ class Exchange:
         self.started = True
         self.last_io = ctx.now
         if self.answer_here:
-            self._local_answer(200, b"", b"Allow: " + _ALLOW + b"\r\n", close=False)
+            self._local_answer(200, b"", ((b"Allow", _ALLOW),), close=False)
             return
         gen = self.gen
         table = gen.table
@@ -616,7 +672,7 @@ class Exchange:
             and not self.body_done
             and (self.chunked_in or (self.content_length or 0) > 0)
         ):
-            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.send_continue(self)
         self.attempt()
 
     def _added_headers(self) -> list[tuple[bytes, bytes]]:
@@ -903,6 +959,7 @@ class Exchange:
         self.response_started = True
         if ctx.access_log is not None:
             self.ttfb = perf_counter() - self.sent_at
+        # Hop-by-hop fields never pass (RFC 9110 section 7.6.1), nor those Connection names.
         drop = _RESPONSE_DROP
         if connection and connection != _KEEP_ALIVE:
             extra = connection_tokens(connection) - _NEVER_HOP
@@ -910,42 +967,7 @@ class Exchange:
                 drop = drop | extra
         if status == 204 or body_framing == FRAMING_CHUNKED:
             drop = drop | {b"content-length"}
-        close = not self.keep_alive or not self.body_done or conn.closing
-        if status == 101:
-            close = False
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
-        if body_framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
-            chunked = self.version == "1.1"
-            self.response_chunked = chunked
-            if not chunked:
-                close = True
-        for lname, name, value in headers:
-            if lname not in drop:
-                parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Request-Id: ", self.request_id.encode("latin-1"), b"\r\n")
-        parts.append(self.gen.via_line)
-        if self.set_cookie is not None:
-            parts.append(self._cookie_header())
-        if status == 101:
-            parts.append(b"Connection: upgrade\r\n")
-            for value in self.upgrade_values:
-                parts += (b"Upgrade: ", value, b"\r\n")
-        else:
-            if self.response_chunked:
-                codings = b""
-                if body_framing == FRAMING_CLOSE:
-                    # A body coded (gzip...) but not chunked: keep the codings, add chunked.
-                    for lname, _, value in headers:
-                        if lname == b"transfer-encoding":
-                            codings = value + b", "
-                parts += (b"Transfer-Encoding: ", codings, b"chunked\r\n")
-            if close:
-                parts.append(b"Connection: close\r\n")
-                conn.close_after = True
-            elif self.version == "1.0":
-                parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        conn.write(b"".join(parts))
+        conn.send_head(self, status, headers, drop, body_framing)
         mirror = self.mirror
         if mirror is not None:
             content_type = None
@@ -958,15 +980,15 @@ class Exchange:
             ctx.watched.add(self)
             self.deadline = 0.0
 
-    def _cookie_header(self) -> bytes:
+    def sticky_cookie(self) -> bytes:
+        """The Set-Cookie value that keeps a new visitor in its sticky cohort."""
         route = self.gen.route_by_name[self.route_name]
         sticky = route.sticky
         assert sticky is not None
         assert sticky.cookie is not None
         assert self.set_cookie is not None
         return (
-            f"Set-Cookie: {sticky.cookie}={self.set_cookie}; Path=/; Max-Age=31536000; "
-            "HttpOnly; SameSite=Lax\r\n"
+            f"{sticky.cookie}={self.set_cookie}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
         ).encode("latin-1")
 
     def upstream_body(self, data: bytes) -> None:
@@ -974,10 +996,7 @@ class Exchange:
         conn = self.conn
         self.last_io = conn.ctx.now
         self.bytes_out += len(data)
-        if self.response_chunked:
-            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            conn.write(data)
+        conn.send_data(self, data)
         mirror = self.mirror
         if mirror is not None and mirror.wants_primary_body:
             mirror.primary_body(data)
@@ -985,8 +1004,7 @@ class Exchange:
     def upstream_complete(self) -> None:
         """The response ended: release the connection, record, and serve the next request."""
         conn = self.conn
-        if self.response_chunked:
-            conn.write(b"0\r\n\r\n")
+        conn.finish_response(self)
         upstream_conn = self.upstream_conn
         endpoint = self.endpoint
         ctx = conn.ctx
@@ -1047,15 +1065,9 @@ class Exchange:
             self.local_error(502, message, close=True)
 
     def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
-        """Pass an interim response (103 Early Hints) on to an HTTP/1.1 client."""
-        if self.version != "1.1" or self.response_started:
-            return  # RFC 9110 section 15.2: never to an HTTP/1.0 client
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
-        for lname, name, value in headers:
-            if lname not in _RESPONSE_DROP:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        self.conn.write(b"".join(parts))
+        """Pass an interim response (103 Early Hints) on, unless the response began."""
+        if not self.response_started:
+            self.conn.send_interim(self, status, headers, _RESPONSE_DROP)
 
     def upstream_upgraded(self, rest: bytes) -> None:
         """The endpoint accepted the WebSocket upgrade: both sides become a byte tunnel."""
@@ -1074,7 +1086,7 @@ class Exchange:
         self.bytes_out += len(data)
         if self.frames_down is not None:
             self.frames_down.feed(data)
-        self.conn.write(data)
+        self.conn.send_data(self, data)
 
     def go_away(self) -> None:
         """End this exchange now: shutdown, or its endpoint was removed and drained.
@@ -1095,7 +1107,7 @@ class Exchange:
             and down.at_boundary
             and up.at_boundary
         ):
-            conn.write(close_frame(GOING_AWAY, None))
+            conn.send_data(self, close_frame(GOING_AWAY, None))
             upstream_conn.write(close_frame(GOING_AWAY, os.urandom(4)))
             upstream_conn.detach()
             upstream_conn.close()
@@ -1121,9 +1133,11 @@ class Exchange:
     def local_error(self, status: int, message: str, close: bool) -> None:
         """Answer with a proxy-made JSON error (or cut the connection if a response began)."""
         body = orjson.dumps({"error": message, "request_id": self.request_id})
-        self._local_answer(status, body, b"Content-Type: application/json\r\n", close)
+        self._local_answer(status, body, _JSON_HEADERS, close)
 
-    def _local_answer(self, status: int, body: bytes, headers: bytes, close: bool) -> None:
+    def _local_answer(
+        self, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...], close: bool
+    ) -> None:
         conn = self.conn
         if not self.flag:
             self.flag = "refused" if 400 <= status < 500 else "local"
@@ -1137,19 +1151,8 @@ class Exchange:
         mirror = self.mirror
         if mirror is not None:
             mirror.primary_head(status, "application/json")
-        close = close or not self.keep_alive or not self.body_done or conn.closing
-        head = b"HTTP/1.1 %d %b\r\n%bContent-Length: %d\r\nX-Request-Id: %b\r\n" % (
-            status,
-            REASONS.get(status, b"Error"),
-            headers,
-            len(body),
-            self.request_id.encode("latin-1"),
-        )
-        if close:
-            head += b"Connection: close\r\n"
-            conn.close_after = True
         self.bytes_out += len(body)
-        conn.write(head + b"\r\n" + body if self.method != "HEAD" else head + b"\r\n")
+        conn.send_local(self, status, headers, body, close)
         self._drop_attempt()
         self._finish()
 
@@ -1545,6 +1548,114 @@ class ClientConnection(CoalescingProtocol):
             self.unpause(PAUSE_PIPELINE)
         if self.closing:
             self.close()
+
+    # ---- the response, written as HTTP/1.1 (the exchange decides what, this decides how) ----
+
+    def send_continue(self, ex: Exchange) -> None:
+        """Tell the client to send the body it holds back (Expect: 100-continue)."""
+        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def send_interim(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        drop: frozenset[bytes],
+    ) -> None:
+        """An interim response (103 Early Hints); never to an HTTP/1.0 client (RFC 9110
+        section 15.2)."""
+        if ex.version != "1.1":
+            return
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
+        for lname, name, value in headers:
+            if lname not in drop:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.write(b"".join(parts))
+
+    def send_head(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        drop: frozenset[bytes],
+        body_framing: int,
+    ) -> None:
+        """The response head: the upstream's fields but `drop`, the proxy's own fields, and
+        framing for this client (chunked for HTTP/1.1, the connection's end for 1.0)."""
+        close = not ex.keep_alive or not ex.body_done or self.closing
+        if status == 101:
+            close = False
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
+        if body_framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
+            chunked = ex.version == "1.1"
+            ex.response_chunked = chunked
+            if not chunked:
+                close = True
+        for lname, name, value in headers:
+            if lname not in drop:
+                parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Request-Id: ", ex.request_id.encode("latin-1"), b"\r\n")
+        parts.append(ex.gen.via_line)
+        if ex.set_cookie is not None:
+            parts += (b"Set-Cookie: ", ex.sticky_cookie(), b"\r\n")
+        if status == 101:
+            parts.append(b"Connection: upgrade\r\n")
+            for value in ex.upgrade_values:
+                parts += (b"Upgrade: ", value, b"\r\n")
+        else:
+            if ex.response_chunked:
+                codings = b""
+                if body_framing == FRAMING_CLOSE:
+                    # A body coded (gzip...) but not chunked: keep the codings, add chunked.
+                    for lname, _, value in headers:
+                        if lname == b"transfer-encoding":
+                            codings = value + b", "
+                parts += (b"Transfer-Encoding: ", codings, b"chunked\r\n")
+            if close:
+                parts.append(b"Connection: close\r\n")
+                self.close_after = True
+            elif ex.version == "1.0":
+                parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.write(b"".join(parts))
+
+    def send_data(self, ex: Exchange, data: bytes) -> None:
+        """A piece of the response body (or of a tunnel), framed as the head said."""
+        if ex.response_chunked:
+            self.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.write(data)
+
+    def finish_response(self, ex: Exchange) -> None:
+        """The response body is complete."""
+        if ex.response_chunked:
+            self.write(b"0\r\n\r\n")
+
+    def send_local(
+        self,
+        ex: Exchange,
+        status: int,
+        headers: tuple[tuple[bytes, bytes], ...],
+        body: bytes,
+        close: bool,
+    ) -> None:
+        """A response the proxy makes itself (errors, OPTIONS *): whole, with its length."""
+        close = close or not ex.keep_alive or not ex.body_done or self.closing
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Error"))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (
+            b"Content-Length: %d\r\nX-Request-Id: %b\r\n"
+            % (len(body), ex.request_id.encode("latin-1")),
+        )
+        if close:
+            parts.append(b"Connection: close\r\n")
+            self.close_after = True
+        parts.append(b"\r\n")
+        if ex.method != "HEAD":
+            parts.append(body)
+        self.write(b"".join(parts))
 
     def _reject(self, status: int, message: str) -> None:
         ex = self.parsing or Exchange(self)
