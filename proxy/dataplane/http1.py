@@ -496,11 +496,15 @@ class Exchange:
             self.kept_headers.append((lname, name, value))
         # _H_HOP and _H_DROP: not forwarded.
 
-    def finish_head(self, parser: httptools.HttpRequestParser) -> None:
-        """Validate the complete head and remember what the response needs."""
-        self.method = parser.get_method().decode("ascii")
-        self.version = parser.get_http_version()
-        self.keep_alive = bool(parser.should_keep_alive())
+    def finish_head(self, method: str, version: str, keep_alive: bool, upgrading: bool) -> None:
+        """Validate the complete head and remember what the response needs.
+
+        The downstream read the request line: `upgrading` says its parser saw a protocol
+        upgrade asked for (the head's Connection and Upgrade fields say which).
+        """
+        self.method = method
+        self.version = version
+        self.keep_alive = keep_alive
         if self.version != "1.1" and self.version != "1.0":
             raise HeadError(505, "HTTP version not supported")
         if self.te_values:
@@ -531,7 +535,7 @@ class Exchange:
             if (
                 b"upgrade" in tokens
                 and self.upgrade_values
-                and parser.should_upgrade()
+                and upgrading
                 and any(b"websocket" in v.lower() for v in self.upgrade_values)
             ):
                 self.upgrade = True
@@ -1457,7 +1461,13 @@ class ClientConnection(CoalescingProtocol):
         ex = self.parsing
         assert ex is not None
         try:
-            ex.finish_head(self.parser)
+            parser = self.parser
+            ex.finish_head(
+                parser.get_method().decode("ascii"),
+                parser.get_http_version(),
+                bool(parser.should_keep_alive()),
+                bool(parser.should_upgrade()),
+            )
             if self.current is None:
                 self.current = ex
                 ex.begin()
