@@ -19,6 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 CORE = (
     "spec",
+    "schema",
     "config",
     "table",
     "routing",
