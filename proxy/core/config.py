@@ -19,38 +19,54 @@ import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from yaml.events import AliasEvent, CollectionStartEvent, StreamEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from proxy.core.schema import (
+    DURATION_PATTERN,
+    JSON_PATH_PATTERN,
+    MATCH,
+    MAX_DURATION,
+    MAX_HOST_CHARS,
+    MAX_INSTANCE_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_NAME_CHARS,
+    MAX_PATH_CHARS,
+    MAX_TOKEN_CHARS,
+    MAX_URL_CHARS,
+    NAME_PATTERN,
+    ROLLOUT,
+    ROUTE,
+    SECTIONS,
+    SIZE_PATTERN,
+    SIZE_UNITS,
+    TOKEN_PATTERN,
+    TOP,
+    UPSTREAM,
+    Key,
+    Kind,
+    Section,
+    duration_seconds,
+    format_address,
+    format_duration,
+    format_size,
+    redact_redis_url,
+    spec_to_dict,
+)
 from proxy.core.spec import (
     ALL_METHODS,
-    MAX_WEIGHT,
     TLS_VERSIONS,
     WEBHOOK_EVENTS,
-    Annotations,
-    CertificateFiles,
     ConfigSpec,
-    Drain,
     Endpoint,
-    Fleet,
-    HealthCheck,
-    Limits,
     Listener,
-    ListenerTls,
     Match,
-    Mirror,
-    Override,
-    Rollout,
     RouteSpec,
-    Sticky,
-    Timeouts,
     UpstreamSpec,
-    UpstreamTls,
-    Webhook,
 )
 from proxy.core.table import PathError, path_from_text
 
@@ -80,9 +96,9 @@ _T = TypeVar("_T")
 _N = TypeVar("_N", int, float)
 
 # Route and upstream names: at most 63 characters (_MAX_NAME_CHARS), like a DNS label.
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+NAME_RE = re.compile(NAME_PATTERN + r"\Z")
 # RFC 9110 token: what a header or cookie name may be made of.
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_TOKEN_RE = re.compile(TOKEN_PATTERN + r"\Z")
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 _ENDPOINT_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\Z")
@@ -91,59 +107,34 @@ _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
 _NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 _LEADING_ZERO_RE = re.compile(r"[+-]?0[0-9]")
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)\Z")
-_SIZE_RE = re.compile(r"([0-9]+)(B|KiB|MiB|GiB)\Z")
-_JSON_PATH_RE = re.compile(r"[^.\s]+(?:\.[^.\s]+)*\Z")
+_DURATION_RE = re.compile(DURATION_PATTERN + r"\Z")
+_SIZE_RE = re.compile(SIZE_PATTERN + r"\Z")
+_JSON_PATH_RE = re.compile(JSON_PATH_PATTERN + r"\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Lone surrogates (only `\udc80`-style escapes make them): not Unicode, so not UTF-8 or JSON.
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 _UNPRINTABLE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
-_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_SIZE_UNITS = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10, "B": 1}
-# A bound on every duration: far above any sensible timeout or step, and far below the values
-# that overflow event-loop timers.
-_MAX_DURATION = 24 * 3600.0
-_MAX_RETRIES = 10
-
 # Limits on the file itself (docs/config.md, "Limits on the file itself"). They keep every
 # input finite: parse time, memory, error messages, and what /admin/config dumps as JSON.
+# The bounds of each key are in proxy.schema.
 MAX_FILE_BYTES = 16 << 20
 # Nested lists and mappings; the schema itself needs 5.
 _MAX_DEPTH = 64
 # Any one key or value; no string in the schema may be longer (a cookie value is up to 4096).
 _MAX_SCALAR_CHARS = 4096
 # Upstream and route names: a DNS label, as a Kubernetes service name is.
-_MAX_NAME_CHARS = 63
-_MAX_TOKEN_CHARS = 256
-_MAX_HOST_CHARS = 253
-_MAX_LABEL_CHARS = 63
-_MAX_PATH_CHARS = 1024
+_MAX_NAME_CHARS = MAX_NAME_CHARS
+_MAX_TOKEN_CHARS = MAX_TOKEN_CHARS
+_MAX_HOST_CHARS = MAX_HOST_CHARS
+_MAX_LABEL_CHARS = MAX_LABEL_CHARS
+_MAX_PATH_CHARS = MAX_PATH_CHARS
+_MAX_URL_CHARS = MAX_URL_CHARS
+_MAX_INSTANCE_CHARS = MAX_INSTANCE_CHARS
+_MAX_DURATION = MAX_DURATION
 # Integers in the file have at most this many digits: beyond it every range check fails anyway,
 # and Python refuses to convert more than 4300.
 _MAX_DIGITS = 20
-_MAX_ROUTES = 100_000
-_MAX_UPSTREAMS = 100_000
-_MAX_ENDPOINTS = 1000
-_MAX_OVERRIDES = 1000
-_MAX_STEPS = 100
-_MAX_IGNORE_FIELDS = 100
-_MAX_WORKERS = 1024
-_MAX_LISTENERS = 64
-_MAX_CERTIFICATES = 1000
-_MAX_CONNECTIONS = 1_000_000
-_MAX_HEADERS = 10_000
-_MAX_HEADER_SIZE = 1 << 20
-_MAX_REQUEST_BODY = 1 << 40
-# A mirrored request's body is held in memory while the copy is in flight.
-_MAX_MIRROR_BODY = 1 << 30
-_MAX_MIRROR_IN_FLIGHT = 10_000
-_MAX_CHECK_COUNT = 1000
-_MAX_MIN_REQUESTS = 1_000_000_000
-_MAX_WEBHOOKS = 20
-_MAX_URL_CHARS = 2048
-# How often a rollout looks at its evidence when the file does not say (capped at `interval`).
-_DEFAULT_CHECK = 5.0
 # Values echoed in messages are cut to this many characters (a name is never cut).
 _MAX_SHOWN_CHARS = 64
 # Upstream names listed after "unknown upstream".
@@ -239,40 +230,10 @@ def parse_duration(text: str) -> float:
     if found is None:
         raise ValueError(f"bad duration '{_shown(text)}' ({_DURATION_HINT})")
     number, unit = found.groups()
-    # Division, not multiplication by 0.001, so that "250ms" is exactly 0.25.
-    seconds = float(number) / 1000.0 if unit == "ms" else float(number) * _SECONDS[unit]
+    seconds = duration_seconds(number, unit)
     if not math.isfinite(seconds):
         raise ValueError(f"bad duration '{_shown(text)}' ({_DURATION_HINT})")
     return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds -> the shortest duration text in the largest whole unit; parses back exactly."""
-    if seconds == 0:
-        return "0s"
-    candidates = [(seconds / factor, unit) for unit, factor in _SECONDS.items()]
-    candidates.append((seconds * 1000.0, "ms"))
-    for count, unit in candidates:
-        if count.is_integer() and count >= 1:
-            text = f"{int(count)}{unit}"
-            if parse_duration(text) == seconds:
-                return text
-    return f"{_positional(seconds)}s"
-
-
-def _positional(value: float) -> str:
-    """The shortest round-tripping decimal of a non-negative float, without an exponent."""
-    text = repr(value)
-    if "e" not in text:
-        return text
-    mantissa, _, exponent = text.partition("e")
-    digits = mantissa.replace(".", "")
-    point = (mantissa.index(".") if "." in mantissa else len(mantissa)) + int(exponent)
-    if point <= 0:
-        return "0." + "0" * -point + digits
-    if point >= len(digits):
-        return digits + "0" * (point - len(digits))
-    return f"{digits[:point]}.{digits[point:]}"
 
 
 def parse_size(text: str) -> int:
@@ -286,22 +247,13 @@ def parse_size(text: str) -> int:
         found = _SIZE_RE.match(text)
         if found is None:
             raise ValueError(f"bad size '{_shown(text)}' ({_SIZE_HINT})")
-        digits, factor = found.group(1), _SIZE_UNITS[found.group(2)]
+        digits, factor = found.group(1), SIZE_UNITS[found.group(2)]
     if len(digits) > _MAX_DIGITS:
         raise ValueError(f"size '{_shown(text)}' is too large")
     return int(digits) * factor
 
 
-def format_size(size: int) -> str:
-    """Bytes -> `1MiB`-style text when the size is a whole number of a unit, else plain bytes."""
-    for unit, factor in _SIZE_UNITS.items():
-        if factor > 1 and size and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_format_address = format_address
 
 
 def _split_address(text: str) -> tuple[str, int]:
@@ -528,6 +480,7 @@ class _Checker:
         self.issues: list[ConfigIssue] = []
         self.known: frozenset[str] | None = None
         self.unusable = unusable
+        self._read = self._readers()
 
     def error(self, node: Node, path: str, message: str) -> None:
         """Record one issue at the node's position."""
@@ -607,21 +560,6 @@ class _Checker:
             self.error(node, path, f"at most {maximum} {what} (this list has {len(node.value)})")
             return None
         return list(node.value)
-
-    def _field(
-        self,
-        items: _Items,
-        key: str,
-        path: str,
-        read: Callable[[Node, str], _T | None],
-        default: _T,
-    ) -> _T:
-        """Read an optional key with `read`; its default when absent or unreadable."""
-        item = items.get(key)
-        if item is None:
-            return default
-        value = read(item[1], _join(path, key))
-        return default if value is None else value
 
     # --- scalars ---
 
@@ -754,12 +692,6 @@ class _Checker:
             return None
         return seconds
 
-    def _positive_duration(self, node: Node, path: str) -> float | None:
-        return self._duration(node, path, positive=True)
-
-    def _any_duration(self, node: Node, path: str) -> float | None:
-        return self._duration(node, path, positive=False)
-
     def _size(self, node: Node, path: str, minimum: int, maximum: int) -> int | None:
         scalar = self._scalar(node, path, f"a size ({_SIZE_HINT})")
         if scalar is None:
@@ -817,74 +749,148 @@ class _Checker:
             return None
         return name
 
-    def _header_name(self, node: Node, path: str) -> str | None:
-        name = self._text_field(node, path, _check_token, "a header name")
-        return None if name is None else name.lower()
+    # --- sections, read as `proxy.schema` describes them ---
 
-    def _cookie_name(self, node: Node, path: str) -> str | None:
-        return self._text_field(node, path, _check_token, "a cookie name")
+    def _readers(self) -> dict[Kind, Callable[[Node, str, Key], object]]:
+        """One reader per value kind; each reports its own problems and returns None then."""
+        readers: dict[Kind, Callable[[Node, str, Key], object]] = {
+            Kind.DURATION: self._duration_key,
+            Kind.DURATION0: lambda n, p, k: self._duration(n, p, positive=False),
+            Kind.SIZE: lambda n, p, k: self._size(n, p, _low(k), _high(k)),
+            Kind.INT: lambda n, p, k: self._int(n, p, _low(k), _high(k)),
+            Kind.NUMBER: self._number_key,
+            Kind.BOOL: lambda n, p, k: self._bool(n, p),
+            Kind.STRING: lambda n, p, k: self._string(n, p),
+            Kind.NAME: lambda n, p, k: self._name(n, p, k.noun),
+            Kind.UPSTREAM: lambda n, p, k: self._upstream_ref(n, p),
+            Kind.FILE: lambda n, p, k: self._file_path(n, p),
+            Kind.STATE_FILE: lambda n, p, k: self._state_file(n, p),
+            Kind.ADDRESS: lambda n, p, k: self._address(n, p),
+            Kind.WORKERS: self._workers,
+            Kind.LISTEN: self._listen,
+            Kind.UPSTREAMS: self._upstreams,
+            Kind.ROUTES: self._routes,
+            Kind.ENDPOINTS: self._endpoints,
+            Kind.SPLIT: self._split,
+            Kind.STEPS: self._steps,
+            Kind.METHODS: self._methods,
+            Kind.JSON_PATHS: self._json_paths,
+            Kind.SECTION: self._subsection,
+            Kind.SECTIONS: self._sections,
+        }
+        for kind, (check, what, transform) in _TEXT_KINDS.items():
+            readers[kind] = self._text_reader(check, what, transform)
+        return readers
 
-    # --- sections ---
+    def _text_reader(
+        self, check: Callable[[str], str | None], what: str, transform: Callable[[str], str] | None
+    ) -> Callable[[Node, str, Key], object]:
+        def read(node: Node, path: str, key: Key) -> str | None:
+            text = self._text_field(node, path, check, what)
+            return text if text is None or transform is None else transform(text)
+
+        return read
+
+    def _section_items(self, node: Node, path: str, section: Section[Any]) -> _Items | None:
+        """A section's mapping: unknown, missing and conflicting keys reported."""
+        items = self._mapping(node, path, section.allowed, section.required)
+        if items is None:
+            return None
+        if section.one_of and not self._one_of(node, items, path, section.one_of):
+            return items  # the rules below would only repeat that problem
+        for rule in section.requires:
+            if rule.key in items and rule.needs not in items:
+                self.error(items[rule.key][0], _join(path, rule.key), rule.text())
+        return items
+
+    def _values(
+        self, items: _Items, section: Section[Any], path: str, skip: str = ""
+    ) -> dict[str, object]:
+        """Spec field -> value for every key given and readable (the others keep defaults)."""
+        values: dict[str, object] = {}
+        for key in section.keys:
+            item = items.get(key.name)
+            if item is None or key.name == skip:
+                continue
+            value = self._read[key.kind](item[1], _join(path, key.name), key)
+            if value is not None:
+                values[key.attr] = value
+        return values
+
+    def _section(self, node: Node, path: str, section: Section[_T], **extra: object) -> _T | None:
+        items = self._section_items(node, path, section)
+        if items is None:
+            return None
+        values = self._values(items, section, path)
+        if section is ROLLOUT:
+            self._rollout_rules(items, values, path)
+        return section.build(values, **extra)
+
+    def _subsection(self, node: Node, path: str, key: Key) -> object:
+        assert key.section is not None
+        return self._section(node, path, key.section)
+
+    def _elements(self, node: Node, path: str, key: Key) -> list[Node] | None:
+        """A list key's elements, at most `key.max_items`, at least `key.min_items`."""
+        maximum = key.max_items if key.max_items is not None else _MAX_LIST
+        elements = self._list(node, path, maximum, key.noun + "s")
+        if elements is None:
+            return None
+        if not elements and key.min_items:
+            self.error(node, path, key.empty_message or f"at least one {key.noun} is required")
+            return None
+        return elements
+
+    def _sections(self, node: Node, path: str, key: Key) -> tuple[object, ...] | None:
+        assert key.section is not None
+        elements = self._elements(node, path, key)
+        if elements is None:
+            return None
+        read = (
+            self._section(element, f"{path}[{index}]", key.section)
+            for index, element in enumerate(elements)
+        )
+        return tuple(value for value in read if value is not None)
 
     def check(self, root: Node) -> ConfigSpec | None:
         """The whole file; None when the root is unusable."""
-        items = self._mapping(root, "", _TOP_KEYS, ("upstreams", "routes"))
+        items = self._section_items(root, "", TOP)
         if items is None:
             return None
-        default = ConfigSpec(upstreams=(), routes=())
-        upstreams = self._field(items, "upstreams", "", self._upstreams, default.upstreams)
-        routes = self._field(items, "routes", "", self._routes, default.routes)
+        values = self._values(items, TOP, "")
+        default_listen: tuple[str, int] = TOP.default("listen")
         listeners: tuple[Listener, ...] = ()
-        if "listen" in items and isinstance(items["listen"][1], SequenceNode):
-            listeners = self._listeners(items["listen"][1], "listen") or ()
-            listen = (listeners[0].host, listeners[0].port) if listeners else None
-        else:
-            listen = self._address_field(items, "listen", default.listen)
-        admin = self._address_field(items, "admin", default.admin)
+        listen: tuple[str, int] | None = default_listen if "listen" not in items else None
+        given = values.pop("listen", None)
+        if isinstance(given, tuple) and given and isinstance(given[0], Listener):
+            listeners = given
+            listen = (listeners[0].host, listeners[0].port)
+        elif isinstance(given, tuple):
+            listen = given
+        admin = values.get("admin", TOP.default("admin") if "admin" not in items else None)
         addresses = [(x.host, x.port) for x in listeners] or ([listen] if listen else [])
-        if admin is not None and any(_same_socket(a, admin) for a in addresses):
+        if isinstance(admin, tuple) and any(_same_socket(a, admin) for a in addresses):
             key, other = ("admin", "listen") if "admin" in items else ("listen", "admin")
             self.error(items[key][1], key, f"must not be the same address as {other}")
-        return ConfigSpec(
-            upstreams=upstreams,
-            routes=routes,
-            listen=default.listen if listen is None else listen,
-            listeners=listeners,
-            admin=default.admin if admin is None else admin,
-            workers=self._field(items, "workers", "", self._workers, default.workers),
-            state_file=self._field(items, "state_file", "", self._state_file, None),
-            via=self._field(items, "via", "", self._via, None),
-            timeouts=self._field(items, "timeouts", "", self._timeouts, default.timeouts),
-            limits=self._field(items, "limits", "", self._limits, default.limits),
-            drain=self._field(items, "drain", "", self._drain, default.drain),
-            annotations=self._field(items, "annotations", "", self._annotations, None),
-            fleet=self._field(items, "fleet", "", self._fleet, None),
-        )
+        return TOP.build(values, listen=listen or default_listen, listeners=listeners)
 
-    def _address_field(
-        self, items: _Items, key: str, default: tuple[str, int]
-    ) -> tuple[str, int] | None:
-        """The top-level address `key`: its default when absent, None when unreadable."""
-        if key not in items:
-            return default
-        return self._address(items[key][1], key)
-
-    def _listeners(self, node: Node, path: str) -> tuple[Listener, ...] | None:
-        """The list form of `listen`: plain and TLS listeners side by side."""
-        elements = self._list(node, path, _MAX_LISTENERS, "listeners")
+    def _listen(self, node: Node, path: str, key: Key) -> object:
+        """`listen`: one address, or the list form (plain and TLS listeners side by side)."""
+        if not isinstance(node, SequenceNode):
+            return self._address(node, path)
+        assert key.section is not None
+        elements = self._elements(node, path, key)
         if elements is None:
-            return None
-        if not elements:
-            self.error(node, path, "at least one listener is required")
             return None
         listeners: list[Listener] = []
         for index, element in enumerate(elements):
             where = f"{path}[{index}]"
-            items = self._mapping(element, where, _LISTENER_KEYS, ("address",))
+            items = self._section_items(element, where, key.section)
             if items is None or "address" not in items:
                 continue
-            address = self._address(items["address"][1], _join(where, "address"))
-            if address is None:
+            values = self._values(items, key.section, where)
+            address = values.pop("address", None)
+            if not isinstance(address, tuple):
                 continue
             clash = next((x for x in listeners if _same_socket((x.host, x.port), address)), None)
             if clash is not None:
@@ -894,49 +900,8 @@ class _Checker:
                     f"'{_format_address(*address)}' overlaps listener '{clash.address}'",
                 )
                 continue
-            tls = self._field(items, "tls", where, self._listener_tls, None)
-            listeners.append(Listener(host=address[0], port=address[1], tls=tls))
+            listeners.append(key.section.build(values, host=address[0], port=address[1]))
         return tuple(listeners)
-
-    def _listener_tls(self, node: Node, path: str) -> ListenerTls | None:
-        items = self._mapping(node, path, _LISTENER_TLS_KEYS, ("certificates",))
-        if items is None or "certificates" not in items:
-            return None
-        certs_path = _join(path, "certificates")
-        elements = self._list(
-            items["certificates"][1], certs_path, _MAX_CERTIFICATES, "certificates"
-        )
-        if elements is None:
-            return None
-        if not elements:
-            self.error(items["certificates"][1], certs_path, "at least one certificate is required")
-            return None
-        certificates: list[CertificateFiles] = []
-        for index, element in enumerate(elements):
-            where = f"{certs_path}[{index}]"
-            pair = self._mapping(element, where, _CERTIFICATE_KEYS, ("cert", "key"))
-            if pair is None:
-                continue
-            cert = self._field(pair, "cert", where, self._file_path, None)
-            key = self._field(pair, "key", where, self._file_path, None)
-            if cert is not None and key is not None:
-                certificates.append(CertificateFiles(cert=cert, key=key))
-        return ListenerTls(
-            certificates=tuple(certificates),
-            min_version=self._field(items, "min_version", path, self._tls_version, "1.2"),
-            client_ca=self._field(items, "client_ca", path, self._file_path, None),
-        )
-
-    def _tls_version(self, node: Node, path: str) -> str | None:
-        scalar = self._scalar(node, path, "a TLS version")
-        if scalar is None:
-            return None
-        # `1.2` unquoted is a YAML float; read as written, it is the same version.
-        text = str(scalar.value)
-        if text not in TLS_VERSIONS:
-            self.error(node, path, f'bad TLS version \'{_shown(text)}\' (use "1.2" or "1.3")')
-            return None
-        return text
 
     def _file_path(self, node: Node, path: str) -> str | None:
         """A file path, resolved against the config file's folder (the file is checked later)."""
@@ -945,22 +910,20 @@ class _Checker:
             return None
         return posixpath.normpath(posixpath.join(posixpath.dirname(self.file), name))
 
-    def _workers(self, node: Node, path: str) -> int | None:
+    def _workers(self, node: Node, path: str, key: Key) -> int | None:
         if self._placeholder(node, path):
             return None
         if isinstance(node, ScalarNode) and str(node.value) == "auto":
             return 0  # ConfigSpec's spelling of "auto"; the caller counts the CPUs.
         if isinstance(node, ScalarNode) and _is_plain(node) and _INT_RE.match(str(node.value)):
-            return self._int(node, path, minimum=1, maximum=_MAX_WORKERS)
+            return self._int(node, path, _low(key), _high(key))
         self.error(
             node,
             path,
-            f"expected an integer from 1 to {_MAX_WORKERS} or 'auto', got {_describe(node)}",
+            f"expected an integer from {_low(key)} to {_high(key)} or 'auto', "
+            f"got {_describe(node)}",
         )
         return None
-
-    def _via(self, node: Node, path: str) -> str | None:
-        return self._text_field(node, path, _check_via, "a Via pseudonym")
 
     def _state_file(self, node: Node, path: str) -> str | None:
         name = self._text_field(node, path, _check_file_name)
@@ -973,156 +936,65 @@ class _Checker:
             return None
         return resolved
 
-    def _timeouts(self, node: Node, path: str) -> Timeouts | None:
-        items = self._mapping(node, path, _TIMEOUT_KEYS)
-        if items is None:
-            return None
-        d = Timeouts()
-        read = self._positive_duration
-        return Timeouts(
-            connect=self._field(items, "connect", path, read, d.connect),
-            response=self._field(items, "response", path, read, d.response),
-            idle=self._field(items, "idle", path, read, d.idle),
-            client_keepalive=self._field(items, "client_keepalive", path, read, d.client_keepalive),
-        )
-
-    def _limits(self, node: Node, path: str) -> Limits | None:
-        items = self._mapping(node, path, _LIMIT_KEYS)
-        if items is None:
-            return None
-        d = Limits()
-
-        def body(n: Node, p: str) -> int | None:
-            return self._size(n, p, minimum=1, maximum=_MAX_REQUEST_BODY)
-
-        def head(n: Node, p: str) -> int | None:
-            return self._size(n, p, minimum=1, maximum=_MAX_HEADER_SIZE)
-
-        def connections(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1, maximum=_MAX_CONNECTIONS)
-
-        def headers(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1, maximum=_MAX_HEADERS)
-
-        return Limits(
-            max_request_body=self._field(items, "max_request_body", path, body, d.max_request_body),
-            max_connections=self._field(
-                items, "max_connections", path, connections, d.max_connections
-            ),
-            max_header_size=self._field(items, "max_header_size", path, head, d.max_header_size),
-            max_headers=self._field(items, "max_headers", path, headers, d.max_headers),
-        )
-
-    def _drain(self, node: Node, path: str) -> Drain | None:
-        items = self._mapping(node, path, _DRAIN_KEYS)
-        if items is None:
-            return None
-        d = Drain()
-        read = self._any_duration
-        return Drain(
-            reload=self._field(items, "reload", path, read, d.reload),
-            shutdown=self._field(items, "shutdown", path, read, d.shutdown),
-            delay=self._field(items, "delay", path, read, d.delay),
-        )
-
-    def _annotations(self, node: Node, path: str) -> Annotations | None:
-        items = self._mapping(node, path, _ANNOTATION_KEYS, ("grafana",))
-        if items is None:
-            return None
-        d = Annotations(grafana="")
-
-        def grafana(n: Node, p: str) -> str | None:
-            return self._text_field(n, p, _check_grafana_url, "a URL")
-
-        return Annotations(
-            grafana=self._field(items, "grafana", path, grafana, d.grafana),
-            timeout=self._field(items, "timeout", path, self._positive_duration, d.timeout),
-        )
-
-    def _fleet(self, node: Node, path: str) -> Fleet | None:
-        items = self._mapping(node, path, _FLEET_KEYS, ("name", "redis"))
-        if items is None:
-            return None
-        d = Fleet(name="", redis="")
-
-        def name(n: Node, p: str) -> str | None:
-            return self._text_field(n, p, _check_fleet_name, "a fleet name")
-
-        def redis(n: Node, p: str) -> str | None:
-            return self._text_field(n, p, _check_redis_url, "a Redis URL")
-
-        def instance(n: Node, p: str) -> str | None:
-            return self._text_field(n, p, _check_instance, "an instance name")
-
-        def lease(n: Node, p: str) -> float | None:
-            value = self._positive_duration(n, p)
-            if value is not None and not _MIN_LEASE <= value <= _MAX_LEASE:
-                self.error(n, p, f"must be from {_MIN_LEASE:g}s to {_MAX_LEASE:g}s")
-                return None
+    def _duration_key(self, node: Node, path: str, key: Key) -> float | None:
+        value = self._duration(node, path, positive=True)
+        if value is None or (key.minimum is None and key.maximum is None):
             return value
+        low = key.minimum if key.minimum is not None else 0.0
+        high = key.maximum if key.maximum is not None else _MAX_DURATION
+        if not low <= value <= high:
+            self.error(node, path, f"must be from {low:g}s to {high:g}s")
+            return None
+        return value
 
-        return Fleet(
-            name=self._field(items, "name", path, name, d.name),
-            redis=self._field(items, "redis", path, redis, d.redis),
-            instance=self._field(items, "instance", path, instance, None),
-            lease=self._field(items, "lease", path, lease, d.lease),
-        )
+    def _number_key(self, node: Node, path: str, key: Key) -> float | None:
+        low = key.minimum if key.minimum is not None else -math.inf
+        high = key.maximum if key.maximum is not None else math.inf
+        if not key.exclusive_maximum:
+            return self._number(node, path, low, high, above_minimum=key.exclusive_minimum)
+        value = self._number(node, path, -math.inf, math.inf)
+        if value is not None and not low < value < high:
+            # e.g. confidence: 1 is refused too, no test can promise never to roll back a good
+            # canary; the example is the default.
+            example = _OWNER[id(key)].default(key.attr)
+            self.error(
+                node,
+                path,
+                f"must be > {_show_number(low)} and < {_show_number(high)} "
+                f"(e.g. {_show_number(example)})",
+            )
+            return None
+        return value
 
-    def _upstreams(self, node: Node, path: str) -> tuple[UpstreamSpec, ...] | None:
+    def _upstreams(self, node: Node, path: str, key: Key) -> tuple[UpstreamSpec, ...] | None:
         mapping = self._map(node, path)
         if mapping is None:
             return None
-        if len(mapping.value) > _MAX_UPSTREAMS:
+        maximum = key.max_items or _MAX_LIST
+        if len(mapping.value) > maximum:
             count = len(mapping.value)
-            self.error(mapping, path, f"at most {_MAX_UPSTREAMS} upstreams (this file has {count})")
+            self.error(mapping, path, f"at most {maximum} {key.noun}s (this file has {count})")
             return None
         entries = [
-            (name, key, value)
-            for name, key, value in self._pairs(mapping, path)
-            if self._name(key, _join(path, name), "upstream") is not None
+            (name, key_node, value)
+            for name, key_node, value in self._pairs(mapping, path)
+            if self._name(key_node, _join(path, name), key.noun) is not None
         ]
         if not mapping.value:
-            self.error(mapping, path, "at least one upstream is required")
+            self.error(mapping, path, f"at least one {key.noun} is required")
         # Set before the bodies are read so that references are checked even when a body is bad.
         self.known = frozenset(name for name, _, _ in entries)
-        return tuple(self._upstream(name, value, _join(path, name)) for name, _, value in entries)
-
-    def _upstream(self, name: str, node: Node, path: str) -> UpstreamSpec:
-        items = self._mapping(node, path, _UPSTREAM_KEYS, ("endpoints",)) or {}
-        return UpstreamSpec(
-            name=name,
-            endpoints=self._field(items, "endpoints", path, self._endpoints, ()),
-            health=self._field(items, "health", path, self._health, None),
-            tls=self._field(items, "tls", path, self._upstream_tls, None),
+        upstreams = (
+            self._section(value, _join(path, name), UPSTREAM, name=name)
+            or UpstreamSpec(name=name, endpoints=())
+            for name, _, value in entries
         )
+        return tuple(upstreams)
 
-    def _upstream_tls(self, node: Node, path: str) -> UpstreamTls | None:
-        items = self._mapping(node, path, _UPSTREAM_TLS_KEYS)
-        if items is None:
-            return None
-        cert = self._field(items, "cert", path, self._file_path, None)
-        key = self._field(items, "key", path, self._file_path, None)
-        for given, missing in (("cert", "key"), ("key", "cert")):
-            if given in items and missing not in items:
-                self.error(items[given][0], _join(path, given), f"needs '{missing}' too")
-        return UpstreamTls(
-            ca=self._field(items, "ca", path, self._file_path, None),
-            server_name=self._field(items, "server_name", path, self._server_name, None),
-            cert=cert,
-            key=key,
-            verify=self._field(items, "verify", path, self._bool, True),
-        )
-
-    def _server_name(self, node: Node, path: str) -> str | None:
-        name = self._text_field(node, path, _check_server_name, "a host name")
-        return None if name is None else name.lower()
-
-    def _endpoints(self, node: Node, path: str) -> tuple[Endpoint, ...] | None:
-        elements = self._list(node, path, _MAX_ENDPOINTS, "endpoints")
+    def _endpoints(self, node: Node, path: str, key: Key) -> tuple[Endpoint, ...] | None:
+        elements = self._elements(node, path, key)
         if elements is None:
             return None
-        if not elements:
-            self.error(node, path, "at least one endpoint is required")
         endpoints: list[Endpoint] = []
         seen: set[tuple[str, int]] = set()
         for index, element in enumerate(elements):
@@ -1138,51 +1010,28 @@ class _Checker:
             endpoints.append(Endpoint(host=address[0], port=address[1]))
         return tuple(endpoints)
 
-    def _health(self, node: Node, path: str) -> HealthCheck | None:
-        items = self._mapping(node, path, _HEALTH_KEYS)
-        if items is None:
-            return None
-        d = HealthCheck()
-
-        def at_least_one(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1, maximum=_MAX_CHECK_COUNT)
-
-        read = self._positive_duration
-        return HealthCheck(
-            path=self._field(items, "path", path, self._http_path, d.path),
-            interval=self._field(items, "interval", path, read, d.interval),
-            timeout=self._field(items, "timeout", path, read, d.timeout),
-            unhealthy_after=self._field(
-                items, "unhealthy_after", path, at_least_one, d.unhealthy_after
-            ),
-            healthy_after=self._field(items, "healthy_after", path, at_least_one, d.healthy_after),
-        )
-
-    def _http_path(self, node: Node, path: str) -> str | None:
-        return self._text_field(node, path, _check_http_path, "a path")
-
-    def _path_prefix(self, node: Node, path: str) -> str | None:
-        return self._text_field(node, path, _check_path_prefix, "a path")
-
-    def _routes(self, node: Node, path: str) -> tuple[RouteSpec, ...] | None:
-        elements = self._list(node, path, _MAX_ROUTES, "routes")
+    def _routes(self, node: Node, path: str, key: Key) -> tuple[RouteSpec, ...] | None:
+        elements = self._elements(node, path, key)
         if elements is None:
             return None
-        if not elements:
-            self.error(node, path, "at least one route is required")
+        match_key = ROUTE.key("match")
         routes: list[RouteSpec] = []
         first_line: dict[str, int] = {}
         shadows = _Shadows()
         for index, element in enumerate(elements):
             where = f"{path}[{index}]"
-            items = self._mapping(element, where, _ROUTE_KEYS, ("name", "split"))
+            items = self._section_items(element, where, ROUTE)
             if items is None:
                 continue
             before = len(self.issues)
-            match = self._field(items, "match", where, self._match, Match())
+            match: Match = MATCH.build({})
+            if "match" in items:
+                match = self._section(items["match"][1], _join(where, "match"), MATCH) or match
             # Only a match read without error says which requests the route takes.
             match_read = len(self.issues) == before
-            route = self._route(items, where, match)
+            route: RouteSpec = ROUTE.build(
+                self._values(items, ROUTE, where, skip=match_key.name), match=match
+            )
             if match_read:
                 at = items["match"][1] if "match" in items else element
                 label = f"'{route.name}'" if route.name else where
@@ -1208,65 +1057,18 @@ class _Checker:
             routes.append(route)
         return tuple(routes)
 
-    def _route(self, items: _Items, path: str, match: Match) -> RouteSpec:
-        def route_name(n: Node, p: str) -> str | None:
-            return self._name(n, p, "route")
+    def _one_of(self, node: Node, items: _Items, path: str, names: Sequence[str]) -> bool:
+        """Exactly one of `names` is given; False (reported) otherwise."""
+        given = [name for name in names if name in items]
+        quoted = " or ".join(f"'{name}'" for name in names)
+        if len(given) > 1:
+            self.error(node, path, f"give exactly one of {quoted}, not both")
+        elif not given:
+            self.error(node, path, f"missing {quoted} (give exactly one)")
+            return False
+        return True
 
-        def retries(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=0, maximum=_MAX_RETRIES)
-
-        return RouteSpec(
-            name=self._field(items, "name", path, route_name, ""),
-            split=self._field(items, "split", path, self._split, ()),
-            match=match,
-            overrides=self._field(items, "overrides", path, self._overrides, ()),
-            sticky=self._field(items, "sticky", path, self._sticky, None),
-            mirror=self._field(items, "mirror", path, self._mirror, None),
-            retries=self._field(items, "retries", path, retries, 2),
-            rollout=self._field(items, "rollout", path, self._rollout, None),
-        )
-
-    def _match(self, node: Node, path: str) -> Match | None:
-        items = self._mapping(node, path, _MATCH_KEYS)
-        if items is None:
-            return None
-        host = self._field(items, "host", path, self._host_pattern, None)
-        prefix = self._field(items, "path_prefix", path, self._path_prefix, "/")
-        return Match(host=host, path_prefix=prefix)
-
-    def _host_pattern(self, node: Node, path: str) -> str | None:
-        host = self._text_field(node, path, _check_host_pattern, "a host name")
-        # Stored as the request's Host is compared: lower-case, IPv6 without brackets.
-        return None if host is None else host.lower().removeprefix("[").removesuffix("]")
-
-    def _overrides(self, node: Node, path: str) -> tuple[Override, ...] | None:
-        elements = self._list(node, path, _MAX_OVERRIDES, "overrides")
-        if elements is None:
-            return None
-        overrides: list[Override] = []
-        for index, element in enumerate(elements):
-            where = f"{path}[{index}]"
-            items = self._mapping(element, where, _OVERRIDE_KEYS, ("to",))
-            if items is None:
-                continue
-            self._one_of(element, items, where)
-            overrides.append(
-                Override(
-                    to=self._field(items, "to", where, self._upstream_ref, ""),
-                    header=self._field(items, "header", where, self._header_name, None),
-                    cookie=self._field(items, "cookie", where, self._cookie_name, None),
-                    value=self._field(items, "value", where, self._string, None),
-                )
-            )
-        return tuple(overrides)
-
-    def _one_of(self, node: Node, items: _Items, path: str) -> None:
-        if "header" in items and "cookie" in items:
-            self.error(node, path, "give exactly one of 'header' or 'cookie', not both")
-        elif "header" not in items and "cookie" not in items:
-            self.error(node, path, "missing 'header' or 'cookie' (give exactly one)")
-
-    def _split(self, node: Node, path: str) -> tuple[tuple[str, float], ...] | None:
+    def _split(self, node: Node, path: str, key: Key) -> tuple[tuple[str, float], ...] | None:
         mapping = self._map(node, path)
         if mapping is None:
             return None
@@ -1275,11 +1077,11 @@ class _Checker:
             return None
         weights: list[tuple[str, float]] = []
         readable = True
-        for name, key, value in self._pairs(mapping, path):
+        for name, key_node, value in self._pairs(mapping, path):
             where = _join(path, name)
             if self.known is not None and name not in self.known:
-                self.error(key, where, _unknown_upstream(name, self.known))
-            weight = self._number(value, where, 0.0, MAX_WEIGHT)
+                self.error(key_node, where, _unknown_upstream(name, self.known))
+            weight = self._number(value, where, _low(key), _high(key))
             if weight is None:
                 readable = False
                 continue
@@ -1288,54 +1090,9 @@ class _Checker:
             self.error(mapping, path, "weights are all 0; at least one must be > 0")
         return tuple(weights)
 
-    def _sticky(self, node: Node, path: str) -> Sticky | None:
-        items = self._mapping(node, path, _STICKY_KEYS)
-        if items is None:
-            return None
-        self._one_of(node, items, path)
-        if "set" in items and "header" in items and "cookie" not in items:
-            key = items["set"][0]
-            self.error(key, f"{path}.set", "'set' is only allowed with 'cookie'")
-        return Sticky(
-            header=self._field(items, "header", path, self._header_name, None),
-            cookie=self._field(items, "cookie", path, self._cookie_name, None),
-            set=self._field(items, "set", path, self._bool, False),
-        )
-
-    def _mirror(self, node: Node, path: str) -> Mirror | None:
-        items = self._mapping(node, path, _MIRROR_KEYS, ("to",))
-        if items is None:
-            return None
-        d = Mirror(to="")
-
-        def percent(n: Node, p: str) -> float | None:
-            return self._number(n, p, 0.0, 100.0)
-
-        def max_body(n: Node, p: str) -> int | None:
-            return self._size(n, p, minimum=0, maximum=_MAX_MIRROR_BODY)
-
-        def in_flight(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1, maximum=_MAX_MIRROR_IN_FLIGHT)
-
-        return Mirror(
-            to=self._field(items, "to", path, self._upstream_ref, ""),
-            percent=self._field(items, "percent", path, percent, d.percent),
-            max_body=self._field(items, "max_body", path, max_body, d.max_body),
-            methods=self._field(items, "methods", path, self._methods, None),
-            max_in_flight=self._field(items, "max_in_flight", path, in_flight, d.max_in_flight),
-            timeout=self._field(items, "timeout", path, self._positive_duration, d.timeout),
-            compare_json=self._field(items, "compare_json", path, self._bool, d.compare_json),
-            compare_json_ignore=self._field(
-                items, "ignore_fields", path, self._json_paths, d.compare_json_ignore
-            ),
-        )
-
-    def _methods(self, node: Node, path: str) -> frozenset[str] | None:
-        elements = self._list(node, path, len(ALL_METHODS), "methods")
+    def _methods(self, node: Node, path: str, key: Key) -> frozenset[str] | None:
+        elements = self._elements(node, path, key)
         if elements is None:
-            return None
-        if not elements:
-            self.error(node, path, "must not be empty (leave 'methods' out to mirror every method)")
             return None
         methods: set[str] = set()
         for index, element in enumerate(elements):
@@ -1347,8 +1104,8 @@ class _Checker:
             methods.add(method)
         return frozenset(methods)
 
-    def _json_paths(self, node: Node, path: str) -> tuple[str, ...] | None:
-        elements = self._list(node, path, _MAX_IGNORE_FIELDS, "fields")
+    def _json_paths(self, node: Node, path: str, key: Key) -> tuple[str, ...] | None:
+        elements = self._elements(node, path, key)
         if elements is None:
             return None
         fields = (
@@ -1357,92 +1114,34 @@ class _Checker:
         )
         return tuple(field for field in fields if field is not None)
 
-    def _rollout(self, node: Node, path: str) -> Rollout | None:
-        items = self._mapping(node, path, _ROLLOUT_KEYS, ("baseline", "canary"))
-        if items is None:
-            return None
-        d = Rollout(baseline="", canary="")
-        baseline = self._field(items, "baseline", path, self._upstream_ref, "")
-        canary = self._field(items, "canary", path, self._upstream_ref, "")
+    def _rollout_rules(self, items: _Items, values: dict[str, object], path: str) -> None:
+        """What a rollout's keys must say together; `check` defaults to at most `interval`."""
+        baseline, canary = values.get("baseline"), values.get("canary")
         if baseline and baseline == canary:
             self.error(items["canary"][1], f"{path}.canary", "must differ from baseline")
-
-        def min_requests(n: Node, p: str) -> int | None:
-            return self._int(n, p, minimum=1, maximum=_MAX_MIN_REQUESTS)
-
-        def error_rate(n: Node, p: str) -> float | None:
-            return self._number(n, p, 0.0, 1.0)
-
-        read = self._positive_duration
-        interval = self._field(items, "interval", path, read, d.interval)
-        check = self._field(items, "check", path, read, min(_DEFAULT_CHECK, interval))
-        if "check" in items and check > interval:
+        interval = values.get("interval", ROLLOUT.default("interval"))
+        check = values.get("check")
+        assert isinstance(interval, float)
+        if check is None:
+            values["check"] = min(ROLLOUT.default("check"), interval)
+        elif isinstance(check, float) and check > interval:
             self.error(
                 items["check"][1],
                 f"{path}.check",
                 f"must be at most interval ({format_duration(interval)}): the evidence is "
                 "looked at least once per interval",
             )
-        return Rollout(
-            baseline=baseline,
-            canary=canary,
-            steps=self._field(items, "steps", path, self._steps, d.steps),
-            interval=interval,
-            min_requests=self._field(items, "min_requests", path, min_requests, d.min_requests),
-            max_error_rate=self._field(items, "max_error_rate", path, error_rate, d.max_error_rate),
-            max_p99=self._field(items, "max_p99", path, read, d.max_p99),
-            confidence=self._field(items, "confidence", path, self._confidence, d.confidence),
-            check=check,
-            webhooks=self._field(items, "webhooks", path, self._webhooks, ()),
-        )
 
-    def _confidence(self, node: Node, path: str) -> float | None:
-        value = self._number(node, path, -math.inf, math.inf)
-        # 1 is refused too: no test can promise never to roll back a good canary.
-        if value is not None and not 0.5 < value < 1.0:
-            self.error(node, path, "must be > 0.5 and < 1 (e.g. 0.99)")
-            return None
-        return value
-
-    def _webhooks(self, node: Node, path: str) -> tuple[Webhook, ...] | None:
-        elements = self._list(node, path, _MAX_WEBHOOKS, "webhooks")
+    def _steps(self, node: Node, path: str, key: Key) -> tuple[float, ...] | None:
+        elements = self._elements(node, path, key)
         if elements is None:
-            return None
-        hooks: list[Webhook] = []
-        default = Webhook(on="", url="")
-        for index, element in enumerate(elements):
-            where = f"{path}[{index}]"
-            items = self._mapping(element, where, _WEBHOOK_KEYS, ("on", "url"))
-            if items is None:
-                continue
-            hooks.append(
-                Webhook(
-                    on=self._field(items, "on", where, self._webhook_event, ""),
-                    url=self._field(items, "url", where, self._webhook_url, ""),
-                    timeout=self._field(
-                        items, "timeout", where, self._positive_duration, default.timeout
-                    ),
-                )
-            )
-        return tuple(hooks)
-
-    def _webhook_event(self, node: Node, path: str) -> str | None:
-        return self._text_field(node, path, _check_webhook_event, "an event name")
-
-    def _webhook_url(self, node: Node, path: str) -> str | None:
-        return self._text_field(node, path, _check_webhook_url, "a URL")
-
-    def _steps(self, node: Node, path: str) -> tuple[float, ...] | None:
-        elements = self._list(node, path, _MAX_STEPS, "steps")
-        if elements is None:
-            return None
-        if not elements:
-            self.error(node, path, "at least one step is required")
             return None
         steps: list[float] = []
         for index, element in enumerate(elements):
             where = f"{path}[{index}]"
-            step = self._number(element, where, 0.0, 100.0, above_minimum=True)
+            step = self._number(
+                element, where, _low(key), _high(key), above_minimum=key.exclusive_minimum
+            )
             if step is None:
                 continue
             if steps and step <= steps[-1]:
@@ -1457,64 +1156,23 @@ class _Checker:
         return tuple(steps)
 
 
-_TOP_KEYS = (
-    "listen",
-    "admin",
-    "workers",
-    "state_file",
-    "via",
-    "timeouts",
-    "limits",
-    "drain",
-    "annotations",
-    "fleet",
-    "upstreams",
-    "routes",
-)
-_LISTENER_KEYS = ("address", "tls")
-_LISTENER_TLS_KEYS = ("certificates", "min_version", "client_ca")
-_CERTIFICATE_KEYS = ("cert", "key")
-_TIMEOUT_KEYS = ("connect", "response", "idle", "client_keepalive")
-_LIMIT_KEYS = ("max_request_body", "max_connections", "max_header_size", "max_headers")
-_DRAIN_KEYS = ("reload", "shutdown", "delay")
-_ANNOTATION_KEYS = ("grafana", "timeout")
-_FLEET_KEYS = ("name", "redis", "instance", "lease")
+def _low(key: Key) -> int:
+    assert key.minimum is not None
+    return int(key.minimum)
+
+
+def _high(key: Key) -> int:
+    assert key.maximum is not None
+    return int(key.maximum)
+
+
+# The section each key belongs to (for messages that quote a default).
+_OWNER: dict[int, Section[Any]] = {id(key): section for section in SECTIONS for key in section.keys}
+# A list without its own bound (none is without one in the schema; a test checks).
+_MAX_LIST = 100_000
 # A lease below a second is renewed faster than Redis round trips can be trusted; above an
-# hour a dead leader holds rollouts for too long.
-_MIN_LEASE = 1.0
-_MAX_LEASE = 3600.0
-_MAX_INSTANCE_CHARS = 128
+# hour a dead leader holds rollouts for too long (the bounds are in proxy.schema's FLEET).
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_UPSTREAM_KEYS = ("endpoints", "health", "tls")
-_UPSTREAM_TLS_KEYS = ("ca", "server_name", "cert", "key", "verify")
-_HEALTH_KEYS = ("path", "interval", "timeout", "unhealthy_after", "healthy_after")
-_ROUTE_KEYS = ("name", "match", "overrides", "split", "sticky", "mirror", "retries", "rollout")
-_MATCH_KEYS = ("host", "path_prefix")
-_OVERRIDE_KEYS = ("header", "cookie", "value", "to")
-_STICKY_KEYS = ("header", "cookie", "set")
-_MIRROR_KEYS = (
-    "to",
-    "percent",
-    "max_body",
-    "methods",
-    "max_in_flight",
-    "timeout",
-    "compare_json",
-    "ignore_fields",
-)
-_ROLLOUT_KEYS = (
-    "baseline",
-    "canary",
-    "steps",
-    "interval",
-    "min_requests",
-    "max_error_rate",
-    "max_p99",
-    "confidence",
-    "check",
-    "webhooks",
-)
-_WEBHOOK_KEYS = ("on", "url", "timeout")
 
 
 def _unknown_upstream(name: str, known: frozenset[str]) -> str:
@@ -1614,6 +1272,13 @@ def _check_host_pattern(text: str) -> str | None:
     return None
 
 
+def _check_tls_version(text: str) -> str | None:
+    # `1.2` unquoted is a YAML float; read as written, it is the same version.
+    if text in TLS_VERSIONS:
+        return None
+    return f'bad TLS version \'{_shown(text)}\' (use "1.2" or "1.3")'
+
+
 def _check_method(text: str) -> str | None:
     if text in ALL_METHODS:
         return None
@@ -1666,16 +1331,6 @@ def _check_instance(text: str) -> str | None:
     if "$" in rest:
         return "write an environment variable as ${NAME}"
     return None
-
-
-def redact_redis_url(text: str) -> str:
-    """`text` with the password of its user part replaced by `***` (for dumps and logs)."""
-    parts = urllib.parse.urlsplit(text)
-    if parts.password is None:
-        return text
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _check_redis_url(text: str) -> str | None:
@@ -1827,6 +1482,30 @@ class _Shadows:
         return None if found is None else found[1]
 
 
+def _lower_host(host: str) -> str:
+    # Stored as the request's Host is compared: lower-case, IPv6 without brackets.
+    return host.lower().removeprefix("[").removesuffix("]")
+
+
+# Kinds of text: (check returning a message or None, what the value is called, stored form).
+_TEXT_KINDS: dict[Kind, tuple[Callable[[str], str | None], str, Callable[[str], str] | None]] = {
+    Kind.HEADER: (_check_token, "a header name", str.lower),
+    Kind.COOKIE: (_check_token, "a cookie name", None),
+    Kind.HTTP_PATH: (_check_http_path, "a path", None),
+    Kind.PATH_PREFIX: (_check_path_prefix, "a path", None),
+    Kind.HOST: (_check_host_pattern, "a host name", _lower_host),
+    Kind.SERVER_NAME: (_check_server_name, "a host name", str.lower),
+    Kind.URL: (_check_webhook_url, "a URL", None),
+    Kind.GRAFANA_URL: (_check_grafana_url, "a URL", None),
+    Kind.REDIS_URL: (_check_redis_url, "a Redis URL", None),
+    Kind.FLEET_NAME: (_check_fleet_name, "a fleet name", None),
+    Kind.INSTANCE: (_check_instance, "an instance name", None),
+    Kind.VIA: (_check_via, "a Via pseudonym", None),
+    Kind.TLS_VERSION: (_check_tls_version, "a TLS version", None),
+    Kind.WEBHOOK_EVENT: (_check_webhook_event, "an event name", None),
+}
+
+
 # --- entry points -----------------------------------------------------------------------------
 
 
@@ -1903,166 +1582,3 @@ def _listener_summary(listener: Listener) -> str:
         return listener.address
     count = len(listener.tls.certificates)
     return f"{listener.address} (TLS, {count} certificate{'s' if count != 1 else ''})"
-
-
-def _number_out(value: float) -> float | int:
-    """Whole numbers as ints, so that a dump reads `90` rather than `90.0`."""
-    return int(value) if value.is_integer() else value
-
-
-def spec_to_dict(spec: ConfigSpec) -> dict[str, object]:
-    """The config in force as JSON-able data, in the file's own schema.
-
-    Durations are strings (`2s`, `250ms`), sizes are ints, absent optional parts are left out,
-    and `state_file` is the resolved path; dumped to YAML it parses back to an equal spec
-    (given a config path in the same folder, or an absolute `state_file`).
-    """
-    out: dict[str, object] = {
-        "listen": [_listener_dict(x) for x in spec.listeners]
-        if spec.listeners
-        else _format_address(*spec.listen),
-        "admin": _format_address(*spec.admin),
-        "workers": "auto" if spec.workers == 0 else spec.workers,
-    }
-    if spec.state_file is not None:
-        out["state_file"] = spec.state_file
-    if spec.via is not None:
-        out["via"] = spec.via
-    out["timeouts"] = {
-        "connect": format_duration(spec.timeouts.connect),
-        "response": format_duration(spec.timeouts.response),
-        "idle": format_duration(spec.timeouts.idle),
-        "client_keepalive": format_duration(spec.timeouts.client_keepalive),
-    }
-    out["limits"] = {
-        "max_request_body": spec.limits.max_request_body,
-        "max_connections": spec.limits.max_connections,
-        "max_header_size": spec.limits.max_header_size,
-        "max_headers": spec.limits.max_headers,
-    }
-    out["drain"] = {
-        "reload": format_duration(spec.drain.reload),
-        "shutdown": format_duration(spec.drain.shutdown),
-        "delay": format_duration(spec.drain.delay),
-    }
-    if spec.annotations is not None:
-        out["annotations"] = {
-            "grafana": spec.annotations.grafana,
-            "timeout": format_duration(spec.annotations.timeout),
-        }
-    if spec.fleet is not None:
-        fleet: dict[str, object] = {
-            "name": spec.fleet.name,
-            "redis": redact_redis_url(spec.fleet.redis),
-            "lease": format_duration(spec.fleet.lease),
-        }
-        if spec.fleet.instance is not None:
-            fleet["instance"] = spec.fleet.instance
-        out["fleet"] = fleet
-    out["upstreams"] = {upstream.name: _upstream_dict(upstream) for upstream in spec.upstreams}
-    out["routes"] = [_route_dict(route) for route in spec.routes]
-    return out
-
-
-def _listener_dict(listener: Listener) -> dict[str, object]:
-    out: dict[str, object] = {"address": listener.address}
-    tls = listener.tls
-    if tls is not None:
-        settings: dict[str, object] = {
-            "certificates": [{"cert": c.cert, "key": c.key} for c in tls.certificates],
-            "min_version": tls.min_version,
-        }
-        if tls.client_ca is not None:
-            settings["client_ca"] = tls.client_ca
-        out["tls"] = settings
-    return out
-
-
-def _upstream_dict(upstream: UpstreamSpec) -> dict[str, object]:
-    out: dict[str, object] = {
-        "endpoints": [endpoint.address for endpoint in upstream.endpoints],
-    }
-    if upstream.health is not None:
-        health = upstream.health
-        out["health"] = {
-            "path": health.path,
-            "interval": format_duration(health.interval),
-            "timeout": format_duration(health.timeout),
-            "unhealthy_after": health.unhealthy_after,
-            "healthy_after": health.healthy_after,
-        }
-    if upstream.tls is not None:
-        tls: dict[str, object] = {}
-        for key in ("ca", "server_name", "cert", "key"):
-            value = getattr(upstream.tls, key)
-            if value is not None:
-                tls[key] = value
-        tls["verify"] = upstream.tls.verify
-        out["tls"] = tls
-    return out
-
-
-def _route_dict(route: RouteSpec) -> dict[str, object]:
-    match: dict[str, object] = {"path_prefix": route.match.path_prefix}
-    if route.match.host is not None:
-        match["host"] = route.match.host
-    out: dict[str, object] = {"name": route.name, "match": match}
-    if route.overrides:
-        out["overrides"] = [_override_dict(override) for override in route.overrides]
-    out["split"] = {name: _number_out(weight) for name, weight in route.split}
-    if route.sticky is not None:
-        sticky: dict[str, object] = {}
-        if route.sticky.header is not None:
-            sticky["header"] = route.sticky.header
-        if route.sticky.cookie is not None:
-            sticky["cookie"] = route.sticky.cookie
-            sticky["set"] = route.sticky.set
-        out["sticky"] = sticky
-    if route.mirror is not None:
-        out["mirror"] = _mirror_dict(route.mirror)
-    out["retries"] = route.retries
-    if route.rollout is not None:
-        rollout = route.rollout
-        out["rollout"] = {
-            "baseline": rollout.baseline,
-            "canary": rollout.canary,
-            "steps": [_number_out(step) for step in rollout.steps],
-            "interval": format_duration(rollout.interval),
-            "min_requests": rollout.min_requests,
-            "max_error_rate": _number_out(rollout.max_error_rate),
-            "max_p99": format_duration(rollout.max_p99),
-            "confidence": _number_out(rollout.confidence),
-            "check": format_duration(rollout.check),
-            "webhooks": [
-                {"on": hook.on, "url": hook.url, "timeout": format_duration(hook.timeout)}
-                for hook in rollout.webhooks
-            ],
-        }
-    return out
-
-
-def _override_dict(override: Override) -> dict[str, object]:
-    out: dict[str, object] = {}
-    if override.header is not None:
-        out["header"] = override.header
-    if override.cookie is not None:
-        out["cookie"] = override.cookie
-    if override.value is not None:
-        out["value"] = override.value
-    out["to"] = override.to
-    return out
-
-
-def _mirror_dict(mirror: Mirror) -> dict[str, object]:
-    out: dict[str, object] = {
-        "to": mirror.to,
-        "percent": _number_out(mirror.percent),
-        "max_body": mirror.max_body,
-    }
-    if mirror.methods is not None:
-        out["methods"] = [method for method in ALL_METHODS if method in mirror.methods]
-    out["max_in_flight"] = mirror.max_in_flight
-    out["timeout"] = format_duration(mirror.timeout)
-    out["compare_json"] = mirror.compare_json
-    out["ignore_fields"] = list(mirror.compare_json_ignore)
-    return out
