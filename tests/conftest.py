@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream, UpstreamHost
 
@@ -55,3 +56,19 @@ def turnout_factory(tmp_path: Path) -> Iterator[TurnoutFactory]:
     yield factory
     for turnout in started:
         turnout.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of its own for each test (started empty on a free port)."""
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.fail("redis-server is not installed: ./dev test installs it")
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder, binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -50,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from proxy.control.state import SavedState, StateFileError, decode_state, encode_state
 from proxy.core.config import ENV_REF_RE, SENTINEL_SCHEMES, parse_sentinel_url, redact_redis_url
+from proxy.core.counters import PairCounts, read_instance_counters
 from proxy.core.spec import Fleet
 from proxy.runtime.tasks import TaskSet
 
@@ -225,7 +226,7 @@ class FleetStore:
         on_document: Callable[[SavedState], Awaitable[None]],
         seed: Callable[[], SavedState],
         heartbeat: Callable[[], Heartbeat],
-        counters: Callable[[], list[dict[str, Any]]],
+        counters: Callable[[], list[PairCounts]],
         on_leader: Callable[[bool], None] = lambda leading: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -257,6 +258,8 @@ class FleetStore:
         self.connected = False
         self.rev = 0
         self.document: SavedState | None = None
+        # Entries of the counters hash found unreadable at the last look, with why (logged once).
+        self._unreadable_counters: dict[str, str] = {}
         self.holder: str | None = None
         self.leading = False
         self._lease_until = 0.0
@@ -386,9 +389,14 @@ class FleetStore:
             await self.refresh()
         raise FleetConflict("another instance changed the fleet's state first")
 
-    async def fleet_counters(self) -> list[dict[str, Any]]:
-        """Every incarnation's published counters, this instance's fresh ones included, as
-        worker-like snapshots (`{"routes": [...]}`); [] when Redis cannot be reached."""
+    async def fleet_counters(self) -> list[list[PairCounts]]:
+        """Every incarnation's published pairs, this instance's fresh ones included; [] when
+        Redis cannot be reached.
+
+        Other instances' counters are untrusted input: each entry is read (and checked) here,
+        once, with `read_instance_counters`; an unreadable one is left out and logged (once
+        per entry and error, not at every look).
+        """
         client = self._client
         if client is None or not self.connected:
             return []
@@ -398,12 +406,22 @@ class FleetStore:
         except (RedisError, OSError) as exc:
             self._lost(exc)
             return []
-        snapshots = []
-        for value in raw.values():
-            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
-                entry = orjson.loads(value)
-                if isinstance(entry, dict) and isinstance(entry.get("routes"), list):
-                    snapshots.append({"routes": entry["routes"]})
+        snapshots: list[list[PairCounts]] = []
+        unreadable: dict[str, str] = {}
+        for key, value in raw.items():
+            who = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+            try:
+                snapshots.append(read_instance_counters(orjson.loads(value))["routes"])
+            except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+                unreadable[who] = str(exc)
+                if self._unreadable_counters.get(who) != unreadable[who]:
+                    log.warning(
+                        "fleet %s: counters of %s left out, unreadable: %s",
+                        self.spec.name,
+                        who,
+                        exc,
+                    )
+        self._unreadable_counters = unreadable
         return snapshots
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -495,7 +513,13 @@ class FleetStore:
             await self._on_document(self.document or SavedState())
 
     async def _look(self, client: aioredis.Redis) -> None:
-        """One period: heartbeat, lease, counters, and the document if its revision moved."""
+        """One period (or a change message): the document if its revision moved — first, so
+        a change is in force here as soon as it can be —, then heartbeat, lease, counters."""
+        rev = int(await client.get(self._rev_key) or 0)
+        if rev == 0 or not await client.exists(self._doc_key):
+            await self._sync(client)  # Redis lost its data while we were connected
+        elif rev != self.rev and await self._fetch(client):
+            await self._on_document(self.document or SavedState())
         now = self._clock()
         beat = self._heartbeat()
         entry = {
@@ -508,11 +532,6 @@ class FleetStore:
         await client.hset(self._instances_key, self.instance, orjson.dumps(entry))
         await self._lease(client)
         await self._publish_counters(client)
-        rev = int(await client.get(self._rev_key) or 0)
-        if rev == 0 or not await client.exists(self._doc_key):
-            await self._sync(client)  # Redis lost its data while we were connected
-        elif rev != self.rev and await self._fetch(client):
-            await self._on_document(self.document or SavedState())
         await self._read_members(client, now)
 
     async def _lease(self, client: aioredis.Redis) -> None:

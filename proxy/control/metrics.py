@@ -2,9 +2,11 @@
 
 Workers count per (route, upstream) in plain attributes bound when a table is compiled
 (`proxy.core.counters`); nothing is shared between processes. At each scrape the supervisor
-asks every worker for a snapshot (`WorkerContext.stats_snapshot`), sums them in a `Totals`, adds the
-`retired` totals of workers that died, and `render` writes the exposition text (the format of
-prometheus_client's `generate_latest`, written directly: it is 10x faster).
+asks every worker for a snapshot (`WorkerContext.stats_snapshot`), reads each once as it arrives
+(`read_worker_snapshot`: a malformed one is dropped there, the worker's previous one stays), sums
+them in a `Totals`, adds the `retired` totals of workers that died, and `render` writes the
+exposition text (the format of prometheus_client's `generate_latest`, written directly: it is
+10x faster).
 
 Rules that keep the series honest:
 - Only series of the table in force: (route, upstream) pairs the table can route to, mirror pairs
@@ -30,13 +32,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, cast
+from typing import cast
 
 from prometheus_client import utils as prometheus_utils
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.process_collector import ProcessCollector
 
-from proxy.core.counters import DURATION_BUCKETS, ERROR_KINDS, MIRROR_OUTCOMES
+from proxy.core.counters import (
+    BUCKET_SLOTS,
+    DURATION_BUCKETS,
+    ERROR_KINDS,
+    MIRROR_OUTCOMES,
+    MirrorSnapshot,
+    PairSnapshot,
+    WorkerSnapshot,
+)
 from proxy.core.health import EndpointKey
 from proxy.core.table import Table
 
@@ -46,7 +56,6 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 # prometheus_client's float formatting (Go's: an exponent from 1e6 up), typed for mypy.
 _go_float = cast(Callable[[float], str], prometheus_utils.floatToGoString)
 
-BUCKET_SLOTS = len(DURATION_BUCKETS) + 1
 # `le` label values, computed once: the finite bounds as prometheus_client's own histograms
 # print them (repr: "0.0001", "1.0", "60.0"), then +Inf.
 LE_LABELS: tuple[str, ...] = (*(repr(bound) for bound in DURATION_BUCKETS), "+Inf")
@@ -70,18 +79,14 @@ BUILD_VERSION = _build_version()
 _PROCESS = ProcessCollector(registry=None)
 
 
-def _count(value: object) -> int:
-    # Snapshots crossed a JSON channel from our own workers; anything odd counts as 0 rather
-    # than breaking the whole scrape.
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _active(snapshot: Mapping[str, Any]) -> bool:
+def _active(snapshot: PairSnapshot) -> bool:
     """Whether a pair's snapshot holds anything but zeros (most pairs of a big table don't)."""
-    if snapshot.get("count") or snapshot.get("in_flight") or snapshot.get("retries"):
-        return True
-    errors = snapshot.get("errors")
-    return isinstance(errors, Mapping) and any(errors.values())
+    return bool(
+        snapshot["count"]
+        or snapshot["in_flight"]
+        or snapshot["retries"]
+        or any(snapshot["errors"].values())
+    )
 
 
 @dataclass(slots=True)
@@ -96,28 +101,23 @@ class PairTotals:
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     retries: int = 0
 
-    def add_snapshot(self, snapshot: Mapping[str, Any], *, gauges: bool) -> None:
+    def add_snapshot(self, snapshot: PairSnapshot, *, gauges: bool) -> None:
         """Add one worker's `RouteUpstreamStats.snapshot()`; `gauges` False skips in_flight."""
-        codes = snapshot.get("codes")
-        if isinstance(codes, Mapping):
-            for key, value in codes.items():
-                code = int(key)
-                self.codes[code] = self.codes.get(code, 0) + _count(value)
-        buckets = snapshot.get("buckets")
-        if isinstance(buckets, list) and len(buckets) == BUCKET_SLOTS:
-            for index, value in enumerate(buckets):
-                self.buckets[index] += _count(value)
-        total = snapshot.get("sum")
-        if isinstance(total, int | float):
-            self.sum += float(total)
-        self.count += _count(snapshot.get("count"))
+        codes = self.codes
+        for key, value in snapshot["codes"].items():
+            code = int(key)
+            codes[code] = codes.get(code, 0) + value
+        buckets = self.buckets
+        for index, value in enumerate(snapshot["buckets"]):
+            buckets[index] += value
+        self.sum += snapshot["sum"]
+        self.count += snapshot["count"]
         if gauges:
-            self.in_flight += _count(snapshot.get("in_flight"))
-        errors = snapshot.get("errors")
-        if isinstance(errors, Mapping):
-            for kind in ERROR_KINDS:
-                self.errors[kind] += _count(errors.get(kind))
-        self.retries += _count(snapshot.get("retries"))
+            self.in_flight += snapshot["in_flight"]
+        errors = snapshot["errors"]
+        for kind in ERROR_KINDS:
+            self.errors[kind] += errors[kind]
+        self.retries += snapshot["retries"]
 
     def add(self, other: PairTotals) -> None:
         """Add another total of the same pair (counters and gauges alike)."""
@@ -148,14 +148,13 @@ class MirrorTotals:
     mismatch: int = 0
     body_mismatch: int = 0
 
-    def add_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+    def add_snapshot(self, snapshot: MirrorSnapshot) -> None:
         """Add one worker's `MirrorStats.snapshot()`."""
-        outcomes = snapshot.get("outcomes")
-        if isinstance(outcomes, Mapping):
-            for outcome in MIRROR_OUTCOMES:
-                self.outcomes[outcome] += _count(outcomes.get(outcome))
-        self.mismatch += _count(snapshot.get("mismatch"))
-        self.body_mismatch += _count(snapshot.get("body_mismatch"))
+        outcomes = snapshot["outcomes"]
+        for outcome in MIRROR_OUTCOMES:
+            self.outcomes[outcome] += outcomes[outcome]
+        self.mismatch += snapshot["mismatch"]
+        self.body_mismatch += snapshot["body_mismatch"]
 
     def add(self, other: MirrorTotals) -> None:
         """Add another total of the same pair."""
@@ -179,31 +178,28 @@ class Totals:
     fail_open: dict[str, int] = field(default_factory=dict)
     ejected: set[EndpointKey] = field(default_factory=set)
 
-    def add_snapshot(self, snapshot: Mapping[str, Any], *, gauges: bool = True) -> None:
-        """Add one worker's `stats_snapshot()`.
+    def add_snapshot(self, snapshot: WorkerSnapshot, *, gauges: bool = True) -> None:
+        """Add one worker's `stats_snapshot()`, as `read_worker_snapshot` read it (checked once,
+        when it arrived: nothing here checks it again).
 
         `gauges` False (folding a dead worker into the retired totals) keeps only counters:
         a dead worker has nothing in flight and ejects nothing.
         """
-        for pair_snapshot in snapshot.get("routes", ()):
+        for pair_snapshot in snapshot["routes"]:
             if not _active(pair_snapshot):
                 continue  # nothing to add, and no series to create for it
-            key = (str(pair_snapshot.get("route")), str(pair_snapshot.get("upstream")))
+            key = (pair_snapshot["route"], pair_snapshot["upstream"])
             self.pairs.setdefault(key, PairTotals()).add_snapshot(pair_snapshot, gauges=gauges)
-        no_route = snapshot.get("no_route")
-        if isinstance(no_route, Mapping):
-            self.no_route.add_snapshot(no_route, gauges=gauges)
-        for mirror_snapshot in snapshot.get("mirror", ()):
-            key = (str(mirror_snapshot.get("route")), str(mirror_snapshot.get("upstream")))
+        self.no_route.add_snapshot(snapshot["no_route"], gauges=gauges)
+        for mirror_snapshot in snapshot["mirror"]:
+            key = (mirror_snapshot["route"], mirror_snapshot["upstream"])
             self.mirror.setdefault(key, MirrorTotals()).add_snapshot(mirror_snapshot)
-        fail_open = snapshot.get("fail_open")
-        if isinstance(fail_open, Mapping):
-            for upstream, value in fail_open.items():
-                self.fail_open[upstream] = self.fail_open.get(upstream, 0) + _count(value)
+        for upstream, value in snapshot["fail_open"].items():
+            self.fail_open[upstream] = self.fail_open.get(upstream, 0) + value
         if gauges:
-            for endpoint in snapshot.get("endpoints", ()):
-                if endpoint.get("ejected"):
-                    self.ejected.add((str(endpoint.get("upstream")), str(endpoint.get("endpoint"))))
+            for endpoint in snapshot["endpoints"]:
+                if endpoint["ejected"]:
+                    self.ejected.add((endpoint["upstream"], endpoint["endpoint"]))
 
     def add(self, other: Totals) -> None:
         """Add another `Totals` (the retired accumulator to the live workers' sum)."""

@@ -38,6 +38,7 @@ import orjson
 from proxy.control.annotations import Event
 from proxy.control.webhooks import Webhooks
 from proxy.core import rollout as core
+from proxy.core.counters import Counts, PairCounts, read_counts
 from proxy.core.spec import Rollout, Webhook
 from proxy.core.table import CompiledRoute, Table
 from proxy.runtime.tasks import TaskSet
@@ -59,9 +60,12 @@ class RolloutHost(Protocol):
     def table(self) -> Table:
         """The table in force."""
 
-    async def rollout_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
-        """The counters rollouts judge on: every worker's snapshot (or, in a fleet, every
-        instance's); [] when none can be had."""
+    async def rollout_stats(
+        self,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Sequence[Sequence[PairCounts]]:
+        """The counters rollouts judge on: the pairs of every worker's snapshot (or, in a
+        fleet, of every instance's), already read and checked; [] when none can be had."""
 
     def may_judge(self) -> bool:
         """True when this process runs the rollouts (always, except on a fleet's followers)."""
@@ -111,13 +115,16 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def counters(stats: Sequence[Mapping[str, Any]], route: str, upstream: str) -> core.CounterSnapshot:
-    """The cumulative counters of (route, upstream) summed over the workers' snapshots."""
+def counters(
+    stats: Sequence[Sequence[PairCounts]], route: str, upstream: str
+) -> core.CounterSnapshot:
+    """The cumulative counters of (route, upstream) summed over the workers' (or instances')
+    pairs."""
     picked = [
         entry
-        for worker in stats
-        for entry in worker.get("routes", ())
-        if entry.get("route") == route and entry.get("upstream") == upstream
+        for pairs in stats
+        for entry in pairs
+        if entry["route"] == route and entry["upstream"] == upstream
     ]
     return core.CounterSnapshot.from_stats(picked)
 
@@ -211,9 +218,12 @@ class RolloutController:
                 state = core.from_json(raw)
                 mark = raw.get("mark")
                 if isinstance(mark, Mapping):
+                    # Another instance wrote it: read (and checked) here, once.
+                    canary = read_counts(mark.get("canary"), "mark.canary")
+                    baseline = read_counts(mark.get("baseline"), "mark.baseline")
                     marks[name] = (
-                        core.CounterSnapshot.from_stats([mark["canary"]]),
-                        core.CounterSnapshot.from_stats([mark["baseline"]]),
+                        core.CounterSnapshot.from_stats([canary]),
+                        core.CounterSnapshot.from_stats([baseline]),
                     )
             except (core.StateError, ValueError, KeyError, TypeError) as exc:
                 log.warning("rollout state of route '%s' in the fleet unreadable: %s", name, exc)
@@ -457,7 +467,7 @@ class RolloutController:
     def _look(
         self,
         route: CompiledRoute,
-        stats: list[dict[str, Any]],
+        stats: Sequence[Sequence[PairCounts]],
         now: float,
         announce: list[Callable[[], None]],
     ) -> bool:
@@ -647,7 +657,7 @@ class RolloutController:
 
     @staticmethod
     def _counters_of(
-        route: CompiledRoute, stats: Sequence[Mapping[str, Any]]
+        route: CompiledRoute, stats: Sequence[Sequence[PairCounts]]
     ) -> tuple[core.CounterSnapshot, core.CounterSnapshot]:
         rollout = route.rollout
         assert rollout is not None
@@ -667,8 +677,8 @@ class RolloutController:
         )
 
 
-def _snapshot_json(snapshot: core.CounterSnapshot) -> dict[str, object]:
-    """A mark as `CounterSnapshot.from_stats` reads it back."""
+def _snapshot_json(snapshot: core.CounterSnapshot) -> Counts:
+    """A mark as `read_counts` reads it back."""
     return {
         "codes": {str(code): count for code, count in snapshot.codes.items()},
         "buckets": list(snapshot.buckets),

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -86,6 +87,7 @@ from proxy.core.config import (
     parse_config,
     spec_to_dict,
 )
+from proxy.core.counters import PairCounts, WorkerSnapshot, read_worker_snapshot
 from proxy.core.health import EndpointKey
 from proxy.core.spec import ConfigSpec
 from proxy.core.table import CompiledRoute, Table, TableDiff, compile_table, diff_tables
@@ -153,6 +155,9 @@ SCRAPE_DEADLINE = 1.0
 POLL_EVERY = 1.0
 POLL_COST_FACTOR = 10.0
 POLL_MAX = 10.0
+# A worker whose stats snapshots cannot be read is logged at most once per this many seconds
+# (with how many were dropped meanwhile); every bad snapshot is ignored, the last good one stays.
+BAD_STATS_LOG_EVERY = 60.0
 # gzip level of /metrics: level 1 is 4x faster than the default 6 and a third larger, about 20
 # times smaller than the text either way (benchmarks/metrics_cost.py).
 METRICS_GZIP_LEVEL = 1
@@ -438,17 +443,12 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _worker_counts(snapshot: Mapping[str, Any] | None) -> dict[str, int | None]:
+def _worker_counts(snapshot: WorkerSnapshot | None) -> dict[str, int | None]:
     """`requests` (answered, all routes) and open `connections` of a worker's last snapshot."""
     if snapshot is None:
         return {"requests": None, "connections": None}
-    pairs = [*snapshot.get("routes", ()), snapshot.get("no_route") or {}]
-    counts = [pair.get("count") for pair in pairs]
-    connections = snapshot.get("connections")
-    return {
-        "requests": sum(count for count in counts if isinstance(count, int)),
-        "connections": connections if isinstance(connections, int) else None,
-    }
+    requests = snapshot["no_route"]["count"] + sum(pair["count"] for pair in snapshot["routes"])
+    return {"requests": requests, "connections": snapshot["connections"]}
 
 
 def _utc_iso(moment: datetime) -> str:
@@ -507,12 +507,17 @@ class WorkerHandle:
     pid: int
     ready: bool = False
     generation: int = 0
-    pending_stats: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    # The newest stats snapshot it sent: counted in a scrape it misses, and folded into the
-    # retired totals when it dies, so the summed counters never go down.
-    last_stats: dict[str, Any] | None = None
+    # Scrapes waiting for its answer, by request id; None: its answer was unreadable.
+    pending_stats: dict[int, asyncio.Future[WorkerSnapshot | None]] = field(default_factory=dict)
+    # The newest stats snapshot it sent (read once, when it arrived): counted in a scrape it
+    # misses, and folded into the retired totals when it dies, so the summed counters never go
+    # down.
+    last_stats: WorkerSnapshot | None = None
     # When it arrived (loop time).
     stats_at: float = 0.0
+    # Unreadable snapshots: when the last was logged (loop time), and how many since then.
+    bad_stats_logged_at: float = -math.inf
+    bad_stats_unlogged: int = 0
 
 
 class Supervisor:
@@ -1176,11 +1181,14 @@ class Supervisor:
         """The body of GET /admin/fleet (None: not in a fleet)."""
         return None if self.fleet is None else self.fleet.view()
 
-    async def rollout_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
-        """What rollouts judge on: the workers' counters, or the whole fleet's."""
+    async def rollout_stats(
+        self,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Sequence[Sequence[PairCounts]]:
+        """What rollouts judge on: every worker's pairs, or every fleet instance's."""
         stats = await self.request_stats(timeout)
         if self.fleet is None:
-            return stats
+            return [snapshot["routes"] for snapshot in stats]
         return await self.fleet.fleet_counters()
 
     def may_judge(self) -> bool:
@@ -1263,7 +1271,7 @@ class Supervisor:
             routes={r.name: fingerprint(r) for r in current.table.routes if r.rollout is not None},
         )
 
-    def _fleet_counters(self) -> list[dict[str, Any]]:
+    def _fleet_counters(self) -> list[PairCounts]:
         """This instance's cumulative counters of every (route, upstream) a rollout judges."""
         table = self._current.table
         judged = {
@@ -1477,29 +1485,30 @@ class Supervisor:
             await asyncio.sleep(max(0.0, started + period - loop.time()))
 
     # The deadline is the caller's (a scrape has its own), so it is a parameter.
-    async def request_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
-        """Ask every ready worker for its stats; the answers that arrive within `timeout`."""
+    async def request_stats(self, timeout: float) -> list[WorkerSnapshot]:  # noqa: ASYNC109
+        """Ask every ready worker for its stats; the readable answers that arrive within
+        `timeout`."""
         self._stats_seq += 1
         request_id = self._stats_seq
         loop = asyncio.get_running_loop()
-        asked: list[tuple[WorkerHandle, asyncio.Future[dict[str, Any]]]] = []
+        asked: list[tuple[WorkerHandle, asyncio.Future[WorkerSnapshot | None]]] = []
         for handle in self._workers.values():
             if not handle.ready:
                 continue
-            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            future: asyncio.Future[WorkerSnapshot | None] = loop.create_future()
             handle.pending_stats[request_id] = future
             handle.channel.send({"op": OP_STATS, "id": request_id})
             asked.append((handle, future))
         if not asked:
             return []
         await asyncio.wait([future for _, future in asked], timeout=timeout)
-        answers: list[dict[str, Any]] = []
+        answers: list[WorkerSnapshot] = []
         for handle, future in sorted(asked, key=lambda pair: pair[0].index):
             handle.pending_stats.pop(request_id, None)
-            if future.done() and not future.cancelled():
-                answers.append(future.result())
-            else:
+            if not future.done():
                 future.cancel()
+            elif not future.cancelled() and (answer := future.result()) is not None:
+                answers.append(answer)
         return answers
 
     # --- workers --------------------------------------------------------------------------------
@@ -1625,16 +1634,52 @@ class Supervisor:
                 handle.generation = int(msg.get("generation", 0))
                 await self._notify_applied()
             elif op == OP_STATS:
-                data = msg.get("data")
-                snapshot = data if isinstance(data, dict) else {}
-                # Kept even when the scrape that asked has given up: it is newer than the last.
-                handle.last_stats = snapshot
-                handle.stats_at = asyncio.get_running_loop().time()
-                future = handle.pending_stats.get(int(msg.get("id", -1)))
-                if future is not None and not future.done():
-                    future.set_result(snapshot)
+                self._on_stats(handle, msg)
             else:
                 log.warning("worker %d: unknown control message %r", handle.index, op)
+
+    def _on_stats(self, handle: WorkerHandle, msg: Mapping[str, object]) -> None:
+        """A worker's stats answer: the one place its snapshot is checked (every reader of
+        `last_stats` and of `request_stats` trusts it). An unreadable one is logged, rate
+        limited, and ignored: the worker's last good snapshot stays, and the scrape that asked
+        goes on without waiting for it."""
+        request_id = msg.get("id")
+        future = (
+            handle.pending_stats.get(request_id)
+            if type(request_id) is int  # not a bool, not a float
+            else None
+        )
+        try:
+            snapshot: WorkerSnapshot | None = read_worker_snapshot(msg.get("data"))
+        except ValueError as exc:
+            snapshot = None
+            self._bad_stats(handle, str(exc))
+        else:
+            # Kept even when the scrape that asked has given up: it is newer than the last.
+            handle.last_stats = snapshot
+            handle.stats_at = asyncio.get_running_loop().time()
+        if future is not None and not future.done():
+            future.set_result(snapshot)
+
+    def _bad_stats(self, handle: WorkerHandle, error: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - handle.bad_stats_logged_at < BAD_STATS_LOG_EVERY:
+            handle.bad_stats_unlogged += 1
+            return
+        also = (
+            f" ({handle.bad_stats_unlogged} more since the last such message)"
+            if handle.bad_stats_unlogged
+            else ""
+        )
+        log.warning(
+            "worker %d (pid %d): stats snapshot ignored, its last readable one counts: %s%s",
+            handle.index,
+            handle.pid,
+            error,
+            also,
+        )
+        handle.bad_stats_logged_at = now
+        handle.bad_stats_unlogged = 0
 
     def _signal(self, handle: WorkerHandle, signum: signal.Signals) -> None:
         # The process may have exited since we last looked; that is fine.
@@ -1704,9 +1749,15 @@ class Supervisor:
     async def _serve(self, claims: AddressClaims) -> int:
         spec = self._current.spec
         await self._admin.start(claims.admin)
-        if spec.state_file is None:
+        if spec.state_file is None and spec.fleet is None:
             log.warning(
                 "no state_file: runtime split changes and rollout state are kept in memory only"
+            )
+        elif spec.state_file is None:
+            log.info(
+                "fleet %s: no state_file, so no local cache: an instance that starts while "
+                "Redis is away serves the file's splits until it connects",
+                spec.fleet.name if spec.fleet is not None else "",
             )
         elif self._state_stale:
             await self._persist_after_change("dropping entries that no longer fit the config")

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from proxy.core import sequential
-from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.counters import DURATION_BUCKETS, Counts
 from proxy.core.spec import Rollout
 
 STATES: tuple[str, ...] = ("idle", "running", "paused", "succeeded", "failed", "aborted")
@@ -75,36 +75,22 @@ class CounterSnapshot:
     buckets: tuple[int, ...] = (0,) * BUCKET_SLOTS
 
     @classmethod
-    def from_stats(cls, snapshots: Iterable[Mapping[str, object]]) -> CounterSnapshot:
-        """Sum `RouteUpstreamStats.snapshot()`s of one (route, upstream) from every worker.
+    def from_stats(cls, snapshots: Iterable[Counts]) -> CounterSnapshot:
+        """Sum the `Counts` of one (route, upstream) from every worker (or fleet instance).
 
-        The snapshots' `codes` are keyed by the code as text (they crossed a JSON channel).
-        Raises ValueError when a snapshot does not have that shape.
+        Their `codes` are keyed by the code as text (they crossed a JSON channel). They were
+        checked when they arrived (`proxy.core.counters.read_worker_snapshot` and friends), so
+        they are trusted here.
         """
         codes: dict[int, int] = {}
         buckets = [0] * BUCKET_SLOTS
         for snapshot in snapshots:
-            raw_codes = snapshot.get("codes")
-            raw_buckets = snapshot.get("buckets")
-            if not isinstance(raw_codes, Mapping):
-                raise ValueError("stats snapshot: 'codes' must be a mapping")
-            if not isinstance(raw_buckets, list | tuple) or len(raw_buckets) != BUCKET_SLOTS:
-                raise ValueError(f"stats snapshot: 'buckets' must be a list of {BUCKET_SLOTS}")
-            for key, count in raw_codes.items():
-                try:
-                    code = int(key)
-                except (TypeError, ValueError):
-                    raise ValueError(f"stats snapshot: bad status code {key!r}") from None
-                codes[code] = codes.get(code, 0) + _count(count, f"codes[{key}]")
-            for index, count in enumerate(raw_buckets):
-                buckets[index] += _count(count, f"buckets[{index}]")
+            for key, count in snapshot["codes"].items():
+                code = int(key)
+                codes[code] = codes.get(code, 0) + count
+            for index, count in enumerate(snapshot["buckets"]):
+                buckets[index] += count
         return cls(codes=codes, buckets=tuple(buckets))
-
-
-def _count(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"stats snapshot: {where} must be an integer >= 0, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)

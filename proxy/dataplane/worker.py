@@ -21,11 +21,11 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import uvloop
 
-from proxy.core.counters import MirrorStats, RouteUpstreamStats
+from proxy.core.counters import MirrorStats, RouteUpstreamStats, WorkerSnapshot
 from proxy.core.health import EjectionRule, after_expiry, after_failure, after_success
 from proxy.core.spec import Listener, Timeouts, UpstreamTls
 from proxy.core.table import Table, compile_table
@@ -579,8 +579,9 @@ class WorkerContext:
 
     # ---- stats ---------------------------------------------------------------------------
 
-    def stats_snapshot(self) -> dict[str, Any]:
-        """This worker's counters for the supervisor (only series of the current table)."""
+    def stats_snapshot(self) -> WorkerSnapshot:
+        """This worker's counters for the supervisor (only series of the current table), which
+        reads them back with `proxy.core.counters.read_worker_snapshot`."""
         gen = self.generation
         # Pairs that never saw a request are left out (the supervisor counts them as zero):
         # a 5,000-route table mostly idle costs little to poll every second.

@@ -31,11 +31,9 @@ import yaml
 from proxy.control.state import decode_state
 from proxy.core.config import config_sha256
 from tests.support import wait_until
-from tests.support.redis import RedisServer, redis_server_binary
+from tests.support.redis import RedisServer
 from tests.support.turnout import TurnoutProcess, free_port, launch, process_tree
 from tests.support.upstreams import EchoUpstream
-
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server")
 
 FLEET = "shop"
 LEASE_S = 2.0
@@ -50,21 +48,6 @@ REV_KEY = f"turnout:{{{FLEET}}}:rev"
 
 
 # --- Redis ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of its own for each test (started empty on a free port)."""
-    binary = redis_server_binary()
-    assert binary is not None
-    folder = tmp_path / "redis"
-    folder.mkdir()
-    server = RedisServer(folder, binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def wait_showing(condition: Callable[[], bool], timeout: float, what: str, seen: object) -> None:

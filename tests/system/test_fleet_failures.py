@@ -12,12 +12,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from proxy.control.fleet import BACKOFF_LAST
 from proxy.control.state import decode_state, load_state
 from tests.support import wait_until
-from tests.support.redis import RedisServer, redis_server_binary
+from tests.support.redis import RedisServer
 from tests.support.turnout import TurnoutProcess, http_status
 from tests.support.upstreams import EchoUpstream
 from tests.system.test_fleet import (
@@ -41,9 +39,6 @@ from tests.system.test_fleet import (
     wait_alike,
 )
 from tests.system.test_fleet import fleet_parts as fleet_parts  # a fixture
-from tests.system.test_fleet import redis_server as redis_server  # a fixture
-
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server")
 
 Parts = tuple[Path, RedisServer, EchoUpstream, EchoUpstream]
 # The reconnect back-off's longest wait on top of the usual deadline.

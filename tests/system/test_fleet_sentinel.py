@@ -24,8 +24,6 @@ from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import free_port
 from tests.support.upstreams import EchoUpstream
 
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="needs redis-server")
-
 SERVICE = "turnout"
 
 

@@ -20,7 +20,7 @@ from proxy.control.rollouts import RolloutController, fingerprint
 from proxy.control.webhooks import Webhooks
 from proxy.core import rollout as core
 from proxy.core.config import parse_config
-from proxy.core.counters import DURATION_BUCKETS
+from proxy.core.counters import DURATION_BUCKETS, PairCounts
 from proxy.core.table import Table, compile_table
 from tests.support import async_wait_until
 
@@ -102,10 +102,10 @@ class FakeHost:
     def may_judge(self) -> bool:
         return self.leading
 
-    async def rollout_stats(self, timeout: float) -> list[dict[str, Any]]:  # noqa: ASYNC109
+    async def rollout_stats(self, timeout: float) -> list[list[PairCounts]]:  # noqa: ASYNC109
         if not self.answering:
             return []
-        routes = []
+        routes: list[PairCounts] = []
         for (route, upstream), codes in self.codes.items():
             total = sum(codes.values())
             buckets = [0] * (len(DURATION_BUCKETS) + 1)
@@ -118,7 +118,7 @@ class FakeHost:
                     "buckets": buckets,
                 }
             )
-        return [{"routes": routes}]
+        return [routes]
 
     async def rollout_changed(self, *, judged: bool = False) -> bool:
         self.changes += 1
@@ -394,6 +394,30 @@ async def test_a_new_leader_goes_on_with_the_shared_evidence(setup: Setup) -> No
         await successor.close()
     # Without the marks (the state file's form) a restored step starts its evidence over.
     assert "mark" not in controller.state_json()["api"]
+
+
+@pytest.mark.parametrize(
+    ("mark", "message"),
+    [
+        ({"canary": {"codes": {}}}, "mark.canary.buckets: missing"),
+        ({"canary": {"codes": {"200": -1}, "buckets": []}}, "mark.canary.codes.200: must be"),
+        ({"canary": {"codes": {}, "buckets": [0] * 20}, "baseline": 1}, "mark.baseline: must be"),
+    ],
+)
+async def test_an_unreadable_shared_mark_is_left_out_and_logged(
+    setup: Setup, caplog: pytest.LogCaptureFixture, mark: dict[str, object], message: str
+) -> None:
+    host, _, controller = setup
+    await controller.command(host.table, "api", "start")
+    shared = controller.state_json(marks=True)
+    shared["api"] = {**shared["api"], "mark": mark}
+    successor = RolloutController(host)
+    try:
+        successor.adopt(shared, host.table)
+        assert successor.states == {}
+    finally:
+        await successor.close()
+    assert f"rollout state of route 'api' in the fleet unreadable: {message}" in caplog.text
 
 
 async def test_a_verdict_that_is_not_stored_is_never_counted_or_told(setup: Setup) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import time
 from importlib import metadata
-from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +19,14 @@ from prometheus_client.process_collector import ProcessCollector
 from proxy.control.admin import accepts_gzip
 from proxy.control.metrics import LE_LABELS, MetricsInput, Totals, render
 from proxy.core.config import parse_config
-from proxy.core.counters import DURATION_BUCKETS, ERROR_KINDS, MirrorStats, RouteUpstreamStats
+from proxy.core.counters import (
+    DURATION_BUCKETS,
+    ERROR_KINDS,
+    MirrorStats,
+    RouteUpstreamStats,
+    WorkerSnapshot,
+    read_worker_snapshot,
+)
 from proxy.core.table import Table, compile_table
 
 CONFIG = """
@@ -64,8 +71,9 @@ def worker_snapshot(
     mirror: dict[str, int] | None = None,
     fail_open: dict[str, int] | None = None,
     ejected: tuple[str, str] | None = None,
-) -> dict[str, Any]:
-    """A `stats_snapshot()` as a worker sends it, counted by the real stats classes."""
+) -> WorkerSnapshot:
+    """A `stats_snapshot()` as a worker sends it, counted by the real stats classes, and as
+    the supervisor reads it back from the channel (JSON, then `read_worker_snapshot`)."""
     pairs: dict[tuple[str, str], RouteUpstreamStats] = {}
     no_route = RouteUpstreamStats("", "")
     for route, upstream, code, seconds in served:
@@ -83,22 +91,33 @@ def worker_snapshot(
             shadow.mismatch = count
         else:
             shadow.outcomes[outcome] = count
-    return {
+    sent: WorkerSnapshot = {
         "generation": 1,
         "pid": 1,
         "routes": [stats.snapshot() for stats in pairs.values()],
         "no_route": no_route.snapshot(),
         "mirror": [shadow.snapshot()],
         "fail_open": dict(fail_open or {}),
-        "endpoints": [{"upstream": ejected[0], "endpoint": ejected[1], "ejected": True}]
+        "endpoints": [
+            {
+                "upstream": ejected[0],
+                "endpoint": ejected[1],
+                "healthy": False,
+                "active_up": True,
+                "ejected": True,
+                "in_flight": 0,
+            }
+        ]
         if ejected
         else [],
+        "connections": 0,
     }
+    return read_worker_snapshot(orjson.loads(orjson.dumps(sent)))
 
 
 def scrape(
     view_table: Table,
-    live: list[dict[str, Any]],
+    live: list[WorkerSnapshot],
     retired: Totals | None = None,
     *,
     down: frozenset[tuple[str, str]] = frozenset(),
@@ -195,10 +214,10 @@ def test_a_pair_has_series_from_its_first_request_on() -> None:
 
 def test_a_request_in_flight_or_a_failed_attempt_is_enough_for_series() -> None:
     busy = worker_snapshot([], in_flight={("api", "green"): 1})
+    attempt = RouteUpstreamStats("web", "blue")
+    attempt.errors["reset"] = 1
     failed = worker_snapshot([])
-    failed["routes"].append(
-        {**RouteUpstreamStats("web", "blue").snapshot(), "errors": {"reset": 1}}
-    )
+    failed["routes"].append(attempt.snapshot())
     samples, _, _ = scrape(table(), [busy, failed])
     assert value(samples, "turnout_requests_in_flight", route="api", upstream="green") == 1
     assert (
