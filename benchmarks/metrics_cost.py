@@ -37,7 +37,7 @@ import orjson
 from proxy.control.metrics import MetricsInput, Totals, render
 from proxy.control.supervisor import METRICS_GZIP_LEVEL
 from proxy.core.config import parse_config
-from proxy.core.counters import RouteUpstreamStats
+from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot, read_worker_snapshot
 from proxy.core.table import Table, compile_table
 
 ROUTE_COUNTS = (10, 100, 1000, 5000)
@@ -114,7 +114,7 @@ def routes_config(routes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def worker_snapshot(table: Table, active: bool) -> dict[str, Any]:
+def worker_snapshot(table: Table, active: bool) -> WorkerSnapshot:
     """A worker's `stats_snapshot()`: with `active`, after some traffic on every (route,
     upstream); else a fresh table's, all zeros (what most pairs of a large table look like)."""
     pairs = []
@@ -143,7 +143,7 @@ class Scrape:
     """Medians of one synthetic scrape configuration."""
 
     worker_ms: float  # one worker: build its snapshot and encode the control message
-    supervisor_ms: float  # decode and sum every worker's snapshot, render the text
+    supervisor_ms: float  # decode, check and sum every worker's snapshot, render the text
     gzip_ms: float  # gzip the text (what a Prometheus scrape adds)
     series: int
     text_bytes: int
@@ -165,7 +165,8 @@ def synthetic_scrape(routes: int, workers: int, active: bool) -> Scrape:
         started = time.perf_counter()
         totals = Totals()
         for _ in range(workers):
-            totals.add_snapshot(orjson.loads(line)["data"])
+            # What the supervisor does with each answer: read (check) it once, then sum it.
+            totals.add_snapshot(read_worker_snapshot(orjson.loads(line)["data"]))
         text = render(
             MetricsInput(table=table, totals=totals, down=frozenset(), reloads={}, generation=1)
         )
