@@ -193,8 +193,10 @@ def test_with_redis_down_traffic_flows_changes_are_refused_rollouts_hold_and_all
             assert_holds(unchanged, INTERVAL_S + 2 * CHECK_S)
 
             server.start(dbfile=True)
+            back = time.monotonic()
             wait_until(lambda: all_connected(fleet), timeout=RECONNECT_S, what="reconnected")
             fleet.leader()
+            print(f"all connected, a leader {time.monotonic() - back:.2f} s after Redis came back")
             # The rollout goes on by itself, and ends everywhere.
             wait_until(
                 lambda: all(rollout_of(node).get("state") == "succeeded" for node in nodes),
@@ -203,6 +205,7 @@ def test_with_redis_down_traffic_flows_changes_are_refused_rollouts_hold_and_all
             )
         assert traffic.failures == []
         assert traffic.total() > 0
+        print(f"{traffic.total()} requests through the outage, {len(traffic.failures)} failed")
 
         state, _, _, split, _ = wait_alike(fleet, "the end")
         assert (state, split) == ("succeeded", {"blue": 0.0, "green": 100.0})
