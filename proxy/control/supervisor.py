@@ -1212,8 +1212,14 @@ class Supervisor:
 
     async def _on_fleet_document(self, document: SavedState) -> None:
         async with self._change_lock:
-            self._adopt(document)
-        await self._write_cache(document)
+            # The newest document known once the lock is ours, not the one that woke us: a
+            # change this instance stored while we waited is newer than `document`, and
+            # putting `document` in force would leave this instance behind at a revision
+            # it already has (so no later look would correct it).
+            assert self.fleet is not None
+            newest = self.fleet.document or document
+            self._adopt(newest)
+        await self._write_cache(newest)
 
     def _fleet_seed(self) -> SavedState:
         """What this instance knows, for an empty store to start from (then in force here)."""
