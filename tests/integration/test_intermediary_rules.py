@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from tests.support import wait_until
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, RawResponse, build_request, get, send_raw
 from tests.support.scripted import Connection, ScriptedUpstream
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream
 
 CAP = 64 * 1024 * 1024
@@ -77,12 +77,12 @@ def _read_head(conn: Connection) -> bytes:
 
 @dataclass
 class Setup:
-    turnout: TurnoutProcess
+    turnout: InProcessTurnout
     scripted: ScriptedUpstream
 
 
 @pytest.fixture(scope="module")
-def setup(blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(blue: EchoUpstream) -> Iterator[Setup]:
     upstream = ScriptedUpstream(keep_answering)
     config: dict[str, Any] = {
         "upstreams": {
@@ -96,7 +96,7 @@ def setup(blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
             {"name": "rest", "split": {"blue": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("rfc")) as process:
+    with start_inprocess(config) as process:
         yield Setup(process, upstream)
     upstream.close()
 
