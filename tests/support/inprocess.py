@@ -53,6 +53,7 @@ from proxy.metrics import MetricsInput, Totals, render
 from proxy.spec import Listener
 from proxy.worker import WorkerContext, bind_listener, raise_fd_limit, shutdown, table_from_message
 from tests.support import wait_until
+from tests.support.turnout import memory_kib
 
 T = TypeVar("T")
 
@@ -348,6 +349,10 @@ class InProcessTurnout:
 
         wait_until(have_all, timeout=timeout, what=f"access-log lines for {sorted(request_ids)}")
         return found
+
+    def rss_kib(self) -> int:
+        """VmRSS of the test process (which holds this data plane), KiB: for messages only."""
+        return memory_kib(os.getpid()).get("VmRSS", 0)
 
     def stderr_text(self) -> str:
         """Every log record the worker emitted so far, one formatted line each."""
