@@ -362,7 +362,14 @@ class WorkerContext:
         self.short_until = self.loop.time() + TICK
         if self.accepting:
             self.stop_accepting()
-            self.loop.call_later(TICK, self._resume_accepting)
+            self.loop.call_later(TICK, self._shortage_over)
+
+    def _shortage_over(self) -> None:
+        # The timer says the tick is over: loop.time() may read a hair below short_until when
+        # it fires (uvloop's timers count whole milliseconds, short_until is a float sum), and
+        # a worker with no connection left has nothing else that would resume accepting.
+        self.short_until = 0.0
+        self._resume_accepting()
 
     def _resume_accepting(self) -> None:
         if (
