@@ -341,3 +341,54 @@ def test_a_stalled_half_head_does_not_block_other_clients(turnout: InProcessTurn
     finally:
         for conn in stalled:
             conn.close()
+
+
+def test_a_request_body_that_stops_arriving_gets_408(blue: EchoUpstream) -> None:
+    config: dict[str, Any] = {
+        "timeouts": {"idle": "300ms"},
+        "upstreams": {"blue": {"endpoints": [blue.address]}},
+        "routes": [{"name": "main", "split": {"blue": 100}}],
+    }
+    with start_inprocess(config, access_log=True) as turnout, RawConnection(turnout.port) as conn:
+        head = build_request("POST", "/upload", [("Content-Length", "10"), ("X-Request-Id", "b1")])
+        conn.send(head + b"12")
+        _, response = conn.read_final_response()
+        assert response.status == 408
+        assert response.json()["error"]
+        assert conn.wait_closed(5.0)
+        assert turnout.wait_for_log({"b1"})["b1"]["flags"] == "client_timeout"
+
+
+def test_a_broken_request_pipelined_behind_a_running_one_ends_the_connection_after_it(
+    turnout: InProcessTurnout,
+) -> None:
+    with RawConnection(turnout.port) as conn:
+        conn.send(build_request("GET", "/slow?ms=300") + b"this is not http\r\n\r\n")
+        _, first = conn.read_final_response()
+        # The running request is answered whole; the broken one gets no answer of its own.
+        assert first.status == 200
+        assert first.json()["path"] == "/slow?ms=300"
+        assert conn.wait_closed(5.0)
+        assert conn.buffered == b""
+
+
+def test_a_queued_request_whose_body_passes_the_limit_is_never_forwarded(
+    blue: EchoUpstream,
+) -> None:
+    # The queued request's body arrives with the running request (one write, one read): it is
+    # bounded while it waits, and refused before it ever starts.
+    config: dict[str, Any] = {
+        "limits": {"max_request_body": "1KiB"},
+        "upstreams": {"blue": {"endpoints": [blue.address]}},
+        "routes": [{"name": "main", "split": {"blue": 100}}],
+    }
+    second = build_request("POST", "/queued", [("Transfer-Encoding", "chunked")])
+    second += chunked([b"q" * 1024, b"q" * 1024])
+    before = blue.requests
+    with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
+        conn.send(build_request("GET", "/slow?ms=300") + second)
+        _, first = conn.read_final_response()
+        assert first.status == 200
+        assert conn.wait_closed(5.0)
+        assert conn.buffered == b""
+    assert blue.requests == before + 1, "the over-limit request reached the upstream"
