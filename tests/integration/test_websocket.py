@@ -52,6 +52,11 @@ async def test_websocket_echoes_text_and_binary(
 async def test_client_close_reaches_the_upstream(
     turnout: InProcessTurnout, blue: EchoUpstream
 ) -> None:
+    # The upstream records a close after answering it: a session of an earlier test may still
+    # be on its way to the list. Start once every session so far has its close recorded.
+    await async_wait_until(
+        lambda: len(blue.ws_close_codes) == blue.ws_sessions, what="earlier sessions recorded"
+    )
     closes_before = len(blue.ws_close_codes)
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(f"{turnout.url}/ws")

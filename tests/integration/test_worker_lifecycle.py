@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from tests.support import wait_until
 from tests.support.certs import PemPair, write_pair
 from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request, get
+from tests.support.scripted import Connection, ScriptedUpstream
 from tests.support.turnout import free_port
 from tests.support.upstreams import EchoUpstream
 
@@ -236,17 +238,30 @@ def test_drain_finishes_a_request_in_flight_and_refuses_new_connections(
     assert codes == [0]
 
 
-def test_drain_cuts_what_still_runs_at_the_deadline(
-    blue: EchoUpstream, green: EchoUpstream
-) -> None:
-    config = routed_to("blue", blue, green, drain={"shutdown": "200ms"})
-    with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
-        conn.send(build_request("GET", "/slow?ms=5000"))
-        wait_until(lambda: in_flight(turnout) == 1, what="the request in flight")
-        assert turnout.stop() == 0
-        assert conn.wait_closed(1.0)
-        assert not conn.buffered, "a cut request must not look answered"
-        assert "cutting 1 request(s) still running at the deadline" in turnout.stderr_text()
+def test_drain_cuts_what_still_runs_at_the_deadline() -> None:
+    release = threading.Event()
+
+    def answer_when_released(conn: Connection) -> None:
+        if release.wait(DEADLINE):
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    held = ScriptedUpstream(answer_when_released)
+    config: dict[str, Any] = {
+        "drain": {"shutdown": "200ms"},
+        "upstreams": {"held": {"endpoints": [held.address]}},
+        "routes": [{"name": "all", "split": {"held": 100}}],
+    }
+    try:
+        with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
+            conn.send(build_request("GET", "/held"))
+            wait_until(lambda: len(held.heads) == 1, what="the request at the upstream")
+            assert turnout.stop() == 0
+            assert conn.wait_closed(1.0)
+            assert not conn.buffered, "a cut request must not look answered"
+            assert "cutting 1 request(s) still running at the deadline" in turnout.stderr_text()
+    finally:
+        release.set()
+        held.close()
 
 
 def test_drain_closes_idle_keep_alive_clients_after_the_grace(
@@ -388,3 +403,37 @@ def test_a_stalled_tls_handshake_takes_no_slot_for_long(
         wait_until(lambda: turnout.call_soon(lambda: turnout.ctx.adopting) == 0, what="slot")
         status, _ = tls_get(turnout.port, ca, "api.example.test")
         assert status == 200
+
+
+# -- health sets from the supervisor ------------------------------------------------------------
+
+
+def served(turnout: InProcessTurnout, count: int) -> Counter[str]:
+    with RawConnection(turnout.port) as conn:
+        return Counter(
+            conn.request("GET", f"/h/{index}").header("x-upstream") or "" for index in range(count)
+        )
+
+
+def test_endpoints_down_by_health_checks_get_no_traffic_across_reloads(
+    blue: EchoUpstream, green: EchoUpstream
+) -> None:
+    def config(route: str) -> dict[str, Any]:
+        return {
+            "upstreams": {"both": {"endpoints": [blue.address, green.address]}},
+            "routes": [{"name": route, "split": {"both": 100}}],
+        }
+
+    with start_inprocess(config("all")) as turnout:
+        assert set(served(turnout, 40)) == {"blue", "green"}
+        turnout.set_down([("both", blue.address)])
+        assert served(turnout, 20) == Counter({"green": 20})
+        # A new table keeps the health the supervisor last sent.
+        turnout.reload(config("renamed"))
+        assert served(turnout, 20) == Counter({"green": 20})
+        # Every endpoint down: fail open (all are tried anyway), and counted.
+        turnout.set_down([("both", blue.address), ("both", green.address)])
+        assert served(turnout, 10).total() == 10
+        assert turnout.stats()["fail_open"] == {"both": 10}
+        turnout.set_down([])
+        assert set(served(turnout, 40)) == {"blue", "green"}

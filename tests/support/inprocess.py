@@ -83,6 +83,24 @@ class _ThreadRecords(logging.Handler):
             return "".join(line + "\n" for line in self.lines)
 
 
+_info = {"users": 0, "level": logging.NOTSET}
+_info_lock = threading.Lock()
+
+
+def _log_at_info(change: int) -> None:
+    """The `turnout` loggers log at INFO (as a worker does, proxy.worker.main) while any
+    in-process data plane runs; the level the test process had comes back after the last."""
+    logger = logging.getLogger("turnout")
+    with _info_lock:
+        if _info["users"] == 0 and change > 0:
+            _info["level"] = logger.level
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+        _info["users"] += change
+        if _info["users"] == 0:
+            logger.setLevel(_info["level"])
+
+
 def _bound_socket() -> socket.socket:
     """A listening socket on 127.0.0.1 with a port chosen by the OS."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -120,7 +138,7 @@ class InProcessTurnout:
             self._log_fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND)
         self._records = _ThreadRecords()
         self._logger = logging.getLogger("turnout")
-        self._level = self._logger.level
+        self._logging = False
         self.loop = uvloop.new_event_loop()
         self._ctx: WorkerContext | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -163,9 +181,8 @@ class InProcessTurnout:
         self._thread.start()
         self._records.thread = self._thread.ident
         self._logger.addHandler(self._records)
-        if self._logger.getEffectiveLevel() > logging.INFO:
-            # A worker logs at INFO (proxy.worker.main).
-            self._logger.setLevel(logging.INFO)
+        _log_at_info(+1)
+        self._logging = True
         try:
             self.run(self._start())
         except BaseException:
@@ -288,7 +305,9 @@ class InProcessTurnout:
             sock.close()
         self._prebound.clear()
         self._logger.removeHandler(self._records)
-        self._logger.setLevel(self._level)
+        if self._logging:
+            self._logging = False
+            _log_at_info(-1)
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
