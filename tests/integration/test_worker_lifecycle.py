@@ -11,6 +11,7 @@ descriptors and certificate renewal on a TLS listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -437,3 +438,128 @@ def test_endpoints_down_by_health_checks_get_no_traffic_across_reloads(
         assert turnout.stats()["fail_open"] == {"both": 10}
         turnout.set_down([])
         assert set(served(turnout, 40)) == {"blue", "green"}
+
+
+# -- what a reload keeps and what it lets go ----------------------------------------------------
+
+
+def test_an_endpoint_a_reload_removes_finishes_its_requests_within_drain_reload(
+    blue: EchoUpstream,
+) -> None:
+    release = threading.Event()
+    cut: list[bool] = []
+
+    def hold_then_answer(conn: Connection) -> None:
+        # `/slow` is answered only once released; anything else at once. Then: did the
+        # proxy close this connection (EOF) while we held it?
+        if b"/slow" in conn.head:
+            release.wait(DEADLINE)
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conn.sock.settimeout(DEADLINE)
+        with contextlib.suppress(OSError):
+            while conn.sock.recv(65536):
+                pass
+        cut.append(True)
+
+    old = ScriptedUpstream(hold_then_answer)
+    first: dict[str, Any] = {
+        "upstreams": {"old": {"endpoints": [old.address]}},
+        "routes": [{"name": "all", "split": {"old": 100}}],
+    }
+    second: dict[str, Any] = {
+        "drain": {"reload": "5s"},
+        "upstreams": {"blue": {"endpoints": [blue.address]}},
+        "routes": [{"name": "all", "split": {"blue": 100}}],
+    }
+    try:
+        with start_inprocess(first) as turnout, RawConnection(turnout.port) as busy:
+            busy.send(build_request("GET", "/slow"))
+            wait_until(lambda: len(old.heads) == 1, what="the held request at `old`")
+            # A second connection to `old`, idle in the pool once answered.
+            assert get(turnout.port, "/a").body == b"ok"
+            turnout.reload(second)
+            # The idle pooled connection is closed at once; nothing new goes to `old`...
+            wait_until(lambda: len(cut) == 1, what="the idle connection to `old` closed")
+            assert get(turnout.port, "/b").header("x-upstream") == "blue"
+            # ...and the request still on it is answered in full within drain.reload.
+            release.set()
+            _, response = busy.read_final_response()
+            assert (response.status, response.body) == (200, b"ok")
+            wait_until(lambda: len(cut) == 2, what="the busy connection closed after its request")
+            assert [e["upstream"] for e in turnout.stats()["endpoints"]] == ["blue"]
+    finally:
+        release.set()
+        old.close()
+
+
+def test_a_request_on_a_removed_endpoint_past_drain_reload_is_cut(blue: EchoUpstream) -> None:
+    release = threading.Event()
+
+    def hold(conn: Connection) -> None:
+        if release.wait(DEADLINE):
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    old = ScriptedUpstream(hold)
+    first: dict[str, Any] = {
+        "upstreams": {"old": {"endpoints": [old.address]}},
+        "routes": [{"name": "all", "split": {"old": 100}}],
+    }
+    second: dict[str, Any] = {
+        "drain": {"reload": "300ms"},
+        "upstreams": {"blue": {"endpoints": [blue.address]}},
+        "routes": [{"name": "all", "split": {"blue": 100}}],
+    }
+    try:
+        with start_inprocess(first) as turnout, RawConnection(turnout.port) as busy:
+            busy.send(build_request("GET", "/held"))
+            wait_until(lambda: len(old.heads) == 1, what="the held request at `old`")
+            turnout.reload(second)
+            # drain.reload passes with the request still running: it is cut, and a cut
+            # response must look broken (no made-up answer).
+            assert busy.wait_closed(5.0)
+            assert busy.buffered == b""
+            assert get(turnout.port, "/b").header("x-upstream") == "blue"
+    finally:
+        release.set()
+        old.close()
+
+
+def test_a_reload_keeps_the_mirror_counters_of_a_route_that_stays(
+    blue: EchoUpstream, green: EchoUpstream
+) -> None:
+    def config(via: str) -> dict[str, Any]:
+        return {
+            "via": via,
+            "upstreams": {
+                "blue": {"endpoints": [blue.address]},
+                "green": {"endpoints": [green.address]},
+            },
+            "routes": [
+                {"name": "all", "split": {"blue": 100}, "mirror": {"to": "green", "percent": 100}}
+            ],
+        }
+
+    def sent() -> int:
+        (mirror,) = turnout.stats()["mirror"]
+        return int(mirror["outcomes"].get("sent", 0))
+
+    with start_inprocess(config("one")) as turnout:
+        for index in range(3):
+            assert get(turnout.port, f"/m/{index}").status == 200
+        wait_until(lambda: sent() == 3, what="three copies sent")
+        turnout.reload(config("two"))
+        assert sent() == 3
+        assert get(turnout.port, "/m/after").header("via") == "1.1 two"
+        wait_until(lambda: sent() == 4, what="the fourth copy counted with the others")
+
+
+def test_an_idle_keep_alive_client_is_closed_after_client_keepalive(
+    blue: EchoUpstream, green: EchoUpstream
+) -> None:
+    config = routed_to("blue", blue, green, timeouts={"client_keepalive": "200ms"})
+    with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
+        assert conn.request("GET", "/once").status == 200
+        # The sweep runs once a second: closed within about a second of the timeout.
+        assert conn.wait_closed(3.0)
+        assert conn.buffered == b""
+        assert turnout.stats()["connections"] == 0
