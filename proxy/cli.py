@@ -44,6 +44,8 @@ environment:
                          /healthz, /readyz and /metrics need none.
   TURNOUT_GRAFANA_TOKEN  the Grafana token `run` sends with its deployment annotations
                          (`annotations: {grafana: URL}` in the config)
+  TURNOUT_REDIS_PASSWORD the fleet's Redis password, when `fleet.redis` has none
+                         (`fleet: {name, redis}` in the config; docs/fleet.md)
 
 exit status:
   0  success, or a clean shutdown

@@ -1,7 +1,9 @@
 """Shared fixtures: the fake-upstream thread and a factory for Turnout subprocesses.
 
-Integration modules build their own module-scoped upstreams and Turnout (one process serves many
-tests); `turnout_factory` is for tests that need a process of their own.
+Integration modules build their own module-scoped upstreams and Turnout. Request handling is
+tested against one worker's data plane in this process (tests.support.inprocess: no process to
+start, and coverage sees it); `turnout_factory` is for what needs a real process tree: several
+workers, signals, the supervisor's access-log pipe, memory of the process.
 """
 
 from __future__ import annotations

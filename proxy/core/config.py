@@ -117,7 +117,7 @@ _UNPRINTABLE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 # Limits on the file itself (docs/config.md, "Limits on the file itself"). They keep every
 # input finite: parse time, memory, error messages, and what /admin/config dumps as JSON.
-# The bounds of each key are in proxy.schema.
+# The bounds of each key are in proxy.core.schema.
 MAX_FILE_BYTES = 16 << 20
 # Nested lists and mappings; the schema itself needs 5.
 _MAX_DEPTH = 64
@@ -749,7 +749,7 @@ class _Checker:
             return None
         return name
 
-    # --- sections, read as `proxy.schema` describes them ---
+    # --- sections, read as `proxy.core.schema` describes them ---
 
     def _readers(self) -> dict[Kind, Callable[[Node, str, Key], object]]:
         """One reader per value kind; each reports its own problems and returns None then."""
@@ -1171,7 +1171,7 @@ _OWNER: dict[int, Section[Any]] = {id(key): section for section in SECTIONS for 
 # A list without its own bound (none is without one in the schema; a test checks).
 _MAX_LIST = 100_000
 # A lease below a second is renewed faster than Redis round trips can be trusted; above an
-# hour a dead leader holds rollouts for too long (the bounds are in proxy.schema's FLEET).
+# hour a dead leader holds rollouts for too long (the bounds are in proxy.core.schema's FLEET).
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

@@ -20,8 +20,8 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -136,6 +136,17 @@ def raise_fd_limit() -> int:
 def client_capacity(fd_limit: int) -> int:
     """How many client connections a worker can hold with `fd_limit` descriptors."""
     return max(1, (fd_limit - FD_RESERVE) // 2)
+
+
+def bind_listener(listener: Listener) -> socket.socket:
+    """A listening socket on `listener`'s address, with SO_REUSEPORT (shared by all workers)."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((listener.host, listener.port))
+    sock.listen(1024)
+    return sock
 
 
 class BoundListener:
@@ -351,7 +362,14 @@ class WorkerContext:
         self.short_until = self.loop.time() + TICK
         if self.accepting:
             self.stop_accepting()
-            self.loop.call_later(TICK, self._resume_accepting)
+            self.loop.call_later(TICK, self._shortage_over)
+
+    def _shortage_over(self) -> None:
+        # The timer says the tick is over: loop.time() may read a hair below short_until when
+        # it fires (uvloop's timers count whole milliseconds, short_until is a float sum), and
+        # a worker with no connection left has nothing else that would resume accepting.
+        self.short_until = 0.0
+        self._resume_accepting()
 
     def _resume_accepting(self) -> None:
         if (
@@ -404,19 +422,19 @@ class WorkerContext:
 
     # ---- listening -----------------------------------------------------------------------
 
-    def listen(self, listeners: tuple[Listener, ...]) -> None:
+    def listen(
+        self,
+        listeners: tuple[Listener, ...],
+        bind: Callable[[Listener], socket.socket] | None = None,
+    ) -> None:
         """Bind every listener with SO_REUSEPORT so every worker shares the ports.
 
         A TLS listener's certificates come from the bytes of the supervisor's `certs` message,
-        which precedes the first table.
+        which precedes the first table. `bind` replaces `bind_listener` (an in-process test
+        harness hands over sockets it bound itself).
         """
         for listener in listeners:
-            family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((listener.host, listener.port))
-            sock.listen(1024)
+            sock = (bind or bind_listener)(listener)
             sock.setblocking(False)
             bound = BoundListener(sock, listener)
             if listener.tls is not None:
@@ -660,6 +678,23 @@ class WorkerContext:
             self.access_log.flush()
 
 
+def table_from_message(msg: Mapping[str, Any]) -> Table:
+    """Compile the table of a supervisor's `table` message (see proxy.runtime.channel)."""
+    return compile_table(
+        spec_from_message(msg),
+        generation=int(msg["generation"]),
+        sha256=str(msg["sha256"]),
+        split_overrides=parse_split_overrides(msg.get("split_overrides")),
+    )
+
+
+async def shutdown(ctx: WorkerContext) -> None:
+    """Drain with the drain settings of the table in force (after a stop was asked for)."""
+    gen = ctx.generation
+    drain = gen.table.spec.drain if gen is not None else None
+    await ctx.drain(drain.delay if drain else 0.0, drain.shutdown if drain else 0.0)
+
+
 async def _control_loop(ctx: WorkerContext, channel: ControlChannel, stop: asyncio.Event) -> None:
     ready = False
     while True:
@@ -671,16 +706,10 @@ async def _control_loop(ctx: WorkerContext, channel: ControlChannel, stop: async
             return
         op = msg.get("op")
         if op == OP_TABLE:
-            spec = spec_from_message(msg)
-            table = compile_table(
-                spec,
-                generation=int(msg["generation"]),
-                sha256=str(msg["sha256"]),
-                split_overrides=parse_split_overrides(msg.get("split_overrides")),
-            )
+            table = table_from_message(msg)
             ctx.apply(table)
             if not ready:
-                ctx.listen(spec.all_listeners())
+                ctx.listen(table.spec.all_listeners())
                 ready = True
                 channel.send({"op": OP_READY, "generation": table.generation, "pid": os.getpid()})
             else:
@@ -724,9 +753,7 @@ async def serve(control_fd: int, index: int, access_log: bool) -> int:
         exc = control.exception()
         log.error("worker %d: control channel failed: %r", index, exc)
         return 1
-    gen = ctx.generation
-    drain = gen.table.spec.drain if gen is not None else None
-    await ctx.drain(drain.delay if drain else 0.0, drain.shutdown if drain else 0.0)
+    await shutdown(ctx)
     ticker.cancel()
     control.cancel()
     channel.close()

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from tests.support import rawhttp
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import Headers, RawConnection, RawResponse
-from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
+from tests.support.turnout import TurnoutFactory
 from tests.support.upstreams import EchoUpstream
 
 
@@ -25,9 +26,7 @@ def upstreams(blue: EchoUpstream, green: EchoUpstream) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, green: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(blue: EchoUpstream, green: EchoUpstream) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         "upstreams": upstreams(blue, green),
         "routes": [
@@ -57,7 +56,7 @@ def turnout(
             },
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("choice")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
@@ -69,41 +68,41 @@ def served_by(response: RawResponse) -> str:
 
 
 def tally(
-    turnout: TurnoutProcess, path: str, count: int, headers: Headers | None = None
+    turnout: InProcessTurnout, path: str, count: int, headers: Headers | None = None
 ) -> Counter[str]:
     with RawConnection(turnout.port) as conn:
         return Counter(served_by(conn.request("GET", path, headers)) for _ in range(count))
 
 
-def test_split_100_0_sends_everything_to_one_upstream(turnout: TurnoutProcess) -> None:
+def test_split_100_0_sends_everything_to_one_upstream(turnout: InProcessTurnout) -> None:
     assert tally(turnout, "/all/x", 100) == Counter({"blue": 100})
 
 
-def test_split_50_50_is_roughly_even(turnout: TurnoutProcess) -> None:
+def test_split_50_50_is_roughly_even(turnout: InProcessTurnout) -> None:
     counts = tally(turnout, "/half/x", 400)
     assert set(counts) == {"blue", "green"}
     # Binomial(400, 0.5): 140..260 is more than 12 standard deviations wide.
     assert 140 <= counts["blue"] <= 260, counts
 
 
-def test_override_by_header_value(turnout: TurnoutProcess) -> None:
+def test_override_by_header_value(turnout: InProcessTurnout) -> None:
     assert tally(turnout, "/ovr/h", 20, [("X-Canary", "true")]) == Counter({"green": 20})
     assert tally(turnout, "/ovr/h", 20, [("x-canary", "false")]) == Counter({"blue": 20})
 
 
-def test_override_by_header_presence(turnout: TurnoutProcess) -> None:
+def test_override_by_header_presence(turnout: InProcessTurnout) -> None:
     assert tally(turnout, "/ovr/p", 10, [("x-beta", "")]) == Counter({"green": 10})
     assert tally(turnout, "/ovr/p", 10, [("X-BETA", "anything")]) == Counter({"green": 10})
 
 
-def test_override_by_cookie(turnout: TurnoutProcess) -> None:
+def test_override_by_cookie(turnout: InProcessTurnout) -> None:
     cookie = [("Cookie", "theme=dark; release=canary; lang=en")]
     assert tally(turnout, "/ovr/c", 20, cookie) == Counter({"green": 20})
     other = [("Cookie", "release=stable")]
     assert tally(turnout, "/ovr/c", 20, other) == Counter({"blue": 20})
 
 
-def test_sticky_header_same_key_same_upstream(turnout: TurnoutProcess) -> None:
+def test_sticky_header_same_key_same_upstream(turnout: InProcessTurnout) -> None:
     first: dict[str, str] = {}
     with RawConnection(turnout.port) as conn:
         for round_ in range(2):
@@ -124,7 +123,7 @@ def sid_cookie(response: RawResponse) -> str | None:
     return None
 
 
-def test_sticky_cookie_is_minted_once_and_honoured(turnout: TurnoutProcess) -> None:
+def test_sticky_cookie_is_minted_once_and_honoured(turnout: InProcessTurnout) -> None:
     seen: Counter[str] = Counter()
     for client in range(20):
         first = rawhttp.get(turnout.port, f"/stickyc/{client}")

@@ -14,31 +14,29 @@ from typing import Any
 
 import pytest
 
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         # Long enough that a test waiting for the abort to be noticed would time out first.
         "timeouts": {"idle": "60s"},
         "upstreams": {"blue": {"endpoints": [blue.address]}},
         "routes": [{"name": "all", "split": {"blue": 100}}],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("aborts"), access_log=True) as process:
+    with start_inprocess(config, access_log=True) as process:
         yield process
 
 
-def entry_for(turnout: TurnoutProcess, request_id: str) -> dict[str, Any]:
+def entry_for(turnout: InProcessTurnout, request_id: str) -> dict[str, Any]:
     entry: dict[str, Any] = turnout.wait_for_log({request_id})[request_id]
     return entry
 
 
-def test_a_refused_head_is_timed_from_its_first_byte(turnout: TurnoutProcess) -> None:
+def test_a_refused_head_is_timed_from_its_first_byte(turnout: InProcessTurnout) -> None:
     started = time.monotonic()
     with RawConnection(turnout.port) as conn:
         conn.send(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n")
@@ -50,7 +48,7 @@ def test_a_refused_head_is_timed_from_its_first_byte(turnout: TurnoutProcess) ->
     assert 0 <= entry["duration_ms"] <= elapsed_ms
 
 
-def test_an_aborted_download_is_499(turnout: TurnoutProcess, blue: EchoUpstream) -> None:
+def test_an_aborted_download_is_499(turnout: InProcessTurnout, blue: EchoUpstream) -> None:
     with RawConnection(turnout.port) as conn:
         conn.send(build_request("GET", "/bytes?n=50000000", [("X-Request-Id", "abort-download")]))
         conn.sock.recv(1024)  # the head has begun: 200 is on its way
@@ -62,7 +60,7 @@ def test_an_aborted_download_is_499(turnout: TurnoutProcess, blue: EchoUpstream)
     assert entry["bytes_out"] < 50_000_000
 
 
-def test_an_aborted_upload_is_499_at_once(turnout: TurnoutProcess) -> None:
+def test_an_aborted_upload_is_499_at_once(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         conn.send(
             b"POST /echo HTTP/1.1\r\nHost: a\r\nX-Request-Id: abort-upload\r\n"

@@ -32,8 +32,8 @@ import orjson
 import pytest
 
 from tests.support import wait_until
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, RawResponse, build_request
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import UpstreamHost
 
 Headers = list[tuple[str, str]]
@@ -257,7 +257,7 @@ def ups(upstream_host: UpstreamHost) -> Iterator[Upstreams]:
 
 
 @pytest.fixture(scope="module")
-def turnout(ups: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TurnoutProcess]:
+def turnout(ups: Upstreams) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         # Short timeouts so that a hung exchange shows up as a 408/504 within the test deadline.
         "timeouts": {"connect": "1s", "response": "3s", "idle": "3s"},
@@ -276,7 +276,7 @@ def turnout(ups: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {"name": "main", "split": {"main": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("review-dataplane")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
@@ -290,7 +290,7 @@ def described(response: RawResponse) -> dict[str, Any]:
 # -- pipelining -------------------------------------------------------------------------------
 
 
-def test_pipelined_request_whose_body_follows_later_is_served(turnout: TurnoutProcess) -> None:
+def test_pipelined_request_whose_body_follows_later_is_served(turnout: InProcessTurnout) -> None:
     # RFC 9112 9.3.2: a client may pipeline. The second request's head arrives with the first
     # request; its body only later (e.g. a client that streams an upload). The proxy must read
     # that body once the second request becomes current.
@@ -306,7 +306,7 @@ def test_pipelined_request_whose_body_follows_later_is_served(turnout: TurnoutPr
     assert seen["body"] == "hello"
 
 
-def test_pipelined_expect_continue_request_gets_its_100(turnout: TurnoutProcess) -> None:
+def test_pipelined_expect_continue_request_gets_its_100(turnout: InProcessTurnout) -> None:
     # Same state, with the client waiting for 100 Continue before sending the body (RFC 9110
     # 10.1.1): it gets the 100 only if the proxy reads on after the first response.
     first = build_request("GET", "/pipe-expect/1")
@@ -326,7 +326,7 @@ def test_pipelined_expect_continue_request_gets_its_100(turnout: TurnoutProcess)
 
 
 def test_pipelined_put_retried_after_a_reset_resends_its_body(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     # Contract 3: a PUT whose connection breaks before any response byte is retried when its
     # body (here 5 bytes) was kept. The retry must carry the same body. Pipelined behind a GET,
@@ -344,7 +344,7 @@ def test_pipelined_put_retried_after_a_reset_resends_its_body(
     assert seen["body"] == "hello"
 
 
-def test_first_put_retried_after_a_reset_resends_its_body(turnout: TurnoutProcess) -> None:
+def test_first_put_retried_after_a_reset_resends_its_body(turnout: InProcessTurnout) -> None:
     # The non-pipelined case of the test above (covered for contrast: this one passes).
     key = uuid.uuid4().hex
     target = f"/retry/reset-once/{key}"
@@ -355,7 +355,7 @@ def test_first_put_retried_after_a_reset_resends_its_body(turnout: TurnoutProces
     assert seen["body"] == "hello"
 
 
-def test_half_closed_client_gets_every_pipelined_response(turnout: TurnoutProcess) -> None:
+def test_half_closed_client_gets_every_pipelined_response(turnout: InProcessTurnout) -> None:
     # A client may send its requests and shut down its sending side (RFC 9112 9.6): every
     # complete request received before the FIN is still answered, in order.
     batch = build_request("GET", "/half/1/slow?ms=200") + build_request("GET", "/half/2")
@@ -377,7 +377,7 @@ def test_half_closed_client_gets_every_pipelined_response(turnout: TurnoutProces
 
 
 def test_connection_naming_content_length_does_not_smuggle_a_request(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     # RFC 9110 7.6.1 makes a header named by Connection hop-by-hop; RFC 9112 6.3 needs the
     # forwarded request framed. If the proxy drops Content-Length but still sends the body, the
@@ -403,7 +403,7 @@ def test_connection_naming_content_length_does_not_smuggle_a_request(
 
 
 def test_connection_naming_content_length_in_a_response_keeps_the_framing(
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
 ) -> None:
     # The same rule on the way back: the client must still be able to find the end of the body
     # on a keep-alive connection (RFC 9112 6.3; a body without length must end with a close).
@@ -414,7 +414,7 @@ def test_connection_naming_content_length_in_a_response_keeps_the_framing(
         assert described(conn.request("GET", "/resp/after"))["target"] == "/resp/after"
 
 
-def test_connection_naming_host_keeps_the_host(turnout: TurnoutProcess, ups: Upstreams) -> None:
+def test_connection_naming_host_keeps_the_host(turnout: InProcessTurnout, ups: Upstreams) -> None:
     # Host is required in every HTTP/1.1 request (RFC 9112 3.2) and the contract passes it
     # unchanged; a Connection token cannot make it disappear from the forwarded request.
     with RawConnection(turnout.port) as conn:
@@ -426,7 +426,7 @@ def test_connection_naming_host_keeps_the_host(turnout: TurnoutProcess, ups: Ups
 # -- request targets, Host and HTTP/1.0 ---------------------------------------------------------
 
 
-def test_absolute_form_target_routes_by_its_authority(turnout: TurnoutProcess) -> None:
+def test_absolute_form_target_routes_by_its_authority(turnout: InProcessTurnout) -> None:
     # RFC 9112 3.2.2: with an absolute-form target the Host header is ignored and the target's
     # authority identifies the origin; a proxy forwarding it must send a Host matching it.
     # Routing by the Host header instead lets a client reach `internal` while the routing table
@@ -440,7 +440,7 @@ def test_absolute_form_target_routes_by_its_authority(turnout: TurnoutProcess) -
     assert hosts == ["internal.test"]
 
 
-def test_http10_request_without_host_is_forwarded_with_one(turnout: TurnoutProcess) -> None:
+def test_http10_request_without_host_is_forwarded_with_one(turnout: InProcessTurnout) -> None:
     # HTTP/1.0 requests need no Host, but the proxy forwards them as HTTP/1.1, and an HTTP/1.1
     # request without Host is invalid (RFC 9112 3.2: a client MUST send Host; a server MUST
     # answer 400 without it).
@@ -452,7 +452,7 @@ def test_http10_request_without_host_is_forwarded_with_one(turnout: TurnoutProce
     assert len(hosts) == 1, f"forwarded as HTTP/1.1 with Host headers {hosts}"
 
 
-def test_http10_client_gets_no_interim_response(turnout: TurnoutProcess) -> None:
+def test_http10_client_gets_no_interim_response(turnout: InProcessTurnout) -> None:
     # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored, and
     # RFC 9110 15.2: a server MUST NOT send a 1xx response to an HTTP/1.0 client.
     raw = build_request(
@@ -472,7 +472,7 @@ def test_http10_client_gets_no_interim_response(turnout: TurnoutProcess) -> None
 # -- upgrades ---------------------------------------------------------------------------------
 
 
-def test_refused_websocket_upgrade_leaves_the_connection_usable(turnout: TurnoutProcess) -> None:
+def test_refused_websocket_upgrade_leaves_the_connection_usable(turnout: InProcessTurnout) -> None:
     # The upstream answers the upgrade request with a plain 200 (no 101): the connection is still
     # HTTP/1.1 (RFC 9110 7.8). Either the proxy says `Connection: close` and closes, or the next
     # request on it is answered; a silently dead connection is neither.
@@ -502,7 +502,7 @@ def test_refused_websocket_upgrade_leaves_the_connection_usable(turnout: Turnout
 
 
 def test_client_closing_mid_body_frees_the_upstream(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     # The client sends half a body and leaves; the next client is served at once.
     with RawConnection(turnout.port) as conn:
@@ -511,7 +511,7 @@ def test_client_closing_mid_body_frees_the_upstream(
         assert described(conn.request("GET", "/after-gone"))["target"] == "/after-gone"
 
 
-def test_head_then_get_on_a_pooled_upstream_connection(turnout: TurnoutProcess) -> None:
+def test_head_then_get_on_a_pooled_upstream_connection(turnout: InProcessTurnout) -> None:
     # HEAD answered with a Content-Length: the pooled upstream connection must not wait for a
     # body and must carry the next request cleanly.
     with RawConnection(turnout.port) as conn:
@@ -525,7 +525,7 @@ def test_head_then_get_on_a_pooled_upstream_connection(turnout: TurnoutProcess) 
 
 
 def test_chunked_request_trailers_are_not_forwarded_and_body_is_intact(
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
 ) -> None:
     raw = build_request("POST", "/trailers", [("Transfer-Encoding", "chunked")]) + (
         b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-Trailer: t\r\nX-Other: o\r\n\r\n"
@@ -540,7 +540,7 @@ def test_chunked_request_trailers_are_not_forwarded_and_body_is_intact(
     assert again["target"] == "/after-trailers"
 
 
-def test_many_pipelined_requests_in_one_packet_keep_order(turnout: TurnoutProcess) -> None:
+def test_many_pipelined_requests_in_one_packet_keep_order(turnout: InProcessTurnout) -> None:
     batch = b"".join(
         build_request("POST" if index % 3 == 0 else "GET", f"/burst/{index}", body=None)
         if index % 3
@@ -568,7 +568,7 @@ def eventually(condition: Callable[[], bool], seconds: float) -> bool:
 
 
 def test_backpressure_holds_for_the_next_request_of_a_slow_client(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     # A slow client (small receive window, reads only a little) pipelines a 2 MiB download and a
     # 48 MiB one served by another upstream. The first response ends inside the proxy while the
@@ -604,7 +604,7 @@ def test_backpressure_holds_for_the_next_request_of_a_slow_client(
 
 
 def test_keep_alive_connection_reads_again_after_an_early_answer(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     # The upstream reads a 10 MiB body slowly, answers with 1 MiB still unread, then reads the
     # rest (allowed, RFC 9112 9.3). By then the proxy has the whole body (so the connection stays

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from tests.support import rawhttp
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, RawResponse, build_request
-from tests.support.turnout import TurnoutProcess, free_port, start_turnout
+from tests.support.turnout import free_port
 from tests.support.upstreams import EchoUpstream, RawUpstream, UpstreamHost
 
 
@@ -59,7 +60,7 @@ def route(name: str, upstream: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def turnout(ups: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TurnoutProcess]:
+def turnout(ups: Upstreams) -> Iterator[InProcessTurnout]:
     dead = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     config: dict[str, Any] = {
         "timeouts": {"connect": "1s", "response": "1s"},
@@ -92,7 +93,7 @@ def turnout(ups: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             route("silent", "silent"),
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("failures")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
@@ -108,7 +109,7 @@ def assert_error_json(response: RawResponse, status: int, request_id: str | None
         assert response.header_values("x-request-id") == [request_id]
 
 
-def test_no_route_gets_404_json(turnout: TurnoutProcess) -> None:
+def test_no_route_gets_404_json(turnout: InProcessTurnout) -> None:
     response = rawhttp.get(turnout.port, "/nowhere/at/all", [("X-Request-Id", "rid-404")])
     assert_error_json(response, 404, "rid-404")
     generated = rawhttp.get(turnout.port, "/nowhere")
@@ -116,12 +117,12 @@ def test_no_route_gets_404_json(turnout: TurnoutProcess) -> None:
     assert generated.header_values("x-request-id") == [generated.json()["request_id"]]
 
 
-def test_connect_refused_everywhere_gets_502_json(turnout: TurnoutProcess) -> None:
+def test_connect_refused_everywhere_gets_502_json(turnout: InProcessTurnout) -> None:
     response = rawhttp.get(turnout.port, "/refused/x", [("X-Request-Id", "rid-502")])
     assert_error_json(response, 502, "rid-502")
 
 
-def test_one_dead_endpoint_is_skipped_by_retry(turnout: TurnoutProcess, ups: Upstreams) -> None:
+def test_one_dead_endpoint_is_skipped_by_retry(turnout: InProcessTurnout, ups: Upstreams) -> None:
     before = ups.alpha.requests
     with RawConnection(turnout.port) as conn:
         for index in range(20):
@@ -135,7 +136,9 @@ def test_one_dead_endpoint_is_skipped_by_retry(turnout: TurnoutProcess, ups: Ups
 # tests has a resetting endpoint of its own and stops soon after it was first hit.
 
 
-def test_reset_before_response_is_retried_for_get(turnout: TurnoutProcess, ups: Upstreams) -> None:
+def test_reset_before_response_is_retried_for_get(
+    turnout: InProcessTurnout, ups: Upstreams
+) -> None:
     with RawConnection(turnout.port) as conn:
         for index in range(30):
             response = conn.request("GET", f"/resetget/{index}")
@@ -148,7 +151,7 @@ def test_reset_before_response_is_retried_for_get(turnout: TurnoutProcess, ups: 
 
 
 def test_reset_before_response_is_retried_for_put_with_small_body(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     with RawConnection(turnout.port) as conn:
         for index in range(30):
@@ -162,7 +165,7 @@ def test_reset_before_response_is_retried_for_put_with_small_body(
 
 
 def test_reset_before_response_is_not_retried_for_post(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     for index in range(30):
         beta_before = ups.beta.requests
@@ -179,13 +182,13 @@ def test_reset_before_response_is_not_retried_for_post(
     pytest.fail("the resetting endpoint was never chosen in 30 POSTs")
 
 
-def test_response_timeout_gets_504_json(turnout: TurnoutProcess) -> None:
+def test_response_timeout_gets_504_json(turnout: InProcessTurnout) -> None:
     response = rawhttp.get(turnout.port, "/slow/slow?ms=3000", [("X-Request-Id", "rid-504")])
     assert_error_json(response, 504, "rid-504")
 
 
 def test_no_answer_at_all_gets_502_after_bounded_attempts(
-    turnout: TurnoutProcess, ups: Upstreams
+    turnout: InProcessTurnout, ups: Upstreams
 ) -> None:
     before = len(ups.silent.requests)
     response = rawhttp.get(turnout.port, "/silent/x")
@@ -194,7 +197,7 @@ def test_no_answer_at_all_gets_502_after_bounded_attempts(
     assert 1 <= attempts <= 3, f"{attempts} attempts with retries: 2"
 
 
-def read_broken(turnout: TurnoutProcess, path: str) -> tuple[RawResponse, bool]:
+def read_broken(turnout: InProcessTurnout, path: str) -> tuple[RawResponse, bool]:
     with RawConnection(turnout.port) as conn:
         conn.send(build_request("GET", path))
         _, response = conn.read_final_response(allow_incomplete=True)
@@ -202,7 +205,7 @@ def read_broken(turnout: TurnoutProcess, path: str) -> tuple[RawResponse, bool]:
     return response, closed
 
 
-def test_truncated_content_length_body_reaches_client_broken(turnout: TurnoutProcess) -> None:
+def test_truncated_content_length_body_reaches_client_broken(turnout: InProcessTurnout) -> None:
     response, closed = read_broken(turnout, "/truncl/x")
     if response.status == 200:
         assert response.framing in ("content-length", "chunked"), (
@@ -217,7 +220,7 @@ def test_truncated_content_length_body_reaches_client_broken(turnout: TurnoutPro
     assert rawhttp.get(turnout.port, "/slow/after-truncation").status == 200
 
 
-def test_truncated_chunked_body_reaches_client_broken(turnout: TurnoutProcess) -> None:
+def test_truncated_chunked_body_reaches_client_broken(turnout: InProcessTurnout) -> None:
     response, closed = read_broken(turnout, "/truncc/x")
     if response.status == 200:
         assert response.framing in ("content-length", "chunked"), (
@@ -230,7 +233,7 @@ def test_truncated_chunked_body_reaches_client_broken(turnout: TurnoutProcess) -
     assert rawhttp.get(turnout.port, "/slow/after-truncation").status == 200
 
 
-def test_stale_pooled_connections_are_not_reused(turnout: TurnoutProcess, ups: Upstreams) -> None:
+def test_stale_pooled_connections_are_not_reused(turnout: InProcessTurnout, ups: Upstreams) -> None:
     requests_before = len(ups.stale.requests)
     with RawConnection(turnout.port) as conn:
         for index in range(50):
@@ -241,7 +244,7 @@ def test_stale_pooled_connections_are_not_reused(turnout: TurnoutProcess, ups: U
     assert len(ups.stale.requests) - requests_before == 50
 
 
-def test_upstream_connection_close_every_time(turnout: TurnoutProcess, ups: Upstreams) -> None:
+def test_upstream_connection_close_every_time(turnout: InProcessTurnout, ups: Upstreams) -> None:
     with RawConnection(turnout.port) as conn:
         for index in range(50):
             response = conn.request("GET", f"/connclose/{index}")
@@ -249,7 +252,7 @@ def test_upstream_connection_close_every_time(turnout: TurnoutProcess, ups: Upst
             assert response.body == ups.connection_close.body
 
 
-def test_http10_close_delimited_upstream_body(turnout: TurnoutProcess, ups: Upstreams) -> None:
+def test_http10_close_delimited_upstream_body(turnout: InProcessTurnout, ups: Upstreams) -> None:
     conn = RawConnection(turnout.port)
     try:
         for index in range(20):

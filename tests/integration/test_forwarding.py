@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import Headers, RawConnection, RawResponse
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream, RawUpstream, UpstreamHost
 
 HOP_BY_HOP = (
@@ -45,8 +45,7 @@ def turnout(
     blue: EchoUpstream,
     hop: RawUpstream,
     pooled: RawUpstream,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[TurnoutProcess]:
+) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         "upstreams": {
             "blue": {"endpoints": [blue.address]},
@@ -59,12 +58,12 @@ def turnout(
             {"name": "main", "split": {"blue": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("forwarding")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
 def echo(
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
     path: str = "/",
     headers: Headers | None = None,
     *,
@@ -85,7 +84,7 @@ def values(headers: Headers, name: str) -> list[str]:
     return [value for key, value in headers if key.lower() == lower]
 
 
-def test_request_path_query_method_and_body_pass_unchanged(turnout: TurnoutProcess) -> None:
+def test_request_path_query_method_and_body_pass_unchanged(turnout: InProcessTurnout) -> None:
     path = "/api/a%20b/c;p=1?x=1&y=%2F&x=2&empty="
     response, _ = echo(turnout, path, method="PUT", body=b"payload")
     described = response.json()
@@ -94,7 +93,7 @@ def test_request_path_query_method_and_body_pass_unchanged(turnout: TurnoutProce
     assert described["body_len"] == len(b"payload")
 
 
-def test_hop_by_hop_request_headers_are_not_forwarded(turnout: TurnoutProcess) -> None:
+def test_hop_by_hop_request_headers_are_not_forwarded(turnout: InProcessTurnout) -> None:
     _, seen = echo(
         turnout,
         "/hop-request",
@@ -120,7 +119,7 @@ def test_hop_by_hop_request_headers_are_not_forwarded(turnout: TurnoutProcess) -
 
 
 def test_hop_by_hop_response_headers_are_not_forwarded(
-    turnout: TurnoutProcess, hop: RawUpstream
+    turnout: InProcessTurnout, hop: RawUpstream
 ) -> None:
     with RawConnection(turnout.port) as conn:
         response = conn.request("GET", "/hop/a")
@@ -139,12 +138,12 @@ def test_hop_by_hop_response_headers_are_not_forwarded(
         assert again.body == hop.body
 
 
-def test_x_forwarded_for_is_set_when_absent(turnout: TurnoutProcess) -> None:
+def test_x_forwarded_for_is_set_when_absent(turnout: InProcessTurnout) -> None:
     _, seen = echo(turnout, "/xff")
     assert values(seen, "x-forwarded-for") == ["127.0.0.1"]
 
 
-def test_x_forwarded_for_is_appended_to_an_incoming_one(turnout: TurnoutProcess) -> None:
+def test_x_forwarded_for_is_appended_to_an_incoming_one(turnout: InProcessTurnout) -> None:
     _, seen = echo(turnout, "/xff", [("X-Forwarded-For", "203.0.113.7, 198.51.100.2")])
     forwarded = values(seen, "x-forwarded-for")
     joined = ", ".join(forwarded)
@@ -152,7 +151,7 @@ def test_x_forwarded_for_is_appended_to_an_incoming_one(turnout: TurnoutProcess)
     assert hops == ["203.0.113.7", "198.51.100.2", "127.0.0.1"], forwarded
 
 
-def test_forwarded_proto_and_host_set_and_host_unchanged(turnout: TurnoutProcess) -> None:
+def test_forwarded_proto_and_host_set_and_host_unchanged(turnout: InProcessTurnout) -> None:
     _, seen = echo(turnout, "/fwd", host="App.Example.test:8443")
     assert values(seen, "host") == ["App.Example.test:8443"]
     assert values(seen, "x-forwarded-host") == ["App.Example.test:8443"]
@@ -163,7 +162,7 @@ def test_forwarded_proto_and_host_set_and_host_unchanged(turnout: TurnoutProcess
     assert values(seen, "x-forwarded-host") == ["plain.example.test"]
 
 
-def test_request_id_is_generated_when_absent(turnout: TurnoutProcess) -> None:
+def test_request_id_is_generated_when_absent(turnout: InProcessTurnout) -> None:
     first, seen_first = echo(turnout, "/rid")
     second, seen_second = echo(turnout, "/rid")
     for response, seen in ((first, seen_first), (second, seen_second)):
@@ -174,13 +173,13 @@ def test_request_id_is_generated_when_absent(turnout: TurnoutProcess) -> None:
     assert values(seen_first, "x-request-id") != values(seen_second, "x-request-id")
 
 
-def test_request_id_is_passed_through_when_present(turnout: TurnoutProcess) -> None:
+def test_request_id_is_passed_through_when_present(turnout: InProcessTurnout) -> None:
     response, seen = echo(turnout, "/rid", [("X-Request-Id", "client-chosen-42")])
     assert values(seen, "x-request-id") == ["client-chosen-42"]
     assert response.header_values("x-request-id") == ["client-chosen-42"]
 
 
-def test_traceparent_and_tracestate_pass_untouched(turnout: TurnoutProcess) -> None:
+def test_traceparent_and_tracestate_pass_untouched(turnout: InProcessTurnout) -> None:
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
     _, seen = echo(turnout, "/trace", [("traceparent", traceparent), ("tracestate", tracestate)])
@@ -188,7 +187,7 @@ def test_traceparent_and_tracestate_pass_untouched(turnout: TurnoutProcess) -> N
     assert values(seen, "tracestate") == [tracestate]
 
 
-def test_duplicate_request_headers_keep_their_order(turnout: TurnoutProcess) -> None:
+def test_duplicate_request_headers_keep_their_order(turnout: InProcessTurnout) -> None:
     _, seen = echo(
         turnout,
         "/multi",
@@ -201,7 +200,7 @@ def test_duplicate_request_headers_keep_their_order(turnout: TurnoutProcess) -> 
 
 
 def test_duplicate_response_headers_and_set_cookies_are_preserved(
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
 ) -> None:
     with RawConnection(turnout.port) as conn:
         response = conn.request("GET", "/c/cookies")
@@ -216,7 +215,7 @@ def test_duplicate_response_headers_and_set_cookies_are_preserved(
     assert [part.strip() for part in ", ".join(multi).split(",")] == ["first", "second"]
 
 
-def test_upstream_identity_header_reaches_client(turnout: TurnoutProcess) -> None:
+def test_upstream_identity_header_reaches_client(turnout: InProcessTurnout) -> None:
     # End-to-end sanity that ordinary response headers are not dropped with the hop-by-hop ones.
     response, _ = echo(turnout, "/plain")
     assert response.header_values("x-upstream") == ["blue"]
@@ -224,7 +223,7 @@ def test_upstream_identity_header_reaches_client(turnout: TurnoutProcess) -> Non
 
 
 def test_upstream_connections_are_pooled_and_reused(
-    turnout: TurnoutProcess, pooled: RawUpstream
+    turnout: InProcessTurnout, pooled: RawUpstream
 ) -> None:
     # Sequential requests, from one client connection and then from fresh ones, need only the
     # one keep-alive upstream connection (a little slack for a pool that keeps a spare).

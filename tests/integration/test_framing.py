@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.support import rawhttp
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request, chunked
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream, RawUpstream, UpstreamHost, pattern_bytes
 
 MAX_HEADER_SIZE = 8 * 1024
@@ -33,9 +33,7 @@ def sink(upstream_host: UpstreamHost) -> Iterator[RawUpstream]:
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, sink: RawUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(blue: EchoUpstream, sink: RawUpstream) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         "limits": {
             "max_header_size": "8KiB",
@@ -51,7 +49,7 @@ def turnout(
             {"name": "main", "split": {"blue": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("framing")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
@@ -62,7 +60,7 @@ def sha(data: bytes) -> str:
 # -- valid framings ---------------------------------------------------------------------------
 
 
-def test_chunked_request_body_is_forwarded_intact(turnout: TurnoutProcess) -> None:
+def test_chunked_request_body_is_forwarded_intact(turnout: InProcessTurnout) -> None:
     parts = [b"a", pattern_bytes(10), pattern_bytes(4096, "x"), pattern_bytes(70000, "y"), b"zz"]
     body = b"".join(parts)
     encoded = b"1;ext=1\r\na\r\n" + chunked(parts[1:])  # a chunk extension too
@@ -80,7 +78,7 @@ def test_chunked_request_body_is_forwarded_intact(turnout: TurnoutProcess) -> No
     assert len(framing) == 1, f"upstream saw framing headers {framing}"
 
 
-def test_content_length_request_body_is_forwarded_intact(turnout: TurnoutProcess) -> None:
+def test_content_length_request_body_is_forwarded_intact(turnout: InProcessTurnout) -> None:
     body = pattern_bytes(100_000, "cl")
     with RawConnection(turnout.port) as conn:
         response = conn.request("POST", "/upload", body=body)
@@ -91,7 +89,7 @@ def test_content_length_request_body_is_forwarded_intact(turnout: TurnoutProcess
     assert empty.json()["body_len"] == 0
 
 
-def test_body_at_the_limit_is_accepted(turnout: TurnoutProcess) -> None:
+def test_body_at_the_limit_is_accepted(turnout: InProcessTurnout) -> None:
     body = pattern_bytes(MAX_BODY, "limit")
     with RawConnection(turnout.port) as conn:
         response = conn.request("POST", "/upload", body=body)
@@ -99,7 +97,7 @@ def test_body_at_the_limit_is_accepted(turnout: TurnoutProcess) -> None:
     assert response.json()["body_sha256"] == sha(body)
 
 
-def test_chunked_response_arrives_whole(turnout: TurnoutProcess) -> None:
+def test_chunked_response_arrives_whole(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         response = conn.request("GET", "/bytes?n=200000&seed=chunky")
     assert response.status == 200
@@ -107,7 +105,7 @@ def test_chunked_response_arrives_whole(turnout: TurnoutProcess) -> None:
     assert response.body == pattern_bytes(200_000, "chunky")
 
 
-def test_fixed_response_keeps_its_content_length(turnout: TurnoutProcess) -> None:
+def test_fixed_response_keeps_its_content_length(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         response = conn.request("GET", "/fixed?n=50000&seed=fixed")
     assert response.status == 200
@@ -116,7 +114,7 @@ def test_fixed_response_keeps_its_content_length(turnout: TurnoutProcess) -> Non
     assert response.body == pattern_bytes(50_000, "fixed")
 
 
-def test_head_gets_content_length_and_no_body(turnout: TurnoutProcess) -> None:
+def test_head_gets_content_length_and_no_body(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         head = conn.request("HEAD", "/fixed?n=1234")
         # Had the proxy sent body bytes after the HEAD response, they would be parsed as the
@@ -129,7 +127,7 @@ def test_head_gets_content_length_and_no_body(turnout: TurnoutProcess) -> None:
     assert after.json()["path"] == "/after-head"
 
 
-def test_204_and_304_have_no_body(turnout: TurnoutProcess) -> None:
+def test_204_and_304_have_no_body(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         no_content = conn.request("GET", "/status/204")
         not_modified = conn.request("GET", "/status/304", [("If-None-Match", '"v1"')])
@@ -142,7 +140,7 @@ def test_204_and_304_have_no_body(turnout: TurnoutProcess) -> None:
     assert after.json()["path"] == "/after-empty"
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(turnout: TurnoutProcess) -> None:
+def test_keep_alive_serves_many_requests_on_one_connection(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         for index in range(10):
             body = pattern_bytes(index * 1000, str(index)) if index % 2 else None
@@ -154,7 +152,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(turnout: TurnoutProce
             assert described["body_len"] == (len(body) if body is not None else 0)
 
 
-def test_http10_client_gets_unchunked_response_and_close(turnout: TurnoutProcess) -> None:
+def test_http10_client_gets_unchunked_response_and_close(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         conn.send(build_request("GET", "/bytes?n=5000&seed=old", version="HTTP/1.0"))
         _, response = conn.read_final_response()
@@ -165,7 +163,7 @@ def test_http10_client_gets_unchunked_response_and_close(turnout: TurnoutProcess
     assert closed, "connection of an HTTP/1.0 client without keep-alive stayed open"
 
 
-def test_pipelined_requests_are_answered_in_order(turnout: TurnoutProcess) -> None:
+def test_pipelined_requests_are_answered_in_order(turnout: InProcessTurnout) -> None:
     body = pattern_bytes(20000, "pipe")
     batch = (
         build_request("GET", "/pipe/1")
@@ -181,7 +179,7 @@ def test_pipelined_requests_are_answered_in_order(turnout: TurnoutProcess) -> No
     assert responses[1].json()["body_sha256"] == sha(body)
 
 
-def test_expect_100_continue(turnout: TurnoutProcess) -> None:
+def test_expect_100_continue(turnout: InProcessTurnout) -> None:
     body = b"hello world"
     with RawConnection(turnout.port) as conn:
         conn.send(
@@ -204,7 +202,7 @@ def test_expect_100_continue(turnout: TurnoutProcess) -> None:
 
 
 def assert_refused_and_not_forwarded(
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
     sink: RawUpstream,
     raw: bytes,
     statuses: tuple[int, ...] = (400,),
@@ -263,13 +261,13 @@ AMBIGUOUS: dict[str, bytes] = {
 
 @pytest.mark.parametrize("raw", list(AMBIGUOUS.values()), ids=list(AMBIGUOUS))
 def test_ambiguous_framing_gets_400_and_nothing_is_forwarded(
-    turnout: TurnoutProcess, sink: RawUpstream, raw: bytes
+    turnout: InProcessTurnout, sink: RawUpstream, raw: bytes
 ) -> None:
     assert_refused_and_not_forwarded(turnout, sink, raw)
 
 
 def test_transfer_encoding_not_ending_in_chunked_is_refused(
-    turnout: TurnoutProcess, sink: RawUpstream
+    turnout: InProcessTurnout, sink: RawUpstream
 ) -> None:
     # RFC 9112 6.3: the body length cannot be known; 400 (or 501 for an unknown coding).
     raw = b"POST /sink/a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nabc"
@@ -277,19 +275,19 @@ def test_transfer_encoding_not_ending_in_chunked_is_refused(
 
 
 def test_request_head_over_max_header_size_gets_431(
-    turnout: TurnoutProcess, sink: RawUpstream
+    turnout: InProcessTurnout, sink: RawUpstream
 ) -> None:
     raw = build_request("GET", "/sink/big", [("X-Big", "b" * (MAX_HEADER_SIZE + 2048))])
     assert_refused_and_not_forwarded(turnout, sink, raw, (431,), must_close=False)
 
 
-def test_more_than_max_headers_gets_431(turnout: TurnoutProcess, sink: RawUpstream) -> None:
+def test_more_than_max_headers_gets_431(turnout: InProcessTurnout, sink: RawUpstream) -> None:
     headers = [(f"X-H{index}", "v") for index in range(MAX_HEADERS + 10)]
     raw = build_request("GET", "/sink/many", headers)
     assert_refused_and_not_forwarded(turnout, sink, raw, (431,), must_close=False)
 
 
-def test_heads_under_the_limits_are_forwarded(turnout: TurnoutProcess, sink: RawUpstream) -> None:
+def test_heads_under_the_limits_are_forwarded(turnout: InProcessTurnout, sink: RawUpstream) -> None:
     seen_before = len(sink.requests)
     many = [(f"X-H{index}", "v") for index in range(MAX_HEADERS - 10)]
     large = [("X-Big", "b" * (MAX_HEADER_SIZE - 2048))]
@@ -302,14 +300,14 @@ def test_heads_under_the_limits_are_forwarded(turnout: TurnoutProcess, sink: Raw
 
 
 def test_content_length_over_max_request_body_gets_413(
-    turnout: TurnoutProcess, sink: RawUpstream
+    turnout: InProcessTurnout, sink: RawUpstream
 ) -> None:
     # Only the head is sent: the proxy must answer from the Content-Length alone.
     raw = build_request("POST", "/sink/huge", [("Content-Length", str(MAX_BODY + 1))])
     assert_refused_and_not_forwarded(turnout, sink, raw, (413,), must_close=False)
 
 
-def test_chunked_body_over_max_request_body_is_cut_off(turnout: TurnoutProcess) -> None:
+def test_chunked_body_over_max_request_body_is_cut_off(turnout: InProcessTurnout) -> None:
     # The size is known only while streaming: the proxy must stop at the limit and answer 413
     # (nothing was answered yet: the echo upstream replies only after the whole body).
     piece = pattern_bytes(64 * 1024, "over")
@@ -326,12 +324,12 @@ def test_chunked_body_over_max_request_body_is_cut_off(turnout: TurnoutProcess) 
 
 
 def test_garbage_gets_400_and_the_connection_closes(
-    turnout: TurnoutProcess, sink: RawUpstream
+    turnout: InProcessTurnout, sink: RawUpstream
 ) -> None:
     assert_refused_and_not_forwarded(turnout, sink, b"this is not http at all\r\n\r\n")
 
 
-def test_a_stalled_half_head_does_not_block_other_clients(turnout: TurnoutProcess) -> None:
+def test_a_stalled_half_head_does_not_block_other_clients(turnout: InProcessTurnout) -> None:
     stalled = [RawConnection(turnout.port) for _ in range(5)]
     try:
         for conn in stalled:
@@ -343,3 +341,54 @@ def test_a_stalled_half_head_does_not_block_other_clients(turnout: TurnoutProces
     finally:
         for conn in stalled:
             conn.close()
+
+
+def test_a_request_body_that_stops_arriving_gets_408(blue: EchoUpstream) -> None:
+    config: dict[str, Any] = {
+        "timeouts": {"idle": "300ms"},
+        "upstreams": {"blue": {"endpoints": [blue.address]}},
+        "routes": [{"name": "main", "split": {"blue": 100}}],
+    }
+    with start_inprocess(config, access_log=True) as turnout, RawConnection(turnout.port) as conn:
+        head = build_request("POST", "/upload", [("Content-Length", "10"), ("X-Request-Id", "b1")])
+        conn.send(head + b"12")
+        _, response = conn.read_final_response()
+        assert response.status == 408
+        assert response.json()["error"]
+        assert conn.wait_closed(5.0)
+        assert turnout.wait_for_log({"b1"})["b1"]["flags"] == "client_timeout"
+
+
+def test_a_broken_request_pipelined_behind_a_running_one_ends_the_connection_after_it(
+    turnout: InProcessTurnout,
+) -> None:
+    with RawConnection(turnout.port) as conn:
+        conn.send(build_request("GET", "/slow?ms=300") + b"this is not http\r\n\r\n")
+        _, first = conn.read_final_response()
+        # The running request is answered whole; the broken one gets no answer of its own.
+        assert first.status == 200
+        assert first.json()["path"] == "/slow?ms=300"
+        assert conn.wait_closed(5.0)
+        assert conn.buffered == b""
+
+
+def test_a_queued_request_whose_body_passes_the_limit_is_never_forwarded(
+    blue: EchoUpstream,
+) -> None:
+    # The queued request's body arrives with the running request (one write, one read): it is
+    # bounded while it waits, and refused before it ever starts.
+    config: dict[str, Any] = {
+        "limits": {"max_request_body": "1KiB"},
+        "upstreams": {"blue": {"endpoints": [blue.address]}},
+        "routes": [{"name": "main", "split": {"blue": 100}}],
+    }
+    second = build_request("POST", "/queued", [("Transfer-Encoding", "chunked")])
+    second += chunked([b"q" * 1024, b"q" * 1024])
+    before = blue.requests
+    with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
+        conn.send(build_request("GET", "/slow?ms=300") + second)
+        _, first = conn.read_final_response()
+        assert first.status == 200
+        assert conn.wait_closed(5.0)
+        assert conn.buffered == b""
+    assert blue.requests == before + 1, "the over-limit request reached the upstream"

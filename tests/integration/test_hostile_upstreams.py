@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import pytest
 
 from tests.support import wait_until
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request, get
 from tests.support.scripted import Connection, ScriptedUpstream
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream
 
 # What a script may send at most; an endless head that Turnout did not cut would reach it.
@@ -83,9 +82,7 @@ def hostile() -> Iterator[Hostile]:
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    hostile: Hostile, blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(hostile: Hostile, blue: EchoUpstream) -> Iterator[InProcessTurnout]:
     names = list(vars(hostile))
     config: dict[str, Any] = {
         "timeouts": {"response": "1s"},
@@ -101,13 +98,12 @@ def turnout(
             {"name": "good", "split": {"blue": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("hostile")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
-def protocol_errors(turnout: TurnoutProcess, route: str) -> float:
-    with urllib.request.urlopen(f"{turnout.admin_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
+def protocol_errors(turnout: InProcessTurnout, route: str) -> float:
+    text = turnout.metrics_text()
     for line in text.splitlines():
         if (
             line.startswith("turnout_upstream_errors_total{")
@@ -120,7 +116,7 @@ def protocol_errors(turnout: TurnoutProcess, route: str) -> float:
 
 @pytest.mark.parametrize("name", ["lines", "value"])
 def test_endless_response_head_is_cut_with_502(
-    turnout: TurnoutProcess, hostile: Hostile, name: str
+    turnout: InProcessTurnout, hostile: Hostile, name: str
 ) -> None:
     upstream: ScriptedUpstream = getattr(hostile, name)
     before = protocol_errors(turnout, name)
@@ -135,14 +131,14 @@ def test_endless_response_head_is_cut_with_502(
     assert get(turnout.port, "/anything").status == 200
 
 
-def test_too_many_response_fields_is_502(turnout: TurnoutProcess) -> None:
+def test_too_many_response_fields_is_502(turnout: InProcessTurnout) -> None:
     response = get(turnout.port, "/fields")
     assert response.status == 502
     assert "too many response header fields" in response.json()["error"]
 
 
 def test_response_timeout_covers_a_head_sent_line_by_line(
-    turnout: TurnoutProcess, hostile: Hostile
+    turnout: InProcessTurnout, hostile: Hostile
 ) -> None:
     response = get(turnout.port, "/slow")
     assert response.status == 504
@@ -150,7 +146,7 @@ def test_response_timeout_covers_a_head_sent_line_by_line(
     wait_until(lambda: conn.cut, timeout=10, what="Turnout to drop the dripping upstream")
 
 
-def test_unsolicited_101_is_502_and_no_tunnel(turnout: TurnoutProcess) -> None:
+def test_unsolicited_101_is_502_and_no_tunnel(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         conn.send(build_request("GET", "/switch"))
         _, response = conn.read_final_response("GET")

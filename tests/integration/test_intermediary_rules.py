@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from tests.support import wait_until
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, RawResponse, build_request, get, send_raw
 from tests.support.scripted import Connection, ScriptedUpstream
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream
 
 CAP = 64 * 1024 * 1024
@@ -77,12 +77,12 @@ def _read_head(conn: Connection) -> bytes:
 
 @dataclass
 class Setup:
-    turnout: TurnoutProcess
+    turnout: InProcessTurnout
     scripted: ScriptedUpstream
 
 
 @pytest.fixture(scope="module")
-def setup(blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(blue: EchoUpstream) -> Iterator[Setup]:
     upstream = ScriptedUpstream(keep_answering)
     config: dict[str, Any] = {
         "upstreams": {
@@ -96,7 +96,7 @@ def setup(blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
             {"name": "rest", "split": {"blue": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("rfc")) as process:
+    with start_inprocess(config) as process:
         yield Setup(process, upstream)
     upstream.close()
 
@@ -184,6 +184,23 @@ def test_early_hints_are_passed_on(port: int) -> None:
     assert final.body == b"ok"
 
 
+def test_early_hints_never_reach_an_http10_client(port: int) -> None:
+    with RawConnection(port) as conn:
+        conn.send(build_request("GET", "/raw/hints", version="HTTP/1.0"))
+        interim, final = conn.read_final_response("GET")
+    assert interim == []
+    assert final.body == b"ok"
+
+
+def test_an_http10_keep_alive_client_is_told_the_connection_stays(port: int) -> None:
+    with RawConnection(port) as conn:
+        for _ in range(2):
+            response = conn.request("GET", "/x", [("Connection", "keep-alive")], version="HTTP/1.0")
+            assert response.status == 200
+            assert response.header("connection") == "keep-alive"
+        assert not conn.closed_already()
+
+
 # -- what the client may send ----------------------------------------------------------------
 
 
@@ -203,6 +220,13 @@ def test_early_hints_are_passed_on(port: int) -> None:
         (b"GET /a%00 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (b"GET /a%zz HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (b"GET /a#frag HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET http://a/b#frag HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\nContent-Length: 1\r\n\r\nx", 417),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+        (b"OPTIONS * HTTP/1.1\r\nHost: a\r\nMax-Forwards: two\r\n\r\n", 400),
     ],
 )
 def test_refused_requests(port: int, request_bytes: bytes, status: int) -> None:

@@ -1,4 +1,4 @@
-"""Large bodies stream through a real Turnout intact, and with bounded memory.
+"""Large bodies stream through Turnout intact, and with bounded memory.
 
 Integrity: 10 MiB up and down, chunked and with Content-Length, compared by sha256.
 
@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import build_request
-from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
+from tests.support.turnout import TurnoutFactory, TurnoutProcess
 from tests.support.upstreams import EchoUpstream, pattern_chunks, pattern_sha256
 
 MIB = 1024 * 1024
@@ -43,10 +44,10 @@ def config_for(blue: EchoUpstream) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
-    with start_turnout(config_for(blue), tmp_path_factory.mktemp("large")) as process:
+def turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
+    # Integrity needs no process of its own: the data plane runs in-process. The memory tests
+    # below measure a Turnout process tree, so they start one each.
+    with start_inprocess(config_for(blue)) as process:
         yield process
 
 
@@ -58,7 +59,7 @@ async def pattern_stream(n: int, seed: str) -> AsyncIterator[bytes]:
 # -- integrity --------------------------------------------------------------------------------
 
 
-async def test_upload_10mib_chunked(turnout: TurnoutProcess) -> None:
+async def test_upload_10mib_chunked(turnout: InProcessTurnout) -> None:
     async with (
         aiohttp.ClientSession() as session,
         session.post(f"{turnout.url}/upload", data=pattern_stream(SIZE, "up-chunked")) as resp,
@@ -70,7 +71,7 @@ async def test_upload_10mib_chunked(turnout: TurnoutProcess) -> None:
     assert described["body_sha256"] == pattern_sha256(SIZE, "up-chunked")
 
 
-async def test_upload_10mib_content_length(turnout: TurnoutProcess) -> None:
+async def test_upload_10mib_content_length(turnout: InProcessTurnout) -> None:
     body = b"".join(pattern_chunks(SIZE, "up-fixed"))
     async with (
         aiohttp.ClientSession() as session,
@@ -84,7 +85,7 @@ async def test_upload_10mib_content_length(turnout: TurnoutProcess) -> None:
 
 
 @pytest.mark.parametrize("mode", ["chunked", "fixed"])
-async def test_download_10mib(turnout: TurnoutProcess, mode: str) -> None:
+async def test_download_10mib(turnout: InProcessTurnout, mode: str) -> None:
     digest = hashlib.sha256()
     length = 0
     url = f"{turnout.url}/sha?n={SIZE}&seed=down-{mode}&mode={mode}"

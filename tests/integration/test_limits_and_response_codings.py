@@ -7,12 +7,11 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, ResponseError, send_raw
-from tests.support.turnout import TurnoutProcess, start_turnout
 
 
 class CodedUpstream:
@@ -58,22 +57,19 @@ def coded() -> Iterator[CodedUpstream]:
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    coded: CodedUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
-    tmp: Path = tmp_path_factory.mktemp("edges")
+def turnout(coded: CodedUpstream) -> Iterator[InProcessTurnout]:
     config = {
         "limits": {"max_header_size": 4096},
         "upstreams": {"coded": {"endpoints": [f"127.0.0.1:{coded.port}"]}},
         "routes": [{"name": "all", "split": {"coded": 100}}],
     }
-    proc = start_turnout(config, tmp)
+    proc = start_inprocess(config)
     yield proc
     proc.close()
 
 
 def test_unterminated_header_line_over_the_limit_gets_431(
-    turnout: TurnoutProcess, coded: CodedUpstream
+    turnout: InProcessTurnout, coded: CodedUpstream
 ) -> None:
     before = coded.requests
     # One header line of 64 KiB with no end: llhttp would hold it until its CRLF.
@@ -86,7 +82,7 @@ def test_unterminated_header_line_over_the_limit_gets_431(
 
 
 def test_coded_close_delimited_body_keeps_its_coding(
-    turnout: TurnoutProcess, coded: CodedUpstream
+    turnout: InProcessTurnout, coded: CodedUpstream
 ) -> None:
     response, _ = send_raw(turnout.port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
     assert response.status == 200
@@ -94,15 +90,13 @@ def test_coded_close_delimited_body_keeps_its_coding(
     assert response.body == CodedUpstream.BODY
 
 
-def test_connections_beyond_max_connections_wait_in_the_backlog(
-    coded: CodedUpstream, tmp_path: Path
-) -> None:
+def test_connections_beyond_max_connections_wait_in_the_backlog(coded: CodedUpstream) -> None:
     config = {
         "limits": {"max_connections": 2},
         "upstreams": {"coded": {"endpoints": [f"127.0.0.1:{coded.port}"]}},
         "routes": [{"name": "all", "split": {"coded": 100}}],
     }
-    proc = start_turnout(config, tmp_path)
+    proc = start_inprocess(config)
     try:
         # `OPTIONS *` goes to the upstream like any request (the route has no path prefix);
         # the coded upstream answers it 200 with its body, which the proxy chunks.

@@ -8,11 +8,12 @@ mid-response, and a port nobody listens on. Requests carry their own `X-Request-
 Turnout passes to the primary and to the copy, so each test finds its own requests in what the
 shadows saw and in the access log.
 
-Counters: when the admin `/metrics` endpoint answers, the mirror series are asserted too
-(`turnout_mirror_requests_total`, `..._status_mismatch_total`, `..._body_mismatch_total`);
-without it, the subprocess tests assert on what the shadows received, on the access log's
-`mirrored` field and on the `turnout.mirror` lines on stderr. The last tests drive a `Mirrorer`
-in process, as the data plane does, and assert every counter exactly.
+Turnout here is one worker's data plane in-process (tests.support.inprocess). Tests assert on
+what the shadows received, on the access log's `mirrored` field, on the `turnout.mirror` log
+lines, and on the mirror series of `/metrics` as the supervisor renders them from the worker's
+counters (`turnout_mirror_requests_total`, `..._status_mismatch_total`,
+`..._body_mismatch_total`). The last tests drive a `Mirrorer` directly, as the data plane does,
+and assert every counter exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import re
 import socket
 import struct
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -42,7 +42,8 @@ from proxy.core.spec import ConfigSpec, Endpoint, Mirror, RouteSpec, UpstreamSpe
 from proxy.core.table import CompiledRoute, compile_table
 from proxy.dataplane.mirror import REST_AFTER, Mirrorer
 from tests.support import async_wait_until
-from tests.support.turnout import TurnoutProcess, free_port, http_status, start_turnout
+from tests.support.inprocess import InProcessTurnout, start_inprocess
+from tests.support.turnout import free_port
 from tests.support.upstreams import UpstreamHost, pattern_bytes, pattern_chunks, read_request
 
 KIB = 1024
@@ -269,7 +270,7 @@ def route(name: str, mirror: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def turnout(shadows: Shadows, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TurnoutProcess]:
+def turnout(shadows: Shadows) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         "workers": 1,
         "upstreams": {
@@ -303,7 +304,7 @@ def turnout(shadows: Shadows, tmp_path_factory: pytest.TempPathFactory) -> Itera
             route("held", {"to": "holder", "max_in_flight": HOLD_BOUND, "timeout": "60s"}),
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("mirror"), access_log=True) as process:
+    with start_inprocess(config, access_log=True) as process:
         yield process
 
 
@@ -321,7 +322,7 @@ def new_tag() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def mirrored_flags(turnout: TurnoutProcess, prefix: str) -> dict[str, bool]:
+def mirrored_flags(turnout: InProcessTurnout, prefix: str) -> dict[str, bool]:
     """The access log's `mirrored` field of every request whose id starts with `prefix`."""
     return {
         str(entry["request_id"]): bool(entry["mirrored"])
@@ -330,7 +331,7 @@ def mirrored_flags(turnout: TurnoutProcess, prefix: str) -> dict[str, bool]:
     }
 
 
-async def wait_logged(turnout: TurnoutProcess, prefix: str, count: int) -> dict[str, bool]:
+async def wait_logged(turnout: InProcessTurnout, prefix: str, count: int) -> dict[str, bool]:
     found: dict[str, bool] = {}
 
     def done() -> bool:
@@ -347,12 +348,9 @@ _SAMPLE = re.compile(r"^([a-z_]+)\{([^}]*)\} ([0-9.eE+-]+)$")
 Metrics = dict[tuple[str, str, str], float]
 
 
-def mirror_metrics(turnout: TurnoutProcess) -> Metrics | None:
-    """Mirror series from /metrics as {(name, route, outcome or ""): value}; None without it."""
-    if http_status(f"{turnout.admin_url}/metrics") != 200:
-        return None
-    with urllib.request.urlopen(f"{turnout.admin_url}/metrics", timeout=5) as response:
-        text = response.read().decode()
+def mirror_metrics(turnout: InProcessTurnout) -> Metrics:
+    """Mirror series from /metrics as {(name, route, outcome or ""): value}."""
+    text = turnout.metrics_text()
     found: dict[tuple[str, str, str], float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line)
@@ -368,24 +366,22 @@ def outcome(metrics: Metrics, route_name: str, kind: str) -> float:
     return metrics.get(("turnout_mirror_requests_total", route_name, kind), 0.0)
 
 
-def series(metrics: Metrics | None, name: str, route_name: str, kind: str = "") -> float:
-    """One counter (0 when absent, or when there is no /metrics)."""
-    return (metrics or {}).get((f"turnout_mirror_{name}", route_name, kind), 0.0)
+def series(metrics: Metrics, name: str, route_name: str, kind: str = "") -> float:
+    """One counter (0 when absent)."""
+    return metrics.get((f"turnout_mirror_{name}", route_name, kind), 0.0)
 
 
 async def expect_metrics(
-    turnout: TurnoutProcess, what: str, check: Callable[[Metrics], bool]
+    turnout: InProcessTurnout, what: str, check: Callable[[Metrics], bool]
 ) -> None:
-    """When /metrics exists, wait until `check` holds on it (copies settle after the primary
-    answered, so counters may lag a little); without /metrics, nothing to check."""
-    if mirror_metrics(turnout) is None:
-        return
-    await async_wait_until(lambda: check(mirror_metrics(turnout) or {}), what=what)
+    """Wait until `check` holds on /metrics (copies settle after the primary answered, so
+    counters may lag a little)."""
+    await async_wait_until(lambda: check(mirror_metrics(turnout)), what=what)
 
 
 async def fetch(
     client: aiohttp.ClientSession,
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
     method: str,
     target: str,
     request_id: str,
@@ -439,7 +435,7 @@ BODIES = {
 
 @pytest.mark.parametrize("kind", list(BODIES))
 async def test_copy_is_identical(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession, kind: str
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession, kind: str
 ) -> None:
     method, payload = BODIES[kind]
     request_id = f"same-{kind}-{new_tag()}"
@@ -478,7 +474,7 @@ async def test_copy_is_identical(
 
 
 async def test_client_mirror_marker_is_not_passed_twice(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     request_id = f"marker-{new_tag()}"
     status, body, _ = await fetch(
@@ -495,7 +491,7 @@ async def test_client_mirror_marker_is_not_passed_twice(
 
 async def run_load(
     client: aiohttp.ClientSession,
-    turnout: TurnoutProcess,
+    turnout: InProcessTurnout,
     route_name: str,
     prefix: str,
     count: int,
@@ -528,7 +524,7 @@ async def run_load(
 
 
 async def test_faulty_shadows_never_touch_the_primary(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     tag = new_tag()
     # Warm both paths first (connections, and the worker's first copy), so the figures are of
@@ -602,7 +598,7 @@ async def test_faulty_shadows_never_touch_the_primary(
 
 
 async def test_percent_samples_a_share(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     prefix = f"pct-{new_tag()}-"
     await run_load(client, turnout, "sample", prefix, SAMPLE_REQUESTS, SAMPLE_CONCURRENCY)
@@ -620,7 +616,7 @@ async def test_percent_samples_a_share(
 
 
 async def test_method_not_listed_is_not_sent(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     prefix = f"methods-{new_tag()}-"
     status, body, _ = await fetch(client, turnout, "POST", "/getonly/x", f"{prefix}post", b"x")
@@ -632,7 +628,7 @@ async def test_method_not_listed_is_not_sent(
 
 
 async def test_over_cap_bodies_are_skipped(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     prefix = f"cap-{new_tag()}-"
     before = mirror_metrics(turnout)
@@ -666,7 +662,7 @@ async def test_over_cap_bodies_are_skipped(
 
 
 async def test_in_flight_bound_holds_under_a_burst(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     holder = shadows.holder
     host = shadows.host
@@ -707,7 +703,7 @@ async def test_in_flight_bound_holds_under_a_burst(
 # -- comparison ------------------------------------------------------------------------------
 
 
-def mismatch_lines(turnout: TurnoutProcess, request_id: str) -> list[str]:
+def mismatch_lines(turnout: InProcessTurnout, request_id: str) -> list[str]:
     return [
         line
         for line in turnout.stderr_text().splitlines()
@@ -716,7 +712,7 @@ def mismatch_lines(turnout: TurnoutProcess, request_id: str) -> list[str]:
 
 
 async def test_status_mismatch_is_counted(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     before = mirror_metrics(turnout)
     request_id = f"status-{new_tag()}"
@@ -739,7 +735,7 @@ async def test_status_mismatch_is_counted(
 
 
 async def test_json_bodies_compared_ignoring_volatile_fields(
-    turnout: TurnoutProcess, shadows: Shadows, client: aiohttp.ClientSession
+    turnout: InProcessTurnout, shadows: Shadows, client: aiohttp.ClientSession
 ) -> None:
     tag = new_tag()
     before = mirror_metrics(turnout)

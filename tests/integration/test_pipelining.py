@@ -11,24 +11,22 @@ from typing import Any
 
 import pytest
 
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request
-from tests.support.turnout import TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         "upstreams": {"blue": {"endpoints": [blue.address]}},
         "routes": [{"name": "all", "split": {"blue": 100}}],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("pipelining")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
-def test_request_after_a_large_body_with_its_head_split(turnout: TurnoutProcess) -> None:
+def test_request_after_a_large_body_with_its_head_split(turnout: InProcessTurnout) -> None:
     # The upstream reads slowly, so Turnout stops reading the client and then takes the end of
     # the body and the start of the next head in one large read.
     body = b"p" * 2_000_000
@@ -44,7 +42,7 @@ def test_request_after_a_large_body_with_its_head_split(turnout: TurnoutProcess)
         assert answer.json()["path"] == "/second"
 
 
-def test_thousands_of_pipelined_requests_in_one_write(turnout: TurnoutProcess) -> None:
+def test_thousands_of_pipelined_requests_in_one_write(turnout: InProcessTurnout) -> None:
     count = 4000
     data = b"".join(build_request("GET", f"/n/{i}") for i in range(count))
     assert len(data) > 150_000
@@ -54,7 +52,7 @@ def test_thousands_of_pipelined_requests_in_one_write(turnout: TurnoutProcess) -
     assert paths == [f"/n/{i}" for i in range(count)]
 
 
-def test_request_after_a_declined_upgrade_is_answered(turnout: TurnoutProcess) -> None:
+def test_request_after_a_declined_upgrade_is_answered(turnout: InProcessTurnout) -> None:
     # The echo upstream answers a WebSocket handshake on /echo with a plain 200.
     upgrade = build_request(
         "GET",
@@ -77,7 +75,7 @@ def test_request_after_a_declined_upgrade_is_answered(turnout: TurnoutProcess) -
         assert conn.request("GET", "/again").json()["path"] == "/again"
 
 
-def test_request_after_an_h2c_upgrade_request_is_answered(turnout: TurnoutProcess) -> None:
+def test_request_after_an_h2c_upgrade_request_is_answered(turnout: InProcessTurnout) -> None:
     upgrade = build_request(
         "GET", "/h2c", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c")]
     )

@@ -5,10 +5,11 @@ that reference once, when it begins. Its head rules, its route, its Via name and
 timeout it meets come from that one generation, even when it runs (or waits, pipelined behind a
 slow request) across a reload; only the requests that begin after the reload see the new one.
 
-Every test runs a real `turnout run` (one worker), rewrites its config file and reloads it with
-`POST /admin/reload` while a request is in flight, waiting until the worker applied the new
-generation before going on. A `held` upstream answers only when the test lets it, so "while a
-request is in flight" never depends on timing.
+Every test runs one worker's data plane in-process (tests.support.inprocess) and hands it the
+next table while a request is in flight, as the supervisor's `table` message does after a
+reload; the worker has applied it when `reload` returns (the file -> `POST /admin/reload` ->
+worker path is tested end to end in tests/system). A `held` upstream answers only when the
+test lets it, so "while a request is in flight" never depends on timing.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support import wait_until
-from tests.support.load import ConfigLayout, admin_call, wait_generation
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request
 from tests.support.scripted import Connection, ScriptedUpstream
-from tests.support.turnout import TurnoutProcess, free_port, launch
 from tests.support.upstreams import EchoUpstream
 
 DEADLINE = 15.0
@@ -64,14 +62,10 @@ class HeldUpstream:
 
 
 class Reloadable:
-    """A running Turnout whose config file the test rewrites and reloads with POST."""
+    """A running data plane the test reloads with new configs."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
-        self.config = dict(
-            config, listen=f"127.0.0.1:{free_port()}", admin=f"127.0.0.1:{free_port()}"
-        )
-        self.layout = ConfigLayout(tmp_path, yaml.safe_dump(self.config, sort_keys=False))
-        self.proc: TurnoutProcess = launch(self.config, self.layout.link)
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.proc: InProcessTurnout = start_inprocess(config)
         self.generation = 1
 
     @property
@@ -80,12 +74,8 @@ class Reloadable:
 
     def reload(self, config: dict[str, Any]) -> None:
         """Put `config` in force; return once the worker applied it."""
-        self.config = dict(config, listen=self.config["listen"], admin=self.config["admin"])
-        self.layout.write_unwatched(yaml.safe_dump(self.config, sort_keys=False))
-        status, body = admin_call(self.proc.admin_url, "POST", "/admin/reload")
         self.generation += 1
-        assert (status, body) == (200, {"generation": self.generation, "changed": True})
-        wait_generation(self.proc.admin_url, self.generation, timeout=DEADLINE)
+        assert self.proc.reload(config) == self.generation
 
 
 @pytest.fixture
@@ -96,14 +86,12 @@ def held() -> Iterator[HeldUpstream]:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Any]:
-    """`start(config) -> Reloadable`; every Turnout started is killed at teardown."""
+def start() -> Iterator[Any]:
+    """`start(config) -> Reloadable`; every data plane started is closed at teardown."""
     started: list[Reloadable] = []
 
     def factory(config: dict[str, Any]) -> Reloadable:
-        folder = tmp_path / f"turnout{len(started)}"
-        folder.mkdir()
-        started.append(Reloadable(folder, config))
+        started.append(Reloadable(config))
         return started[-1]
 
     yield factory

@@ -7,25 +7,22 @@ descriptor of the worker.
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.core.config import ConfigError, parse_config
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import get
-from tests.support.turnout import TurnoutProcess, free_port, start_turnout
+from tests.support.turnout import free_port
 from tests.support.upstreams import EchoUpstream
 
 VIA = re.compile(r"1\.1 turnout-[0-9a-f]{12}\Z")
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
     port = free_port()
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
@@ -38,11 +35,11 @@ def turnout(
             {"name": "all", "split": {"blue": 100}},
         ],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("via"), access_log=True) as process:
+    with start_inprocess(config, access_log=True) as process:
         yield process
 
 
-def test_via_is_added_to_request_and_response(turnout: TurnoutProcess) -> None:
+def test_via_is_added_to_request_and_response(turnout: InProcessTurnout) -> None:
     response = get(turnout.port, "/x", [("Via", "1.0 fred, 1.1 p.example.net")])
     assert response.status == 200
     seen = [value for name, value in response.json()["headers"] if name.lower() == "via"]
@@ -51,7 +48,7 @@ def test_via_is_added_to_request_and_response(turnout: TurnoutProcess) -> None:
     assert VIA.match(response.header("via") or "")
 
 
-def test_a_request_looping_back_is_refused_with_508(turnout: TurnoutProcess) -> None:
+def test_a_request_looping_back_is_refused_with_508(turnout: InProcessTurnout) -> None:
     response = get(turnout.port, "/loop/x", [("X-Request-Id", "loop-1")])
     assert response.status == 508
     assert "loop" in response.json()["error"]
@@ -59,18 +56,17 @@ def test_a_request_looping_back_is_refused_with_508(turnout: TurnoutProcess) -> 
     # Two hops: the request as sent, and the same request come back (refused).
     entries = [e for e in turnout.access_log() if e.get("request_id") == "loop-1"]
     assert sorted(e["status"] for e in entries) == [508, 508]
-    with urllib.request.urlopen(f"{turnout.admin_url}/metrics", timeout=10) as answer:
-        metrics = answer.read().decode()
+    metrics = turnout.metrics_text()
     assert re.search(r'turnout_requests_total\{code="508",route="",upstream=""\} 1\.0', metrics)
 
 
-def test_a_configured_pseudonym_is_used(blue: EchoUpstream, tmp_path: Path) -> None:
+def test_a_configured_pseudonym_is_used(blue: EchoUpstream) -> None:
     config: dict[str, Any] = {
         "via": "edge-1",
         "upstreams": {"blue": {"endpoints": [blue.address]}},
         "routes": [{"name": "all", "split": {"blue": 100}}],
     }
-    with start_turnout(config, tmp_path) as turnout:
+    with start_inprocess(config) as turnout:
         response = get(turnout.port, "/x")
         assert response.header("via") == "1.1 edge-1"
         assert get(turnout.port, "/x", [("Via", "1.1 other, 1.1 edge-1")]).status == 508

@@ -10,26 +10,24 @@ import aiohttp
 import pytest
 
 from tests.support import async_wait_until
-from tests.support.turnout import TurnoutProcess, start_turnout
+from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.upstreams import EchoUpstream, pattern_bytes
 
 RECEIVE_TIMEOUT = 10.0
 
 
 @pytest.fixture(scope="module")
-def turnout(
-    blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TurnoutProcess]:
+def turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
     config: dict[str, Any] = {
         "upstreams": {"blue": {"endpoints": [blue.address]}},
         "routes": [{"name": "main", "split": {"blue": 100}}],
     }
-    with start_turnout(config, tmp_path_factory.mktemp("websocket")) as process:
+    with start_inprocess(config) as process:
         yield process
 
 
 async def test_websocket_echoes_text_and_binary(
-    turnout: TurnoutProcess, blue: EchoUpstream
+    turnout: InProcessTurnout, blue: EchoUpstream
 ) -> None:
     sessions_before = blue.ws_sessions
     async with aiohttp.ClientSession() as session, session.ws_connect(f"{turnout.url}/ws") as ws:
@@ -52,8 +50,13 @@ async def test_websocket_echoes_text_and_binary(
 
 
 async def test_client_close_reaches_the_upstream(
-    turnout: TurnoutProcess, blue: EchoUpstream
+    turnout: InProcessTurnout, blue: EchoUpstream
 ) -> None:
+    # The upstream records a close after answering it: a session of an earlier test may still
+    # be on its way to the list. Start once every session so far has its close recorded.
+    await async_wait_until(
+        lambda: len(blue.ws_close_codes) == blue.ws_sessions, what="earlier sessions recorded"
+    )
     closes_before = len(blue.ws_close_codes)
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(f"{turnout.url}/ws")
@@ -68,7 +71,7 @@ async def test_client_close_reaches_the_upstream(
     assert blue.ws_close_codes[closes_before] == 4001
 
 
-async def test_upstream_close_reaches_the_client(turnout: TurnoutProcess) -> None:
+async def test_upstream_close_reaches_the_client(turnout: InProcessTurnout) -> None:
     async with aiohttp.ClientSession() as session, session.ws_connect(f"{turnout.url}/ws") as ws:
         await ws.send_str("close-me:4000")
         message = await ws.receive(timeout=RECEIVE_TIMEOUT)
@@ -78,7 +81,7 @@ async def test_upstream_close_reaches_the_client(turnout: TurnoutProcess) -> Non
         await ws.close()
 
 
-async def test_concurrent_websockets_stay_separate(turnout: TurnoutProcess) -> None:
+async def test_concurrent_websockets_stay_separate(turnout: InProcessTurnout) -> None:
     async def converse(session: aiohttp.ClientSession, tag: str) -> list[str]:
         received = []
         async with session.ws_connect(f"{turnout.url}/{tag}/ws") as ws:

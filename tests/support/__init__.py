@@ -1,4 +1,5 @@
-"""Test support: fake upstream servers, a Turnout subprocess runner and a raw HTTP/1.1 client.
+"""Test support: fake upstream servers, a Turnout subprocess runner, one worker's data plane
+in-process (`inprocess`) and a raw HTTP/1.1 client.
 
 Everything here talks to real sockets on 127.0.0.1 only; nothing is mocked. Waiting is always
 "poll a condition until a deadline", never a sleep that hopes.
