@@ -222,7 +222,7 @@ def wait_for_turnout(
 # --- nginx -----------------------------------------------------------------------------------
 
 
-def _nginx_common(prefix: Path, workers: int) -> str:
+def nginx_common(prefix: Path, workers: int) -> str:
     # Every path nginx might write lives under the private prefix; nothing touches /var.
     return f"""
 worker_processes {workers};
@@ -234,7 +234,7 @@ events {{ worker_connections 8192; }}
 """
 
 
-def _nginx_http_common(prefix: Path) -> str:
+def nginx_http_common(prefix: Path) -> str:
     return f"""
     access_log off;
     client_body_temp_path {prefix}/tmp-body;
@@ -260,10 +260,10 @@ def write_backend_conf(prefix: Path, port: int) -> Path:
     (www / "1m").write_bytes(os.urandom(ONE_MIB))
     conf = prefix / "nginx.conf"
     conf.write_text(
-        _nginx_common(prefix, 1)
+        nginx_common(prefix, 1)
         + f"""
 http {{
-{_nginx_http_common(prefix)}
+{nginx_http_common(prefix)}
     default_type application/octet-stream;
     sendfile on;
     tcp_nopush on;
@@ -334,10 +334,10 @@ def write_proxy_conf(
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(
-        _nginx_common(prefix, workers)
+        nginx_common(prefix, workers)
         + f"""
 http {{
-{_nginx_http_common(prefix)}
+{nginx_http_common(prefix)}
     upstream backend {{
         server {LOOPBACK}:{backend_port};
         keepalive {keepalive};

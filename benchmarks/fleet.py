@@ -251,24 +251,7 @@ def write_backend_conf(prefix: Path, ports: dict[str, int]) -> Path:
     )
     conf = prefix / "nginx.conf"
     conf.write_text(
-        f"""
-worker_processes 1;
-worker_rlimit_nofile 16384;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp-body;
-    proxy_temp_path {prefix}/tmp-proxy;
-    fastcgi_temp_path {prefix}/tmp-fastcgi;
-    uwsgi_temp_path {prefix}/tmp-uwsgi;
-    scgi_temp_path {prefix}/tmp-scgi;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000;{servers}
-}}
-"""
+        bl.nginx_common(prefix, 1) + f"http {{\n{bl.nginx_http_common(prefix)}{servers}\n}}\n"
     )
     return conf
 

@@ -43,7 +43,6 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-import orjson
 import uvloop
 import yaml
 
@@ -60,8 +59,7 @@ from proxy.dataplane.worker import (
     table_from_message,
 )
 from proxy.runtime.channel import table_message
-from tests.support import wait_until
-from tests.support.turnout import memory_kib
+from tests.support.turnout import AccessLogLines, memory_kib
 
 T = TypeVar("T")
 
@@ -117,7 +115,7 @@ def _bound_socket() -> socket.socket:
     return sock
 
 
-class InProcessTurnout:
+class InProcessTurnout(AccessLogLines):
     """One worker's data plane on a background event loop; see the module docstring."""
 
     def __init__(
@@ -351,31 +349,6 @@ class InProcessTurnout:
             return []
         with open(self._log_path, encoding="utf-8", errors="replace") as lines:
             return [line.rstrip("\r\n") for line in lines]
-
-    def access_log(self) -> list[dict[str, Any]]:
-        """The access-log lines, parsed."""
-        entries = []
-        for line in self.stdout_lines():
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                entries.append(value)
-        return entries
-
-    def wait_for_log(self, request_ids: set[str], timeout: float = 10.0) -> dict[str, Any]:
-        """Wait until an access-log line exists for every id; return them by id."""
-        found: dict[str, dict[str, Any]] = {}
-
-        def have_all() -> bool:
-            for entry in self.access_log():
-                if entry.get("request_id") in request_ids:
-                    found[str(entry["request_id"])] = entry
-            return set(found) >= request_ids
-
-        wait_until(have_all, timeout=timeout, what=f"access-log lines for {sorted(request_ids)}")
-        return found
 
     def rss_kib(self) -> int:
         """VmRSS of the test process (which holds this data plane), KiB: for messages only."""

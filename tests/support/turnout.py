@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -91,7 +92,41 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-class TurnoutProcess:
+class AccessLogLines(ABC):
+    """The access log of a Turnout, whether a subprocess or the in-process data plane, read
+    from the lines its log went to (`stdout_lines`)."""
+
+    @abstractmethod
+    def stdout_lines(self) -> list[str]:
+        """Every line written to the access log's stream so far."""
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """Stdout lines that are JSON objects (the access log), parsed."""
+        entries = []
+        for line in self.stdout_lines():
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                entries.append(value)
+        return entries
+
+    def wait_for_log(self, request_ids: set[str], timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until an access-log line exists for every id; return them by id."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def have_all() -> bool:
+            for entry in self.access_log():
+                if entry.get("request_id") in request_ids:
+                    found[str(entry["request_id"])] = entry
+            return set(found) >= request_ids
+
+        wait_until(have_all, timeout=timeout, what=f"access-log lines for {sorted(request_ids)}")
+        return found
+
+
+class TurnoutProcess(AccessLogLines):
     """A running Turnout subprocess; use as a context manager or call `close()`."""
 
     def __init__(
@@ -125,31 +160,6 @@ class TurnoutProcess:
         """Every stdout line read so far."""
         with self._lock:
             return list(self._lines)
-
-    def access_log(self) -> list[dict[str, Any]]:
-        """Stdout lines that are JSON objects (the access log), parsed."""
-        entries = []
-        for line in self.stdout_lines():
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                entries.append(value)
-        return entries
-
-    def wait_for_log(self, request_ids: set[str], timeout: float = 10.0) -> dict[str, Any]:
-        """Wait until an access-log line exists for every id; return them by id."""
-        found: dict[str, dict[str, Any]] = {}
-
-        def have_all() -> bool:
-            for entry in self.access_log():
-                if entry.get("request_id") in request_ids:
-                    found[str(entry["request_id"])] = entry
-            return set(found) >= request_ids
-
-        wait_until(have_all, timeout=timeout, what=f"access-log lines for {sorted(request_ids)}")
-        return found
 
     def stderr_text(self) -> str:
         """Everything the process wrote to stderr so far."""
