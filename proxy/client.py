@@ -314,14 +314,15 @@ def format_fleet(fleet: Answer) -> str:
         return f"fleet: unavailable ({fleet.status}: {fleet.message()})"
     data = fleet.data
     instances = data.get("instances") or []
-    hashes = {item.get("sha256") for item in instances if isinstance(item, dict)}
     text = (
         f"fleet {data.get('name')}: {len(instances)} instances, this one {data.get('instance')}, "
         f"leader {data.get('leader')} (epoch {data.get('epoch')}), "
         f"{'connected' if data.get('connected') else 'NOT connected to its store'}"
     )
-    if len(hashes) > 1:
-        text += f"; {len(hashes)} different config files among the instances"
+    # Files differ in addresses and names per instance; what matters is the routing table.
+    differ = data.get("table_differs") or []
+    if differ:
+        text += f"; routing table differs on: {', '.join(str(name) for name in differ)}"
     return text
 
 

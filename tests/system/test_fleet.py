@@ -16,6 +16,8 @@ import concurrent.futures
 import http.client
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -574,6 +576,18 @@ def test_a_rollout_start_is_refused_while_an_instance_has_another_table_for_the_
         # Nothing started anywhere.
         for node in fleet.nodes.values():
             assert rollout_of(node) == {"effective_split": FILE_SPLIT}
+        # `turnout status` says so in its fleet line.
+        status_run = subprocess.run(
+            [sys.executable, "-m", "proxy", "status", "--admin", a.admin_url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status_run.returncode == 0, status_run.stderr
+        (line,) = [row for row in status_run.stdout.splitlines() if row.startswith("fleet ")]
+        assert "3 instances, this one a" in line
+        assert line.endswith("routing table differs on: c"), line
     finally:
         fleet.close()
 
