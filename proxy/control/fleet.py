@@ -249,7 +249,10 @@ class FleetStore:
         self._on_leader = on_leader
         self._clock = clock
         self.period = min(PERIOD, spec.lease / 3)
-        self._timeout = max(0.2, min(2.0, spec.lease / 3))
+        # A Redis call slower than this counts as Redis being away. Generous: a loaded machine
+        # must not turn into 503s; the lease stays safe whatever it is (its time is counted
+        # from before each renewal is sent).
+        self._timeout = max(1.0, min(5.0, spec.lease / 2))
         self._client: aioredis.Redis | None = None
         self._tasks = TaskSet("fleet")
         self._wake = asyncio.Event()

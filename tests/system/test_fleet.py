@@ -744,7 +744,12 @@ def test_a_change_that_arrives_while_an_instance_is_busy_is_not_lost_there(fleet
         os.kill(worker, signal.SIGSTOP)
         try:
             first = put("first", a, {"blue": 1, "green": 1})
-            wait_until(lambda: int(client.get(REV_KEY) or 0) == rev + 1, what="a's first PUT")
+            wait_until(
+                lambda: int(client.get(REV_KEY) or 0) == rev + 1 or "first" in answers,
+                what="a's first PUT to be stored",
+            )
+            # Stored, and still waiting for the stopped worker (not answered, e.g. with a 503).
+            assert "first" not in answers, answers
             second = put("second", a, {"blue": 1, "green": 2})
             answers["b"] = call(b, "PUT", "/admin/routes/api/split", {"blue": 1, "green": 3})
             first.join(15)
