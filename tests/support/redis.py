@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.turnout import free_port
+
 READY_DEADLINE = 10.0
 
 
@@ -23,20 +25,13 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class RedisServer:
     """One redis-server process on 127.0.0.1:`port`, its files in `folder`."""
 
     def __init__(self, folder: Path, binary: str) -> None:
         self.folder = folder
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = folder / "redis.log"
 

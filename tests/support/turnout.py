@@ -35,11 +35,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 READY_DEADLINE = 20.0
 
 
+# Ports this test process handed out: the OS may give a just-closed port again, and two picks
+# for one config (listen, admin) must differ.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port the OS considers free on 127.0.0.1 (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port the OS considers free on 127.0.0.1 (bind to 0, read it, close), never one this
+    process handed out before."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
