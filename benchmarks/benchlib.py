@@ -14,9 +14,13 @@ import resource
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import yaml
@@ -604,3 +608,39 @@ class SyscallCounter:
             if len(fields) > 2 and fields[2].startswith("raw_syscalls:sys_enter"):
                 return int(fields[0]) if fields[0].isdigit() else None
         return None
+
+
+# --- a benchmark's session ----------------------------------------------------------------------
+
+# Where every benchmark writes its report (gitignored).
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler that acts like Ctrl-C: the stack unwinds through every ExitStack and
+    finally block, stopping the processes, and a partial report is still written."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def session_dir(prefix: str) -> Iterator[Path]:
+    """A private folder for one run's configs, logs and files, removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        # nginx started as root runs its workers as an unprivileged user, which must be able to
+        # reach the served file and the body temp folders below this 0700 directory.
+        os.chmod(name, 0o755)
+        yield Path(name)
+
+
+def timestamp() -> str:
+    """The local time as report names carry it: 20261205-094443."""
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def write_report(name: str, text: str) -> Path:
+    """Write a report to benchmarks/out/<name>.md, print it, and say where it went."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out = OUT_DIR / f"{name}.md"
+    out.write_text(text)
+    print("\n" + text)
+    return out

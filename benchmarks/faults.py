@@ -50,7 +50,6 @@ from latency import LatencyResult, Target
 from latency import measure as fixed_rate
 
 HERE = Path(__file__).resolve().parent
-OUT_DIR = HERE / "out"
 SCENARIOS = ("sigterm", "hostile", "fds", "slow-readers")
 # `quiet` (no bad version) is the baseline, run first, and in a full run once more at the end:
 # the mean of its p99s is what the others are compared with.
@@ -1114,16 +1113,11 @@ async def session(lab: Lab, report: Report, run_deadline: float) -> None:
         report.seconds[name] = time.monotonic() - started
 
 
-def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
-    # Like Ctrl-C: the stack unwinds through the finally blocks that stop every process.
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen scenarios; print the report and write benchmarks/out/faults-<stamp>.md."""
     settings = parse_args(argv)
     run_deadline = time.monotonic() + (RUN_LIMIT_QUICK_S if settings.quick else RUN_LIMIT_S)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, bl.interrupt_on_sigterm)
     # The latency client's ticker thread must get the GIL the moment it wakes (see latency.py).
     sys.setswitchinterval(0.0001)
     bl.raise_nofile(4 * (SLOW_READERS + IDLE_CONNECTIONS))
@@ -1135,7 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
     complete = False
     status = 1
     try:
-        with bench._session_dir() as tmp, contextlib.ExitStack() as stack:
+        with bl.session_dir("turnout-bench-") as tmp, contextlib.ExitStack() as stack:
             backend = bench.start_backend(tmp, tools, pinning, stack)
             lab = Lab(settings, procs, tmp, backend.port)
             uvloop.run(session(lab, report, run_deadline))
@@ -1150,10 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
     text = "\n".join(render(report, complete))
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / f"faults-{datetime.now().strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print("\n" + text)
+    out = bl.write_report(f"faults-{bl.timestamp()}", text)
     print(f"written: {out}")
     return status
 

@@ -52,14 +52,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import benchlib as bl
@@ -78,7 +75,6 @@ from run import (
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-OUT_DIR = HERE / "out"
 COLORS = ("blue", "green")
 ROUTE = "flip"
 FLIP_FLEET = "bench-flips"
@@ -918,19 +914,6 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Like Ctrl-C: the stack unwinds through every ExitStack, stopping the processes.
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _session_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="turnout-fleet-bench-") as name:
-        # nginx started as root runs its workers as an unprivileged user that must reach files.
-        os.chmod(name, 0o755)
-        yield Path(name)
-
-
 def _redis_version(binary: str) -> str:
     try:
         done = bl.run_bounded([binary, "--version"], timeout=10)
@@ -942,11 +925,11 @@ def _redis_version(binary: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the parts asked for; print the report and write it to benchmarks/out."""
     settings = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, bl.interrupt_on_sigterm)
     tools = ensure_tools(settings.pin)
     redis = redis_binary()
     pinning = choose_pinning(settings.pin, [1])
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = bl.timestamp()
     load_before = os.getloadavg()
     started = time.monotonic()
     flips: FlipReport | None = None
@@ -954,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     status = 1
     try:
-        with _session_dir() as tmp, contextlib.ExitStack() as stack:
+        with bl.session_dir("turnout-fleet-bench-") as tmp, contextlib.ExitStack() as stack:
             colors = {color: bl.free_port() for color in COLORS}
             prefix = tmp / "backend"
             conf = write_backend_conf(prefix, colors)
@@ -1021,10 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     text = "\n".join(lines)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / f"fleet-{stamp}.md"
-    out.write_text(text)
-    print("\n" + text)
+    out = bl.write_report(f"fleet-{stamp}", text)
     print(f"written: {out}")
     return status
 

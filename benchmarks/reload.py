@@ -33,10 +33,8 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,14 +357,6 @@ def latency_table(rows: list[tuple[str, int, dict[str, Any]]]) -> list[str]:
 # --- main ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def session_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="turnout-reload-bench-") as name:
-        # nginx started as root runs its workers as an unprivileged user that must reach files.
-        os.chmod(name, 0o755)
-        yield Path(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     nginx = _which("nginx")
@@ -374,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: nginx is needed for the backend (as in benchmarks/run.py)", file=sys.stderr)
         return 1
     load_before = os.getloadavg()
-    with session_dir() as tmp, contextlib.ExitStack() as stack:
+    with bl.session_dir("turnout-reload-bench-") as tmp, contextlib.ExitStack() as stack:
         backend_port = bl.free_port()
         conf = bl.write_backend_conf(tmp / "backend", backend_port)
         backend = bl.Proc(

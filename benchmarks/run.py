@@ -26,13 +26,10 @@ import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 
 import benchlib as bl
 import orjson
@@ -42,7 +39,6 @@ from latency import format_table as format_latency_table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-OUT_DIR = HERE / "out"
 LATENCY_SCRIPT = HERE / "latency.py"
 # Both proxies see this header: with --features it makes Turnout hash a sticky key per request.
 STICKY_HEADER = ("x-user", "bench-user")
@@ -1205,37 +1201,22 @@ def added_p99_verdicts(results: list[LatencyResult]) -> list[str]:
 # --- main ------------------------------------------------------------------------------------
 
 
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Handled like Ctrl-C: the stack unwinds through every ExitStack (stopping the processes)
-    # and the partial report is still written.
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _session_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="turnout-bench-") as name:
-        # nginx started as root runs its workers as an unprivileged user, which must be able to
-        # reach the served file and the body temp folders below this 0700 directory.
-        os.chmod(name, 0o755)
-        yield Path(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables and write benchmarks/out/results-<timestamp>.md."""
     settings = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, bl.interrupt_on_sigterm)
     tools = ensure_tools(settings.pin, settings.syscalls, settings.tls)
     pinning = choose_pinning(settings.pin, settings.workers)
     report = Report(settings, pinning)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    raw_dir = OUT_DIR / f"raw-{stamp}"
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = bl.timestamp()
+    raw_dir = bl.OUT_DIR / f"raw-{stamp}"
+    bl.OUT_DIR.mkdir(parents=True, exist_ok=True)
     print(f"pinning: {pinning.description}", flush=True)
     complete = False
     status = 1
     started = time.monotonic()
     try:
-        with _session_dir() as tmp, contextlib.ExitStack() as stack:
+        with bl.session_dir("turnout-bench-") as tmp, contextlib.ExitStack() as stack:
             backend = start_backend(tmp, tools, pinning, stack)
             print(f"backend nginx on {bl.LOOPBACK}:{backend.port}", flush=True)
             cert = make_cert(tmp, settings.tls_key) if settings.tls else None
@@ -1311,9 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in flagged
     ]
     text = "\n".join(render(report, tools, complete))
-    out = OUT_DIR / f"results-{stamp}.md"
-    out.write_text(text)
-    print("\n" + text)
+    out = bl.write_report(f"results-{stamp}", text)
     raw = f" (raw wrk output in {raw_dir})" if raw_dir.exists() else ""
     print(f"written: {out}{raw}; took {time.monotonic() - started:.0f} s")
     return status

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import cast
 
 import benchlib as bl
 import httptools
@@ -637,7 +637,7 @@ async def session(plan: Plan, tools: dict[str, str], reports: list[SubjectReport
     """Backend, then Turnout, then NGINX, one at a time."""
     settings = bench.parse_args(["--workers", "1"])
     pinning = bench.choose_pinning(False, [1])
-    with bench._session_dir() as tmp, contextlib.ExitStack() as stack:
+    with bl.session_dir("turnout-bench-") as tmp, contextlib.ExitStack() as stack:
         backend = bench.start_backend(tmp, tools, pinning, stack)
         print(f"backend nginx on {bl.LOOPBACK}:{backend.port}", flush=True)
         lab = bench.Lab(settings, tools, pinning, tmp, tmp / "raw", backend)
@@ -653,14 +653,10 @@ async def session(plan: Plan, tools: dict[str, str], reports: list[SubjectReport
                 reports.append(await soak_one(lab, subject, root_name, plan, soak_s))
 
 
-def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; print the report and write benchmarks/out/soak-<timestamp>.md."""
     plan = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, bl.interrupt_on_sigterm)
     limit = bl.raise_nofile(plan.connections + BURST_CONNECTIONS + 256)
     if limit < plan.connections + 64:
         raise SystemExit(f"RLIMIT_NOFILE is {limit}: too low for {plan.connections} connections")
@@ -688,10 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not outcome(r).passed for r in reports):
         status = status or 2
     text = "\n".join(render(reports, plan, tools, notes))
-    bench.OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = bench.OUT_DIR / f"soak-{datetime.now().strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print("\n" + text)
+    out = bl.write_report(f"soak-{bl.timestamp()}", text)
     print(f"written: {out}; took {time.monotonic() - started:.0f} s")
     return status
 
