@@ -67,6 +67,9 @@ BACKOFF_LAST = 5.0
 GONE_AFTER_LEASES = 3
 # A restarted instance's old counters stay in the sum this long (they never change again).
 COUNTERS_KEPT = 24 * 3600.0
+# How often the leader looks for such counters to delete: reading every instance's counters
+# each period on every instance would cost the fleet a full scan of the hash per second each.
+COUNTERS_PRUNED_EVERY = 3600.0
 # Compare-and-set attempts before a mutation gives up with a conflict.
 WRITE_ATTEMPTS = 5
 
@@ -267,6 +270,7 @@ class FleetStore:
         self.leading = False
         self._lease_until = 0.0
         self.members: list[Member] = []
+        self._pruned_at = 0.0
         self.last_error: str | None = None
 
     # ---- what the supervisor reads ------------------------------------------------------------
@@ -585,7 +589,9 @@ class FleetStore:
         if gone:
             await client.hdel(self._instances_key, *gone)
         self.members = sorted(members, key=lambda m: m.instance)
-        await self._prune_counters(client, now)
+        if self.leading and now - self._pruned_at >= COUNTERS_PRUNED_EVERY:
+            self._pruned_at = now
+            await self._prune_counters(client, now)
 
     async def _prune_counters(self, client: aioredis.Redis, now: float) -> None:
         raw = await client.hgetall(self._counters_key)

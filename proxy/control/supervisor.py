@@ -1286,6 +1286,8 @@ class Supervisor:
             if route.rollout is not None
             for upstream in (route.rollout.canary, route.rollout.baseline)
         }
+        if not judged:
+            return []  # published every period: no summing of every pair for nothing
         totals = self.polled_totals()[0]
         return [
             {
