@@ -14,6 +14,9 @@ proxy keep up with NGINX (see docs/benchmarks.md). The life of a request:
    retried for idempotent methods with a small body; then 502/503/504 with a JSON body.
 6. Counters bound at compile time are updated; one access-log line is written.
 
+Where an exchange is in that life is two states, the request side's and the response side's,
+changed only by the events of the tables in proxy/core/exchange_state.py.
+
 This module must never buffer a whole body, never block, and never let an exception from one
 exchange escape into the event loop.
 """
@@ -34,6 +37,26 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 import orjson
 
+from proxy.core.exchange_state import (
+    ANSWER,
+    BEGIN,
+    BREAK,
+    BROKEN,
+    DONE,
+    HEAD_COMPLETE,
+    IDLE,
+    MESSAGE_COMPLETE,
+    READING_HEAD,
+    RECEIVED,
+    RESPONSE_END,
+    RESPONSE_HEAD,
+    STREAMING,
+    TUNNEL,
+    UPGRADE,
+    WAITING,
+    Event,
+    advance,
+)
 from proxy.core.headers import (
     HOP_BY_HOP,
     IDEMPOTENT_RETRY_METHODS,
@@ -290,16 +313,20 @@ def _new_sticky_id() -> str:
 
 
 class Exchange:
-    """One request and its response through the proxy."""
+    """One request and its response through the proxy.
+
+    Its lifecycle is `request_state` (how much of the request the client has sent) and
+    `response_state` (where its response is), each changed only by an event of its side's table
+    (proxy/core/exchange_state.py). A notice that arrives once the exchange is over
+    (`response_state >= DONE`: a timeout sweep, a lost client, a drain) is ignored.
+    """
 
     __slots__ = (
         "answer_here",
         "attempts",
-        "body_done",
         "bytes_in",
         "bytes_out",
         "chunked_in",
-        "client_closed",
         "conn",
         "conn_tokens",
         "connect_task",
@@ -310,7 +337,6 @@ class Exchange:
         "endpoint",
         "endpoint_address",
         "expect_continue",
-        "finished",
         "flag",
         "frames_down",
         "frames_up",
@@ -327,27 +353,25 @@ class Exchange:
         "max_forwards",
         "method",
         "mirror",
-        "mirrored",
         "pending",
         "pending_size",
         "raw_head",
         "request_id",
         "request_id_in",
+        "request_state",
         "response_chunked",
-        "response_started",
+        "response_state",
         "retained",
         "retained_size",
         "route_name",
         "sent_at",
         "set_cookie",
         "start_time",
-        "started",
         "stats",
         "status",
         "te_values",
         "tried",
         "ttfb",
-        "tunnel",
         "upgrade",
         "upgrade_values",
         "upstream",
@@ -384,10 +408,10 @@ class Exchange:
         self.version = "1.1"
         self.keep_alive = True
         self.upgrade = False
-        self.started = False
+        # The lifecycle, one state per side (proxy/core/exchange_state.py has the tables).
+        self.request_state = READING_HEAD
+        self.response_state = IDLE
         self.in_flight_counted = False
-        self.finished = False
-        self.body_done = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.pending: list[bytes] = []
@@ -408,7 +432,6 @@ class Exchange:
         self.upstream_conn: UpstreamConnection | None = None
         self.endpoint: EndpointPool | None = None
         self.endpoint_address = ""
-        self.mirrored = False
         self.mirror: MirrorCopy | None = None
         self.frames_down: FrameTracker | None = None
         self.frames_up: FrameTracker | None = None
@@ -416,7 +439,6 @@ class Exchange:
         self.tried: set[EndpointPool] = set()
         self.attempts = 0
         self.set_cookie: str | None = None
-        self.response_started = False
         self.response_chunked = False
         self.status = 0
         # From the request's first byte, so a refused head is timed too (NGINX's
@@ -424,8 +446,6 @@ class Exchange:
         self.start_time = perf_counter()
         self.last_io = 0.0
         self.deadline = 0.0
-        self.client_closed = False
-        self.tunnel = False
         # Why the proxy made or cut the response ("" when the upstream's answer went through),
         # and the upstream's time to first byte: for the access log only.
         self.flag = ""
@@ -502,6 +522,10 @@ class Exchange:
         The downstream read the request line: `upgrading` says its parser saw a protocol
         upgrade asked for (the head's Connection and Upgrade fields say which).
         """
+        # advance(), inlined here and on the other per-request transitions (one row each).
+        if self.request_state != HEAD_COMPLETE.source:
+            raise HEAD_COMPLETE.illegal(self.request_state)
+        self.request_state = HEAD_COMPLETE.target
         self.method = method
         self.version = version
         self.keep_alive = keep_alive
@@ -577,7 +601,9 @@ class Exchange:
         """Decide where the request goes and start the first attempt."""
         conn = self.conn
         ctx = conn.ctx
-        self.started = True
+        if self.response_state != BEGIN.source:
+            raise BEGIN.illegal(self.response_state)
+        self.response_state = BEGIN.target
         self.last_io = ctx.now
         if self.answer_here:
             self._local_answer(200, b"", ((b"Allow", _ALLOW),), close=False)
@@ -673,7 +699,7 @@ class Exchange:
         if (
             self.expect_continue
             and self.version == "1.1"
-            and not self.body_done
+            and self.request_state != RECEIVED
             and (self.chunked_in or (self.content_length or 0) > 0)
         ):
             conn.send_continue(self)
@@ -734,10 +760,9 @@ class Exchange:
         if copy is None:
             return
         self.mirror = copy
-        self.mirrored = True
         for chunk in self.pending:
             copy.feed(chunk)
-        if self.body_done:
+        if self.request_state == RECEIVED:
             copy.end()
 
     def attempt(self) -> None:
@@ -816,7 +841,7 @@ class Exchange:
                 self._write_body(upstream_conn, chunk)
         self.pending = []
         self.pending_size = 0
-        if self.body_done:
+        if self.request_state == RECEIVED:
             if self.chunked_in:
                 upstream_conn.write(b"0\r\n\r\n")
             self.deadline = ctx.now + self.gen.timeouts.response
@@ -832,7 +857,7 @@ class Exchange:
         self.conn.unpause(PAUSE_CONNECTING)
         self.conn.ctx.resource_shortage(exc)
         self.flag = "out_of_fds"
-        self.local_error(503, "proxy out of file descriptors", close=not self.body_done)
+        self.local_error(503, "proxy out of file descriptors", close=self.request_state != RECEIVED)
 
     def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
         if self.chunked_in:
@@ -851,11 +876,8 @@ class Exchange:
         self.upstream_conn = None
         self.conn.unpause(PAUSE_CONNECTING)
         self.stats.errors[kind] += 1
-        can_retry = (
-            self.attempts <= self._route_retries()
-            and not self.client_closed
-            and not self.response_started
-        )
+        # Only while nothing went to the client and the exchange is not over (client gone).
+        can_retry = self.response_state == WAITING and self.attempts <= self._route_retries()
         if can_retry and not nothing_sent:
             # Bytes went out: only a method that may run twice, with its body kept, is retried.
             can_retry = self.method in IDEMPOTENT_RETRY_METHODS and self.retained is not None
@@ -865,10 +887,11 @@ class Exchange:
             return
         self.conn.unpause(PAUSE_CONNECTING)
         self.flag = f"upstream_{kind}"
+        close = self.request_state != RECEIVED
         if kind == "timeout":
-            self.local_error(504, "upstream timed out", close=not self.body_done)
+            self.local_error(504, "upstream timed out", close=close)
         else:
-            self.local_error(502, f"upstream {kind} failure", close=not self.body_done)
+            self.local_error(502, f"upstream {kind} failure", close=close)
 
     def _drop_attempt(self) -> None:
         """Abandon the attempt in progress: cancel its connect or cut its connection."""
@@ -898,7 +921,7 @@ class Exchange:
         ctx = self.conn.ctx
         self.last_io = ctx.now
         if self.bytes_in > self.gen.limits.max_request_body:
-            if not self.response_started:
+            if self.response_state == WAITING:
                 self.local_error(
                     413, "request body larger than limits.max_request_body", close=True
                 )
@@ -909,7 +932,7 @@ class Exchange:
         mirror = self.mirror
         if mirror is not None:
             mirror.feed(chunk)
-        if self.finished:
+        if self.response_state >= DONE:
             return
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
@@ -932,16 +955,21 @@ class Exchange:
 
     def body_complete(self) -> None:
         """The client sent its whole request."""
-        self.body_done = True
+        if self.request_state != MESSAGE_COMPLETE.source:
+            raise MESSAGE_COMPLETE.illegal(self.request_state)
+        self.request_state = MESSAGE_COMPLETE.target
+        state = self.response_state
+        if state == IDLE:
+            return  # queued behind another exchange: begin() sends it all
         if self.mirror is not None:
             self.mirror.end()
-        if self.finished:
+        if state >= DONE:
             return
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
             if self.chunked_in:
                 upstream_conn.write(b"0\r\n\r\n")
-            if not self.response_started:
+            if state == WAITING:
                 self.deadline = self.conn.ctx.now + self.gen.timeouts.response
 
     # ---- ResponseSink: the upstream side ------------------------------------------------
@@ -960,7 +988,9 @@ class Exchange:
         ctx.watched.discard(self)
         self.last_io = ctx.now
         self.status = status
-        self.response_started = True
+        if self.response_state != RESPONSE_HEAD.source:
+            raise RESPONSE_HEAD.illegal(self.response_state)
+        self.response_state = RESPONSE_HEAD.target
         if ctx.access_log is not None:
             self.ttfb = perf_counter() - self.sent_at
         # Hop-by-hop fields never pass (RFC 9110 section 7.6.1), nor those Connection names.
@@ -1017,7 +1047,7 @@ class Exchange:
             if self.status >= 500 or endpoint.ejection.streak:
                 # A success with no failure streak to reset needs no bookkeeping.
                 ctx.passive_result(endpoint, self.status)
-            if self.body_done:
+            if self.request_state == RECEIVED:
                 endpoint.release(upstream_conn, ctx.now)
             else:
                 # The request is not fully sent: this connection cannot carry another.
@@ -1025,13 +1055,14 @@ class Exchange:
                 conn.close_after = True
             self.endpoint = None
             self.upstream_conn = None
-        self._finish()
+        self._finish(RESPONSE_END)
 
     def upstream_lost(self, got_response_bytes: bool) -> None:
         """The endpoint connection broke before the response ended."""
-        if self.finished:
+        state = self.response_state
+        if state >= DONE:
             return
-        if not self.response_started and not got_response_bytes:
+        if state == WAITING and not got_response_bytes:
             self._attempt_failed("reset", nothing_sent=False)
             return
         # Part of the response is already out: the client must see a broken response, never a
@@ -1040,7 +1071,7 @@ class Exchange:
 
     def upstream_invalid(self, reason: str) -> None:
         """The endpoint broke HTTP: 502 (never retried: it answered), counted as `protocol`."""
-        if self.finished:
+        if self.response_state >= DONE:
             return
         self.conn.ctx.warn_limited(
             "invalid-response",
@@ -1062,20 +1093,20 @@ class Exchange:
             self.conn.ctx.passive_result(endpoint, 0)
             self.endpoint = None
         self.upstream_conn = None
-        if self.response_started:
+        if self.response_state >= STREAMING:
             self.conn.abort()
-            self._finish(broken=True)
+            self._finish(BREAK)
         else:
             self.local_error(502, message, close=True)
 
     def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
         """Pass an interim response (103 Early Hints) on, unless the response began."""
-        if not self.response_started:
+        if self.response_state == WAITING:
             self.conn.send_interim(self, status, headers, _RESPONSE_DROP)
 
     def upstream_upgraded(self, rest: bytes) -> None:
         """The endpoint accepted the WebSocket upgrade: both sides become a byte tunnel."""
-        self.tunnel = True
+        self.response_state = advance(self.response_state, UPGRADE)
         self.frames_down = FrameTracker()
         self.frames_up = FrameTracker()
         conn = self.conn
@@ -1098,13 +1129,14 @@ class Exchange:
         A WebSocket gets a close frame with 1001 (going away) both ways when both directions
         sit at a frame boundary; otherwise, and for plain HTTP, the connections are cut.
         """
-        if self.finished:
+        if self.response_state >= DONE:
             return
         conn = self.conn
         upstream_conn = self.upstream_conn
         down, up = self.frames_down, self.frames_up
+        ending = BREAK
         if (
-            self.tunnel
+            self.response_state == TUNNEL
             and upstream_conn is not None
             and down is not None
             and up is not None
@@ -1119,10 +1151,11 @@ class Exchange:
             # RFC 6455 section 7.1.1: let the client answer with its own close frame before
             # the TCP connection goes, or it may report 1006 instead of our 1001.
             conn.linger(CLOSE_HANDSHAKE_WAIT)
+            ending = RESPONSE_END
         else:
             conn.abort()
         self._drop_attempt()
-        self._finish(broken=not self.tunnel)
+        self._finish(ending)
 
     def upstream_pause_writing(self) -> None:
         """The endpoint's socket buffer is full: stop reading the client."""
@@ -1145,26 +1178,26 @@ class Exchange:
         conn = self.conn
         if not self.flag:
             self.flag = "refused" if 400 <= status < 500 else "local"
-        if self.response_started:
+        if self.response_state >= STREAMING:
             conn.abort()
             self._drop_attempt()
-            self._finish(broken=True)
+            self._finish(BREAK)
             return
         self.status = status
-        self.response_started = True
         mirror = self.mirror
         if mirror is not None:
             mirror.primary_head(status, "application/json")
         self.bytes_out += len(body)
         conn.send_local(self, status, headers, body, close)
         self._drop_attempt()
-        self._finish()
+        self._finish(ANSWER)
 
     def timed_out(self) -> None:
         """The sweeper saw this exchange pass its deadline or sit idle too long."""
-        if self.finished:
+        state = self.response_state
+        if state >= DONE:
             return
-        if not self.response_started:
+        if state == WAITING:
             if self.deadline or self.conn.paused & PAUSE_BACKPRESSURE:
                 # The request is out (or the endpoint stopped reading it): the upstream is slow.
                 self.stats.errors["timeout"] += 1
@@ -1180,28 +1213,33 @@ class Exchange:
         self.flag = "upstream_timeout"
         self.conn.abort()
         self._drop_attempt()
-        self._finish(broken=True)
+        self._finish(BREAK)
 
     def client_lost(self) -> None:
         """The client went away mid-exchange: drop the upstream side too."""
-        self.client_closed = True
-        if self.finished:
+        state = self.response_state
+        if state >= DONE:
             return
         self._drop_attempt()
-        if not self.tunnel:
+        if state != TUNNEL:
             # NGINX's 499: the client left before the whole response was delivered, whatever
             # status the upstream had begun to send.
             self.status = 499
             self.flag = "client_abort"
-        self._finish(broken=True)
+        self._finish(BREAK)
 
-    def _finish(self, broken: bool = False) -> None:
-        if self.finished:
+    def _finish(self, ending: Event) -> None:
+        """End the exchange with `ending` (response_end, answer or break), once."""
+        state = self.response_state
+        if state >= DONE:
             return
-        self.finished = True
+        after = ending.column[state]
+        if after < 0:
+            raise ending.illegal(state)
+        self.response_state = after
         mirror = self.mirror
         if mirror is not None:
-            if self.body_done:
+            if self.request_state == RECEIVED:
                 mirror.primary_end()
             else:
                 mirror.cancel()
@@ -1212,7 +1250,8 @@ class Exchange:
         if self.in_flight_counted:
             stats.in_flight -= 1
         duration = perf_counter() - self.start_time
-        if not self.tunnel:
+        if state != TUNNEL:
+            # A tunnel was counted as a 101 when it opened.
             stats.observe(self.status, duration)
         access_log = ctx.access_log
         if access_log is not None:
@@ -1231,7 +1270,7 @@ class Exchange:
                     duration,
                     self.bytes_in,
                     self.bytes_out,
-                    self.mirrored,
+                    mirror is not None,
                     self.version,
                     self.host,
                     self.kept_headers,
@@ -1241,7 +1280,7 @@ class Exchange:
                     conn.sni,
                 )
             )
-        if broken:
+        if after == BROKEN:
             conn.close_after = True
         conn.exchange_done(self)
 
@@ -1369,7 +1408,7 @@ class ClientConnection(CoalescingProtocol):
         if self.current is None and self.tunnel is None:
             return None
         current = self.current
-        if current is not None and not current.body_done and self.tunnel is None:
+        if current is not None and current.request_state != RECEIVED and self.tunnel is None:
             # The request body will never be complete: an aborted upload. Release the
             # upstream side now rather than when the idle timeout notices.
             self.close_after = True
@@ -1385,7 +1424,8 @@ class ClientConnection(CoalescingProtocol):
         if current is not None:
             current.client_lost()
         for queued in self.queue:
-            queued.client_closed = True
+            # Never begun, so nothing to release: the exchange just ends where it waited.
+            queued.response_state = advance(queued.response_state, BREAK)
         self.queue.clear()
 
     def pause_writing(self) -> None:
@@ -1432,7 +1472,7 @@ class ClientConnection(CoalescingProtocol):
         ex.header_count += 1
         gen = ex.gen
         limits = gen.limits
-        if ex.method:
+        if ex.request_state != READING_HEAD:
             # Trailer fields come after the head and are not forwarded, but they are bounded
             # like the head (with it).
             if ex.head_size > limits.max_header_size or ex.header_count > limits.max_headers:
@@ -1483,7 +1523,7 @@ class ClientConnection(CoalescingProtocol):
         if ex is None:
             return
         try:
-            if ex.started:
+            if ex.response_state != IDLE:
                 ex.body(body)
             else:
                 ex.bytes_in += len(body)
@@ -1500,13 +1540,10 @@ class ClientConnection(CoalescingProtocol):
         if ex is None:
             return
         self.parsing = None
-        if ex.started:
-            ex.body_complete()
-        else:
-            ex.body_done = True
+        ex.body_complete()
         if ex.upgrade:
             return
-        if self.current is not None and not self.current.finished:
+        if self.current is not None and self.current.response_state < DONE:
             # Pipelined requests wait until the current response is out.
             self.pause(PAUSE_PIPELINE)
 
@@ -1593,7 +1630,7 @@ class ClientConnection(CoalescingProtocol):
     ) -> None:
         """The response head: the upstream's fields but `drop`, the proxy's own fields, and
         framing for this client (chunked for HTTP/1.1, the connection's end for 1.0)."""
-        close = not ex.keep_alive or not ex.body_done or self.closing
+        close = not ex.keep_alive or ex.request_state != RECEIVED or self.closing
         if status == 101:
             close = False
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
@@ -1651,7 +1688,7 @@ class ClientConnection(CoalescingProtocol):
         close: bool,
     ) -> None:
         """A response the proxy makes itself (errors, OPTIONS *): whole, with its length."""
-        close = close or not ex.keep_alive or not ex.body_done or self.closing
+        close = close or not ex.keep_alive or ex.request_state != RECEIVED or self.closing
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Error"))]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
