@@ -954,22 +954,22 @@ class Exchange:
                 retained.append(chunk)
 
     def body_complete(self) -> None:
-        """The client sent its whole request."""
+        """The client sent its whole request.
+
+        An exchange still queued (IDLE) has no mirror nor upstream yet: begin() sends it all.
+        """
         if self.request_state != MESSAGE_COMPLETE.source:
             raise MESSAGE_COMPLETE.illegal(self.request_state)
         self.request_state = MESSAGE_COMPLETE.target
-        state = self.response_state
-        if state == IDLE:
-            return  # queued behind another exchange: begin() sends it all
         if self.mirror is not None:
             self.mirror.end()
-        if state >= DONE:
+        if self.response_state >= DONE:
             return
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
             if self.chunked_in:
                 upstream_conn.write(b"0\r\n\r\n")
-            if state == WAITING:
+            if self.response_state == WAITING:
                 self.deadline = self.conn.ctx.now + self.gen.timeouts.response
 
     # ---- ResponseSink: the upstream side ------------------------------------------------
@@ -1231,10 +1231,10 @@ class Exchange:
     def _finish(self, ending: Event) -> None:
         """End the exchange with `ending` (response_end, answer or break), once."""
         state = self.response_state
-        if state >= DONE:
-            return
         after = ending.column[state]
         if after < 0:
+            if state >= DONE:
+                return  # over already: no event leaves DONE or BROKEN
             raise ending.illegal(state)
         self.response_state = after
         mirror = self.mirror
@@ -1472,9 +1472,9 @@ class ClientConnection(CoalescingProtocol):
         ex.header_count += 1
         gen = ex.gen
         limits = gen.limits
-        if ex.request_state != READING_HEAD:
-            # Trailer fields come after the head and are not forwarded, but they are bounded
-            # like the head (with it).
+        if ex.request_state:
+            # Past READING_HEAD (0): trailer fields. They come after the head and are not
+            # forwarded, but they are bounded like the head (with it).
             if ex.head_size > limits.max_header_size or ex.header_count > limits.max_headers:
                 self.error = HeadError(431, "request trailers larger than the head limits")
                 raise self.error
