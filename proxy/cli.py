@@ -131,15 +131,17 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 class _Version(argparse.Action):
-    """`--version`: the version /metrics reports in turnout_build_info, imported on demand."""
+    """`--version`: the version and build /metrics reports in turnout_build_info, imported on
+    demand.
+    """
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        from proxy.control.metrics import BUILD_VERSION
+        from proxy.control.metrics import BUILD_VERSION, DATA_PLANE_BUILD
 
-        print(f"turnout {BUILD_VERSION}")
+        print(f"turnout {BUILD_VERSION} ({DATA_PLANE_BUILD} data plane)")
         parser.exit()
 
 

@@ -14,9 +14,24 @@ from typing import Any
 
 import pytest
 
+from tests.support.build import describe, stale_modules
 from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream, UpstreamHost
+
+
+def pytest_report_header() -> str:
+    return describe()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stale = stale_modules()
+    if stale:
+        pytest.exit(
+            f"compiled modules are older than {', '.join(stale)}: run ./dev compile (or "
+            "./dev pure to test the pure-Python build)",
+            returncode=4,
+        )
 
 
 @pytest.fixture(scope="session")

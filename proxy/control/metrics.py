@@ -49,6 +49,7 @@ from proxy.core.counters import (
 )
 from proxy.core.health import EndpointKey
 from proxy.core.table import Table
+from proxy.runtime.build import data_plane_build
 
 # The text format every Prometheus version reads (prometheus_client's default moved to 1.0.0).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -73,6 +74,8 @@ def _build_version() -> str:
 
 
 BUILD_VERSION = _build_version()
+# The data plane's build: what `turnout --version` prints and turnout_build_info's `build` label.
+DATA_PLANE_BUILD = data_plane_build()
 
 # The supervisor's process_* families, read from /proc at each scrape (none where there is no
 # /proc). Not registered anywhere: render() asks it directly.
@@ -514,8 +517,15 @@ def _annotations(out: list[str], view: MetricsInput) -> None:
 
 
 def _build_info(out: list[str]) -> None:
-    _family(out, "turnout_build_info", "gauge", "Always 1; the version label is Turnout's version.")
-    out.append(f'turnout_build_info{{version="{_escape(BUILD_VERSION)}"}} 1.0\n')
+    _family(
+        out,
+        "turnout_build_info",
+        "gauge",
+        "Always 1; version: Turnout's version; build: compiled (mypyc) or pure data plane.",
+    )
+    out.append(
+        f'turnout_build_info{{version="{_escape(BUILD_VERSION)}",build="{DATA_PLANE_BUILD}"}} 1.0\n'
+    )
 
 
 def _process(out: list[str]) -> None:
