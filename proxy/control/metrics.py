@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from gzip import compress as gzip_compress
 from importlib import metadata
 from typing import cast
 
@@ -586,3 +587,14 @@ def render(view: MetricsInput) -> bytes:
     _build_info(out)
     _process(out)
     return "".join(out).encode()
+
+
+# gzip level of /metrics: level 1 is 4x faster than the default 6 and a third larger, about 20
+# times smaller than the text either way (benchmarks/metrics_cost.py).
+METRICS_GZIP_LEVEL = 1
+
+
+def metrics_body(view: MetricsInput, gzip: bool) -> bytes:
+    """The body of GET /metrics: `render`, gzip-compressed with `gzip`."""
+    text = render(view)
+    return gzip_compress(text, compresslevel=METRICS_GZIP_LEVEL, mtime=0) if gzip else text
