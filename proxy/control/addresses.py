@@ -28,7 +28,7 @@ def format_address(host: str, port: int) -> str:
 
 
 def _family(host: str) -> socket.AddressFamily:
-    # The workers' rule (proxy.dataplane.worker, WorkerContext.listen): a ':' in the host means
+    # The workers' rule (proxy.dataplane.listeners, bind_listener): a ':' in the host means
     # IPv6.
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 

@@ -15,7 +15,7 @@ Rules that keep the series honest:
 - Counters never go down while the table keeps their series: a worker that does not answer in
   time counts with its last snapshot, and a worker that died has its last snapshot folded into
   the retired totals. What a killed worker counted after its last snapshot is lost; the
-  supervisor polls every worker about once a second (`Supervisor.poll_stats`) to bound that.
+  supervisor polls every worker about once a second (`WorkerSet.poll_stats`) to bound that.
 - A (route, upstream) pair has series from its first request on (`PairTotals.seen`); before,
   only its split weight. Zeros for every pair of a large table cost more than they tell.
 - Histogram buckets come per slot (not cumulative) from the workers and are cumulated here.
