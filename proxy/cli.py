@@ -82,7 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from proxy.control.supervisor import ConfigLoadError, certificate_warnings, load_config
+    from proxy.control.certificates import certificate_warnings
+    from proxy.control.supervisor import ConfigLoadError, load_config
     from proxy.core.config import summary
 
     try:

@@ -446,7 +446,7 @@ class EndpointPool:
         # ejection is not in force. `refresh` recomputes it when either changes.
         self.healthy = True
         self.active_up = True
-        # Passive ejection (health.EjectionRule, driven by WorkerContext.passive_result).
+        # Passive ejection (health.EjectionRule, driven by Pools.passive_result).
         self.ejection = CLEAR
         self.draining = False
 
