@@ -74,3 +74,49 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- order: the longest first --------------------------------------------------------------------
+
+# Modules whose tests wait longest (rollouts, leases, timeouts) or burn the most CPU, longest
+# first. `./dev test` runs the suite under pytest-xdist (--dist loadfile --no-loadscope-reorder),
+# which hands whole modules to workers in this order: long ones started first overlap with
+# everything else instead of ending the run alone. Then the rest of the system tests
+# (subprocesses), integration, unit: short modules last fill the gaps.
+FIRST = (
+    "system/test_rollout_e2e.py",
+    "system/test_fleet_failures.py",
+    "system/test_webhooks.py",
+    "system/test_promql.py",
+    "system/test_admin_abuse.py",
+    "system/test_cli_client.py",
+    "system/test_dashboard.py",
+    "system/test_fleet_sentinel.py",
+    "system/test_shutdown_drain.py",
+    "system/test_zero_downtime.py",
+    "system/test_drain_keepalive.py",
+    "system/test_fleet.py",
+    "unit/test_sequential.py",
+    "unit/test_rollout_simulation.py",
+    "unit/test_sticky.py",
+    "unit/test_route_index.py",
+)
+TIERS = ("system/", "integration/", "unit/")
+
+
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    path = item.path.as_posix()
+    for index, module in enumerate(FIRST):
+        if path.endswith("/tests/" + module):
+            return (0, index)
+    for index, tier in enumerate(TIERS, start=1):
+        if f"/tests/{tier}" in path:
+            return (index, 0)
+    return (len(TIERS) + 1, 0)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first (FIRST), then system, integration, unit; a stable sort, so each
+    module's tests stay together and in the order pytest chose for its fixtures."""
+    items.sort(key=_rank)
