@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream, UpstreamHost
+
+# Hypothesis's timing checks (a 200 ms deadline per example, "too slow" data generation) measure
+# the machine, not the code: the suite runs on parallel workers on a 2-core machine, where an
+# example that takes 30 ms alone can take 400 ms. pytest-timeout still bounds a test that hangs.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")
