@@ -61,8 +61,10 @@ def port_block() -> range:
     global _BLOCK, _NEXT
     if _BLOCK is None:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-        index = int(worker.removeprefix("gw")) if worker.startswith("gw") else 0
         count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        # A worker xdist starts in place of a crashed one is numbered on (gw4 of 4): it takes
+        # a block of the range, never one inside the ephemeral range.
+        index = int(worker.removeprefix("gw")) % count if worker.startswith("gw") else 0
         size = (_ephemeral_low() - PORTS_FROM) // count
         if size < 200:
             raise RuntimeError(f"too few ports below the ephemeral range for {count} workers")
