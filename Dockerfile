@@ -28,10 +28,12 @@ RUN python -c "import tomllib; p = tomllib.load(open('/tmp/turnout-deps/pyprojec
     && pip install -r /tmp/turnout-deps/requirements.txt \
     && rm -rf /tmp/turnout-deps
 
-# The code: only Turnout itself is installed here, nothing is downloaded.
-COPY pyproject.toml README.md /tmp/turnout-src/
+# The code: only Turnout itself is installed here, nothing is downloaded. The slim image has no
+# C compiler, so the data plane is the pure-Python build (docs/performance.md: compiled builds).
+COPY pyproject.toml README.md setup.py MANIFEST.in /tmp/turnout-src/
+COPY buildtools /tmp/turnout-src/buildtools
 COPY proxy /tmp/turnout-src/proxy
-RUN pip install --no-deps --no-build-isolation /tmp/turnout-src \
+RUN TURNOUT_COMPILE=0 pip install --no-deps --no-build-isolation /tmp/turnout-src \
     && rm -rf /tmp/turnout-src
 
 COPY config/container.yaml /etc/turnout/turnout.yaml

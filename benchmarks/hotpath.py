@@ -108,13 +108,13 @@ def run(requests: int, features: bool, profile: bool) -> None:
     ctx.apply(compile_table(parse_config(text, "bench.yaml"), generation=1, sha256="x"))
     client = ClientConnection(ctx)
     client.connection_made(MemoryTransport())
-    pool = next(iter(ctx.endpoints.values()))
+    pool = next(iter(ctx.pools.endpoints.values()))
     upstream = UpstreamConnection(pool)
     upstream.connection_made(MemoryTransport())
     pool.connections.add(upstream)
     upstream.reusable = True
     pool.release(upstream, ctx.now)
-    for pool_member in ctx.endpoints.values():
+    for pool_member in ctx.pools.endpoints.values():
         if pool_member is not pool:
             pool_member.idle.append(upstream)
 
@@ -125,7 +125,7 @@ def run(requests: int, features: bool, profile: bool) -> None:
         assert conn is not None, "the request did not reach the pooled connection"
         conn.data_received(RESPONSE)
         ctx.batcher.flush()
-        for pool_member in ctx.endpoints.values():
+        for pool_member in ctx.pools.endpoints.values():
             if not pool_member.idle:
                 pool_member.idle.append(conn)
 

@@ -34,8 +34,7 @@ from typing import Any
 import benchlib as bl
 import orjson
 
-from proxy.control.metrics import MetricsInput, Totals, render
-from proxy.control.supervisor import METRICS_GZIP_LEVEL
+from proxy.control.metrics import METRICS_GZIP_LEVEL, MetricsInput, Totals, render
 from proxy.core.config import parse_config
 from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot, read_worker_snapshot
 from proxy.core.table import Table, compile_table

@@ -82,7 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from proxy.control.supervisor import ConfigLoadError, certificate_warnings, load_config
+    from proxy.control.certificates import certificate_warnings
+    from proxy.control.supervisor import ConfigLoadError, load_config
     from proxy.core.config import summary
 
     try:
@@ -131,15 +132,17 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 class _Version(argparse.Action):
-    """`--version`: the version /metrics reports in turnout_build_info, imported on demand."""
+    """`--version`: the version and build /metrics reports in turnout_build_info, imported on
+    demand.
+    """
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        from proxy.control.metrics import BUILD_VERSION
+        from proxy.control.metrics import BUILD_VERSION, DATA_PLANE_BUILD
 
-        print(f"turnout {BUILD_VERSION}")
+        print(f"turnout {BUILD_VERSION} ({DATA_PLANE_BUILD} data plane)")
         parser.exit()
 
 

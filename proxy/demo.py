@@ -376,6 +376,11 @@ def _verdict_line(entry: dict[str, Any]) -> str:
     return f"{entry['verdict']} at step {entry['step']} ({entry['weight']:g}%): {evidence}"
 
 
+def _route_view(supervisor: Supervisor, name: str) -> dict[str, Any]:
+    """Route `name` as GET /admin/routes shows it (its `rollout`, its `effective_split`)."""
+    return next(r for r in supervisor.routes_view()["routes"] if r["name"] == name)
+
+
 async def drive_rollout(supervisor: Supervisor, spec: ConfigSpec) -> bool:
     """Start the first rollout of `spec`, feed it traffic, print its walk; True if it succeeded."""
     found = _rollout_route(spec)
@@ -405,7 +410,7 @@ async def drive_rollout(supervisor: Supervisor, spec: ConfigSpec) -> bool:
     view: dict[str, Any] = {}
     try:
         while loop.time() - began < ROLLOUT_DEADLINE:
-            view = dict(supervisor.rollouts.view(route.name) or {})
+            view = dict(_route_view(supervisor, route.name)["rollout"] or {})
             history = view.get("history", [])
             for entry in history[shown:]:
                 print(f"{loop.time() - began:6.1f}s  {_verdict_line(entry)}", flush=True)
@@ -419,7 +424,7 @@ async def drive_rollout(supervisor: Supervisor, spec: ConfigSpec) -> bool:
     finally:
         await tasks.cancel_all(1.0)
     state = view.get("state")
-    split = next(r for r in supervisor.routes_view()["routes"] if r["name"] == route.name)
+    split = _route_view(supervisor, route.name)
     weights = ", ".join(f"{name} {weight:g}" for name, weight in split["effective_split"].items())
     print(
         f"Final state: {state} after {loop.time() - began:.1f}s; effective split {weights}.",

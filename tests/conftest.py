@@ -13,10 +13,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
+from tests.support.build import describe, stale_modules
 from tests.support.redis import RedisServer, redis_server_binary
 from tests.support.turnout import TurnoutFactory, TurnoutProcess, start_turnout
 from tests.support.upstreams import EchoUpstream, UpstreamHost
+
+# Hypothesis's timing checks (a 200 ms deadline per example, "too slow" data generation) measure
+# the machine, not the code: the suite runs on parallel workers on a 2-core machine, where an
+# example that takes 30 ms alone can take 400 ms. pytest-timeout still bounds a test that hangs.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
+
+
+def pytest_report_header() -> str:
+    return describe()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    stale = stale_modules()
+    if stale:
+        pytest.exit(
+            f"compiled modules are older than {', '.join(stale)}: run ./dev compile (or "
+            "./dev pure to test the pure-Python build)",
+            returncode=4,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +96,49 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- order: the longest first --------------------------------------------------------------------
+
+# Modules whose tests wait longest (rollouts, leases, timeouts) or burn the most CPU, longest
+# first. `./dev test` runs the suite under pytest-xdist (--dist loadfile --no-loadscope-reorder),
+# which hands whole modules to workers in this order: long ones started first overlap with
+# everything else instead of ending the run alone. Then the rest of the system tests
+# (subprocesses), integration, unit: short modules last fill the gaps.
+FIRST = (
+    "system/test_rollout_e2e.py",
+    "system/test_fleet_failures.py",
+    "system/test_webhooks.py",
+    "system/test_promql.py",
+    "system/test_admin_abuse.py",
+    "system/test_cli_client.py",
+    "system/test_dashboard.py",
+    "system/test_fleet_sentinel.py",
+    "system/test_shutdown_drain.py",
+    "system/test_zero_downtime.py",
+    "system/test_drain_keepalive.py",
+    "system/test_fleet.py",
+    "unit/test_sequential.py",
+    "unit/test_rollout_simulation.py",
+    "unit/test_sticky.py",
+    "unit/test_route_index.py",
+)
+TIERS = ("system/", "integration/", "unit/")
+
+
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    path = item.path.as_posix()
+    for index, module in enumerate(FIRST):
+        if path.endswith("/tests/" + module):
+            return (0, index)
+    for index, tier in enumerate(TIERS, start=1):
+        if f"/tests/{tier}" in path:
+            return (index, 0)
+    return (len(TIERS) + 1, 0)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest modules first (FIRST), then system, integration, unit; a stable sort, so each
+    module's tests stay together and in the order pytest chose for its fixtures."""
+    items.sort(key=_rank)

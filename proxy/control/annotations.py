@@ -154,6 +154,17 @@ def reload_failed_event(trigger: str, generation: int, errors: Sequence[str]) ->
     )
 
 
+def split_event(old: Table, new: Table, name: str, what: str) -> Event:
+    """The annotation of a runtime split change of route `name`: `what` happened, and the
+    split went from `old`'s to `new`'s."""
+    before_route, after_route = old.route(name), new.route(name)
+    assert before_route is not None
+    assert after_route is not None
+    before, after = dict(before_route.split.shares), dict(after_route.split.shares)
+    text = f"{name}: {what}: {split_text(after)} (was {split_text(before)})"
+    return Event(kind="split", text=text, routes=(name,), upstreams=carried(before, after))
+
+
 def _changed(what: str, names: Sequence[str]) -> str:
     if not names:
         return f"no {what} changed"

@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Mapping
-from typing import TypedDict, TypeVar, cast
+from typing import Final, TypedDict, TypeVar, cast
 
 # Proxy latencies: sub-millisecond to a minute (contract section 7 histogram).
-DURATION_BUCKETS: tuple[float, ...] = (
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.0001,
     0.00025,
     0.0005,
@@ -46,10 +46,10 @@ DURATION_BUCKETS: tuple[float, ...] = (
     60.0,
 )
 
-ERROR_KINDS: tuple[str, ...] = ("connect", "reset", "timeout", "protocol", "tls")
-MIRROR_OUTCOMES: tuple[str, ...] = ("sent", "error", "dropped", "skipped")
+ERROR_KINDS: Final[tuple[str, ...]] = ("connect", "reset", "timeout", "protocol", "tls")
+MIRROR_OUTCOMES: Final[tuple[str, ...]] = ("sent", "error", "dropped", "skipped")
 # One slot per finite bucket and a final +Inf slot.
-BUCKET_SLOTS = len(DURATION_BUCKETS) + 1
+BUCKET_SLOTS: Final = len(DURATION_BUCKETS) + 1
 
 T = TypeVar("T")
 

@@ -7,10 +7,11 @@ decodes a header it only copies. Pure core: no I/O, no asyncio.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 # RFC 9110 section 7.6.1 plus the legacy ones the contract names. Lower-case. The one list:
 # the data plane builds its request and response filters from it.
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -24,8 +25,10 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
-IDEMPOTENT_RETRY_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-RETRY_BODY_LIMIT = 64 * 1024
+IDEMPOTENT_RETRY_METHODS: Final[frozenset[str]] = frozenset(
+    {"GET", "HEAD", "OPTIONS", "PUT", "DELETE"}
+)
+RETRY_BODY_LIMIT: Final = 64 * 1024
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from proxy.core.spec import Override
 from proxy.core.sticky import choose_cached, key_unit
@@ -27,10 +27,10 @@ from proxy.core.table import (
     path_from_text,
 )
 
-REASONS = ("override", "sticky", "weight", "rollout", "no_route")
+REASONS: Final = ("override", "sticky", "weight", "rollout", "no_route")
 
 # What `explain` passes as the freshly minted sticky id: nothing random leaks into its answer.
-NEW_ID_PLACEHOLDER = "<new-id>"
+NEW_ID_PLACEHOLDER: Final = "<new-id>"
 
 
 class RequestView:
@@ -82,7 +82,7 @@ class Decision(NamedTuple):
     mirror: str | None
 
 
-_NO_ROUTE = Decision(None, None, "no_route", None, None, None)
+_NO_ROUTE: Final = Decision(None, None, "no_route", None, None, None)
 
 
 def normalize_host(raw: str) -> str:

@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from functools import lru_cache
 from hashlib import blake2b
 from math import log
+from typing import Final
 
 # The top 52 bits h of the digest give x = (h + 0.5) * 2**-52, computed exactly: never 0 (the
 # logarithm would be -inf) and never 1 (the score would be infinite).
-_SCALE = 2.0**-52
-_SEP = b"\x00"
+_SCALE: Final = 2.0**-52
+_SEP: Final = b"\x00"
 
 
 def key_unit(key: str, salt: str) -> float:

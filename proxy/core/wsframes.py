@@ -8,7 +8,9 @@ direction (RFC 6455 section 5.2) cheaply: it only counts payload bytes. Pure cor
 
 from __future__ import annotations
 
-GOING_AWAY = 1001
+from typing import Final
+
+GOING_AWAY: Final = 1001
 
 
 class FrameTracker:

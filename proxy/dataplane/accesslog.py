@@ -14,11 +14,12 @@ import select
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 import orjson
 
-_ATOMIC = getattr(select, "PIPE_BUF", 4096)
-_FLUSH_AT = 64 * 1024
+_ATOMIC: Final = getattr(select, "PIPE_BUF", 4096)
+_FLUSH_AT: Final = 64 * 1024
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ import ssl
 from collections import deque
 from http import HTTPStatus
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 import orjson
@@ -296,6 +296,18 @@ class Downstream(Protocol):
     def start_tunnel(self, ex: Exchange) -> None: ...
     def linger(self, seconds: float) -> None: ...
     def exchange_done(self, ex: Exchange) -> None: ...
+
+
+class TargetParts(Protocol):
+    """What `httptools.parse_url` returns: its stubs say `bytes` and `int`, but a part the
+    target lacks is None (the compiled build checks the declared types).
+    """
+
+    host: bytes | None
+    port: int | None
+    path: bytes | None
+    query: bytes | None
+    fragment: bytes | None
 
 
 class HeadError(Exception):
@@ -620,7 +632,7 @@ class Exchange:
                 path = "*"
             else:
                 try:
-                    parsed = httptools.parse_url(url)
+                    parsed = cast("TargetParts", httptools.parse_url(url))
                 except httptools.HttpParserInvalidURLError:
                     self.local_error(400, "invalid request target", close=True)
                     return

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -26,10 +26,10 @@ from proxy.core.routing import pick_endpoint
 from proxy.core.spec import Endpoint, UpstreamSpec, UpstreamTls
 from proxy.dataplane.writes import CoalescingProtocol, WriteBatcher
 
-log = logging.getLogger("turnout.upstream")
+log: Final = logging.getLogger("turnout.upstream")
 
-POOL_IDLE_TIMEOUT = 4.0
-POOL_MAX_IDLE = 256
+POOL_IDLE_TIMEOUT: Final = 4.0
+POOL_MAX_IDLE: Final = 256
 
 
 class ResponseSink(Protocol):
@@ -85,12 +85,12 @@ class ResponseSink(Protocol):
 
 
 # How the response body is delimited (RFC 9112 section 6.3).
-FRAMING_NONE = 0  # no body: HEAD, 204, 304
-FRAMING_LENGTH = 1
-FRAMING_CHUNKED = 2
-FRAMING_CLOSE = 3  # until the endpoint closes the connection
+FRAMING_NONE: Final = 0  # no body: HEAD, 204, 304
+FRAMING_LENGTH: Final = 1
+FRAMING_CHUNKED: Final = 2
+FRAMING_CLOSE: Final = 3  # until the endpoint closes the connection
 
-_FRAMING_HEADERS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
+_FRAMING_HEADERS: Final = frozenset({b"transfer-encoding", b"content-length", b"connection"})
 
 
 class UpstreamConnection(CoalescingProtocol):
@@ -446,7 +446,7 @@ class EndpointPool:
         # ejection is not in force. `refresh` recomputes it when either changes.
         self.healthy = True
         self.active_up = True
-        # Passive ejection (health.EjectionRule, driven by WorkerContext.passive_result).
+        # Passive ejection (health.EjectionRule, driven by Pools.passive_result).
         self.ejection = CLEAR
         self.draining = False
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import cast
+from typing import Final, cast
 
 
 class WriteBatcher:
@@ -57,10 +57,10 @@ class WriteBatcher:
 
 # Write-buffer bounds per connection: large enough that a streamed body is not paused and
 # resumed every few reads, small enough that 10,000 connections cannot pin much memory.
-WRITE_HIGH = 256 * 1024
-WRITE_LOW = 64 * 1024
+WRITE_HIGH: Final = 256 * 1024
+WRITE_LOW: Final = 64 * 1024
 # Small batches (a head and a short body) are cheaper joined than handed to writev.
-JOIN_BELOW = 16 * 1024
+JOIN_BELOW: Final = 16 * 1024
 
 
 class CoalescingProtocol(asyncio.Protocol):

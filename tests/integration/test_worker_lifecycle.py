@@ -203,7 +203,9 @@ async def test_sigterm_drains_the_worker_and_exits_0(
 
 
 def in_flight(turnout: InProcessTurnout) -> int:
-    return turnout.call_soon(lambda: sum(c.current is not None for c in turnout.ctx.connections))
+    return turnout.call_soon(
+        lambda: sum(c.current is not None for c in turnout.ctx.acceptor.connections)
+    )
 
 
 def stop_in_background(turnout: InProcessTurnout) -> tuple[threading.Thread, list[int]]:
@@ -228,7 +230,9 @@ def test_drain_finishes_a_request_in_flight_and_refuses_new_connections(
         wait_until(lambda: in_flight(draining) == 1, what="the request in flight")
         stopper, codes = stop_in_background(draining)
         # The listener closes first: a new connection is refused while the request runs.
-        wait_until(lambda: not draining.call_soon(lambda: draining.ctx.listeners), what="close")
+        wait_until(
+            lambda: not draining.call_soon(lambda: draining.ctx.acceptor.listeners), what="close"
+        )
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", draining.port), timeout=1.0).close()
         _, response = conn.read_final_response()
@@ -305,14 +309,16 @@ def test_out_of_descriptors_pauses_accepting_for_a_tick_and_logs_once(
 
         def short() -> bool:
             ctx.resource_shortage(shortage)
-            return ctx.accepting
+            return ctx.acceptor.accepting
 
         assert turnout.call_soon(short) is False
         # A client connecting meanwhile waits in the backlog and is served after the pause.
         assert get(turnout.port, "/after").status == 200
-        assert turnout.call_soon(lambda: ctx.accepting) is True
+        assert turnout.call_soon(lambda: ctx.acceptor.accepting) is True
         assert turnout.call_soon(short) is False
-        wait_until(lambda: turnout.call_soon(lambda: ctx.accepting), what="accepting again")
+        wait_until(
+            lambda: turnout.call_soon(lambda: ctx.acceptor.accepting), what="accepting again"
+        )
         lines = [
             line for line in turnout.stderr_text().splitlines() if "out of file descriptors" in line
         ]
@@ -399,9 +405,13 @@ def test_a_stalled_tls_handshake_takes_no_slot_for_long(
     )
     with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
         # Connected, then silent: no ClientHello. The handshake is bounded by client_keepalive.
-        wait_until(lambda: turnout.call_soon(lambda: turnout.ctx.adopting) == 1, what="adopt")
+        wait_until(
+            lambda: turnout.call_soon(lambda: turnout.ctx.acceptor.adopting) == 1, what="adopt"
+        )
         assert conn.wait_closed(5.0)
-        wait_until(lambda: turnout.call_soon(lambda: turnout.ctx.adopting) == 0, what="slot")
+        wait_until(
+            lambda: turnout.call_soon(lambda: turnout.ctx.acceptor.adopting) == 0, what="slot"
+        )
         status, _ = tls_get(turnout.port, ca, "api.example.test")
         assert status == 200
 

@@ -51,9 +51,9 @@ from proxy.core.config import config_sha256, parse_config
 from proxy.core.counters import WorkerSnapshot
 from proxy.core.spec import Listener
 from proxy.dataplane.accesslog import AccessLog
+from proxy.dataplane.listeners import bind_listener
 from proxy.dataplane.worker import (
     WorkerContext,
-    bind_listener,
     raise_fd_limit,
     shutdown,
     table_from_message,
@@ -269,7 +269,7 @@ class InProcessTurnout(AccessLogLines):
                 MetricsInput(
                     table=table,
                     totals=totals,
-                    down=frozenset(ctx.down),
+                    down=frozenset(ctx.pools.down),
                     reloads={},
                     generation=table.generation,
                 )

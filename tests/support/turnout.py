@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,21 +36,62 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 READY_DEADLINE = 20.0
 
 
-# Ports this test process handed out: the OS may give a just-closed port again, and two picks
-# for one config (listen, admin) must differ.
-_HANDED_OUT: set[int] = set()
+# Ports are handed out from a block of their own per pytest-xdist worker, below the kernel's
+# ephemeral range: a port that free_port() checked and closed cannot be taken meanwhile by another
+# worker's free_port(), nor by anyone's bind-to-0 or outgoing connection (those draw ephemeral
+# ports). Within its block a process goes round in order from a random start (two suites running
+# at once on one machine rarely meet), so a port comes again only after the whole block: two
+# picks for one config (listen, admin) always differ.
+PORTS_FROM = 10000
+_BLOCK: range | None = None
+_NEXT = 0
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def port_block() -> range:
+    """The ports this process hands out: its xdist worker's share of PORTS_FROM up to the
+    ephemeral range (all of it outside xdist)."""
+    global _BLOCK, _NEXT
+    if _BLOCK is None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        # A worker xdist starts in place of a crashed one is numbered on (gw4 of 4): it takes
+        # a block of the range, never one inside the ephemeral range.
+        index = int(worker.removeprefix("gw")) % count if worker.startswith("gw") else 0
+        size = (_ephemeral_low() - PORTS_FROM) // count
+        if size < 200:
+            raise RuntimeError(f"too few ports below the ephemeral range for {count} workers")
+        _BLOCK = range(PORTS_FROM + index * size, PORTS_FROM + (index + 1) * size)
+        _NEXT = random.randrange(size)
+    return _BLOCK
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A port the OS considers free on 127.0.0.1 (bind to 0, read it, close), never one this
-    process handed out before."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
+    """The next port of this process's block that nothing on 127.0.0.1 holds now (bind, close)."""
+    global _NEXT
+    block = port_block()
+    for _ in range(len(block)):
+        port = block[_NEXT % len(block)]
+        _NEXT += 1
+        if _bindable(port):
             return port
+    raise RuntimeError(f"no free port in {block}")
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

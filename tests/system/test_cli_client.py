@@ -483,11 +483,12 @@ def test_version_is_the_one_metrics_reports(
     proc = turnout_factory(table(blue, green))
     result = turnout("--version")
     assert result.returncode == 0, result.stderr
-    match = re.fullmatch(r"turnout (\S+)\n", result.stdout)
+    match = re.fullmatch(r"turnout (\S+) \((compiled|pure) data plane\)\n", result.stdout)
     assert match is not None, result.stdout
     with urllib.request.urlopen(f"{proc.admin_url}/metrics", timeout=10) as response:
         metrics = response.read().decode()
-    assert f'turnout_build_info{{version="{match[1]}"}} 1.0' in metrics.splitlines()
+    line = f'turnout_build_info{{version="{match[1]}",build="{match[2]}"}} 1.0'
+    assert line in metrics.splitlines()
 
 
 # --- help, start-up, constants ---------------------------------------------------------------

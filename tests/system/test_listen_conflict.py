@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.control.supervisor import StartError, claim_addresses
+from proxy.control.addresses import StartError, claim_addresses
 from proxy.core.config import parse_config
 from proxy.core.spec import ConfigSpec
 from tests.support.load import BackgroundLoad, Load

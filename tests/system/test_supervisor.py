@@ -447,7 +447,7 @@ async def test_request_stats_gathers_answers_within_the_deadline(
         await async_wait_until(lambda: supervisor.readiness().ready, seconds=DEADLINE)
         pids = [w["pid"] for w in supervisor.config_view()["workers"]]
 
-        answers = await supervisor.request_stats(5.0)
+        answers = await supervisor.workers.request_stats(5.0)
         assert sorted(a["pid"] for a in answers) == sorted(pids)
 
         # A worker that cannot answer (stopped) is left out once the deadline passes.
@@ -455,7 +455,7 @@ async def test_request_stats_gathers_answers_within_the_deadline(
         try:
             # Bounded by the caller's deadline, not by the stopped worker.
             async with asyncio.timeout(DEADLINE):
-                answers = await supervisor.request_stats(0.5)
+                answers = await supervisor.workers.request_stats(0.5)
             assert [a["pid"] for a in answers] == [pids[1]]
         finally:
             os.kill(pids[0], signal.SIGCONT)

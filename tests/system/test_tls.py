@@ -21,7 +21,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.control.supervisor import StartError, claim_addresses
+from proxy.control.addresses import StartError, claim_addresses
 from proxy.core.config import parse_config
 from proxy.core.spec import ConfigSpec
 from tests.support import wait_until

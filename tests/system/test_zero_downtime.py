@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.dataplane.worker import EJECT_BASE
+from proxy.dataplane.pools import EJECT_BASE
 from tests.support import wait_until
 from tests.support.load import (
     BackgroundLoad,
@@ -399,7 +399,7 @@ def test_endpoint_back_after_a_crash_is_ejected_once_and_serves_again(
                     lambda: bool(ejections(proc, doomed.address)), timeout=20, what="ejection"
                 )
                 # The endpoint comes back at once (a restart): after its ejection (5 s, see
-                # proxy.dataplane.worker.EJECT_BASE) it is tried again and serves.
+                # proxy.dataplane.pools.EJECT_BASE) it is tried again and serves.
                 revived = UpstreamProcess("blue-a-again", doomed.port)
                 wait_until(
                     lambda: any(o.upstream == "blue-a-again" for o in load.load.outcomes[-1000:]),

@@ -1,9 +1,10 @@
 """Health (proxy.core.health): active-check thresholds and the back-off rule, by tables and
 properties.
 
-The back-off rule replaced two hand-written copies (passive ejection in worker.py, resting shadow
-endpoints in mirror.py); `LegacyPassive` and `LegacyShadow` below are those copies as they were,
-kept as the reference the shared rule must agree with on any sequence of events.
+The back-off rule replaced two hand-written copies (passive ejection in worker.py, now in
+pools.py, and resting shadow endpoints in mirror.py); `LegacyPassive` and `LegacyShadow` below
+are those copies as they were, kept as the reference the shared rule must agree with on any
+sequence of events.
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ SHADOW = EjectionRule(after=5, base=1.0, cap=30.0, again_after=1, success_ends=T
 
 
 def test_the_modules_use_these_rules() -> None:
-    from proxy.dataplane import mirror, worker
+    from proxy.dataplane import mirror, pools
 
-    assert worker.PASSIVE_EJECTION == PASSIVE
+    assert pools.PASSIVE_EJECTION == PASSIVE
     assert mirror.REST == SHADOW
 
 
@@ -233,7 +234,7 @@ def test_backoff_tables(events: str, rule: EjectionRule, step: float, expected: 
 
 
 class LegacyPassive:
-    """worker.WorkerContext.passive_result and the tick's clearing, as written before."""
+    """pools.Pools.passive_result and the tick's clearing, as written before."""
 
     def __init__(self, after: int, base: float, cap: float) -> None:
         self.after, self.base, self.cap = after, base, cap

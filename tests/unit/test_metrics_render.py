@@ -28,6 +28,7 @@ from proxy.core.counters import (
     read_worker_snapshot,
 )
 from proxy.core.table import Table, compile_table
+from proxy.runtime.build import data_plane_build
 
 CONFIG = """
 upstreams:
@@ -423,13 +424,21 @@ def test_config_load_time_is_rendered_when_known() -> None:
     assert f"# TYPE {name} gauge\n" in text
 
 
-def test_build_info_carries_the_installed_version() -> None:
+def test_build_info_carries_the_installed_version_and_build() -> None:
     samples, types, _ = scrape(table(), [])
     assert types["turnout_build_info"] == "gauge"
-    assert value(samples, "turnout_build_info", version=metadata.version("turnout")) == 1
+    build = data_plane_build()
+    assert value(samples, "turnout_build_info", version=metadata.version("turnout"), build=build)
     assert [labels for name, labels in samples if name == "turnout_build_info"] == [
-        frozenset({("version", metadata.version("turnout"))})
+        frozenset({("version", metadata.version("turnout")), ("build", build)})
     ]
+
+
+def test_the_build_is_the_kind_of_module_the_data_plane_imported() -> None:
+    import proxy.dataplane.http1 as http1
+
+    compiled = not http1.__file__.endswith(".py")
+    assert data_plane_build() == ("compiled" if compiled else "pure")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="no /proc on this system")

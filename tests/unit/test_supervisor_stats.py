@@ -1,4 +1,4 @@
-"""A worker's stats answers as the supervisor takes them (`Supervisor._read_worker`).
+"""A worker's stats answers as the supervisor takes them (`WorkerSet._read_worker`).
 
 A snapshot is read (and checked) once, when it arrives: a malformed one is logged, rate limited,
 and ignored, the worker's last good snapshot stays in /metrics, and the scrape that asked goes
@@ -18,12 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.control.supervisor import (
-    BAD_STATS_LOG_EVERY,
-    Supervisor,
-    WorkerHandle,
-    load_config,
-)
+from proxy.control.supervisor import Supervisor, load_config
+from proxy.control.workers import BAD_STATS_LOG_EVERY, WorkerHandle
 from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot
 from proxy.runtime.channel import OP_STATS, ControlChannel, open_channel
 from proxy.runtime.tasks import TaskSet
@@ -94,11 +90,11 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         ready=True,
         generation=1,
     )
-    supervisor._workers[0] = handle
+    supervisor.workers._workers[0] = handle
     tasks = TaskSet("test")
     tasks.spawn(worker.serve(), name="scripted-worker")
     # Reads the worker's messages until the process exits (then folds its last snapshot).
-    supervising = tasks.spawn(supervisor._supervise(handle), name="supervise")
+    supervising = tasks.spawn(supervisor.workers._supervise(handle), name="supervise")
     yield supervisor, handle, worker, supervising
     if process.returncode is None:
         process.terminate()
@@ -128,7 +124,7 @@ async def test_a_malformed_snapshot_is_ignored_and_the_last_good_one_counts(
     for _ in range(2):
         assert f"{SERVED} 2.0\n" in await scrape(supervisor)
         # An unreadable answer is no answer: the scrape does not wait for the deadline.
-        assert await supervisor.request_stats(3600.0) == []
+        assert await supervisor.workers.request_stats(3600.0) == []
     assert handle.last_stats == good
     assert not supervising.done()
     # Logged once, naming the worker and the field; the others are counted for the next time.
@@ -140,7 +136,7 @@ async def test_a_malformed_snapshot_is_ignored_and_the_last_good_one_counts(
 
     handle.bad_stats_logged_at -= BAD_STATS_LOG_EVERY
     worker.answers.append({**good_snapshot(1), "connections": "many"})
-    assert await supervisor.request_stats(3600.0) == []
+    assert await supervisor.workers.request_stats(3600.0) == []
     last = caplog.records[-1].getMessage()
     assert "connections: must be an integer >= 0" in last
     assert "(3 more since the last such message)" in last
@@ -150,8 +146,8 @@ async def test_a_malformed_snapshot_is_ignored_and_the_last_good_one_counts(
 async def test_the_next_good_snapshot_is_taken_again(setup: Setup) -> None:
     supervisor, _, worker, _ = setup
     worker.answers += [{"pid": "x"}, good_snapshot(4), good_snapshot(4)]
-    assert await supervisor.request_stats(3600.0) == []
-    (answer,) = await supervisor.request_stats(3600.0)
+    assert await supervisor.workers.request_stats(3600.0) == []
+    (answer,) = await supervisor.workers.request_stats(3600.0)
     assert answer == good_snapshot(4)
     assert f"{SERVED} 4.0\n" in await scrape(supervisor)
     view = supervisor.config_view()["workers"][0]
@@ -165,7 +161,7 @@ async def test_an_answer_with_a_strange_id_is_still_read(setup: Setup) -> None:
         worker.reply({"op": OP_STATS, "id": request_id, "data": good_snapshot(served)})
     # Messages are read in order: once this (unreadable) answer is in, so are those above.
     worker.answers.append({"pid": "x"})
-    assert await supervisor.request_stats(3600.0) == []
+    assert await supervisor.workers.request_stats(3600.0) == []
     assert handle.last_stats == good_snapshot(5)
     assert not supervising.done()
     assert supervisor.polled_totals()[0].pairs[("api", "blue")].count == 5
@@ -174,10 +170,10 @@ async def test_an_answer_with_a_strange_id_is_still_read(setup: Setup) -> None:
 async def test_a_dead_workers_last_good_snapshot_is_retired(setup: Setup) -> None:
     supervisor, handle, worker, supervising = setup
     worker.answers += [good_snapshot(3), {"routes": []}]
-    assert len(await supervisor.request_stats(3600.0)) == 1
-    assert await supervisor.request_stats(3600.0) == []
+    assert len(await supervisor.workers.request_stats(3600.0)) == 1
+    assert await supervisor.workers.request_stats(3600.0) == []
     handle.process.terminate()
     assert await supervising == -signal.SIGTERM
-    assert supervisor._workers == {}
-    assert supervisor._retired.pairs[("api", "blue")].count == 3
+    assert supervisor.workers._workers == {}
+    assert supervisor.workers._retired.pairs[("api", "blue")].count == 3
     assert f"{SERVED} 3.0\n" in await scrape(supervisor)

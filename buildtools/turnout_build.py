@@ -1,0 +1,52 @@
+"""The build backend: setuptools, asking for mypyc only when setup.py will compile.
+
+A build without a C compiler (or with TURNOUT_COMPILE=0) needs nothing beyond setuptools; one
+that compiles also needs mypy, and the packages the compiled modules import, because mypyc
+type-checks them exactly as `mypy --strict` does in development.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from setuptools import build_meta as _setuptools
+
+# The other PEP 517 hooks are setuptools' own.
+build_wheel = _setuptools.build_wheel
+build_editable = _setuptools.build_editable
+build_sdist = _setuptools.build_sdist
+get_requires_for_build_sdist = _setuptools.get_requires_for_build_sdist
+prepare_metadata_for_build_wheel = _setuptools.prepare_metadata_for_build_wheel
+prepare_metadata_for_build_editable = _setuptools.prepare_metadata_for_build_editable
+
+# The mypy release the compiled build was last tested with (./dev test builds it).
+MYPYC = "mypy>=2.4.1"
+TYPING_ONLY = ["types-PyYAML"]
+
+
+def _compiling() -> bool:
+    mode = os.environ.get("TURNOUT_COMPILE", "auto").strip().lower()
+    if mode == "0":
+        return False
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    return mode == "1" or shutil.which(cc) is not None
+
+
+def _extra() -> list[str]:
+    if not _compiling():
+        return []
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    return [MYPYC, *TYPING_ONLY, *project["dependencies"]]
+
+
+def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:
+    return [*_setuptools.get_requires_for_build_wheel(config_settings), *_extra()]
+
+
+def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:
+    return [*_setuptools.get_requires_for_build_editable(config_settings), *_extra()]
