@@ -28,6 +28,7 @@ from setuptools.command.build_ext import build_ext
 # and calls between compiled code, and nothing on the control plane's asyncio glue.
 HOT_MODULES = [
     "proxy/core/counters.py",
+    "proxy/core/exchange_state.py",
     "proxy/core/headers.py",
     "proxy/core/routing.py",
     "proxy/core/sticky.py",
@@ -85,7 +86,7 @@ def extensions() -> list[Extension]:
             sys.exit(f"TURNOUT_COMPILE=1 but {reason}")
         print(f"turnout: {reason}; installing pure Python", file=sys.stderr)
         return []
-    return cast("list[Extension]", mypycify(HOT_MODULES, opt_level="3", group_name="turnout_hot"))
+    return cast("list[Extension]", mypycify(HOT_MODULES, opt_level="3", group_name="proxy.hot"))
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -40,7 +40,7 @@ GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("event loop (uvloop, libuv)", re.compile(r"uvloop|libuv|^uv_|uv__")),
     ("HTTP parser (httptools, llhttp)", re.compile(r"httptools|llhttp")),
     ("TLS (OpenSSL)", re.compile(r"libssl|libcrypto|ssl")),
-    ("Turnout, compiled", re.compile(r"CPyDef_|CPyPy_|turnout_hot|__mypyc")),
+    ("Turnout, compiled", re.compile(r"CPyDef_|CPyPy_|hot__mypyc|__native_")),
     ("Turnout, Python", re.compile(r"proxy/")),
     ("allocator", re.compile(r"[Mm]alloc|[Ff]ree\b|_PyObject_Free|arena|pymalloc")),
     ("interpreter and objects", re.compile(r"python3|libpython|_Py|Py[A-Z]")),

@@ -87,7 +87,7 @@ RESPONSE_TABLE: Final[dict[tuple[int, str], int]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(Exception):
     """An event arrived in a state its side's table has no transition from: a bug."""
 
     def __init__(self, side: str, state: int, event: str) -> None:

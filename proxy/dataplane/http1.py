@@ -32,7 +32,7 @@ import ssl
 from collections import deque
 from http import HTTPStatus
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 import orjson
@@ -89,26 +89,26 @@ if TYPE_CHECKING:
     from proxy.dataplane.writes import WriteBatcher
     from proxy.runtime.tasks import TaskSet
 
-log = logging.getLogger("turnout.dataplane")
+log: Final = logging.getLogger("turnout.dataplane")
 
 # Reason phrases for every registered status code (a proxy may replace the upstream's).
-REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
+REASONS: Final[dict[int, bytes]] = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 # Request headers the parser callback must look at; everything else is copied untouched.
-_H_HOST = 1
-_H_CONTENT_LENGTH = 2
-_H_TRANSFER_ENCODING = 3
-_H_CONNECTION = 4
-_H_HOP = 5
-_H_UPGRADE = 6
-_H_EXPECT = 7
-_H_XFF = 8
-_H_REQUEST_ID = 9
-_H_DROP = 10
-_H_COOKIE = 11
-_H_VIA = 12
-_H_MAX_FORWARDS = 13
-_SPECIAL: dict[bytes, int] = {
+_H_HOST: Final = 1
+_H_CONTENT_LENGTH: Final = 2
+_H_TRANSFER_ENCODING: Final = 3
+_H_CONNECTION: Final = 4
+_H_HOP: Final = 5
+_H_UPGRADE: Final = 6
+_H_EXPECT: Final = 7
+_H_XFF: Final = 8
+_H_REQUEST_ID: Final = 9
+_H_DROP: Final = 10
+_H_COOKIE: Final = 11
+_H_VIA: Final = 12
+_H_MAX_FORWARDS: Final = 13
+_SPECIAL: Final[dict[bytes, int]] = {
     # Every hop-by-hop header is dropped; the three that carry framing or an upgrade are read
     # first (their entries below replace these).
     **dict.fromkeys(HOP_BY_HOP, _H_HOP),
@@ -129,42 +129,44 @@ _SPECIAL: dict[bytes, int] = {
 
 # What a Host value may hold (RFC 3986 reg-name or IP literal, and a port): anything else, a
 # space, '/', '@' or a control character, is a 400 (RFC 9112 section 3.2).
-_HOST_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=:[]"
+_HOST_CHARS: Final = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=:[]"
+)
 
 # Methods an OPTIONS request with `Max-Forwards: 0` is told about.
-_ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_ALLOW: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Response headers never copied to the client (framing and our own are rebuilt).
-_RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id"}
+_RESPONSE_DROP: Final = HOP_BY_HOP | {b"x-request-id"}
 
 # Connection options that are not header names, and headers whose removal would change the
 # framing or the target: a `Connection: content-length` must not smuggle a body (it would be
 # sent without its length) nor `Connection: host` strip the Host.
-_NEVER_HOP = frozenset(
+_NEVER_HOP: Final = frozenset(
     {b"close", b"keep-alive", b"upgrade", b"content-length", b"host", b"transfer-encoding"}
 )
 
-_CHUNKED_ONLY = [b"chunked"]
+_CHUNKED_ONLY: Final = [b"chunked"]
 
 # The Connection header nearly every keep-alive upstream sends: nothing to strip.
-_KEEP_ALIVE = [b"keep-alive"]
-_JSON_HEADERS = ((b"Content-Type", b"application/json"),)
+_KEEP_ALIVE: Final = [b"keep-alive"]
+_JSON_HEADERS: Final = ((b"Content-Type", b"application/json"),)
 
 # Why reading from the client is paused; reading resumes only when no reason is left.
-PAUSE_BACKPRESSURE = 1
-PAUSE_PIPELINE = 2
-PAUSE_CONNECTING = 4
-PAUSE_UPGRADE = 8
+PAUSE_BACKPRESSURE: Final = 1
+PAUSE_PIPELINE: Final = 2
+PAUSE_CONNECTING: Final = 4
+PAUSE_UPGRADE: Final = 8
 
 # How long a WebSocket client gets to answer our close frame before its connection is closed.
-CLOSE_HANDSHAKE_WAIT = 1.0
+CLOSE_HANDSHAKE_WAIT: Final = 1.0
 
 # Bytes of request body held while the endpoint connection is being opened.
-CONNECT_BUFFER = 64 * 1024
+CONNECT_BUFFER: Final = 64 * 1024
 
 # errno values that mean this process is short of descriptors or memory, not that the
 # endpoint failed.
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Generation:

@@ -232,12 +232,19 @@ def test_identical_versions_with_2_percent_errors_reach_100(
         assert not load.failures
         assert {code for (_, code) in load.seen} == {200, 500}
         host, port = turnout.admin_url.removeprefix("http://").rsplit(":", 1)
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
-        conn.request("GET", "/metrics")
-        metrics = conn.getresponse().read().decode()
-        conn.close()
-        assert 'turnout_rollout_verdicts_total{route="api",verdict="pass"} 2.0' in metrics
-        assert 'turnout_rollout_step{route="api"} 1.0' in metrics
+
+        def metrics() -> str:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            return text
+
+        # A verdict is counted once stored, just after the state the admin API shows: a
+        # scrape in between may still miss the last one.
+        passes = 'turnout_rollout_verdicts_total{route="api",verdict="pass"} 2.0'
+        wait_until(lambda: passes in metrics(), timeout=10, what="both verdicts counted")
+        assert 'turnout_rollout_step{route="api"} 1.0' in metrics()
     finally:
         assert turnout.stop(20) == 0
 
