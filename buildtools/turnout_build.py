@@ -18,7 +18,6 @@ from setuptools import build_meta as _setuptools
 
 # The other PEP 517 hooks are setuptools' own.
 build_wheel = _setuptools.build_wheel
-build_editable = _setuptools.build_editable
 build_sdist = _setuptools.build_sdist
 get_requires_for_build_sdist = _setuptools.get_requires_for_build_sdist
 prepare_metadata_for_build_wheel = _setuptools.prepare_metadata_for_build_wheel
@@ -27,6 +26,12 @@ prepare_metadata_for_build_editable = _setuptools.prepare_metadata_for_build_edi
 # The mypy release the compiled build was last tested with (./dev test builds it).
 MYPYC = "mypy>=2.4.1"
 TYPING_ONLY = ["types-PyYAML"]
+
+
+def _editable_default() -> None:
+    # An editable install is a working tree: compiled modules there would shadow every later
+    # edit of their source, so it is pure Python unless TURNOUT_COMPILE=1 asks otherwise.
+    os.environ.setdefault("TURNOUT_COMPILE", "0")
 
 
 def _compiling() -> bool:
@@ -49,4 +54,14 @@ def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) 
 
 
 def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:
+    _editable_default()
     return [*_setuptools.get_requires_for_build_editable(config_settings), *_extra()]
+
+
+def build_editable(
+    wheel_directory: str,
+    config_settings: dict[str, Any] | None = None,
+    metadata_directory: str | None = None,
+) -> str:
+    _editable_default()
+    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
