@@ -44,12 +44,14 @@ SIDES: dict[str, tuple[Table, tuple[str, ...], tuple[Event, ...], int]] = {
     "response": (es.RESPONSE_TABLE, es.RESPONSE_STATES, es.RESPONSE_EVENTS, IDLE),
 }
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 
 def docstring_table(side: str) -> Table:
     """The rows of the module docstring's table for `side` (`Request side::` and what follows)."""
     _, names, _, _ = SIDES[side]
-    # From the source: a compiled module keeps no docstring.
-    source = Path(es.__file__).with_name("exchange_state.py").read_text(encoding="utf-8")
+    # From the source: a compiled module keeps no docstring (nor always a true __file__).
+    source = (PROJECT_ROOT / "proxy" / "core" / "exchange_state.py").read_text(encoding="utf-8")
     lines = (ast.get_docstring(ast.parse(source)) or "").splitlines()
     start = lines.index(f"{side.capitalize()} side::")
     rows: Table = {}
