@@ -6,8 +6,8 @@ everywhere. `TURNOUT_COMPILE` chooses:
     auto (default)  compile if mypyc and a C compiler with the Python headers are here; a compile
                     that fails anyway warns and leaves pure Python
     1               compile, or fail the build
-    0               pure Python (what `./dev setup` uses for the editable tree, so that an
-                    edited module takes effect without a rebuild)
+    0               pure Python; the default of an editable install (`pip install -e .`,
+                    `./dev setup`), so that an edited module takes effect without a rebuild
 
 `./dev compile` builds the compiled modules into the tree; `./dev pure` removes them.
 """

@@ -9,7 +9,9 @@ route of `run.py --features` (sticky 90/10 split with a header override, metrics
 off). wrk runs for warm-up + both recordings; py-spy records first, then `perf record -e
 cpu-clock` (no hardware counters needed), one after the other so neither slows the other's view.
 The report lists the leaf functions taking the most samples and the same samples in a few
-groups (kernel, event loop, HTTP parser, Turnout's code, interpreter, allocator). It is written
+groups (kernel, event loop, HTTP parser, Turnout's code, interpreter, allocator). py-spy stops
+the process to unwind native stacks and so over-samples system calls: take shares from perf's
+table, and from py-spy's which function a cost sits under. It is written
 to benchmarks/out/profile-<scenario>-<time>.md. Everything stays on 127.0.0.1.
 """
 
