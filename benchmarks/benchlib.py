@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import math
 import os
 import resource
 import signal
@@ -39,6 +40,15 @@ INTERMEDIATE_CIPHERS = TURNOUT_CIPHERS
 
 class StartError(RuntimeError):
     """A server did not come up; the message carries the tail of its log."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile `q` (0..100) of `values` in any order (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
 
 
 def free_port() -> int:

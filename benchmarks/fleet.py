@@ -61,6 +61,7 @@ from typing import Any
 
 import benchlib as bl
 import orjson
+from benchlib import percentile
 from run import (
     NOISY_BACKGROUND_PCT,
     WRK_DONE_LUA,
@@ -899,15 +900,6 @@ def hotpath_lines(settings: Settings, pinning: Pinning, results: list[RunResult]
 
 
 # --- main ------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def ms(seconds: float) -> str:

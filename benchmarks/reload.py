@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import math
 import os
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from typing import Any
 import benchlib as bl
 import orjson
 import yaml
+from benchlib import percentile
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -203,15 +203,6 @@ class Lab:
 
 
 # --- 1. apply time ---------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def measure_apply(lab: Lab) -> tuple[list[float], list[float], list[float]]:
