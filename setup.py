@@ -14,15 +14,16 @@ everywhere. `TURNOUT_COMPILE` chooses:
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 from typing import cast
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+# `python setup.py build_ext` (./dev compile) runs without the build backend's path.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "buildtools"))
+from turnout_toolchain import compile_mode, missing_toolchain
 
 # Every module a request passes through, and only those: mypyc gains most on attribute access
 # and calls between compiled code, and nothing on the control plane's asyncio glue.
@@ -38,23 +39,6 @@ HOT_MODULES = [
     "proxy/dataplane/upstream.py",
     "proxy/dataplane/writes.py",
 ]
-
-
-def compile_mode() -> str:
-    mode = os.environ.get("TURNOUT_COMPILE", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"TURNOUT_COMPILE must be auto, 0 or 1, not {mode!r}")
-    return mode
-
-
-def missing_toolchain() -> str | None:
-    """Why this machine cannot compile C extensions, or None when it can."""
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(cc) is None:
-        return f"no C compiler ({cc})"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-        return "no Python headers (Python.h)"
-    return None
 
 
 class OptionalBuildExt(build_ext):

@@ -8,13 +8,12 @@ type-checks them exactly as `mypy --strict` does in development.
 from __future__ import annotations
 
 import os
-import shutil
-import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from setuptools import build_meta as _setuptools
+from turnout_toolchain import compile_mode, missing_toolchain
 
 # The other PEP 517 hooks are setuptools' own.
 build_wheel = _setuptools.build_wheel
@@ -35,11 +34,8 @@ def _editable_default() -> None:
 
 
 def _compiling() -> bool:
-    mode = os.environ.get("TURNOUT_COMPILE", "auto").strip().lower()
-    if mode == "0":
-        return False
-    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
-    return mode == "1" or shutil.which(cc) is not None
+    mode = compile_mode()
+    return mode == "1" or (mode == "auto" and missing_toolchain() is None)
 
 
 def _extra() -> list[str]:
