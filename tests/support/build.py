@@ -14,14 +14,14 @@ from proxy.runtime.build import data_plane_build
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 
 
-def stale_modules() -> list[str]:
-    """Compiled modules older than their source, as `source.py` paths."""
+def stale_modules(package: Path = PACKAGE) -> list[str]:
+    """Compiled modules under `package` older than their source, as `source.py` paths."""
     stale = []
     for suffix in EXTENSION_SUFFIXES:
-        for compiled in PACKAGE.rglob(f"*{suffix}"):
+        for compiled in package.rglob(f"*{suffix}"):
             source = compiled.with_name(compiled.name[: -len(suffix)] + ".py")
             if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
-                stale.append(str(source.relative_to(PACKAGE.parent)))
+                stale.append(str(source.relative_to(package.parent)))
     return sorted(stale)
 
 
