@@ -60,7 +60,7 @@ def _check_name(name: bytes, pseudo: bool) -> None:
 def _check_value(name: bytes, value: bytes) -> None:
     if b"\x00" in value or b"\r" in value or b"\n" in value:
         raise MalformedRequest(f"invalid value of field {name!r}")
-    if value and value[0] in b" \t" or value and value[-1] in b" \t":
+    if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
         raise MalformedRequest(f"value of field {name!r} starts or ends with white space")
 
 
@@ -129,4 +129,6 @@ def parse_request(headers: list[tuple[bytes, bytes]]) -> RequestHead:
         fields.append((b"cookie", b"; ".join(cookies)))
     if method.translate(None, _TCHAR):
         raise MalformedRequest(f"invalid :method {method!r}")
-    return RequestHead(method.decode("ascii"), scheme, authority, path, tuple(fields), size)
+    return RequestHead(
+        method.decode("ascii"), scheme, authority, path, protocol, tuple(fields), size
+    )

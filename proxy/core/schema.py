@@ -290,6 +290,13 @@ LIMITS = Section(
             maximum=1 << 20,
         ),
         Key("max_headers", Kind.INT, "Header lines; more gets 431.", minimum=1, maximum=10_000),
+        Key(
+            "max_concurrent_streams",
+            Kind.INT,
+            "Requests open at once on one HTTP/2 connection; more are refused (REFUSED_STREAM).",
+            minimum=1,
+            maximum=10_000,
+        ),
     ),
 )
 

@@ -34,6 +34,7 @@ class Limits:
     max_connections: int = 10000
     max_header_size: int = 64 * 1024
     max_headers: int = 100
+    max_concurrent_streams: int = 100  # per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,10 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Protocol
 
 from proxy.core.spec import Listener, Timeouts
-from proxy.dataplane.http1 import ClientConnection, TlsClientConnection, WorkerHooks
+from proxy.dataplane.http1 import ClientConnection, Exchange, TlsClientConnection, WorkerHooks
 from proxy.runtime.tasks import TaskSet
 from proxy.runtime.tls import (
     CertificateSet,
@@ -56,6 +57,24 @@ def bind_listener(listener: Listener) -> socket.socket:
     sock.bind((listener.host, listener.port))
     sock.listen(1024)
     return sock
+
+
+class ClientSide(Protocol):
+    """A client connection as the worker tracks, drains and closes it: an HTTP/1.1
+    `ClientConnection` or an HTTP/2 `Http2Connection` (proxy.dataplane.http2)."""
+
+    # Set by a drain: HTTP/1.1 answers with `Connection: close` from then on; HTTP/2 sends
+    # GOAWAY and lets its open streams finish.
+    closing: bool
+    idle_since: float  # when it last had no request in progress
+
+    @property
+    def tunnel(self) -> Exchange | None:
+        """A WebSocket in progress (HTTP/1.1 only), told to go away at a drain."""
+
+    def is_idle(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class BoundListener:
@@ -103,7 +122,7 @@ class Acceptor:
         self.accepting = False
         self.adopting = 0  # accepted sockets whose protocol is not connected yet
         self.short_until = 0.0  # out of descriptors: no accepting before this time
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientSide] = set()
         # Shutting down: the listeners are closed, and every connection is told to close.
         self.closing = False
         # Set once closing and no client is left (connected or being adopted).
@@ -274,7 +293,7 @@ class Acceptor:
 
     # ---- connections ---------------------------------------------------------------------
 
-    def opened(self, conn: ClientConnection) -> None:
+    def opened(self, conn: ClientSide) -> None:
         """A client connected."""
         self.connections.add(conn)
         if self.closing:
@@ -282,7 +301,7 @@ class Acceptor:
         if len(self.connections) >= self.max_clients:
             self.stop_accepting()
 
-    def closed(self, conn: ClientConnection) -> None:
+    def closed(self, conn: ClientSide) -> None:
         """A client connection ended."""
         self.connections.discard(conn)
         if not self.accepting:

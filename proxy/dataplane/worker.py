@@ -28,8 +28,8 @@ from proxy.core.counters import WorkerSnapshot
 from proxy.core.spec import Listener, Timeouts
 from proxy.core.table import Table, compile_table
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.http1 import ClientConnection, Exchange, Generation
-from proxy.dataplane.listeners import FD_RESERVE, Acceptor, client_capacity
+from proxy.dataplane.http1 import Exchange, Generation
+from proxy.dataplane.listeners import FD_RESERVE, Acceptor, ClientSide, client_capacity
 from proxy.dataplane.pools import Pools
 from proxy.dataplane.stats import WorkerStats
 from proxy.dataplane.upstream import EndpointPool
@@ -140,6 +140,8 @@ class WorkerContext:
         self.acceptor = Acceptor(loop, index, self.tasks, self, self.warn_limited, fd_limit)
         self.pools = Pools(index, self.batcher, self.tasks)
         self.stats = WorkerStats()
+        # GOAWAYs sent to HTTP/2 clients, by reason (also counted in `stats` for the metric).
+        self.h2_goaways: dict[str, int] = {}
         self._ticks = 0
         # Request ids: a random prefix per worker process and a counter, unique without a
         # system call per request.
@@ -242,13 +244,20 @@ class WorkerContext:
         """Outcome of one attempt: 0 for a connect/reset/timeout failure, else the status."""
         self.pools.passive_result(endpoint, status, self.now)
 
-    def connection_opened(self, conn: ClientConnection) -> None:
-        """A client connected."""
+    def connection_opened(self, conn: ClientSide) -> None:
+        """A client connected (or an HTTP/1.1 connection turned HTTP/2)."""
         self.acceptor.opened(conn)
 
-    def connection_closed(self, conn: ClientConnection) -> None:
+    def connection_closed(self, conn: ClientSide) -> None:
         """A client connection ended."""
         self.acceptor.closed(conn)
+
+    def count_h2_goaway(self, reason: str) -> None:
+        """An HTTP/2 client connection was closed with GOAWAY for `reason`."""
+        self.h2_goaways[reason] = self.h2_goaways.get(reason, 0) + 1
+        count = getattr(self.stats, "count_h2_goaway", None)
+        if count is not None:
+            count(reason)
 
     # ---- timers --------------------------------------------------------------------------
 
@@ -324,7 +333,7 @@ class WorkerContext:
             except TimeoutError:
                 pass
         # 5. Whatever is still running at the deadline is cut, and counted in the log.
-        left = [c for c in acceptor.connections if c.current is not None]
+        left = [c for c in acceptor.connections if not c.is_idle()]
         if left:
             log.warning(
                 "worker %d: cutting %d request(s) still running at the deadline",

@@ -36,7 +36,9 @@ INTERMEDIATE_CIPHERS = ":".join(
     )
 )
 
-# Only HTTP/1.1 is served for now; `h2` joins this list with downstream HTTP/2.
+# What TLS listeners offer, in order of preference: HTTP/2 (proxy.dataplane.http2), then 1.1.
+SERVER_ALPN_PROTOCOLS = ("h2", "http/1.1")
+# What Turnout offers an upstream endpoint over TLS.
 ALPN_PROTOCOLS = ("http/1.1",)
 
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -113,7 +115,7 @@ def _server_context(
     ctx.minimum_version = _MIN_VERSIONS[tls.min_version]
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    ctx.set_alpn_protocols(list(SERVER_ALPN_PROTOCOLS))
     try:
         ctx.load_cert_chain(cert_path, key_path)
     except ssl.SSLError as exc:  # before OSError, of which it is a subclass

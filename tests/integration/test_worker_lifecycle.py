@@ -203,9 +203,7 @@ async def test_sigterm_drains_the_worker_and_exits_0(
 
 
 def in_flight(turnout: InProcessTurnout) -> int:
-    return turnout.call_soon(
-        lambda: sum(c.current is not None for c in turnout.ctx.acceptor.connections)
-    )
+    return turnout.call_soon(lambda: sum(not c.is_idle() for c in turnout.ctx.acceptor.connections))
 
 
 def stop_in_background(turnout: InProcessTurnout) -> tuple[threading.Thread, list[int]]:
