@@ -1,0 +1,422 @@
+"""Downstream HTTP/2 (contract section 11) through one worker's data plane in this process.
+
+Clients are real: curl (`--http2-prior-knowledge`, `--http2` over TLS), httpx with HTTP/2, and
+the raw client of tests.support.h2client for exact frames and flow control. Upstreams are the
+HTTP/1.1 echo servers of tests.support.upstreams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h2.events
+import h2.settings
+import httpx
+import orjson
+import pytest
+import trustme
+from h2.errors import ErrorCodes
+
+from proxy.dataplane.http2 import STREAM_BUFFER, STREAM_WINDOW, Http2Connection
+from tests.support import wait_until
+from tests.support.certs import write_ca, write_pair
+from tests.support.h2client import RawH2
+from tests.support.inprocess import InProcessTurnout, start_inprocess
+from tests.support.upstreams import EchoUpstream, pattern_bytes, pattern_sha256
+
+MAX_STREAMS = 8
+
+
+def config(blue: EchoUpstream, **extra: Any) -> dict[str, Any]:
+    return {
+        "limits": {"max_concurrent_streams": MAX_STREAMS},
+        "upstreams": {"blue": {"endpoints": [blue.address]}, "dead": {"endpoints": ["127.0.0.1:1"]}},
+        "routes": [
+            {"name": "none", "match": {"path_prefix": "/none"}, "split": {"dead": 100}},
+            {
+                "name": "main",
+                "match": {"path_prefix": "/"},
+                "split": {"blue": 100},
+                "sticky": {"cookie": "sid", "set": True},
+            },
+        ],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
+    with start_inprocess(config(blue), access_log=True) as process:
+        yield process
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=30, check=False)
+
+
+def seen_headers(body: bytes) -> list[tuple[str, str]]:
+    return [(str(n).lower(), str(v)) for n, v in orjson.loads(body)["headers"]]
+
+
+def goaways(turnout: InProcessTurnout) -> dict[str, int]:
+    return turnout.call_soon(lambda: dict(turnout.ctx.h2_goaways))
+
+
+# -- requests and responses -------------------------------------------------------------------
+
+
+def test_curl_prior_knowledge(turnout: InProcessTurnout) -> None:
+    done = curl(
+        "--http2-prior-knowledge",
+        "-D",
+        "-",
+        "-H",
+        "cookie: a=1",
+        "-H",
+        "cookie: b=2",
+        f"{turnout.url}/hello?x=1",
+    )
+    assert done.returncode == 0, done.stderr
+    head, _, body = done.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/2 200"), head
+    lines = head.lower().split(b"\r\n")
+    assert any(line.startswith(b"x-request-id: ") for line in lines)
+    assert any(line.startswith(b"via: 1.1 turnout-") for line in lines)
+    # A new visitor of a sticky route is given its cookie, as over HTTP/1.1.
+    assert any(line.startswith(b"set-cookie: sid=") for line in lines)
+    seen = orjson.loads(body)
+    assert seen["path"] == "/hello?x=1"
+    headers = seen_headers(body)
+    assert ("host", f"127.0.0.1:{turnout.port}") in headers
+    # RFC 9113 section 8.2.3: split cookie fields reach an HTTP/1.1 upstream as one.
+    assert [v for n, v in headers if n == "cookie"] == ["a=1; b=2"]
+    assert ("x-forwarded-proto", "http") in headers
+    request_id = next(v for n, v in headers if n == "x-request-id")
+    entry = turnout.wait_for_log({request_id})[request_id]
+    assert entry["protocol"] == "HTTP/2"
+    assert entry["status"] == 200
+
+
+def test_body_without_length_goes_chunked(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        body = pattern_bytes(300_000)
+        sid = client.request("/upload", method="POST", end=False)
+        client.send_body(sid, body)
+        status, _, answer = client.response(sid)
+    assert status == 200
+    seen = orjson.loads(answer)
+    assert seen["body_len"] == len(body)
+    assert seen["body_sha256"] == pattern_sha256(len(body))
+    assert ("transfer-encoding", "chunked") in seen_headers(answer)
+
+
+def test_body_with_length_is_not_chunked(turnout: InProcessTurnout) -> None:
+    body = b"x" * 1000
+    with RawH2(turnout.port) as client:
+        sid = client.request(
+            "/upload", method="POST", headers=[(b"content-length", b"1000")], body=body
+        )
+        status, _, answer = client.response(sid)
+    assert status == 200
+    headers = seen_headers(answer)
+    assert ("content-length", "1000") in headers
+    assert not any(n == "transfer-encoding" for n, _ in headers)
+
+
+def test_httpx_multiplexes_on_one_connection(turnout: InProcessTurnout) -> None:
+    with httpx.Client(http1=False, http2=True, base_url=turnout.url) as client:
+        for n in range(20):
+            response = client.post(f"/item/{n}", content=pattern_bytes(5000 + n, str(n)))
+            assert response.http_version == "HTTP/2"
+            assert response.status_code == 200
+            assert response.json()["body_sha256"] == pattern_sha256(5000 + n, str(n))
+        big = client.get("/fixed", params={"n": 2_000_000})
+        assert big.status_code == 200
+        assert hashlib.sha256(big.content).hexdigest() == pattern_sha256(2_000_000)
+
+
+def test_concurrent_streams_on_one_connection(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        ids = [client.request(f"/slow?ms=200&n={n}") for n in range(MAX_STREAMS)]
+        answers = {sid: client.response(sid) for sid in ids}
+    assert all(status == 200 for status, _, _ in answers.values())
+    paths = {orjson.loads(body)["path"] for _, _, body in answers.values()}
+    assert paths == {f"/slow?ms=200&n={n}" for n in range(MAX_STREAMS)}
+
+
+def test_local_errors_on_a_stream(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        sid = client.request("/none/x")
+        status, head, body = client.response(sid)
+        assert status == 502
+        assert orjson.loads(body)["error"] == "upstream connect failure"
+        assert head[b"content-length"] == str(len(body)).encode()
+        # The connection goes on.
+        sid = client.request("/after")
+        assert client.response(sid)[0] == 200
+
+
+def test_grpc_local_answer_is_trailers_only(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        sid = client.request(
+            "/none/pkg.Service/Method",
+            method="POST",
+            headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers")],
+            body=b"\x00\x00\x00\x00\x00",
+        )
+        event = client.events_until(
+            lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid
+        )
+        assert isinstance(event, h2.events.ResponseReceived)
+        # One HEADERS frame that ends the stream, with the status in it.
+        assert event.stream_ended is not None
+        head = dict(event.headers or [])  # type: ignore[arg-type]
+    assert head[b":status"] == b"200"
+    assert head[b"grpc-status"] == b"14"  # UNAVAILABLE: the endpoint refuses connections
+    assert head[b"content-type"] == b"application/grpc"
+
+
+# -- malformed requests: stream errors, never the connection ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ([(b":method", b"GET"), (b":authority", b"a"), (b":path", b"/")], "no :scheme"),
+        ([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a")], "no :path"),
+        (
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"X-Up", b"1")],
+            "upper case",
+        ),
+        (
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"connection", b"x")],
+            "connection-specific",
+        ),
+        (
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"te", b"gzip")],
+            "te",
+        ),
+        ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":x", b"1")], "pseudo"),
+    ],
+)
+def test_malformed_request_resets_its_stream_only(
+    turnout: InProcessTurnout, fields: list[tuple[bytes, bytes]], why: str
+) -> None:
+    with RawH2(turnout.port, validate=False) as client:
+        good = client.request("/slow?ms=300")
+        bad = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(bad, fields, end_stream=True)
+        client.flush()
+        event = client.events_until(
+            lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == bad
+        )
+        assert isinstance(event, h2.events.StreamReset)
+        assert event.error_code == ErrorCodes.PROTOCOL_ERROR, why
+        assert client.response(good)[0] == 200
+
+
+def test_extended_connect_is_refused(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port, validate=False) as client:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [
+                (b":method", b"CONNECT"),
+                (b":protocol", b"websocket"),
+                (b":scheme", b"http"),
+                (b":authority", b"a"),
+                (b":path", b"/ws"),
+            ],
+        )
+        client.flush()
+        status, _, body = client.response(sid)
+    assert status == 501
+    assert "WebSocket over HTTP/2" in orjson.loads(body)["error"]
+
+
+def test_header_limits_answer_431(turnout: InProcessTurnout) -> None:
+    many = [(f"x-h{n}".encode(), b"v") for n in range(150)]
+    with RawH2(turnout.port) as client:
+        sid = client.request("/", headers=many)
+        assert client.response(sid)[0] == 431
+        assert client.response(client.request("/"))[0] == 200
+
+
+# -- settings and limits -----------------------------------------------------------------------
+
+
+def test_settings_say_the_limits(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        event = client.events_until(lambda e: isinstance(e, h2.events.RemoteSettingsChanged))
+        assert isinstance(event, h2.events.RemoteSettingsChanged)
+        changed = {code: setting.new_value for code, setting in event.changed_settings.items()}
+    codes = h2.settings.SettingCodes
+    assert changed[codes.MAX_CONCURRENT_STREAMS] == MAX_STREAMS
+    assert changed[codes.MAX_HEADER_LIST_SIZE] == 64 * 1024
+    assert changed[codes.INITIAL_WINDOW_SIZE] == STREAM_WINDOW
+
+
+def test_streams_over_the_limit_are_refused(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        # Sent before the server's SETTINGS are read: the client does not know the limit yet.
+        ids = [client.request(f"/slow?ms=500&n={n}") for n in range(MAX_STREAMS + 3)]
+        refused = []
+        for sid in ids[MAX_STREAMS:]:
+            event = client.events_until(
+                lambda e, sid=sid: isinstance(e, h2.events.StreamReset) and e.stream_id == sid
+            )
+            assert isinstance(event, h2.events.StreamReset)
+            refused.append(event.error_code)
+        assert refused == [ErrorCodes.REFUSED_STREAM] * 3
+        assert all(client.response(sid)[0] == 200 for sid in ids[:MAX_STREAMS])
+
+
+# -- flow control and backpressure ------------------------------------------------------------
+
+
+def held_streams(turnout: InProcessTurnout) -> int:
+    return turnout.call_soon(
+        lambda: sum(
+            len(conn.streams)
+            for conn in turnout.ctx.acceptor.connections
+            if isinstance(conn, Http2Connection)
+        )
+    )
+
+
+def held_bytes(turnout: InProcessTurnout) -> list[int]:
+    def read() -> list[int]:
+        return [
+            stream.out_size
+            for conn in turnout.ctx.acceptor.connections
+            if isinstance(conn, Http2Connection)
+            for stream in conn.streams.values()
+        ]
+
+    return turnout.call_soon(read)
+
+
+def test_slow_reader_stalls_only_its_stream(turnout: InProcessTurnout) -> None:
+    size = 8_000_000
+    with RawH2(turnout.port) as client:
+        # The connection's window is wide open: only the slow stream's own window is shut.
+        client.conn.increment_flow_control_window(100_000_000)
+        slow = client.request(f"/fixed?n={size}")
+        # The slow stream gets its first window's worth, then nothing while it does not read.
+        client.events_until(
+            lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == slow
+        )
+        other = client.request("/fixed?n=500000")
+        status, _, body = client.response(other)
+        assert status == 200
+        assert len(body) == 500_000
+        # What the proxy holds for the stalled stream is bounded: its upstream is not read.
+        wait_until(lambda: held_bytes(turnout) != [], what="a stream held")
+        assert max(held_bytes(turnout)) <= STREAM_BUFFER + 256 * 1024
+        received = sum(
+            len(e.data or b"")
+            for e in client.events
+            if isinstance(e, h2.events.DataReceived) and e.stream_id == slow
+        )
+        assert received <= 65535
+        # Reading again, the whole body arrives intact.
+        client.ack(slow, received)
+        status, _, body = client.response(slow)
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(size)
+
+
+def test_stalled_upload_does_not_stall_others(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        # An upload the upstream reads slowly, and one that completes meanwhile.
+        slow = client.request("/slowupload?pause_ms=300", method="POST", end=False)
+        client.send_body(slow, pattern_bytes(60_000), end=False)
+        other = client.request("/upload", method="POST", end=False)
+        client.send_body(other, pattern_bytes(1_000_000))
+        status, _, body = client.response(other)
+        assert status == 200
+        assert orjson.loads(body)["body_len"] == 1_000_000
+        client.send_body(slow, pattern_bytes(60_000))
+        assert client.response(slow)[0] == 200
+
+
+# -- TLS and ALPN ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_turnout(
+    blue: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[InProcessTurnout, Path]]:
+    folder = tmp_path_factory.mktemp("h2tls")
+    ca = trustme.CA()
+    pair = write_pair(ca, folder, "app", "app.test")
+    ca_file = write_ca(ca, folder / "ca.pem")
+    cfg = config(blue)
+    with start_inprocess(cfg) as plain:
+        port = plain.port
+    cfg["listen"] = [{"address": f"127.0.0.1:{port}", "tls": {"certificates": [pair.config()]}}]
+    with start_inprocess(cfg) as process:
+        yield process, ca_file
+
+
+def test_curl_http2_over_tls(tls_turnout: tuple[InProcessTurnout, Path]) -> None:
+    turnout, ca_file = tls_turnout
+    done = curl(
+        "--http2",
+        "--cacert",
+        str(ca_file),
+        "--resolve",
+        f"app.test:{turnout.port}:127.0.0.1",
+        "-w",
+        "\n%{http_version}",
+        f"https://app.test:{turnout.port}/tls",
+    )
+    assert done.returncode == 0, done.stderr
+    body, _, version = done.stdout.rpartition(b"\n")
+    assert version == b"2"
+    headers = seen_headers(body)
+    assert ("x-forwarded-proto", "https") in headers
+    assert ("host", f"app.test:{turnout.port}") in headers
+
+
+def test_http1_still_served_over_tls(tls_turnout: tuple[InProcessTurnout, Path]) -> None:
+    turnout, ca_file = tls_turnout
+    done = curl(
+        "--http1.1",
+        "--cacert",
+        str(ca_file),
+        "--resolve",
+        f"app.test:{turnout.port}:127.0.0.1",
+        "-w",
+        "\n%{http_version}",
+        f"https://app.test:{turnout.port}/tls",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rpartition(b"\n")[2] == b"1.1"
+
+
+# -- drain ------------------------------------------------------------------------------------
+
+
+def test_drain_sends_goaway_and_lets_streams_finish(blue: EchoUpstream) -> None:
+    with start_inprocess(config(blue)) as turnout:
+        client = RawH2(turnout.port)
+        sid = client.request("/slow?ms=800")
+        wait_until(lambda: held_streams(turnout) == 1, what="the stream open in the worker")
+        stopping = threading.Thread(target=turnout.stop, daemon=True)
+        stopping.start()
+        event = client.goaway()
+        assert event.error_code == ErrorCodes.NO_ERROR
+        assert event.last_stream_id == sid
+        assert goaways(turnout).get("shutdown") == 1
+        status, _, body = client.response(sid)
+        assert status == 200
+        assert orjson.loads(body)["path"] == "/slow?ms=800"
+        stopping.join(30)
+        assert not stopping.is_alive()
+        client.close()
