@@ -268,8 +268,16 @@ class H2Stream:
         self.finish_response(ex)
 
     def abort(self) -> None:
-        """A broken response must look broken: reset this stream (only)."""
-        self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
+        """A broken response must look broken: reset this stream (only).
+
+        The exchange also aborts a stream whose client left its window shut for the idle
+        timeout; when every stream of the connection is stuck so, the connection goes.
+        """
+        conn = self.conn
+        if self.blocked_since and conn.all_blocked():
+            conn.stalled()
+        else:
+            conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
 
     def start_tunnel(self, ex: Exchange) -> None:
         """Never called: an HTTP/2 request is never an upgrade (WebSocket over HTTP/2,
@@ -784,7 +792,12 @@ class Http2Connection(asyncio.Protocol):
         self.goaway_sent = True
         self.ctx.count_h2_goaway(reason)
         self._flush()
-        frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_stream, error_code=0)
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=self.last_stream,
+            error_code=0,
+            additional_data=reason.encode("ascii"),
+        )
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(frame.serialize())
@@ -797,7 +810,10 @@ class Http2Connection(asyncio.Protocol):
         if not self.goaway_sent:
             self.goaway_sent = True
             with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.close_connection(code, last_stream_id=self.last_stream)
+                # The reason as debug data: what a client's log can show (RFC 9113 6.8).
+                self.h2.close_connection(
+                    code, additional_data=reason.encode("ascii"), last_stream_id=self.last_stream
+                )
         self._end_streams()
         self._close_transport()
 
@@ -857,6 +873,19 @@ class Http2Connection(asyncio.Protocol):
 
     # ---- streams stuck at a zero window ----
 
+    def all_blocked(self) -> bool:
+        """Every open stream waits for the client to open its window."""
+        return all(stream.blocked_since for stream in self.streams.values())
+
+    def stalled(self) -> None:
+        """The client reads none of its streams: GOAWAY and close."""
+        self.ctx.warn_limited(
+            "h2-stalled",
+            "HTTP/2 client %s left every stream at a zero window past the idle timeout: closed",
+            self.client_ip,
+        )
+        self._go_away(ErrorCodes.NO_ERROR, GOAWAY_STALLED)
+
     def _watch_stalls(self) -> None:
         if self.stall_timer is None and not self.closed:
             self.stall_timer = self.ctx.loop.call_later(STALL_CHECK, self._check_stalls)
@@ -871,14 +900,8 @@ class Http2Connection(asyncio.Protocol):
         idle = self.ctx.generation.timeouts.idle
         blocked = [s for s in self.streams.values() if s.blocked_since]
         stalled = [s for s in blocked if now - s.blocked_since > idle]
-        if stalled and len(stalled) == len(self.streams):
-            self.ctx.warn_limited(
-                "h2-stalled",
-                "HTTP/2 client %s left every stream at a zero window for %.0fs: closed",
-                self.client_ip,
-                idle,
-            )
-            self._go_away(ErrorCodes.NO_ERROR, GOAWAY_STALLED)
+        if stalled and self.all_blocked():
+            self.stalled()
             return
         for stream in stalled:
             self.reset_stream(stream, ErrorCodes.CANCEL)

@@ -37,6 +37,7 @@ class RawH2:
         validate: bool = True,
     ) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=READ_DEADLINE)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock: socket.socket = (
             tls.wrap_socket(raw, server_hostname=server_name) if tls is not None else raw
         )
@@ -48,11 +49,12 @@ class RawH2:
             validate_inbound_headers=False,
         )
         self.conn = h2.connection.H2Connection(config)
-        if settings:
-            self.conn.local_settings.update(settings)
         self.conn.initiate_connection()
+        if settings:
+            self.conn.update_settings(settings)
         self.events: list[h2.events.Event] = []
         self.pending = b""
+        self.error: h2.exceptions.ProtocolError | None = None  # what ended our side
         self.closed = False
         self.flush()
 
@@ -142,7 +144,8 @@ class RawH2:
             frame, self.pending = self.pending[:size], self.pending[size:]
             try:
                 events = self.conn.receive_data(frame)
-            except h2.exceptions.ProtocolError:
+            except h2.exceptions.ProtocolError as exc:
+                self.error = exc
                 self.closed = True
                 return False
             self.events += events
