@@ -35,7 +35,10 @@ MAX_STREAMS = 8
 def config(blue: EchoUpstream, **extra: Any) -> dict[str, Any]:
     return {
         "limits": {"max_concurrent_streams": MAX_STREAMS},
-        "upstreams": {"blue": {"endpoints": [blue.address]}, "dead": {"endpoints": ["127.0.0.1:1"]}},
+        "upstreams": {
+            "blue": {"endpoints": [blue.address]},
+            "dead": {"endpoints": ["127.0.0.1:1"]},
+        },
         "routes": [
             {"name": "none", "match": {"path_prefix": "/none"}, "split": {"dead": 100}},
             {
@@ -175,7 +178,7 @@ def test_grpc_local_answer_is_trailers_only(turnout: InProcessTurnout) -> None:
         assert isinstance(event, h2.events.ResponseReceived)
         # One HEADERS frame that ends the stream, with the status in it.
         assert event.stream_ended is not None
-        head = dict(event.headers or [])  # type: ignore[arg-type]
+        head = dict(event.headers or [])
     assert head[b":status"] == b"200"
     assert head[b"grpc-status"] == b"14"  # UNAVAILABLE: the endpoint refuses connections
     assert head[b"content-type"] == b"application/grpc"
@@ -267,9 +270,11 @@ def test_streams_over_the_limit_are_refused(turnout: InProcessTurnout) -> None:
         ids = [client.request(f"/slow?ms=500&n={n}") for n in range(MAX_STREAMS + 3)]
         refused = []
         for sid in ids[MAX_STREAMS:]:
-            event = client.events_until(
-                lambda e, sid=sid: isinstance(e, h2.events.StreamReset) and e.stream_id == sid
-            )
+
+            def reset_of(e: h2.events.Event, sid: int = sid) -> bool:
+                return isinstance(e, h2.events.StreamReset) and e.stream_id == sid
+
+            event = client.events_until(reset_of)
             assert isinstance(event, h2.events.StreamReset)
             refused.append(event.error_code)
         assert refused == [ErrorCodes.REFUSED_STREAM] * 3
@@ -308,9 +313,7 @@ def test_slow_reader_stalls_only_its_stream(turnout: InProcessTurnout) -> None:
         client.conn.increment_flow_control_window(100_000_000)
         slow = client.request(f"/fixed?n={size}")
         # The slow stream gets its first window's worth, then nothing while it does not read.
-        client.events_until(
-            lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == slow
-        )
+        client.events_until(lambda e: isinstance(e, h2.events.DataReceived) and e.stream_id == slow)
         other = client.request("/fixed?n=500000")
         status, _, body = client.response(other)
         assert status == 200

@@ -183,7 +183,7 @@ class RawH2:
                 if getattr(event, "stream_id", None) != sid:
                     continue
                 if isinstance(event, h2.events.ResponseReceived):
-                    head = dict(event.headers or [])  # type: ignore[arg-type]
+                    head = dict(event.headers or [])
                 elif isinstance(event, h2.events.DataReceived):
                     body.append(event.data or b"")
                     if auto_ack:
@@ -197,9 +197,7 @@ class RawH2:
 
     def goaway(self, deadline: float = READ_DEADLINE) -> h2.events.ConnectionTerminated:
         """Wait for the server's GOAWAY."""
-        event = self.events_until(
-            lambda e: isinstance(e, h2.events.ConnectionTerminated), deadline
-        )
+        event = self.events_until(lambda e: isinstance(e, h2.events.ConnectionTerminated), deadline)
         assert isinstance(event, h2.events.ConnectionTerminated)
         return event
 

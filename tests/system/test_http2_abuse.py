@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import h2.events
@@ -26,13 +25,13 @@ from tests.support.upstreams import EchoUpstream
 
 
 @pytest.fixture
-def turnout(turnout_factory: TurnoutFactory, blue: EchoUpstream) -> Iterator[TurnoutProcess]:
+def turnout(turnout_factory: TurnoutFactory, blue: EchoUpstream) -> TurnoutProcess:
     config: dict[str, Any] = {
         "timeouts": {"idle": "1s"},
         "upstreams": {"blue": {"endpoints": [blue.address]}},
         "routes": [{"name": "main", "split": {"blue": 100}}],
     }
-    yield turnout_factory(config)
+    return turnout_factory(config)
 
 
 def well_behaved(turnout: TurnoutProcess) -> None:
@@ -137,7 +136,7 @@ def test_ping_flood_without_reading_is_cut(turnout: TurnoutProcess) -> None:
 
 
 def test_zero_window_stream_is_reset_and_others_go_on(turnout: TurnoutProcess) -> None:
-    zero = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    zero: dict[int, int] = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
     with RawH2(turnout.port, settings=zero) as client:
         client.conn.increment_flow_control_window(10_000_000)
         stalled = client.request("/fixed?n=200000")
@@ -154,7 +153,7 @@ def test_zero_window_stream_is_reset_and_others_go_on(turnout: TurnoutProcess) -
 
 
 def test_connection_with_every_stream_stalled_is_closed(turnout: TurnoutProcess) -> None:
-    zero = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    zero: dict[int, int] = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
     with RawH2(turnout.port, settings=zero) as client:
         client.conn.increment_flow_control_window(10_000_000)
         client.request("/fixed?n=200000")

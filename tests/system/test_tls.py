@@ -159,18 +159,19 @@ def test_plain_and_tls_listeners_side_by_side(
     assert lines[plain_id]["sni"] is None
 
 
-def test_alpn_offers_http11_only(
+def test_alpn_prefers_h2_then_http11(
     turnout_factory: TurnoutFactory, blue: EchoUpstream, pairs: dict[str, PemPair], ca_file: Path
 ) -> None:
     config, _, port = tls_config(blue, pairs)
     turnout_factory(config)
-    ctx = _client_context(ca_file)
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="api.example.test") as tls,
-    ):
-        assert tls.selected_alpn_protocol() == "http/1.1"
+    for offered, chosen in ((["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1")):
+        ctx = _client_context(ca_file)
+        ctx.set_alpn_protocols(offered)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="api.example.test") as tls,
+        ):
+            assert tls.selected_alpn_protocol() == chosen
 
 
 def test_min_version_13_refuses_a_tls12_client(

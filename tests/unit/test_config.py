@@ -1318,6 +1318,7 @@ def test_spec_to_dict_of_the_contract_example() -> None:
         "max_connections": 10000,
         "max_header_size": 65536,
         "max_headers": 100,
+        "max_concurrent_streams": 100,
     }
     routes = out["routes"]
     assert isinstance(routes, list)

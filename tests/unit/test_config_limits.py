@@ -207,6 +207,10 @@ def test_the_size_limit_counts_utf8_bytes() -> None:
             "f.yaml:7:23: limits.max_headers: must be from 1 to 10000",
         ),
         (
+            "limits: {max_concurrent_streams: 0}\n",
+            "f.yaml:7:34: limits.max_concurrent_streams: must be from 1 to 10000",
+        ),
+        (
             "limits: {max_header_size: 2MiB}\n",
             "f.yaml:7:27: limits.max_header_size: must be from 1 to 1MiB",
         ),
@@ -233,6 +237,7 @@ def test_the_size_limit_counts_utf8_bytes() -> None:
         "connections-exponent",
         "connections-over",
         "headers-over",
+        "streams-zero",
         "header-size-over",
         "body-over",
         "body-23-digits",
@@ -251,7 +256,7 @@ def test_numbers_at_their_bounds_are_accepted() -> None:
             "    rollout: {baseline: blue, canary: green, min_requests: 1000000000}\n",
             "workers: 1024\n"
             "limits: {max_connections: 1000000, max_headers: 10000, max_header_size: 1MiB,"
-            " max_request_body: 1024GiB}\n",
+            " max_request_body: 1024GiB, max_concurrent_streams: 10000}\n",
         ).replace(
             "blue: {endpoints: [127.0.0.1:9001]}",
             "blue: {endpoints: [127.0.0.1:9001], health: {unhealthy_after: 1000, "
@@ -261,6 +266,7 @@ def test_numbers_at_their_bounds_are_accepted() -> None:
     )
     assert spec.workers == 1024
     assert spec.limits.max_request_body == 1 << 40
+    assert spec.limits.max_concurrent_streams == 10000
     assert spec.routes[0].mirror is not None
     assert spec.routes[0].mirror.max_body == 1 << 30
     # Everything in force can be dumped by the admin plane.
