@@ -75,6 +75,7 @@ FULL: dict[str, Any] = {
         "max_connections": 100,
         "max_header_size": 8192,
         "max_headers": 50,
+        "max_concurrent_streams": 50,
     },
     "drain": {"reload": "5s", "shutdown": "5s", "delay": 0},
     "annotations": {"grafana": "https://grafana.example.com/", "timeout": "2s"},
