@@ -37,6 +37,7 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.core.exchange_state import DONE, IDLE, RECEIVED
 from proxy.core.h2request import MalformedRequest, parse_request
+from proxy.core.headers import HOP_BY_HOP
 from proxy.dataplane.http1 import Exchange, HeadError, WorkerHooks
 from proxy.dataplane.upstream import UpstreamCarrier
 from proxy.dataplane.writes import WRITE_HIGH, WRITE_LOW
@@ -77,8 +78,6 @@ GOAWAY_STALLED: Final = "stalled"
 GOAWAY_SHUTDOWN: Final = "shutdown"
 GOAWAY_IDLE: Final = "idle"
 
-_JSON: Final = ((b"content-type", b"application/json"),)
-
 
 class Http2Hooks(WorkerHooks, Protocol):
     """What an HTTP/2 connection needs of its worker beyond what HTTP/1.1 does."""
@@ -115,15 +114,16 @@ def adopt(old: ClientConnection, initial: bytes) -> None:
     if old.paused:
         transport.resume_reading()
     transport.set_protocol(conn)
-    # Opened before the old one is forgotten: a drain waiting for the last connection must
-    # not see none in between.
     conn.connection_made(transport)
     old.transport = None
-    hooks.connection_closed(old)
-    if old.closing:
-        conn.closing = True
     if initial:
+        # The requests that came with the preface are taken even in a drain: a GOAWAY then
+        # names them as the last it serves.
         conn.data_received(initial)
+    # Opened before the old one is forgotten: a drain waiting for the last connection must
+    # not see none in between. The worker sets `closing` here if it drains.
+    hooks.connection_opened(conn)
+    hooks.connection_closed(old)
 
 
 class H2Stream:
@@ -378,9 +378,10 @@ class Http2Connection(asyncio.Protocol):
     # ---- asyncio.Protocol ----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Only `adopt` makes these: it tells the worker (connection_opened) once the first
+        # bytes are in.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-        self.ctx.connection_opened(self)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
@@ -723,11 +724,12 @@ class Http2Connection(asyncio.Protocol):
                 ex = stream.ex
                 trailers = ex.trailers if ex is not None else None
                 if trailers is not None:
-                    h2conn.send_headers(
-                        stream.sid,
-                        [(lname, value) for lname, _, value in trailers if lname[:1] != b":"],
-                        end_stream=True,
-                    )
+                    fields = [
+                        (lname, value)
+                        for lname, _, value in trailers
+                        if lname not in HOP_BY_HOP and lname[:1] != b":"
+                    ]
+                    h2conn.send_headers(stream.sid, fields, end_stream=True)
                 else:
                     h2conn.end_stream(stream.sid)
                 stream.ended = True

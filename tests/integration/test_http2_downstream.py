@@ -423,3 +423,30 @@ def test_drain_sends_goaway_and_lets_streams_finish(blue: EchoUpstream) -> None:
         stopping.join(30)
         assert not stopping.is_alive()
         client.close()
+
+
+# -- abuse, as the worker counts it (the full set runs against a subprocess: system tests) ----
+
+
+def test_rapid_reset_is_counted(blue: EchoUpstream) -> None:
+    with start_inprocess(config(blue)) as turnout, RawH2(turnout.port) as client:
+        for _ in range(300):
+            sid = client.request("/reset-me")
+            client.conn.reset_stream(sid, ErrorCodes.CANCEL)
+            client.flush()
+        goaway = client.goaway()
+        assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        wait_until(lambda: goaways(turnout) == {"rapid_reset": 1}, what="the GOAWAY counted")
+        assert "resets streams faster than it lets them finish" in turnout.stderr_text()
+
+
+def test_idle_connection_is_closed_with_goaway(blue: EchoUpstream) -> None:
+    with (
+        start_inprocess(config(blue, timeouts={"client_keepalive": "1s"})) as turnout,
+        RawH2(turnout.port) as client,
+    ):
+        assert client.response(client.request("/once"))[0] == 200
+        goaway = client.goaway(deadline=10)
+        assert goaway.error_code == ErrorCodes.NO_ERROR
+        assert goaway.additional_data == b"idle"
+        assert goaways(turnout) == {"idle": 1}
