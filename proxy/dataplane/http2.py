@@ -367,7 +367,6 @@ class Http2Connection(asyncio.Protocol):
         self.goaway_sent = False
         self.last_stream = 0  # the highest stream id taken (for GOAWAY)
         self.reset_credit = RESET_BUDGET
-        self.conn_unacked = 0
         self.queued = 0  # DATA bytes handed to h2 since the last flush
         self.receiving = False
         self.flush_scheduled = False
@@ -400,6 +399,12 @@ class Http2Connection(asyncio.Protocol):
                 self._event(event)
                 if self.closed:
                     return
+            # The connection's window is given back at once: each stream's window bounds what
+            # it may hold (a stalled upload must not stall the others). Topped up from h2's
+            # count, which also has the DATA of streams already reset (no event for those).
+            window = self.h2.inbound_flow_control_window
+            if window < CONNECTION_WINDOW // 2:
+                self.h2.increment_flow_control_window(CONNECTION_WINDOW - window)
         except Exception:
             log.exception("HTTP/2 connection handling failed")
             self._go_away(ErrorCodes.INTERNAL_ERROR, GOAWAY_PROTOCOL)
@@ -591,12 +596,6 @@ class Http2Connection(asyncio.Protocol):
         sid = event.stream_id
         size = event.flow_controlled_length or 0
         data = event.data or b""
-        # The connection's window is given back at once: each stream's window bounds what it
-        # may hold (a stalled upload must not stall the others).
-        self.conn_unacked += size
-        if self.conn_unacked >= CONNECTION_WINDOW // 4:
-            self.h2.increment_flow_control_window(self.conn_unacked)
-            self.conn_unacked = 0
         stream = self.streams.get(sid)
         if stream is None:
             return

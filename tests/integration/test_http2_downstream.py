@@ -21,6 +21,7 @@ import orjson
 import pytest
 import trustme
 from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame
 
 from proxy.dataplane.http2 import STREAM_BUFFER, STREAM_WINDOW, Http2Connection
 from tests.support import wait_until
@@ -450,3 +451,27 @@ def test_idle_connection_is_closed_with_goaway(blue: EchoUpstream) -> None:
         assert goaway.error_code == ErrorCodes.NO_ERROR
         assert goaway.additional_data == b"idle"
         assert goaways(turnout) == {"idle": 1}
+
+
+def test_data_of_answered_streams_does_not_shrink_the_connection_window(
+    turnout: InProcessTurnout,
+) -> None:
+    many = [(f"x-h{n}".encode(), b"v") for n in range(150)]
+    with RawH2(turnout.port) as client:
+        client.events_until(lambda e: isinstance(e, h2.events.WindowUpdated))
+        for _ in range(30):
+            # Refused (431) at once and reset: DATA already on its way arrives after the
+            # stream is over (no event for it), and still counts against the connection's
+            # window, which must not shrink for good.
+            sid = client.request("/", method="POST", headers=many, end=False)
+
+            def over(e: h2.events.Event, sid: int = sid) -> bool:
+                return isinstance(e, h2.events.StreamReset) and e.stream_id == sid
+
+            client.events_until(over)
+            client.send_raw(DataFrame(sid, b"x" * 16384).serialize() * 12)
+        sid = client.request("/upload", method="POST", end=False)
+        client.send_body(sid, pattern_bytes(1_000_000))
+        status, _, body = client.response(sid)
+    assert status == 200
+    assert orjson.loads(body)["body_len"] == 1_000_000
