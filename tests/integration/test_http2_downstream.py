@@ -475,3 +475,36 @@ def test_data_of_answered_streams_does_not_shrink_the_connection_window(
         status, _, body = client.response(sid)
     assert status == 200
     assert orjson.loads(body)["body_len"] == 1_000_000
+
+
+def test_grpc_deadline_mid_response_ends_with_trailers(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        client.conn.increment_flow_control_window(100_000_000)
+        sid = client.request(
+            "/fixed?n=4000000",
+            method="POST",
+            headers=[
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"grpc-timeout", b"300m"),
+            ],
+            body=b"\x00\x00\x00\x00\x00",
+        )
+        # Not reading: the response stops at the stream's window while the deadline passes.
+        client.events_until(
+            lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid
+        )
+        wait_until(lambda: "grpc_deadline" in str(turnout.access_log()), what="the deadline logged")
+        # Reading again: what was held comes, then the call's status in trailers.
+        status, _, body = client.response(sid)
+        trailers = next(
+            e
+            for e in client.events
+            if isinstance(e, h2.events.TrailersReceived) and e.stream_id == sid
+        )
+        assert isinstance(trailers, h2.events.TrailersReceived)
+        fields = dict(trailers.headers or [])
+    assert status == 200
+    assert 0 < len(body) < 4_000_000
+    assert fields[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED
+    assert trailers.stream_ended is not None
