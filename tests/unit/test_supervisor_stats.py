@@ -20,7 +20,7 @@ import pytest
 
 from proxy.control.supervisor import Supervisor, load_config
 from proxy.control.workers import BAD_STATS_LOG_EVERY, WorkerHandle
-from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot
+from proxy.core.counters import GOAWAY_REASONS, RouteUpstreamStats, WorkerSnapshot
 from proxy.runtime.channel import OP_STATS, ControlChannel, open_channel
 from proxy.runtime.tasks import TaskSet
 
@@ -46,6 +46,7 @@ def good_snapshot(served: int) -> WorkerSnapshot:
         "no_route": RouteUpstreamStats("", "").snapshot(),
         "mirror": [],
         "fail_open": {},
+        "h2_goaways": dict.fromkeys(GOAWAY_REASONS, 0),
         "endpoints": [],
         "connections": 3,
     }
