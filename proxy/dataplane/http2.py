@@ -68,14 +68,16 @@ RESET_BUDGET: Final = 200
 # How often streams stuck at a zero window are looked at.
 STALL_CHECK: Final = 1.0
 
-# Why a connection was closed with GOAWAY (ctx.count_h2_goaway).
+# Why a connection was closed with GOAWAY: counted (ctx.count_h2_goaway, one of
+# proxy.core.counters.GOAWAY_REASONS) and sent as the GOAWAY's debug data. An idle
+# connection's close is not counted: it is no one's fault.
 GOAWAY_PROTOCOL: Final = "protocol_error"
 GOAWAY_RAPID_RESET: Final = "rapid_reset"
 GOAWAY_CONTINUATION: Final = "continuation_flood"
 GOAWAY_HEADER_LIST: Final = "header_list_too_large"
-GOAWAY_FLOOD: Final = "output_flood"
-GOAWAY_STALLED: Final = "stalled"
-GOAWAY_SHUTDOWN: Final = "shutdown"
+GOAWAY_FLOOD: Final = "control_flood"
+GOAWAY_STALLED: Final = "flow_control_stall"
+GOAWAY_DRAIN: Final = "drain"
 GOAWAY_IDLE: Final = "idle"
 
 
@@ -454,7 +456,7 @@ class Http2Connection(asyncio.Protocol):
         if not value or self._closing:
             return
         self._closing = True
-        self._graceful_goaway(GOAWAY_SHUTDOWN)
+        self._graceful_goaway(GOAWAY_DRAIN)
         if not self.streams:
             self._close_transport()
 
@@ -466,7 +468,7 @@ class Http2Connection(asyncio.Protocol):
         """Close gracefully: GOAWAY (NO_ERROR), then the transport once what is queued is out."""
         if not self._closing:
             self._closing = True
-            self._graceful_goaway(GOAWAY_IDLE if not self.streams else GOAWAY_SHUTDOWN)
+            self._graceful_goaway(GOAWAY_IDLE if not self.streams else GOAWAY_DRAIN)
         self._close_transport()
 
     def abort(self) -> None:
@@ -791,7 +793,8 @@ class Http2Connection(asyncio.Protocol):
         if self.goaway_sent or self.closed:
             return
         self.goaway_sent = True
-        self.ctx.count_h2_goaway(reason)
+        if reason != GOAWAY_IDLE:
+            self.ctx.count_h2_goaway(reason)
         self._flush()
         frame = GoAwayFrame(
             stream_id=0,

@@ -140,8 +140,6 @@ class WorkerContext:
         self.acceptor = Acceptor(loop, index, self.tasks, self, self.warn_limited, fd_limit)
         self.pools = Pools(index, self.batcher, self.tasks)
         self.stats = WorkerStats()
-        # GOAWAYs sent to HTTP/2 clients, by reason (also counted in `stats` for the metric).
-        self.h2_goaways: dict[str, int] = {}
         self._ticks = 0
         # Request ids: a random prefix per worker process and a counter, unique without a
         # system call per request.
@@ -254,10 +252,7 @@ class WorkerContext:
 
     def count_h2_goaway(self, reason: str) -> None:
         """An HTTP/2 client connection was closed with GOAWAY for `reason`."""
-        self.h2_goaways[reason] = self.h2_goaways.get(reason, 0) + 1
-        count = getattr(self.stats, "count_h2_goaway", None)
-        if count is not None:
-            count(reason)
+        self.stats.count_h2_goaway(reason)
 
     # ---- timers --------------------------------------------------------------------------
 

@@ -2,14 +2,15 @@
 
 Each attack is sent with the h2 library (and hand-built frames) over a raw socket; the test
 asserts how Turnout ends the abusive connection (GOAWAY and its error code, or a cut) and that
-a second, well-behaved connection is served all along. The GOAWAY's debug data names the
-reason Turnout counts (`count_h2_goaway`).
+a second, well-behaved connection is served all along, and that the reason is counted in
+`turnout_http2_goaways_total{reason}` (the GOAWAY's debug data names it too).
 """
 
 from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from typing import Any
 
 import h2.events
@@ -19,6 +20,7 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
 
+from tests.support import wait_until
 from tests.support.h2client import RawH2
 from tests.support.turnout import TurnoutFactory, TurnoutProcess
 from tests.support.upstreams import EchoUpstream
@@ -42,6 +44,21 @@ def well_behaved(turnout: TurnoutProcess) -> None:
     assert b"/still-here" in body
 
 
+def counted(turnout: TurnoutProcess, reason: str, times: int = 1) -> None:
+    """`turnout_http2_goaways_total{reason}` reaches `times` (the supervisor reads workers)."""
+    series = f'turnout_http2_goaways_total{{reason="{reason}"}} '
+
+    def seen() -> bool:
+        with urllib.request.urlopen(f"{turnout.admin_url}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+        values = [
+            float(line[len(series) :]) for line in text.splitlines() if line.startswith(series)
+        ]
+        return values == [times]
+
+    wait_until(seen, what=f"{series}{times}")
+
+
 def no_traceback(turnout: TurnoutProcess) -> None:
     assert "Traceback" not in turnout.stderr_text()
 
@@ -58,6 +75,7 @@ def test_rapid_reset_is_closed(turnout: TurnoutProcess) -> None:
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         assert goaway.additional_data == b"rapid_reset"
         well_behaved(turnout)
+    counted(turnout, "rapid_reset")
     no_traceback(turnout)
 
 
@@ -89,6 +107,7 @@ def test_continuation_flood_is_closed(turnout: TurnoutProcess) -> None:
         goaway = client.goaway()
         assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
         well_behaved(turnout)
+    counted(turnout, "continuation_flood")
     no_traceback(turnout)
 
 
@@ -111,6 +130,7 @@ def test_hpack_bomb_is_closed(turnout: TurnoutProcess) -> None:
         goaway = client.goaway()
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         well_behaved(turnout)
+    counted(turnout, "header_list_too_large")
     no_traceback(turnout)
 
 
@@ -132,6 +152,7 @@ def test_ping_flood_without_reading_is_cut(turnout: TurnoutProcess) -> None:
         sock.close()
     assert cut, "a client that never reads its PING ACKs was not cut off"
     well_behaved(turnout)
+    counted(turnout, "control_flood")
     no_traceback(turnout)
 
 
@@ -160,8 +181,9 @@ def test_connection_with_every_stream_stalled_is_closed(turnout: TurnoutProcess)
         client.request("/fixed?n=300000")
         goaway = client.goaway()
         assert goaway.error_code == ErrorCodes.NO_ERROR
-        assert goaway.additional_data == b"stalled"
+        assert goaway.additional_data == b"flow_control_stall"
         well_behaved(turnout)
+    counted(turnout, "flow_control_stall")
     no_traceback(turnout)
 
 
@@ -173,6 +195,13 @@ def test_protocol_error_goaway_logged_once(turnout: TurnoutProcess) -> None:
             goaway = client.goaway()
             assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
     well_behaved(turnout)
+    wait_until(
+        lambda: (
+            'turnout_http2_goaways_total{reason="protocol_error"} 3'
+            in urllib.request.urlopen(f"{turnout.admin_url}/metrics", timeout=5).read().decode()
+        ),
+        what="three protocol errors counted",
+    )
     stderr = turnout.stderr_text()
     assert stderr.count("GOAWAY protocol_error") == 1
     assert "Traceback" not in stderr
