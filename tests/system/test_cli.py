@@ -316,8 +316,8 @@ def raw_exchange(port: int, data: bytes) -> bytes:
 def test_the_readmes_protocol_list_holds(
     turnout_factory: TurnoutFactory, blue: EchoUpstream
 ) -> None:
-    """README "Protocols": HTTP/1.x served; TLS and HTTP/2 not (yet): when one lands, this
-    test fails and the README must be updated with it."""
+    """README "Protocols": HTTP/1.x, TLS and HTTP/2 from clients served; HTTP/2 to upstreams
+    not (yet): when it lands, this test fails and the README must be updated with it."""
     text = README.read_text(encoding="utf-8")
     protocols = text[text.index("## Protocols") :].split("\n## ")[0]
     for name in ("HTTP/1.1", "WebSocket", "TLS", "HTTP/2", "gRPC", "Not supported yet"):
@@ -328,9 +328,13 @@ def test_the_readmes_protocol_list_holds(
             "routes": [{"name": "all", "split": {"blue": 100}}],
         }
     )
-    # HTTP/2 with prior knowledge (h2c): the connection preface is a 400.
-    preface = raw_exchange(proc.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    assert preface.startswith(b"HTTP/1.1 400 "), preface[:100]
+    # HTTP/2 with prior knowledge (h2c): the preface is answered with a SETTINGS frame.
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        first = b""
+        while len(first) < 9 and (chunk := sock.recv(65536)):
+            first += chunk
+    assert first[3:5] == b"\x04\x00", first[:9]  # type SETTINGS, no ACK flag
     # A TLS ClientHello on `listen`: a plain-text 400.
     hello = raw_exchange(proc.port, bytes.fromhex("16030100050100000100"))
     assert hello.startswith(b"HTTP/1.1 400 "), hello[:100]
