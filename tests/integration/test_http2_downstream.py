@@ -7,7 +7,9 @@ HTTP/1.1 echo servers of tests.support.upstreams.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import trustme
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
 
+from proxy.dataplane.http1 import PAUSE_BACKPRESSURE
 from proxy.dataplane.http2 import STREAM_BUFFER, STREAM_WINDOW, Http2Connection
 from tests.support import wait_until
 from tests.support.certs import write_ca, write_pair
@@ -512,3 +515,53 @@ def test_grpc_deadline_mid_response_ends_with_trailers(turnout: InProcessTurnout
     assert 0 < len(body) < 4_000_000
     assert fields[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED
     assert trailers.stream_ended is not None
+
+
+def backpressured(turnout: InProcessTurnout) -> bool:
+    """A stream of the worker takes no more body: its upstream does not take it."""
+
+    def read() -> bool:
+        return any(
+            stream.paused & PAUSE_BACKPRESSURE
+            for conn in turnout.ctx.acceptor.connections
+            if isinstance(conn, Http2Connection)
+            for stream in conn.streams.values()
+        )
+
+    return turnout.call_soon(read)
+
+
+def test_upload_to_an_upstream_that_does_not_read_shuts_its_window(blue: EchoUpstream) -> None:
+    # An endpoint whose kernel takes the connection but which never reads a byte.
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(8)
+    cfg = config(blue)
+    cfg["upstreams"]["sink"] = {"endpoints": [f"127.0.0.1:{sink.getsockname()[1]}"]}
+    cfg["routes"].insert(
+        0, {"name": "sink", "match": {"path_prefix": "/sink"}, "split": {"sink": 100}}
+    )
+
+    with sink, start_inprocess(cfg) as turnout, RawH2(turnout.port) as client:
+        client.sock.settimeout(0.2)
+        sid = client.request("/sink/upload", method="POST", end=False)
+        sent = 0
+        limit = 200_000_000
+        # Send while the window allows; a shut window is waited on (reading what comes).
+        while sent < limit and not (
+            client.conn.local_flow_control_window(sid) == 0 and backpressured(turnout)
+        ):
+            window = min(client.conn.local_flow_control_window(sid), 16384)
+            if window > 0:
+                client.conn.send_data(sid, b"x" * window)
+                client.flush()
+                sent += window
+                continue
+            with contextlib.suppress(TimeoutError):
+                client.read_once()
+        client.sock.settimeout(10)
+        # The proxy stopped taking the body long before the end: the client holds the rest.
+        assert sent < limit
+        assert client.conn.local_flow_control_window(sid) == 0
+        # The connection itself is not held: another stream is served.
+        assert client.response(client.request("/other"))[0] == 200
