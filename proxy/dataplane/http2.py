@@ -33,7 +33,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import Frame, GoAwayFrame
 
 from proxy.core.exchange_state import DONE, IDLE, RECEIVED
 from proxy.core.h2request import MalformedRequest, parse_request
@@ -102,6 +103,24 @@ class _ServerH2(h2.connection.H2Connection):
         # Counting is also when h2 forgets closed streams: keep that, report no limit.
         self._open_streams(1)
         return 0
+
+
+class _BoundedFrames(FrameBuffer):
+    """h2's frame reader, with a header block held across CONTINUATION frames bounded by
+    bytes, not only by h2's count of frames (64 of up to 16 KiB: 1 MiB per connection)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(server=True)
+        self.limit = limit
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        frame = super()._update_header_buffer(f)
+        held = self._headers_buffer
+        if held and sum(len(part.data) for part in held) > self.limit:
+            raise h2.exceptions.ProtocolError(
+                "header block in continuation frames larger than the header list limit"
+            )
+        return frame
 
 
 def adopt(old: ClientConnection, initial: bytes) -> None:
@@ -360,8 +379,10 @@ class Http2Connection(asyncio.Protocol):
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
-        # The decoder stops (an HPACK bomb) as soon as a decoded list passes the limit.
+        # The decoder stops (an HPACK bomb) as soon as a decoded list passes the limit; an
+        # encoded block is held up to twice the limit (HPACK may code a field longer).
         self.h2.decoder.max_header_list_size = self.max_header_list
+        self.h2.incoming_buffer = _BoundedFrames(2 * self.max_header_list)
         self.streams: dict[int, H2Stream] = {}
         self.write_paused = False
         self.idle_since = ctx.now

@@ -111,6 +111,22 @@ def test_continuation_flood_is_closed(turnout: TurnoutProcess) -> None:
     no_traceback(turnout)
 
 
+def test_large_continuation_block_is_closed(turnout: TurnoutProcess) -> None:
+    with RawH2(turnout.port) as client:
+        # Few frames (h2 itself stops at 64), but 320 KB of header block held for one request.
+        client.send_raw(HeadersFrame(1, b"\x00" * 16000).serialize())
+        try:
+            for _ in range(20):
+                client.send_raw(ContinuationFrame(1, b"\x00" * 16000).serialize())
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        goaway = client.goaway()
+        assert goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+        well_behaved(turnout)
+    counted(turnout, "continuation_flood")
+    no_traceback(turnout)
+
+
 def test_hpack_bomb_is_closed(turnout: TurnoutProcess) -> None:
     with RawH2(turnout.port) as client:
         encoder = hpack.Encoder()
