@@ -68,6 +68,8 @@ OUTPUT_LIMIT: Final = 4 * WRITE_HIGH
 RESET_BUDGET: Final = 200
 # How often streams stuck at a zero window are looked at.
 STALL_CHECK: Final = 1.0
+# How long a connection ended by an error GOAWAY still reads (and drops) what comes.
+LINGER: Final = 1.0
 
 # Why a connection was closed with GOAWAY: counted (ctx.count_h2_goaway, one of
 # proxy.core.counters.GOAWAY_REASONS) and sent as the GOAWAY's debug data. An idle
@@ -693,7 +695,7 @@ class Http2Connection(asyncio.Protocol):
         self.ctx.count_h2_goaway(reason)
         self.goaway_sent = True
         self._end_streams()
-        self._close_transport()
+        self._linger_close()
 
     # ---- frames out ----
 
@@ -840,7 +842,7 @@ class Http2Connection(asyncio.Protocol):
                     code, additional_data=reason.encode("ascii"), last_stream_id=self.last_stream
                 )
         self._end_streams()
-        self._close_transport()
+        self._linger_close()
 
     def _end_streams(self) -> None:
         streams = list(self.streams.values())
@@ -858,6 +860,20 @@ class Http2Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+    def _linger_close(self) -> None:
+        """Close after an error GOAWAY without losing it: what the client still sends would
+        make the kernel answer with a reset, which discards unread data on the client's side
+        (the GOAWAY too). So: our side ends (FIN after the GOAWAY), the client's bytes are
+        read and dropped for LINGER, then the connection goes (NGINX's lingering close)."""
+        self._flush()
+        self.closed = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.ctx.loop.call_later(LINGER, transport.abort)
 
     def _buffered(self) -> int:
         transport = self.transport

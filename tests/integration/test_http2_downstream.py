@@ -437,10 +437,7 @@ def test_drain_sends_goaway_and_lets_streams_finish(blue: EchoUpstream) -> None:
 
 def test_rapid_reset_is_counted(blue: EchoUpstream) -> None:
     with start_inprocess(config(blue)) as turnout, RawH2(turnout.port) as client:
-        for _ in range(300):
-            sid = client.request("/reset-me")
-            client.conn.reset_stream(sid, ErrorCodes.CANCEL)
-            client.flush()
+        client.reset_burst("/reset-me", 300)
         goaway = client.goaway()
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         wait_until(lambda: goaways(turnout) == {"rapid_reset": 1}, what="the GOAWAY counted")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 from h2.connection import ConnectionState
@@ -94,6 +95,24 @@ class RawH2:
             self.conn.send_data(sid, body, end_stream=end)
         self.flush()
         return sid
+
+    def reset_burst(self, path: str, count: int) -> None:
+        """Open `count` streams and reset each at once (rapid reset), sent in one write: the
+        server answers the whole burst, never a client still writing into a closed socket."""
+        for _ in range(count):
+            sid = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(
+                sid,
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"http"),
+                    (b":authority", b"a"),
+                    (b":path", path.encode()),
+                ],
+                end_stream=True,
+            )
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        self.flush()
 
     def send_body(self, sid: int, data: bytes, *, end: bool = True) -> None:
         """Send `data` on stream `sid` as the server's windows allow (reading meanwhile)."""

@@ -65,12 +65,7 @@ def no_traceback(turnout: TurnoutProcess) -> None:
 
 def test_rapid_reset_is_closed(turnout: TurnoutProcess) -> None:
     with RawH2(turnout.port) as client:
-        for _ in range(400):
-            sid = client.request("/reset-me")
-            client.conn.reset_stream(sid, ErrorCodes.CANCEL)
-            client.flush()
-            if client.closed:
-                break
+        client.reset_burst("/reset-me", 400)
         goaway = client.goaway()
         assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         assert goaway.additional_data == b"rapid_reset"
