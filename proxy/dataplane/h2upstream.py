@@ -1,0 +1,852 @@
+"""Upstreams reached over HTTP/2: pooled connections, one carrier per request stream.
+
+An `H2EndpointPool` (an upstream with `protocol: h2c` or `h2`) keeps a few HTTP/2 connections
+to its endpoint and hands out `H2Stream`s, each carrying one request for an exchange, much as
+an HTTP/1.1 pool hands out connections: a stream on a connection with room (fewer live streams
+than the server's MAX_CONCURRENT_STREAMS, no GOAWAY received), else a new connection. Framing
+is h2's (python-hyper's sans-IO state machine); this module moves its bytes and events.
+
+What it must never do: open a stream on a connection that received GOAWAY, reset a whole
+connection for one stream's trouble, acknowledge response data the client has not taken (that
+acknowledgement is the server's permission to send more, so a slow client holds at most one
+stream window), or send request data beyond the windows the server granted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from proxy.core.exchange_state import RECEIVED
+from proxy.dataplane.upstream import (
+    FRAMING_CHUNKED,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    POOL_IDLE_TIMEOUT,
+    EndpointPool,
+    ResponseSink,
+)
+from proxy.dataplane.writes import CoalescingProtocol
+
+if TYPE_CHECKING:
+    from proxy.core.spec import Endpoint, UpstreamTls
+    from proxy.dataplane.http1 import Exchange
+    from proxy.dataplane.writes import WriteBatcher
+
+log: Final = logging.getLogger("turnout.upstream")
+
+# Receive windows: a stream may hold this much unacknowledged response data, which bounds
+# what one slow client costs; the connection's window covers many streams at once.
+STREAM_WINDOW: Final = 256 * 1024
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+# An HTTP/2 connection with no stream is closed after this long. Servers announce their own
+# idle close with GOAWAY, so a stale connection is rarely picked; it still stays below common
+# server idle timeouts (NGINX's http2 keep-alive is 75 s).
+H2_IDLE_TIMEOUT: Final = 30.0
+
+# Request fields that belong to one HTTP/1.1 connection (RFC 9113 section 8.2.2) or that
+# HTTP/2 carries as pseudo-header fields.
+_CONNECTION_SPECIFIC: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"host",
+    }
+)
+_TE_TRAILERS: Final = (b"te", b"trailers")
+
+# Stream error codes (RFC 9113 section 7).
+_CANCEL: Final = h2.errors.ErrorCodes.CANCEL
+_NO_ERROR: Final = h2.errors.ErrorCodes.NO_ERROR
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2's client connection, kept open for the streams a GOAWAY still covers.
+
+    h2 (4.x, python-hyper/h2 issue 1181) moves to CLOSED on receiving GOAWAY and then refuses
+    every later frame, while RFC 9113 section 6.8 lets streams up to the GOAWAY's last stream
+    id finish. New streams are never opened after GOAWAY (H2ClientConnection.going_away), so
+    putting the state back to open only lets those streams complete.
+    """
+
+    def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return result
+
+
+def _config() -> h2.config.H2Configuration:
+    # header_encoding None: names and values stay bytes, as the rest of the data plane has them.
+    return h2.config.H2Configuration(client_side=True, header_encoding=None)
+
+
+class H2ClientConnection(CoalescingProtocol):
+    """One HTTP/2 connection to an endpoint, carrying many streams."""
+
+    __slots__ = (
+        "going_away",
+        "h2",
+        "idle_since",
+        "live",
+        "lost",
+        "pool",
+        "ready",
+        "streams",
+        "write_paused",
+    )
+
+    def __init__(self, pool: H2EndpointPool, ready: asyncio.Future[None]) -> None:
+        super().__init__(pool.batcher)
+        self.pool = pool
+        self.h2 = _Connection(config=_config())
+        # Streams that have sent their HEADERS, by id; `live` also holds those handed out and
+        # not opened yet: its size is what counts against MAX_CONCURRENT_STREAMS.
+        self.streams: dict[int, H2Stream] = {}
+        self.live: set[H2Stream] = set()
+        self.going_away = False
+        self.lost = False
+        self.write_paused = False
+        self.idle_since = 0.0
+        # Settled when the server's first SETTINGS arrive (its stream limit is known then).
+        self.ready = ready
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        conn = self.h2
+        conn.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.pool.header_limit,
+            },
+        )
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush_h2()
+
+    def received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued a GOAWAY naming the error: send it, then drop the connection.
+            self.flush_h2()
+            self.broken(f"HTTP/2 protocol error: {exc}")
+            return
+        for event in events:
+            if self.lost:
+                return
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.flush_h2()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pool.forget_h2(self)
+        if not self.ready.done():
+            self.ready.set_exception(
+                ConnectionResetError("the endpoint closed the connection before its SETTINGS")
+            )
+        for stream in list(self.live):
+            stream.connection_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for stream in list(self.live):
+            stream.sync_pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.live):
+            stream.sync_pause()
+
+    # h2 events
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _on_response(self, event: h2.events.ResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        if stream is not None:
+            stream.on_head(event.headers or [], event.stream_ended is not None)
+
+    def _on_interim(self, event: h2.events.InformationalResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        if stream is not None:
+            stream.on_interim(event.headers or [])
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        size = event.flow_controlled_length or 0
+        if stream is None:
+            # A stream already given up: its data still counts against the connection window.
+            if size and event.stream_id:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.acknowledge_received_data(size, event.stream_id)
+            return
+        stream.on_data(event.data or b"", size)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        if stream is not None:
+            stream.on_trailers(event.headers or [])
+
+    def _on_end(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        if stream is not None:
+            stream.on_end()
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        if stream is not None:
+            stream.on_reset()
+
+    def _on_window(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.push()
+            return
+        for stream in list(self.streams.values()):
+            if stream.out:
+                stream.push()
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        """The server takes no new streams: those it will not process are retried elsewhere."""
+        self.going_away = True
+        last = event.last_stream_id or 0
+        for stream_id, stream in list(self.streams.items()):
+            if stream_id > last:
+                stream.refused()
+        if not self.live:
+            self.close()
+
+    # the pool's side
+
+    def has_room(self) -> bool:
+        """Whether a new stream may start here now."""
+        transport = self.transport
+        return (
+            not self.going_away
+            and not self.lost
+            and transport is not None
+            and not transport.is_closing()
+            and len(self.live) < self.h2.remote_settings.max_concurrent_streams
+        )
+
+    def new_stream(self) -> H2Stream:
+        """A carrier for one request on this connection."""
+        stream = H2Stream(self)
+        self.live.add(stream)
+        return stream
+
+    def retired(self, stream: H2Stream, now: float) -> None:
+        """`stream` no longer counts: free its slot; a connection going away closes when empty."""
+        self.live.discard(stream)
+        if stream.stream_id:
+            self.streams.pop(stream.stream_id, None)
+        if not self.live:
+            self.idle_since = now
+            if self.going_away or self.pool.draining:
+                self.close()
+
+    def flush_h2(self) -> None:
+        """Queue what h2 has to send (it leaves at the end of the loop pass)."""
+        data = self.h2.data_to_send()
+        if data:
+            self.write(data)
+
+    def broken(self, reason: str) -> None:
+        """The endpoint broke HTTP/2: every stream on this connection is told, then it closes."""
+        self.going_away = True
+        for stream in list(self.live):
+            stream.invalid(reason)
+        self.abort()
+
+    def close(self) -> None:
+        """Say goodbye (GOAWAY) and close once what is buffered is written."""
+        self.going_away = True
+        if not self.lost and self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection()
+            self.flush_h2()
+        self.flush()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self.going_away = True
+        self.flush()
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+
+
+_HANDLERS: Final[dict[type[h2.events.Event], Callable[[H2ClientConnection, Any], None]]] = {
+    h2.events.RemoteSettingsChanged: H2ClientConnection._on_settings,
+    h2.events.ResponseReceived: H2ClientConnection._on_response,
+    h2.events.InformationalResponseReceived: H2ClientConnection._on_interim,
+    h2.events.DataReceived: H2ClientConnection._on_data,
+    h2.events.TrailersReceived: H2ClientConnection._on_trailers,
+    h2.events.StreamEnded: H2ClientConnection._on_end,
+    h2.events.StreamReset: H2ClientConnection._on_reset,
+    h2.events.WindowUpdated: H2ClientConnection._on_window,
+    h2.events.ConnectionTerminated: H2ClientConnection._on_goaway,
+}
+
+
+class H2Stream:
+    """One request and its response on an HTTP/2 connection: an exchange's upstream carrier."""
+
+    __slots__ = (
+        "conn",
+        "end_pending",
+        "endpoint",
+        "framing",
+        "got_head",
+        "head_fields",
+        "head_request",
+        "held",
+        "max_head",
+        "max_headers",
+        "out",
+        "read_paused",
+        "request_done",
+        "retired",
+        "reusable",
+        "sink",
+        "sink_paused",
+        "stream_id",
+    )
+
+    def __init__(self, conn: H2ClientConnection) -> None:
+        self.conn = conn
+        self.endpoint: EndpointPool = conn.pool
+        self.sink: ResponseSink | None = None
+        self.stream_id = 0
+        self.reusable = True
+        self.head_request = False
+        self.max_head = 0
+        self.max_headers = 0
+        # Request data waiting for flow-control window, and END_STREAM waiting behind it.
+        self.out: list[bytes] = []
+        self.end_pending = False
+        self.request_done = False
+        self.sink_paused = False
+        self.got_head = False
+        self.framing = FRAMING_CHUNKED
+        # Response bytes passed on but not acknowledged while the client is slow.
+        self.read_paused = False
+        self.held = 0
+        self.retired = False
+        # A complete request's HEADERS, held until its body or END_STREAM is known.
+        self.head_fields: list[tuple[bytes, bytes]] | None = None
+
+    # the exchange's side (UpstreamCarrier)
+
+    def start(
+        self,
+        sink: ResponseSink,
+        head_request: bool,
+        upgrade: bool,
+        max_head: int,
+        max_headers: int,
+    ) -> None:
+        """Carry one request for `sink`; `send_head` follows."""
+        self.sink = sink
+        self.head_request = head_request
+        self.max_head = max_head
+        self.max_headers = max_headers
+        if upgrade:
+            # RFC 8441 (WebSocket over HTTP/2) is not supported: refused before a byte is sent.
+            self._fail_soon("a WebSocket upgrade cannot be carried to an HTTP/2 upstream")
+
+    def send_head(self, ex: Exchange) -> None:
+        """The request's HEADERS: sent now, or with the body's first frame or END_STREAM.
+
+        A request already complete waits for `send_body`/`end_body` (always called next), so
+        that a bodyless one leaves as one HEADERS frame with END_STREAM.
+        """
+        if self.sink is None or self.stream_id or self.request_done:
+            return
+        authority = ex.host
+        fields: list[tuple[bytes, bytes]] = [
+            (b":method", ex.method.encode("latin-1")),
+            (b":scheme", b"https" if self.conn.pool.ssl is not None else b"http"),
+        ]
+        if authority is not None:
+            fields.append((b":authority", authority))
+        fields.append((b":path", ex.url))
+        for lname, _, value in ex.kept_headers:
+            if lname not in _CONNECTION_SPECIFIC:
+                fields.append((lname, value))
+        for name, value in ex.added:
+            fields.append((name.lower(), value))
+        if ex.te_trailers or ex.grpc:
+            fields.append(_TE_TRAILERS)
+        if ex.request_state == RECEIVED:
+            self.head_fields = fields
+        else:
+            self._open(fields, end_stream=False)
+
+    def _open(self, fields: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        """Send HEADERS on a new stream id (END_STREAM too for a bodyless request)."""
+        self.head_fields = None
+        conn = self.conn
+        if conn.going_away or conn.lost:
+            # The connection went away between being chosen and this request's head: nothing
+            # reached the server, so the exchange may retry.
+            self._fail_soon("")
+            return
+        h2conn = conn.h2
+        stream_id = h2conn.get_next_available_stream_id()
+        try:
+            h2conn.send_headers(stream_id, fields, end_stream=end_stream)
+        except h2.exceptions.TooManyStreamsError:
+            # The server lowered its stream limit after this stream was handed out.
+            self._fail_soon("")
+            return
+        except h2.exceptions.ProtocolError as exc:
+            self._fail_soon(f"the request cannot be sent over HTTP/2: {exc}")
+            return
+        self.stream_id = stream_id
+        conn.streams[stream_id] = self
+        self.request_done = end_stream
+        conn.flush_h2()
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        """Request body bytes, sent as the windows allow (HTTP/2 frames them itself)."""
+        if self.head_fields is not None:
+            self._open(self.head_fields, end_stream=False)
+        if not data or self.request_done or not self.stream_id:
+            return
+        self.out.append(data)
+        self.push()
+
+    def end_body(self, chunked: bool) -> None:
+        """The request is complete: END_STREAM, after any data still waiting for window."""
+        if self.head_fields is not None:
+            self._open(self.head_fields, end_stream=True)
+            return
+        if self.request_done or not self.stream_id:
+            return
+        self.end_pending = True
+        self.push()
+
+    def write(self, data: bytes) -> None:
+        """Raw tunnel bytes: never asked of a stream, as upgrades are refused in `start`."""
+
+    def pause_reading(self) -> None:
+        """The client is slow: stop acknowledging this stream's data."""
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        """The client drained: acknowledge what was held, so the server sends on."""
+        self.read_paused = False
+        held = self.held
+        if held and self.stream_id:
+            self.held = 0
+            self._acknowledge(held)
+            self.conn.flush_h2()
+
+    def detach(self) -> None:
+        """Forget the sink (the client went away); a stream still open is cancelled."""
+        self.sink = None
+        self._reset(_CANCEL)
+
+    def close(self) -> None:
+        """Done with this stream: cancel it if still open, and free its slot."""
+        self._reset(_CANCEL)
+        self.retire(self.conn.pool.now())
+
+    def abort(self) -> None:
+        """End this stream now (RST_STREAM), never the connection."""
+        self.close()
+
+    # the pool's side
+
+    def retire(self, now: float) -> None:
+        """Free this stream's slot on its connection, once; a stream still open is cancelled."""
+        if self.retired:
+            return
+        self.retired = True
+        self.sink = None
+        self._reset(_CANCEL)
+        self.out = []
+        self.conn.retired(self, now)
+
+    # flow control, request side
+
+    def push(self) -> None:
+        """Send waiting request data within the stream's and the connection's windows."""
+        if not self.stream_id or self.request_done:
+            return
+        conn = self.conn
+        h2conn = conn.h2
+        out = self.out
+        try:
+            while out:
+                window = min(
+                    h2conn.local_flow_control_window(self.stream_id),
+                    h2conn.max_outbound_frame_size,
+                )
+                if window <= 0:
+                    break
+                chunk = out[0]
+                if len(chunk) <= window:
+                    out.pop(0)
+                    h2conn.send_data(self.stream_id, chunk)
+                else:
+                    out[0] = chunk[window:]
+                    h2conn.send_data(self.stream_id, chunk[:window])
+            if not out and self.end_pending:
+                self.end_pending = False
+                self.request_done = True
+                h2conn.end_stream(self.stream_id)
+        except h2.exceptions.StreamClosedError:
+            # The server reset or ended the stream meanwhile: the rest of the body is moot.
+            out.clear()
+            self.request_done = True
+        conn.flush_h2()
+        self.sync_pause()
+
+    def sync_pause(self) -> None:
+        """Pause the client while request data waits for window or the socket is full."""
+        sink = self.sink
+        if sink is None:
+            return
+        want = bool(self.out) or (self.conn.write_paused and not self.request_done)
+        if want != self.sink_paused:
+            self.sink_paused = want
+            if want:
+                sink.upstream_pause_writing()
+            else:
+                sink.upstream_resume_writing()
+
+    # response events, from the connection
+
+    def on_head(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        status, fields, problem = self._fields(headers)
+        if problem:
+            self.invalid(problem)
+            return
+        self.got_head = True
+        if ended or self.head_request or status in (204, 304):
+            # `ended`: a HEADERS frame with END_STREAM, e.g. a gRPC "trailers-only" answer.
+            framing = FRAMING_NONE
+        elif any(lname == b"content-length" for lname, _, _ in fields):
+            framing = FRAMING_LENGTH
+        else:
+            framing = FRAMING_CHUNKED
+        self.framing = framing
+        sink.upstream_head(status, fields, framing, True, [])
+
+    def on_interim(self, headers: list[tuple[bytes, bytes]]) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        status, fields, problem = self._fields(headers)
+        if problem:
+            self.invalid(problem)
+        elif status != 100:
+            sink.upstream_interim(status, fields)
+
+    def on_data(self, data: bytes, size: int) -> None:
+        sink = self.sink
+        if sink is not None and data and self.framing != FRAMING_NONE:
+            # A body after HEAD, 204 or 304 is dropped (the head said there is none).
+            sink.upstream_body(data)
+        if self.read_paused and self.sink is not None:
+            self.held += size
+        elif size:
+            self._acknowledge(size)
+
+    def on_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        fields: list[tuple[bytes, bytes, bytes]] = []
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 32
+            fields.append((name, name, value))
+        if size > self.max_head or len(fields) > self.max_headers:
+            self.invalid("response trailers larger than the head limits")
+            return
+        sink.upstream_trailers(fields)
+
+    def on_end(self) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        if not self.request_done:
+            # The server answered before the whole request was sent (RFC 9113 section 8.1):
+            # the rest of the request is not wanted.
+            self.out = []
+            self.end_pending = False
+        sink.upstream_complete()
+
+    def on_reset(self) -> None:
+        """The server reset the stream (REFUSED_STREAM before any response: retryable)."""
+        self.request_done = True
+        self.out = []
+        sink = self.sink
+        self.retire(self.conn.pool.now())
+        if sink is not None:
+            sink.upstream_lost(self.got_head)
+
+    def refused(self, _reason: str = "") -> None:
+        """Nothing of the request will be processed (GOAWAY, or no stream could open)."""
+        sink = self.sink
+        self.request_done = True
+        self.retire(self.conn.pool.now())
+        if sink is not None:
+            sink.upstream_lost(False)
+
+    def connection_gone(self) -> None:
+        """The connection closed under this stream."""
+        sink = self.sink
+        self.request_done = True
+        self.retire(self.conn.pool.now())
+        if sink is not None:
+            sink.upstream_lost(self.got_head)
+
+    def invalid(self, reason: str) -> None:
+        """The response broke HTTP: this stream is reset and the exchange told, once."""
+        sink = self.sink
+        self.sink = None
+        self.retire(self.conn.pool.now())
+        if sink is not None:
+            sink.upstream_invalid(reason)
+
+    def go_away(self) -> None:
+        """The endpoint is being closed under this request (end of a drain)."""
+        sink = self.sink
+        if sink is not None:
+            sink.go_away()
+
+    # helpers
+
+    def _fields(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[int, list[tuple[bytes, bytes, bytes]], str]:
+        """Status and regular fields of a response head, or a reason it is unacceptable."""
+        status = 0
+        fields: list[tuple[bytes, bytes, bytes]] = []
+        size = 0
+        for name, value in headers:
+            # RFC 9113 section 4.3.1's accounting: name, value and 32 bytes of overhead.
+            size += len(name) + len(value) + 32
+            if name == b":status":
+                status = int(value) if value.isdigit() else 0
+            elif name[:1] != b":":
+                fields.append((name, name, value))
+        if size > self.max_head:
+            return status, fields, "response head larger than limits.max_header_size"
+        if len(fields) > self.max_headers:
+            return status, fields, "too many response header fields"
+        if not 100 <= status <= 599 or status == 101:
+            return status, fields, f"invalid status code {status}"
+        return status, fields, ""
+
+    def _acknowledge(self, size: int) -> None:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.h2.acknowledge_received_data(size, self.stream_id)
+
+    def _reset(self, code: h2.errors.ErrorCodes) -> None:
+        stream_id = self.stream_id
+        conn = self.conn
+        if not stream_id or conn.lost:
+            return
+        stream = conn.h2.streams.get(stream_id)
+        if stream is None or stream.closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            conn.h2.reset_stream(stream_id, code)
+        conn.flush_h2()
+
+    def _fail_soon(self, reason: str) -> None:
+        """Report a failure before anything was sent: invalid with `reason`, or (no reason)
+        lost with nothing sent, so the exchange may retry elsewhere.
+
+        Told on the next loop pass: the exchange is still inside the call that started this.
+        """
+        self.request_done = True
+        asyncio.get_running_loop().call_soon(self.invalid if reason else self.refused, reason)
+
+
+class AlpnRefused(ssl.SSLError):
+    """The endpoint's TLS handshake did not select `h2` (counted as a `tls` failure)."""
+
+
+class H2EndpointPool(EndpointPool):
+    """One endpoint of an `h2c` or `h2` upstream: streams on a few shared connections."""
+
+    __slots__ = ("alpn_warned", "h2_connections", "header_limit", "loop", "opening")
+
+    def __init__(
+        self,
+        upstream: str,
+        endpoint: Endpoint,
+        batcher: WriteBatcher,
+        tls: UpstreamTls | None,
+        ssl_context: ssl.SSLContext | None,
+        header_limit: int,
+    ) -> None:
+        super().__init__(upstream, endpoint, batcher, tls, ssl_context)
+        self.h2_connections: list[H2ClientConnection] = []
+        # A connection being opened: exchanges that need one meanwhile wait for it rather
+        # than each opening their own.
+        self.opening: asyncio.Future[H2ClientConnection] | None = None
+        self.header_limit = header_limit
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Logged once until a handshake succeeds again: every request would repeat it.
+        self.alpn_warned = False
+
+    def now(self) -> float:
+        """The loop's time (streams retire with it as their idle mark)."""
+        return self.loop.time() if self.loop is not None else 0.0
+
+    def take_idle(self, now: float) -> H2Stream | None:  # type: ignore[override]
+        """A stream on the first connection with room, or None."""
+        for conn in self.h2_connections:
+            if conn.has_room():
+                return conn.new_stream()
+        return None
+
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> H2Stream:  # type: ignore[override]
+        """A stream on a new connection, or on the one another exchange is opening now."""
+        self.loop = loop
+        opening = self.opening
+        if opening is not None:
+            try:
+                conn = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # The opener gave up on its own deadline: this exchange opens one itself.
+            else:
+                if conn.has_room():
+                    return conn.new_stream()
+        return await self._open(loop)
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> H2Stream:
+        opening: asyncio.Future[H2ClientConnection] = loop.create_future()
+        self.opening = opening
+        try:
+            conn = await self._handshake(loop)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                opening.cancel()
+            else:
+                opening.set_exception(exc)
+                opening.exception()  # waiters get the error; none has to read it
+            raise
+        else:
+            opening.set_result(conn)
+        finally:
+            if self.opening is opening:
+                self.opening = None
+        if not conn.lost:
+            self.h2_connections.append(conn)
+        return conn.new_stream()
+
+    async def _handshake(self, loop: asyncio.AbstractEventLoop) -> H2ClientConnection:
+        endpoint = self.endpoint
+        ready: asyncio.Future[None] = loop.create_future()
+        if self.ssl is None:
+            transport, conn = await loop.create_connection(
+                lambda: H2ClientConnection(self, ready), endpoint.host, endpoint.port
+            )
+        else:
+            transport, conn = await loop.create_connection(
+                lambda: H2ClientConnection(self, ready),
+                endpoint.host,
+                endpoint.port,
+                ssl=self.ssl,
+                server_hostname=self.server_name,
+            )
+            sslobj = transport.get_extra_info("ssl_object")
+            chosen = sslobj.selected_alpn_protocol() if sslobj is not None else None
+            if chosen != "h2":
+                transport.abort()
+                message = (
+                    f"endpoint {self.address} of upstream {self.upstream} did not select h2 by "
+                    f"ALPN (it chose {chosen or 'nothing'}): protocol h2 needs an HTTP/2 server"
+                )
+                if not self.alpn_warned:
+                    self.alpn_warned = True
+                    log.warning("%s", message)
+                raise AlpnRefused(message)
+            self.alpn_warned = False
+        try:
+            await ready
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    def release(self, conn: object, now: float) -> None:
+        """A stream is done: free its slot (its connection stays for other streams)."""
+        if isinstance(conn, H2Stream):
+            conn.retire(now)
+
+    def forget_h2(self, conn: H2ClientConnection) -> None:
+        """A connection closed: drop it from the pool."""
+        with contextlib.suppress(ValueError):
+            self.h2_connections.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections without streams: the first after H2_IDLE_TIMEOUT, others (left
+        from a burst) after POOL_IDLE_TIMEOUT."""
+        kept = False
+        for conn in list(self.h2_connections):
+            if conn.live:
+                continue
+            limit = POOL_IDLE_TIMEOUT if kept else H2_IDLE_TIMEOUT
+            kept = True
+            if now - conn.idle_since > limit:
+                conn.close()
+
+    def drain(self) -> None:
+        """Take no new streams; connections close (GOAWAY) once their streams are done."""
+        self.draining = True
+        for conn in list(self.h2_connections):
+            conn.going_away = True
+            if not conn.live:
+                conn.close()
+
+    def close_all(self) -> None:
+        """End every connection, streams in progress too (end of a drain period)."""
+        self.draining = True
+        for conn in list(self.h2_connections):
+            for stream in list(conn.live):
+                stream.go_away()
+            conn.abort()
+        self.h2_connections.clear()
