@@ -28,20 +28,19 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from proxy.core.exchange_state import RECEIVED
 from proxy.dataplane.upstream import (
     FRAMING_CHUNKED,
     FRAMING_LENGTH,
     FRAMING_NONE,
     POOL_IDLE_TIMEOUT,
     EndpointPool,
+    OutgoingRequest,
     ResponseSink,
 )
 from proxy.dataplane.writes import CoalescingProtocol
 
 if TYPE_CHECKING:
     from proxy.core.spec import Endpoint, UpstreamTls
-    from proxy.dataplane.http1 import Exchange
     from proxy.dataplane.writes import WriteBatcher
 
 log: Final = logging.getLogger("turnout.upstream")
@@ -382,11 +381,12 @@ class H2Stream:
             # RFC 8441 (WebSocket over HTTP/2) is not supported: refused before a byte is sent.
             self._fail_soon("a WebSocket upgrade cannot be carried to an HTTP/2 upstream")
 
-    def send_head(self, ex: Exchange) -> None:
-        """The request's HEADERS: sent now, or with the body's first frame or END_STREAM.
+    def send_head(self, ex: OutgoingRequest) -> None:
+        """The request's HEADERS: sent with the body's first frame, or with END_STREAM when
+        `end_body` comes first, or alone at the end of this loop pass (a body yet to come).
 
-        A request already complete waits for `send_body`/`end_body` (always called next), so
-        that a bodyless one leaves as one HEADERS frame with END_STREAM.
+        The exchange sends what it holds of the request in the same pass, so a complete
+        bodyless request leaves as one HEADERS frame with END_STREAM.
         """
         if self.sink is None or self.stream_id or self.request_done:
             return
@@ -405,9 +405,12 @@ class H2Stream:
             fields.append((name.lower(), value))
         if ex.te_trailers or ex.grpc:
             fields.append(_TE_TRAILERS)
-        if ex.request_state == RECEIVED:
-            self.head_fields = fields
-        else:
+        self.head_fields = fields
+        asyncio.get_running_loop().call_soon(self._head_alone)
+
+    def _head_alone(self) -> None:
+        fields = self.head_fields
+        if fields is not None and not self.retired:
             self._open(fields, end_stream=False)
 
     def _open(self, fields: list[tuple[bytes, bytes]], end_stream: bool) -> None:
@@ -555,9 +558,14 @@ class H2Stream:
             self.invalid(problem)
             return
         self.got_head = True
-        if ended or self.head_request or status in (204, 304):
-            # `ended`: a HEADERS frame with END_STREAM, e.g. a gRPC "trailers-only" answer.
+        if self.head_request or status in (204, 304):
             framing = FRAMING_NONE
+        elif ended:
+            # A HEADERS frame with END_STREAM (a gRPC "trailers-only" answer): nothing follows.
+            # An HTTP/1.1 client learns that from a zero length, an HTTP/2 one from the frame.
+            framing = FRAMING_NONE
+            if not any(lname == b"content-length" for lname, _, _ in fields):
+                fields.append((b"content-length", b"content-length", b"0"))
         elif any(lname == b"content-length" for lname, _, _ in fields):
             framing = FRAMING_LENGTH
         else:
@@ -732,16 +740,20 @@ class H2EndpointPool(EndpointPool):
         """The loop's time (streams retire with it as their idle mark)."""
         return self.loop.time() if self.loop is not None else 0.0
 
-    def take_idle(self, now: float) -> H2Stream | None:  # type: ignore[override]
+    def take_idle(self, now: float) -> H2Stream | None:
         """A stream on the first connection with room, or None."""
         for conn in self.h2_connections:
             if conn.has_room():
                 return conn.new_stream()
         return None
 
-    async def connect(self, loop: asyncio.AbstractEventLoop) -> H2Stream:  # type: ignore[override]
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> H2Stream:
         """A stream on a new connection, or on the one another exchange is opening now."""
         self.loop = loop
+        # A connection may have opened since the exchange found none with room.
+        stream = self.take_idle(loop.time())
+        if stream is not None:
+            return stream
         opening = self.opening
         if opening is not None:
             try:
@@ -795,6 +807,7 @@ class H2EndpointPool(EndpointPool):
             sslobj = transport.get_extra_info("ssl_object")
             chosen = sslobj.selected_alpn_protocol() if sslobj is not None else None
             if chosen != "h2":
+                ready.cancel()  # nobody will wait for the server's SETTINGS now
                 transport.abort()
                 message = (
                     f"endpoint {self.address} of upstream {self.upstream} did not select h2 by "
