@@ -47,7 +47,9 @@ def start(host: UpstreamHost, server: H2Upstream) -> H2Upstream:
 
 
 @pytest.fixture(scope="module")
-def servers(upstream_host: UpstreamHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers(
+    upstream_host: UpstreamHost, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Servers]:
     folder = tmp_path_factory.mktemp("h2certs")
     ca = trustme.CA()
     pair = write_pair(ca, folder, "upstream", "localhost", "127.0.0.1")
@@ -95,8 +97,10 @@ def header_map(described: dict[str, Any]) -> dict[str, list[str]]:
 def assert_error_json(response: RawResponse, status: int) -> None:
     assert response.status == status, response
     body = response.json()
-    assert isinstance(body.get("error"), str) and body["error"]
-    assert isinstance(body.get("request_id"), str) and body["request_id"]
+    assert isinstance(body.get("error"), str)
+    assert body["error"]
+    assert isinstance(body.get("request_id"), str)
+    assert body["request_id"]
 
 
 # -- requests and their translation ---------------------------------------------------------
@@ -155,8 +159,7 @@ def test_post_with_length_and_chunked(turnout: InProcessTurnout) -> None:
         # The same client connection goes on (keep-alive) with a chunked body.
         parts = [body[:30_000], body[30_000:]]
         conn.send(
-            build_request("POST", "/c/upload", [("Transfer-Encoding", "chunked")])
-            + chunked(parts)
+            build_request("POST", "/c/upload", [("Transfer-Encoding", "chunked")]) + chunked(parts)
         )
         _, second = conn.read_final_response()
     assert second.status == 200, second
@@ -164,13 +167,15 @@ def test_post_with_length_and_chunked(turnout: InProcessTurnout) -> None:
     assert described["body_length"] == len(body)
     assert described["body_sha256"] == hashlib.sha256(body).hexdigest()
     fields = header_map(described)
-    assert "content-length" not in fields and "transfer-encoding" not in fields
+    assert "content-length" not in fields
+    assert "transfer-encoding" not in fields
 
 
 def test_head_and_empty_post(turnout: InProcessTurnout) -> None:
     with RawConnection(turnout.port) as conn:
         head = conn.request("HEAD", "/c/echo")
-        assert head.status == 200 and head.body == b""
+        assert head.status == 200
+        assert head.body == b""
         empty = conn.request("POST", "/c/echo", body=b"")
     assert empty.status == 200
     assert empty.json()["body_length"] == 0

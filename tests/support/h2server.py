@@ -76,7 +76,7 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        settings: dict[h2.settings.SettingCodes | int, int] = {}
+        settings: dict[h2.settings.SettingCodes, int] = {}
         if self.server.max_streams is not None:
             settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = self.server.max_streams
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values=settings)
@@ -97,6 +97,7 @@ class _ServerConnection(asyncio.Protocol):
                 self.transport.close()
             return
         for event in events:
+            stream: _Stream | None
             if isinstance(event, h2.events.RequestReceived):
                 stream = _Stream(event.stream_id or 0, list(event.headers or []))
                 self.streams[stream.stream_id] = stream
@@ -145,7 +146,7 @@ class _ServerConnection(asyncio.Protocol):
 
     async def read_body(self, stream: _Stream, pause: float = 0.0) -> bytes:
         """The whole request body; acknowledged at once, or piece by piece with `pause`."""
-        parts = []
+        parts: list[bytes] = []
         while True:
             item = await stream.body.get()
             if item is None:
@@ -257,11 +258,12 @@ class _ServerConnection(asyncio.Protocol):
             )
             self.flush()
             return
+        authority = pseudo.get(b":authority")
         describe: dict[str, Any] = {
             "upstream": self.server.name,
             "method": pseudo.get(b":method", b"").decode("latin-1"),
             "path": path,
-            "authority": (pseudo[b":authority"].decode("latin-1") if b":authority" in pseudo else None),
+            "authority": authority.decode("latin-1") if authority is not None else None,
             "scheme": pseudo.get(b":scheme", b"").decode("latin-1"),
             "headers": [
                 [name.decode("latin-1"), value.decode("latin-1")]
