@@ -5,11 +5,13 @@ with ALPN); Turnout is one in-process worker. Covered: header translation (pseud
 lower-case names, hop-by-hop fields, `te: trailers`), bodies both ways with their framing,
 trailers to a chunked HTTP/1.1 client, flow control against a slow client and a slow server,
 stream multiplexing within the server's MAX_CONCURRENT_STREAMS, GOAWAY, RST_STREAM and the
-retry rules, and connect/ALPN failures.
+retry rules, connect/ALPN failures, drain and idle close, HTTP/2 health checks, and mirrors to
+an HTTP/2 shadow (skipped).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import socket
@@ -22,6 +24,9 @@ from typing import Any
 import pytest
 import trustme
 
+from proxy.control.prober import Prober
+from proxy.core.spec import UpstreamTls
+from proxy.runtime.tls import client_context
 from tests.support import rawhttp, wait_until
 from tests.support.certs import write_ca, write_pair
 from tests.support.h2server import H2Upstream
@@ -387,3 +392,86 @@ def test_websocket_upgrade_to_an_h2_upstream_is_refused(turnout: InProcessTurnou
     response, _ = rawhttp.send_raw(turnout.port, build_request("GET", "/c/ws", headers))
     assert_error_json(response, 502)
     assert "WebSocket" in response.json()["error"]
+
+
+# -- pools across reloads and time, health checks, mirrors -------------------------------------
+
+
+def test_reload_and_idle_sweep_close_connections_with_goaway(upstream_host: UpstreamHost) -> None:
+    first = start(upstream_host, H2Upstream("first"))
+    second = start(upstream_host, H2Upstream("second"))
+    both = {
+        "upstreams": {
+            "a": {"endpoints": [first.address], "protocol": "h2c"},
+            "b": {"endpoints": [second.address], "protocol": "h2c"},
+        },
+        "routes": [route("a"), route("b")],
+    }
+    try:
+        with start_inprocess(both) as turnout:
+            assert rawhttp.get(turnout.port, "/a/echo").status == 200
+            assert rawhttp.get(turnout.port, "/b/echo").status == 200
+            # A reload without `a`: its idle connection is drained with a GOAWAY.
+            turnout.reload({"upstreams": {"b": both["upstreams"]["b"]}, "routes": [route("b")]})
+            wait_until(lambda: first.goaways_received == 1, what="GOAWAY to the removed upstream")
+            assert second.goaways_received == 0
+            # Past the idle timeout, the sweep closes `b`'s connection the same way.
+            turnout.call_soon(lambda: turnout.ctx.pools.sweep(turnout.ctx.loop.time() + 3600))
+            wait_until(lambda: second.goaways_received == 1, what="GOAWAY from the idle sweep")
+            # A later request opens a new connection.
+            assert rawhttp.get(turnout.port, "/b/echo").status == 200
+            assert second.connections == 2
+    finally:
+        upstream_host.call(first.stop())
+        upstream_host.call(second.stop())
+
+
+def test_health_checks_speak_http2(servers: Servers) -> None:
+    prober = Prober(lambda down: None)
+    secure = client_context(UpstreamTls(ca=str(servers.ca)))
+
+    async def checks() -> list[str | None]:
+        try:
+            return [
+                await prober.probe_h2(servers.plain.address, "/ready", 5.0),
+                await prober.probe_h2(servers.plain.address, "/status/503", 5.0),
+                await prober.probe_h2(servers.secure.address, "/ready", 5.0, secure, "localhost"),
+                await prober.probe_h2(servers.h1only.address, "/ready", 5.0, secure, "localhost"),
+                await prober.probe_h2(f"127.0.0.1:{free_port()}", "/ready", 5.0),
+            ]
+        finally:
+            await prober.close()
+
+    ok, unavailable, tls_ok, alpn, refused = asyncio.run(checks())
+    assert ok is None
+    assert unavailable == "status 503"
+    assert tls_ok is None
+    assert alpn is not None
+    assert "did not select h2 by ALPN" in alpn
+    assert refused is not None
+
+
+def test_mirror_to_an_http2_shadow_is_skipped_and_counted(
+    servers: Servers, upstream_host: UpstreamHost
+) -> None:
+    shadow = start(upstream_host, H2Upstream("shadow"))
+    config = {
+        "upstreams": {
+            "c": {"endpoints": [servers.plain.address], "protocol": "h2c"},
+            "shadow": {"endpoints": [shadow.address], "protocol": "h2c"},
+        },
+        "routes": [{**route("c"), "mirror": {"to": "shadow", "percent": 100}}],
+    }
+    try:
+        with start_inprocess(config) as mirrored:
+            for _ in range(2):
+                assert rawhttp.get(mirrored.port, "/c/echo").status == 200
+            metrics = mirrored.metrics_text()
+            assert (
+                'turnout_mirror_requests_total{outcome="skipped",route="c",upstream="shadow"} 2.0'
+                in metrics
+            ), metrics
+            assert shadow.streams == 0
+            assert mirrored.stderr_text().count("copies to mirror upstream shadow are skipped") == 1
+    finally:
+        upstream_host.call(shadow.stop())

@@ -12,6 +12,7 @@ Answers are chosen by the last path segment, so they work behind any route prefi
   content-length;
 - `stream?n=&chunk=`: `n` pattern bytes (`tests.support.upstreams.pattern_chunks`) in DATA
   frames of `chunk` bytes, no content-length, sent as the client's windows allow;
+- `status/NNN`: an empty answer with that status;
 - `trailers`: a short body, then trailers `grpc-status: 0` and `x-checksum`;
 - `trailers-only`: one HEADERS frame with END_STREAM (a gRPC error: grpc-status 5);
 - `reset?code=`: RST_STREAM before any response (code as a number, default 2, INTERNAL_ERROR);
@@ -214,6 +215,10 @@ class _ServerConnection(asyncio.Protocol):
         self.server.paths.append(path)
         if last == "reset":
             self.reset(stream, int(query.get("code", "2")))
+            return
+        parent = target.rsplit("/", 2)[-2] if target.count("/") >= 2 else ""
+        if parent == "status" and last.isdigit():
+            self.send_headers(stream, [(b":status", last.encode())], end=True)
             return
         if last == "trailers-only":
             self.send_headers(
