@@ -495,6 +495,11 @@ class H2Stream:
             return
         self.retired = True
         self.sink = None
+        if self.held:
+            # Data held back from a slow client still counts against the connection's window:
+            # give it back, or the connection would starve after enough abandoned streams.
+            self._acknowledge(self.held)
+            self.held = 0
         self._reset(_CANCEL)
         self.out = []
         self.conn.retired(self, now)
@@ -856,9 +861,13 @@ class H2EndpointPool(EndpointPool):
                 conn.close()
 
     def close_all(self) -> None:
-        """End every connection, streams in progress too (end of a drain period)."""
+        """End every connection, streams in progress too (end of a drain period); one
+        without streams says GOAWAY first."""
         self.draining = True
         for conn in list(self.h2_connections):
+            if not conn.live:
+                conn.close()
+                continue
             for stream in list(conn.live):
                 stream.go_away()
             conn.abort()

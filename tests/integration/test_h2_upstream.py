@@ -25,9 +25,10 @@ import pytest
 import trustme
 
 from proxy.control.prober import Prober
-from proxy.core.spec import UpstreamTls
+from proxy.core.config import parse_config
+from proxy.core.spec import ConfigSpec, UpstreamTls
 from proxy.runtime.tls import client_context
-from tests.support import rawhttp, wait_until
+from tests.support import async_wait_until, rawhttp, wait_until
 from tests.support.certs import write_ca, write_pair
 from tests.support.h2server import H2Upstream
 from tests.support.inprocess import InProcessTurnout, start_inprocess
@@ -400,11 +401,9 @@ def test_websocket_upgrade_to_an_h2_upstream_is_refused(turnout: InProcessTurnou
 def test_reload_and_idle_sweep_close_connections_with_goaway(upstream_host: UpstreamHost) -> None:
     first = start(upstream_host, H2Upstream("first"))
     second = start(upstream_host, H2Upstream("second"))
+    b = {"endpoints": [second.address], "protocol": "h2c"}
     both = {
-        "upstreams": {
-            "a": {"endpoints": [first.address], "protocol": "h2c"},
-            "b": {"endpoints": [second.address], "protocol": "h2c"},
-        },
+        "upstreams": {"a": {"endpoints": [first.address], "protocol": "h2c"}, "b": b},
         "routes": [route("a"), route("b")],
     }
     try:
@@ -412,7 +411,7 @@ def test_reload_and_idle_sweep_close_connections_with_goaway(upstream_host: Upst
             assert rawhttp.get(turnout.port, "/a/echo").status == 200
             assert rawhttp.get(turnout.port, "/b/echo").status == 200
             # A reload without `a`: its idle connection is drained with a GOAWAY.
-            turnout.reload({"upstreams": {"b": both["upstreams"]["b"]}, "routes": [route("b")]})
+            turnout.reload({"upstreams": {"b": b}, "routes": [route("b")]})
             wait_until(lambda: first.goaways_received == 1, what="GOAWAY to the removed upstream")
             assert second.goaways_received == 0
             # Past the idle timeout, the sweep closes `b`'s connection the same way.
@@ -475,3 +474,30 @@ def test_mirror_to_an_http2_shadow_is_skipped_and_counted(
             assert mirrored.stderr_text().count("copies to mirror upstream shadow are skipped") == 1
     finally:
         upstream_host.call(shadow.stop())
+
+
+def test_prober_checks_an_h2c_upstream_over_http2(servers: Servers) -> None:
+    def spec(path: str) -> ConfigSpec:
+        text = f"""
+upstreams:
+  grpc:
+    endpoints: [{servers.plain.address}]
+    protocol: h2c
+    health: {{path: {path}, interval: 50ms, timeout: 2s, unhealthy_after: 2, healthy_after: 1}}
+routes: [{{name: all, split: {{grpc: 1}}}}]
+"""
+        return parse_config(text, "t.yaml")
+
+    async def run() -> None:
+        prober = Prober(lambda down: None)
+        key = ("grpc", servers.plain.address)
+        try:
+            prober.update(spec("/status/503"))
+            await async_wait_until(lambda: prober.down == {key}, what="down on 503")
+            prober.update(spec("/ready"))
+            await async_wait_until(lambda: prober.down == frozenset(), what="up on 200")
+        finally:
+            await prober.close()
+
+    asyncio.run(run())
+    assert "/status/503" in servers.plain.paths

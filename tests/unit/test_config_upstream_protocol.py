@@ -34,7 +34,9 @@ def test_default_is_http1_and_each_protocol_is_read() -> None:
         text = config(f"{{endpoints: [127.0.0.1:9001], protocol: {protocol}}}")
         spec = parse_config(text, "routes.yaml")
         assert spec.upstream("blue").protocol == protocol
-        assert spec_to_dict(spec)["upstreams"]["blue"]["protocol"] == protocol
+        upstreams = spec_to_dict(spec)["upstreams"]
+        assert isinstance(upstreams, dict)
+        assert upstreams["blue"]["protocol"] == protocol
 
 
 @pytest.mark.parametrize("value", ["h3", "HTTP2", "http/1.1", "2", "true", "[h2]"])
