@@ -390,14 +390,18 @@ class H2Stream:
         """
         if self.sink is None or self.stream_id or self.request_done:
             return
+        pool = self.conn.pool
         authority = ex.host
+        if authority is None:
+            # An HTTP/1.0 request without Host: http and https URIs need an authority (RFC 9113
+            # section 8.3.1), so the endpoint's own stands in, as the target it was sent to.
+            authority = pool.address.encode("latin-1")
         fields: list[tuple[bytes, bytes]] = [
             (b":method", ex.method.encode("latin-1")),
-            (b":scheme", b"https" if self.conn.pool.ssl is not None else b"http"),
+            (b":scheme", b"https" if pool.ssl is not None else b"http"),
+            (b":authority", authority),
+            (b":path", ex.url),
         ]
-        if authority is not None:
-            fields.append((b":authority", authority))
-        fields.append((b":path", ex.url))
         for lname, _, value in ex.kept_headers:
             if lname not in _CONNECTION_SPECIFIC:
                 fields.append((lname, value))
@@ -753,25 +757,25 @@ class H2EndpointPool(EndpointPool):
         return None
 
     async def connect(self, loop: asyncio.AbstractEventLoop) -> H2Stream:
-        """A stream on a new connection, or on the one another exchange is opening now."""
+        """A stream on a connection with room, waiting for the one being opened if any, or
+        on a new connection. Several exchanges needing a connection at once open one, not one
+        each (more only as each fills up)."""
         self.loop = loop
-        # A connection may have opened since the exchange found none with room.
-        stream = self.take_idle(loop.time())
-        if stream is not None:
-            return stream
-        opening = self.opening
-        if opening is not None:
+        while True:
+            # A connection may have opened (or freed a slot) since the exchange found none.
+            stream = self.take_idle(loop.time())
+            if stream is not None:
+                return stream
+            opening = self.opening
+            if opening is None:
+                return await self._open(loop)
             try:
-                conn = await asyncio.shield(opening)
+                await asyncio.shield(opening)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
-                # The opener gave up on its own deadline: this exchange opens one itself.
-            else:
-                if conn.has_room():
-                    return conn.new_stream()
-        return await self._open(loop)
+                # The opener gave up on its own deadline: try again, maybe opening one.
 
     async def _open(self, loop: asyncio.AbstractEventLoop) -> H2Stream:
         opening: asyncio.Future[H2ClientConnection] = loop.create_future()

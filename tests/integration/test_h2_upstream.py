@@ -290,7 +290,7 @@ def concurrent_gets(port: int, paths: list[str]) -> list[RawResponse]:
         return list(pool.map(lambda path: rawhttp.get(port, path, deadline=20), paths))
 
 
-@pytest.mark.parametrize(("limit", "requests", "connections"), [(None, 4, 1), (2, 3, 2)])
+@pytest.mark.parametrize(("limit", "requests", "connections"), [(None, 4, 1), (2, 3, 2), (2, 6, 3)])
 def test_streams_share_connections_up_to_the_server_limit(
     upstream_host: UpstreamHost, limit: int | None, requests: int, connections: int
 ) -> None:
@@ -501,3 +501,13 @@ routes: [{{name: all, split: {{grpc: 1}}}}]
 
     asyncio.run(run())
     assert "/status/503" in servers.plain.paths
+
+
+def test_http10_request_without_host_gets_the_endpoint_as_authority(
+    turnout: InProcessTurnout, servers: Servers
+) -> None:
+    response, _ = rawhttp.send_raw(turnout.port, b"GET /c/echo HTTP/1.0\r\n\r\n")
+    assert response.status == 200, response
+    described = response.json()
+    assert described["authority"] == servers.plain.address
+    assert "host" not in header_map(described)
