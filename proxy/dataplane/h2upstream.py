@@ -322,6 +322,7 @@ class H2Stream:
         "conn",
         "end_pending",
         "endpoint",
+        "framed_end",
         "framing",
         "got_head",
         "head_fields",
@@ -345,6 +346,8 @@ class H2Stream:
         self.sink: ResponseSink | None = None
         self.stream_id = 0
         self.reusable = True
+        # END_STREAM ends every request, whatever its framing: end_body is always wanted.
+        self.framed_end = True
         self.head_request = False
         self.max_head = 0
         self.max_headers = 0
