@@ -42,6 +42,7 @@ from proxy.dataplane.writes import CoalescingProtocol
 if TYPE_CHECKING:
     from proxy.core.spec import Endpoint, UpstreamTls
     from proxy.dataplane.writes import WriteBatcher
+    from proxy.runtime.tasks import TaskSet
 
 log: Final = logging.getLogger("turnout.upstream")
 
@@ -71,6 +72,10 @@ _TE_TRAILERS: Final = (b"te", b"trailers")
 
 # Stream error codes (RFC 9113 section 7).
 _CANCEL: Final = h2.errors.ErrorCodes.CANCEL
+_REFUSED: Final = h2.errors.ErrorCodes.REFUSED_STREAM
+# Request body kept to send again when a stream is refused unprocessed (as much as the
+# exchange keeps for its own retries, headers.RETRY_BODY_LIMIT).
+REPLAY_LIMIT: Final = 64 * 1024
 _NO_ERROR: Final = h2.errors.ErrorCodes.NO_ERROR
 
 
@@ -217,7 +222,7 @@ class H2ClientConnection(CoalescingProtocol):
     def _on_reset(self, event: h2.events.StreamReset) -> None:
         stream = self.streams.get(event.stream_id or 0)
         if stream is not None:
-            stream.on_reset()
+            stream.on_reset(int(event.error_code or 0))
 
     def _on_window(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id:
@@ -319,19 +324,24 @@ class H2Stream:
     """One request and its response on an HTTP/2 connection: an exchange's upstream carrier."""
 
     __slots__ = (
+        "body_ended",
         "conn",
         "end_pending",
         "endpoint",
         "framed_end",
         "framing",
         "got_head",
+        "head_copy",
         "head_fields",
         "head_request",
         "held",
         "max_head",
         "max_headers",
+        "moved",
         "out",
         "read_paused",
+        "replay",
+        "replay_size",
         "request_done",
         "retired",
         "reusable",
@@ -364,6 +374,14 @@ class H2Stream:
         self.retired = False
         # A complete request's HEADERS, held until its body or END_STREAM is known.
         self.head_fields: list[tuple[bytes, bytes]] | None = None
+        # What it takes to send the request again on another connection when the server
+        # refuses the stream unprocessed (GOAWAY, REFUSED_STREAM): its HEADERS and its body up
+        # to REPLAY_LIMIT (None past it), once.
+        self.head_copy: list[tuple[bytes, bytes]] | None = None
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.body_ended = False
+        self.moved = False
 
     # the exchange's side (UpstreamCarrier)
 
@@ -423,6 +441,7 @@ class H2Stream:
     def _open(self, fields: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         """Send HEADERS on a new stream id (END_STREAM too for a bodyless request)."""
         self.head_fields = None
+        self.head_copy = fields
         conn = self.conn
         if conn.going_away or conn.lost:
             # The connection went away between being chosen and this request's head: nothing
@@ -447,6 +466,13 @@ class H2Stream:
 
     def send_body(self, data: bytes, chunked: bool) -> None:
         """Request body bytes, sent as the windows allow (HTTP/2 frames them itself)."""
+        replay = self.replay
+        if replay is not None and data:
+            self.replay_size += len(data)
+            if self.replay_size > REPLAY_LIMIT:
+                self.replay = None
+            else:
+                replay.append(data)
         if self.head_fields is not None:
             self._open(self.head_fields, end_stream=False)
         if not data or self.request_done or not self.stream_id:
@@ -456,6 +482,7 @@ class H2Stream:
 
     def end_body(self, chunked: bool) -> None:
         """The request is complete: END_STREAM, after any data still waiting for window."""
+        self.body_ended = True
         if self.head_fields is not None:
             self._open(self.head_fields, end_stream=True)
             return
@@ -631,8 +658,11 @@ class H2Stream:
             self.end_pending = False
         sink.upstream_complete()
 
-    def on_reset(self) -> None:
-        """The server reset the stream (REFUSED_STREAM before any response: retryable)."""
+    def on_reset(self, code: int) -> None:
+        """The server reset the stream (REFUSED_STREAM: it did not process it)."""
+        if code == _REFUSED and not self.got_head:
+            self.refused()
+            return
         self.request_done = True
         self.out = []
         sink = self.sink
@@ -641,8 +671,19 @@ class H2Stream:
             sink.upstream_lost(self.got_head)
 
     def refused(self, _reason: str = "") -> None:
-        """Nothing of the request will be processed (GOAWAY, or no stream could open)."""
+        """Nothing of the request was processed (GOAWAY, REFUSED_STREAM, or no stream could
+        open): sent again on another connection once when it can be, else the exchange is told
+        (lost before any response byte: its retry rules apply)."""
         sink = self.sink
+        if (
+            sink is not None
+            and not self.moved
+            and not self.retired
+            and self.replay is not None
+            and (self.head_copy is not None or self.head_fields is not None)
+        ):
+            self._move()
+            return
         self.request_done = True
         self.retire(self.conn.pool.now())
         if sink is not None:
@@ -669,6 +710,63 @@ class H2Stream:
         sink = self.sink
         if sink is not None:
             sink.go_away()
+
+    def _move(self) -> None:
+        """Leave this connection, and carry the request on another one."""
+        self.moved = True
+        old = self.conn
+        self._reset(_CANCEL)
+        old.retired(self, old.pool.now())
+        self.stream_id = 0
+        self.out = []
+        self.end_pending = False
+        self.request_done = False
+        pool = old.pool
+        conn = pool.room()
+        if conn is not None:
+            self._rebind(conn)
+        else:
+            pool.tasks.spawn(self._rebind_later(pool), name="h2-resend")
+
+    async def _rebind_later(self, pool: H2EndpointPool) -> None:
+        conn: H2ClientConnection | None
+        try:
+            async with asyncio.timeout(pool.connect_timeout):
+                conn = await pool.acquire(asyncio.get_running_loop())
+        except (OSError, TimeoutError):
+            conn = None
+        if self.retired or self.sink is None:
+            return  # the exchange gave up meanwhile
+        if conn is None or not conn.has_room():
+            self._lost_unmoved()
+            return
+        self._rebind(conn)
+
+    def _lost_unmoved(self) -> None:
+        """No connection took the request again: the exchange's retry rules decide."""
+        sink = self.sink
+        self.retired = True
+        self.sink = None
+        if sink is not None:
+            sink.upstream_lost(False)
+
+    def _rebind(self, conn: H2ClientConnection) -> None:
+        fields = self.head_fields or self.head_copy
+        replay = self.replay
+        if fields is None or replay is None:
+            # More body came while waiting for a connection than is kept to send again.
+            self._lost_unmoved()
+            return
+        self.conn = conn
+        conn.live.add(self)
+        if not self.body_ended and self.head_fields is not None:
+            # The exchange has not sent the body yet: HEADERS leave at the end of the pass.
+            return
+        self._open(fields, end_stream=self.body_ended and not replay)
+        if replay and self.stream_id:
+            self.out.extend(replay)
+            self.end_pending = self.body_ended
+            self.push()
 
     # helpers
 
@@ -727,7 +825,15 @@ class AlpnRefused(ssl.SSLError):
 class H2EndpointPool(EndpointPool):
     """One endpoint of an `h2c` or `h2` upstream: streams on a few shared connections."""
 
-    __slots__ = ("alpn_warned", "h2_connections", "header_limit", "loop", "opening")
+    __slots__ = (
+        "alpn_warned",
+        "connect_timeout",
+        "h2_connections",
+        "header_limit",
+        "loop",
+        "opening",
+        "tasks",
+    )
 
     def __init__(
         self,
@@ -737,8 +843,13 @@ class H2EndpointPool(EndpointPool):
         tls: UpstreamTls | None,
         ssl_context: ssl.SSLContext | None,
         header_limit: int,
+        connect_timeout: float,
+        tasks: TaskSet,
     ) -> None:
         super().__init__(upstream, endpoint, batcher, tls, ssl_context)
+        # A refused stream's request is sent again from a task of this set (see H2Stream).
+        self.tasks = tasks
+        self.connect_timeout = connect_timeout
         self.h2_connections: list[H2ClientConnection] = []
         # A connection being opened: exchanges that need one meanwhile wait for it rather
         # than each opening their own.
@@ -752,23 +863,35 @@ class H2EndpointPool(EndpointPool):
         """The loop's time (streams retire with it as their idle mark)."""
         return self.loop.time() if self.loop is not None else 0.0
 
-    def take_idle(self, now: float) -> H2Stream | None:
-        """A stream on the first connection with room, or None."""
+    def room(self) -> H2ClientConnection | None:
+        """The first connection that can take a stream now."""
         for conn in self.h2_connections:
             if conn.has_room():
-                return conn.new_stream()
+                return conn
         return None
 
+    def take_idle(self, now: float) -> H2Stream | None:
+        """A stream on the first connection with room, or None."""
+        conn = self.room()
+        return conn.new_stream() if conn is not None else None
+
     async def connect(self, loop: asyncio.AbstractEventLoop) -> H2Stream:
-        """A stream on a connection with room, waiting for the one being opened if any, or
-        on a new connection. Several exchanges needing a connection at once open one, not one
-        each (more only as each fills up)."""
+        """A stream on a connection with room (see `acquire`)."""
+        conn = await self.acquire(loop)
+        return conn.new_stream()
+
+    async def acquire(self, loop: asyncio.AbstractEventLoop) -> H2ClientConnection:
+        """A connection with room: one that has it, the one being opened, or a new one.
+
+        Several exchanges needing a connection at once open one, not one each (more only as
+        each fills up). The caller takes its slot before anything else runs.
+        """
         self.loop = loop
         while True:
             # A connection may have opened (or freed a slot) since the exchange found none.
-            stream = self.take_idle(loop.time())
-            if stream is not None:
-                return stream
+            conn = self.room()
+            if conn is not None:
+                return conn
             opening = self.opening
             if opening is None:
                 return await self._open(loop)
@@ -780,7 +903,7 @@ class H2EndpointPool(EndpointPool):
                     raise
                 # The opener gave up on its own deadline: try again, maybe opening one.
 
-    async def _open(self, loop: asyncio.AbstractEventLoop) -> H2Stream:
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> H2ClientConnection:
         opening: asyncio.Future[H2ClientConnection] = loop.create_future()
         self.opening = opening
         try:
@@ -799,7 +922,7 @@ class H2EndpointPool(EndpointPool):
                 self.opening = None
         if not conn.lost:
             self.h2_connections.append(conn)
-        return conn.new_stream()
+        return conn
 
     async def _handshake(self, loop: asyncio.AbstractEventLoop) -> H2ClientConnection:
         endpoint = self.endpoint

@@ -57,6 +57,7 @@ class Pools:
         # kept across tables.
         contexts: dict[tuple[UpstreamTls, str], ssl.SSLContext] = {}
         header_limit = table.spec.limits.max_header_size
+        connect_timeout = table.spec.timeouts.connect
         for name, upstream in table.upstreams.items():
             tls = upstream.effective_tls
             protocol = upstream.protocol
@@ -85,7 +86,14 @@ class Pools:
                     # kind is reused.
                     if h2:
                         pool = H2EndpointPool(
-                            name, endpoint, self._batcher, tls, context, header_limit
+                            name,
+                            endpoint,
+                            self._batcher,
+                            tls,
+                            context,
+                            header_limit,
+                            connect_timeout,
+                            self._tasks,
                         )
                     else:
                         pool = EndpointPool(name, endpoint, self._batcher, tls, context)
@@ -94,6 +102,7 @@ class Pools:
                 elif isinstance(pool, H2EndpointPool):
                     # New connections advertise the new table's header list limit.
                     pool.header_limit = header_limit
+                    pool.connect_timeout = connect_timeout
                 endpoints[key2] = pool
                 members.append(pool)
             pools[name] = UpstreamPool(upstream, tuple(members))

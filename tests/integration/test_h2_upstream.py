@@ -348,12 +348,38 @@ def test_reset_stream_follows_the_retry_rules(upstream_host: UpstreamHost) -> No
             assert_error_json(response, 502)
             assert server.paths.count("/r/reset") == 3, "GET retried twice after a reset"
             with RawConnection(turnout.port) as conn:
-                posted = conn.request("POST", "/r/reset?code=7", body=b"once")
+                posted = conn.request("POST", "/r/reset", body=b"once")
             assert_error_json(posted, 502)
-            assert server.paths.count("/r/reset?code=7") == 1, "POST is never retried"
+            assert server.paths.count("/r/reset") == 4, "a reset POST is never retried"
+            # REFUSED_STREAM: not processed, so the request goes again once, POST or not.
+            with RawConnection(turnout.port) as conn:
+                refused = conn.request("POST", "/r/reset?code=7", body=b"twice")
+            assert_error_json(refused, 502)
+            assert server.paths.count("/r/reset?code=7") == 2
             # The connection survived the resets: every stream went over one.
             assert rawhttp.get(turnout.port, "/r/echo").status == 200
             assert server.connections == 1
+    finally:
+        upstream_host.call(server.stop())
+
+
+def test_a_post_left_out_of_a_goaway_goes_on_a_new_connection(
+    upstream_host: UpstreamHost,
+) -> None:
+    server = start(upstream_host, H2Upstream("unprocessed"))
+    config = {
+        "upstreams": {"u": {"endpoints": [server.address], "protocol": "h2c"}},
+        "routes": [{**route("u"), "retries": 0}],
+    }
+    body = pattern_bytes(40_000, "replay")
+    try:
+        with start_inprocess(config) as turnout, RawConnection(turnout.port) as conn:
+            response = conn.request("POST", "/u/goaway-unprocessed", body=body)
+            assert response.status == 200, response
+            described = response.json()
+            assert described["body_sha256"] == hashlib.sha256(body).hexdigest()
+            assert described["connection"] == 2
+            assert server.refused_by_goaway == 1
     finally:
         upstream_host.call(server.stop())
 

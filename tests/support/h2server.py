@@ -18,6 +18,8 @@ Answers are chosen by the last path segment, so they work behind any route prefi
 - `reset?code=`: RST_STREAM before any response (code as a number, default 2, INTERNAL_ERROR);
 - `reset-after-head`: a head and some data, then RST_STREAM;
 - `goaway`: answers, then GOAWAY naming this stream as the last one;
+- `goaway-unprocessed`: the first time, GOAWAY naming the stream before this one as the last
+  (this one is left unprocessed) and no answer; after that, as any other path;
 - `hold`: answers only once the test calls `release_held()` (or after 10 s);
 - `slowupload?pause_ms=`: reads the body acknowledging one 16 KiB piece at a time with a
   pause between, then answers its length and sha256.
@@ -216,6 +218,12 @@ class _ServerConnection(asyncio.Protocol):
         if last == "reset":
             self.reset(stream, int(query.get("code", "2")))
             return
+        if last == "goaway-unprocessed" and not self.server.refused_by_goaway:
+            # As a server closing under load does: this stream is left out of the GOAWAY.
+            self.server.refused_by_goaway += 1
+            self.h2.close_connection(last_stream_id=max(0, stream.stream_id - 2))
+            self.flush()
+            return
         parent = target.rsplit("/", 2)[-2] if target.count("/") >= 2 else ""
         if parent == "status" and last.isdigit():
             self.send_headers(stream, [(b":status", last.encode())], end=True)
@@ -321,6 +329,7 @@ class H2Upstream:
         self.max_open = 0
         self.resets_received = 0
         self.goaways_received = 0
+        self.refused_by_goaway = 0
         self.paths: list[str] = []
         self._server: asyncio.Server | None = None
         self._conns: list[_ServerConnection] = []
