@@ -6,6 +6,11 @@ an HTTP/1.1 pool hands out connections: a stream on a connection with room (fewe
 than the server's MAX_CONCURRENT_STREAMS, no GOAWAY received), else a new connection. Framing
 is h2's (python-hyper's sans-IO state machine); this module moves its bytes and events.
 
+A stream the server refuses unprocessed (beyond a GOAWAY's last stream id, or REFUSED_STREAM)
+is sent again once on another connection by the stream itself, with the request body it kept
+(up to REPLAY_LIMIT): servers that rotate connections (NGINX after `http2_max_requests`, gRPC
+servers with a maximum connection age) would otherwise fail requests in flight at each turn.
+
 What it must never do: open a stream on a connection that received GOAWAY, reset a whole
 connection for one stream's trouble, acknowledge response data the client has not taken (that
 acknowledgement is the server's permission to send more, so a slow client holds at most one
