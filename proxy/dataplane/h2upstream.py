@@ -32,6 +32,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from proxy.dataplane.upstream import (
     FRAMING_CHUNKED,
@@ -93,7 +94,9 @@ class _Connection(h2.connection.H2Connection):
     putting the state back to open only lets those streams complete.
     """
 
-    def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
+    def _receive_goaway_frame(
+        self, frame: hyperframe.frame.GoAwayFrame
+    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
         result = super()._receive_goaway_frame(frame)
         self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         return result
@@ -454,9 +457,14 @@ class H2Stream:
             self._fail_soon("")
             return
         h2conn = conn.h2
-        stream_id = h2conn.get_next_available_stream_id()
         try:
+            stream_id = h2conn.get_next_available_stream_id()
             h2conn.send_headers(stream_id, fields, end_stream=end_stream)
+        except h2.exceptions.NoAvailableStreamIDError:
+            # Every stream id of this connection is used: it takes no more.
+            conn.going_away = True
+            self._fail_soon("")
+            return
         except h2.exceptions.TooManyStreamsError:
             # The server lowered its stream limit after this stream was handed out.
             self._fail_soon("")

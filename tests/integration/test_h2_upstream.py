@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -270,6 +271,54 @@ def test_large_response_to_a_slow_client_is_flow_controlled(
         rest = rest[line_end + 4 + size :]
     assert len(payload) == total
     assert hashlib.sha256(payload).hexdigest() == pattern_sha256(total)
+
+
+def test_an_upload_the_server_does_not_read_pauses_the_client(upstream_host: UpstreamHost) -> None:
+    server = start(upstream_host, H2Upstream("stall"))
+    config = {
+        "upstreams": {"u": {"endpoints": [server.address], "protocol": "h2c"}},
+        "routes": [route("u")],
+    }
+    total = 64 * 1024 * 1024
+    try:
+        with start_inprocess(config) as turnout:
+            sock = socket.create_connection(("127.0.0.1", turnout.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            sock.setblocking(False)
+            sock.sendall(build_request("POST", "/u/stall", [("Content-Length", str(total))], None))
+            block = b"x" * 65536
+            sent = 0
+            quiet = 0
+            deadline = time.monotonic() + 20
+            # Send until the proxy has stopped reading for a while (its buffers are full).
+            while quiet < 20 and sent < total and time.monotonic() < deadline:
+                _, writable, _ = select.select([], [sock], [], 0.05)
+                if not writable:
+                    quiet += 1
+                    continue
+                try:
+                    sent += sock.send(block)
+                    quiet = 0
+                except BlockingIOError:
+                    quiet += 1
+            assert quiet >= 20, "the proxy kept reading an upload its upstream does not take"
+            assert sent < total // 4, f"{sent} bytes taken for an upstream that reads nothing"
+            # The server resets the stream: the client gets a 502, the connection stays.
+            server.release_held(upstream_host.loop)
+            sock.setblocking(True)
+            sock.settimeout(10)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            sock.close()
+            assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
+            assert rawhttp.get(turnout.port, "/u/echo").status == 200
+            assert server.connections == 1
+    finally:
+        upstream_host.call(server.stop())
 
 
 def test_large_upload_to_a_slow_server_respects_its_windows(turnout: InProcessTurnout) -> None:

@@ -20,6 +20,8 @@ Answers are chosen by the last path segment, so they work behind any route prefi
 - `goaway`: answers, then GOAWAY naming this stream as the last one;
 - `goaway-unprocessed`: the first time, GOAWAY naming the stream before this one as the last
   (this one is left unprocessed) and no answer; after that, as any other path;
+- `stall`: reads no request body (so grants no window) until `release_held()` (or 10 s),
+  then resets the stream;
 - `hold`: answers only once the test calls `release_held()` (or after 10 s);
 - `slowupload?pause_ms=`: reads the body acknowledging one 16 KiB piece at a time with a
   pause between, then answers its length and sha256.
@@ -239,6 +241,13 @@ class _ServerConnection(asyncio.Protocol):
                 ],
                 end=True,
             )
+            return
+        if last == "stall":
+            # Reads (and acknowledges) nothing: the client's windows run out.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HOLD_LIMIT):
+                    await self.server.released.wait()
+            self.reset(stream, 0)
             return
         pause = int(query.get("pause_ms", "0")) / 1000 if last == "slowupload" else 0.0
         body = await self.read_body(stream, pause)
