@@ -831,10 +831,6 @@ class H2Stream:
         asyncio.get_running_loop().call_soon(self.invalid if reason else self.refused, reason)
 
 
-class AlpnRefused(ssl.SSLError):
-    """The endpoint's TLS handshake did not select `h2` (counted as a `tls` failure)."""
-
-
 class H2EndpointPool(EndpointPool):
     """One endpoint of an `h2c` or `h2` upstream: streams on a few shared connections."""
 
@@ -964,7 +960,8 @@ class H2EndpointPool(EndpointPool):
                 if not self.alpn_warned:
                     self.alpn_warned = True
                     log.warning("%s", message)
-                raise AlpnRefused(message)
+                # An SSLError: the exchange counts it as a `tls` failure.
+                raise ssl.SSLError(message)
             self.alpn_warned = False
         try:
             await ready

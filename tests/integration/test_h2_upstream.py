@@ -381,6 +381,11 @@ def test_goaway_moves_later_requests_to_a_new_connection(upstream_host: Upstream
             assert second.status == 200, second
             assert second.json()["connection"] != first.json()["connection"]
             assert server.connections == 2
+            # A GOAWAY before the answer: the stream it covers still completes, with its body.
+            graceful = rawhttp.get(turnout.port, "/g/goaway-first")
+            assert graceful.status == 200, graceful
+            assert graceful.json()["connection"] == second.json()["connection"]
+            assert rawhttp.get(turnout.port, "/g/echo").json()["connection"] == 3
     finally:
         upstream_host.call(server.stop())
 

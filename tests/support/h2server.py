@@ -18,6 +18,7 @@ Answers are chosen by the last path segment, so they work behind any route prefi
 - `reset?code=`: RST_STREAM before any response (code as a number, default 2, INTERNAL_ERROR);
 - `reset-after-head`: a head and some data, then RST_STREAM;
 - `goaway`: answers, then GOAWAY naming this stream as the last one;
+- `goaway-first`: GOAWAY naming this stream as the last one, then the answer;
 - `goaway-unprocessed`: the first time, GOAWAY naming the stream before this one as the last
   (this one is left unprocessed) and no answer; after that, as any other path;
 - `stall`: reads no request body (so grants no window) until `release_held()` (or 10 s),
@@ -249,6 +250,13 @@ class _ServerConnection(asyncio.Protocol):
                     await self.server.released.wait()
             self.reset(stream, 0)
             return
+        if last == "goaway-first":
+            # A graceful close: GOAWAY naming this stream as the last, then its answer.
+            self.h2.close_connection(last_stream_id=stream.stream_id)
+            self.flush()
+            # h2 refuses every frame after its own GOAWAY (python-hyper/h2 issue 1181); the
+            # stream it covers must still finish.
+            self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
         pause = int(query.get("pause_ms", "0")) / 1000 if last == "slowupload" else 0.0
         body = await self.read_body(stream, pause)
         if last == "hold":
