@@ -1368,7 +1368,13 @@ class Exchange:
         if self.in_flight_counted:
             stats.in_flight -= 1
         duration = perf_counter() - self.start_time
-        if state != TUNNEL:
+        if self.grpc:
+            code = self.grpc_status
+            if code < 0:
+                # No status came: the client cancelled, or the call broke without one.
+                code = grpc.CANCELLED if self.status == 499 else grpc.UNKNOWN
+            stats.observe_grpc(self.status, code, duration)
+        elif state != TUNNEL:
             # A tunnel was counted as a 101 when it opened.
             stats.observe(self.status, duration)
         access_log = ctx.access_log
