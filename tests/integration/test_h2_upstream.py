@@ -218,6 +218,21 @@ def test_trailers_only_answer_reaches_http1_client_whole(turnout: InProcessTurno
         assert conn.request("GET", "/c/echo").status == 200
 
 
+def test_interim_response_passes_and_oversized_heads_are_refused(
+    turnout: InProcessTurnout,
+) -> None:
+    with RawConnection(turnout.port) as conn:
+        conn.send(build_request("GET", "/c/early-hints"))
+        interim, final = conn.read_final_response()
+    assert [r.status for r in interim] == [103]
+    assert interim[0].header("link") == "</a.css>; rel=preload"
+    assert final.status == 200
+    assert final.json()["path"] == "/c/early-hints"
+    # limits.max_headers is 100: a response head with more is the upstream's fault.
+    assert_error_json(rawhttp.get(turnout.port, "/c/many-headers?n=150"), 502)
+    assert rawhttp.get(turnout.port, "/c/many-headers?n=50").status == 200
+
+
 # -- flow control -----------------------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ Answers are chosen by the last path segment, so they work behind any route prefi
   frames of `chunk` bytes, no content-length, sent as the client's windows allow;
 - `status/NNN`: an empty answer with that status;
 - `trailers`: a short body, then trailers `grpc-status: 0` and `x-checksum`;
+- `many-headers?n=`: an answer with `n` header fields (default 200);
+- `early-hints`: a 103 interim response, then the JSON answer;
 - `trailers-only`: one HEADERS frame with END_STREAM (a gRPC error: grpc-status 5);
 - `reset?code=`: RST_STREAM before any response (code as a number, default 2, INTERNAL_ERROR);
 - `reset-after-head`: a head and some data, then RST_STREAM;
@@ -231,6 +233,13 @@ class _ServerConnection(asyncio.Protocol):
         if parent == "status" and last.isdigit():
             self.send_headers(stream, [(b":status", last.encode())], end=True)
             return
+        if last == "many-headers":
+            fields = [(b":status", b"200")]
+            fields += [(b"x-h%d" % index, b"v") for index in range(int(query.get("n", "200")))]
+            self.send_headers(stream, fields, end=True)
+            return
+        if last == "early-hints":
+            self.send_headers(stream, [(b":status", b"103"), (b"link", b"</a.css>; rel=preload")])
         if last == "trailers-only":
             self.send_headers(
                 stream,
