@@ -35,6 +35,7 @@ HOT_MODULES = [
     "proxy/core/sticky.py",
     "proxy/core/wsframes.py",
     "proxy/dataplane/accesslog.py",
+    "proxy/dataplane/h2upstream.py",
     "proxy/dataplane/http1.py",
     "proxy/dataplane/upstream.py",
     "proxy/dataplane/writes.py",

@@ -60,6 +60,7 @@ from proxy.core.schema import (
 from proxy.core.spec import (
     ALL_METHODS,
     TLS_VERSIONS,
+    UPSTREAM_PROTOCOLS,
     WEBHOOK_EVENTS,
     ConfigSpec,
     Endpoint,
@@ -1291,6 +1292,12 @@ def _check_webhook_event(text: str) -> str | None:
     return f"unknown event '{_shown(text)}' (use {', '.join(WEBHOOK_EVENTS)})"
 
 
+def _check_protocol(text: str) -> str | None:
+    if text in UPSTREAM_PROTOCOLS:
+        return None
+    return f"unknown protocol '{_shown(text)}' (use {', '.join(UPSTREAM_PROTOCOLS)})"
+
+
 def _check_webhook_url(text: str) -> str | None:
     return _check_url(text, "expected e.g. http://127.0.0.1:8000/hooks/rollout")
 
@@ -1503,6 +1510,7 @@ _TEXT_KINDS: dict[Kind, tuple[Callable[[str], str | None], str, Callable[[str], 
     Kind.VIA: (_check_via, "a Via pseudonym", None),
     Kind.TLS_VERSION: (_check_tls_version, "a TLS version", None),
     Kind.WEBHOOK_EVENT: (_check_webhook_event, "an event name", None),
+    Kind.PROTOCOL: (_check_protocol, "a protocol name", None),
 }
 
 

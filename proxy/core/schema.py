@@ -26,6 +26,7 @@ from proxy.core.spec import (
     ALL_METHODS,
     MAX_WEIGHT,
     TLS_VERSIONS,
+    UPSTREAM_PROTOCOLS,
     WEBHOOK_EVENTS,
     Annotations,
     CertificateFiles,
@@ -118,6 +119,7 @@ class Kind(StrEnum):
     STATE_FILE = "state file path"
     TLS_VERSION = "TLS version"
     WEBHOOK_EVENT = "webhook event"
+    PROTOCOL = "upstream protocol"
     ADDRESS = "address"
     WORKERS = "workers"
     LISTEN = "listen"  # an address, or a list of listeners
@@ -439,6 +441,11 @@ UPSTREAM = Section(
         ),
         Key("health", Kind.SECTION, "Active health checks; absent: none.", section=HEALTH),
         Key("tls", Kind.SECTION, "TLS to the endpoints; absent: plain TCP.", section=UPSTREAM_TLS),
+        Key(
+            "protocol",
+            Kind.PROTOCOL,
+            "http1, h2c (HTTP/2 over TCP, prior knowledge) or h2 (HTTP/2 over TLS by ALPN).",
+        ),
     ),
     derived=("name",),
 )
@@ -944,6 +951,8 @@ def _value_schema(key: Key) -> dict[str, object]:
         return {"enum": [*TLS_VERSIONS, *(float(version) for version in TLS_VERSIONS)]}
     if kind is Kind.WEBHOOK_EVENT:
         return {"enum": list(WEBHOOK_EVENTS)}
+    if kind is Kind.PROTOCOL:
+        return {"enum": list(UPSTREAM_PROTOCOLS)}
     if kind is Kind.ADDRESS:
         return dict(_ADDRESS_SCHEMA)
     if kind is Kind.WORKERS:

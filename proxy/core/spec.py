@@ -125,14 +125,31 @@ class UpstreamTls:
     verify: bool = True
 
 
+# How Turnout speaks to an upstream's endpoints: HTTP/1.1, HTTP/2 with prior knowledge over
+# TCP (`h2c`), or HTTP/2 over TLS chosen by ALPN (`h2`).
+UPSTREAM_PROTOCOLS: tuple[str, ...] = ("http1", "h2c", "h2")
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamSpec:
-    """A named version of the service."""
+    """A named version of the service.
+
+    `protocol` is one of UPSTREAM_PROTOCOLS; `h2` without `tls` means TLS with the system's
+    trust store and the endpoint's host as the checked name (`effective_tls`).
+    """
 
     name: str
     endpoints: tuple[Endpoint, ...]
     health: HealthCheck | None = None
     tls: UpstreamTls | None = None
+    protocol: str = "http1"
+
+    @property
+    def effective_tls(self) -> UpstreamTls | None:
+        """The TLS settings connections use: `tls`, or the defaults for `h2` without it."""
+        if self.tls is None and self.protocol == "h2":
+            return UpstreamTls()
+        return self.tls
 
 
 @dataclass(frozen=True, slots=True)

@@ -465,7 +465,8 @@ class TableDiff:
     """What a reload changed, for the reload path to act on.
 
     - `upstreams_removed` / `upstreams_added`: by name; removed upstreams are drained whole.
-    - `upstreams_changed`: upstreams in both tables whose endpoint set or health check changed;
+    - `upstreams_changed`: upstreams in both tables whose endpoint set, health check or
+      protocol changed;
       `endpoints_removed` / `endpoints_added` give, for each of them, the endpoints that left
       or joined (possibly empty when only the health check changed). Pools of upstreams in
       none of these lists are kept as they are.
@@ -500,7 +501,7 @@ def diff_tables(old: Table, new: Table) -> TableDiff:
             continue
         gone = tuple(ep for ep in before.endpoints if ep not in after.endpoints)
         came = tuple(ep for ep in after.endpoints if ep not in before.endpoints)
-        if gone or came or before.health != after.health:
+        if gone or came or before.health != after.health or before.protocol != after.protocol:
             changed.append(name)
             removed_endpoints[name] = gone
             added_endpoints[name] = came

@@ -746,6 +746,15 @@ class Exchange:
             self.flag = "no_endpoints"
             self.local_error(503, f"upstream '{upstream_name}' has no endpoints", close=False)
             return
+        if self.grpc and pool.spec.protocol == "http1":
+            # gRPC needs HTTP/2 end to end (trailers carry its status): never downgraded.
+            self.flag = "upstream_protocol"
+            self.local_error(
+                502,
+                f"upstream '{upstream_name}' is reached over HTTP/1.1; gRPC needs protocol h2c or h2",
+                close=False,
+            )
+            return
         self.upstream = pool
         added = self._added_headers()
         self.added = added

@@ -16,9 +16,10 @@ Every started copy ends with exactly one outcome in `MirrorStats.outcomes`: `sen
 response came back whole), `error` (connect, reset or timeout; also: the shadow's endpoints
 are resting after failed copies, see REST_AFTER), `dropped` (the route's copies in flight
 were at `max_in_flight`; nothing was sent) or `skipped` (the body went over `max_body`, the
-client went away before its body was complete, or an `OPTIONS *` / absolute-form target that a
-copy cannot repeat). Status mismatches count in `MirrorStats.mismatch`, JSON body mismatches
-(statuses equal, bodies not) in `MirrorStats.body_mismatch`; both only for copies `sent`.
+client went away before its body was complete, an `OPTIONS *` / absolute-form target that a
+copy cannot repeat, or a shadow upstream with `protocol: h2c | h2`: copies speak HTTP/1.1).
+Status mismatches count in `MirrorStats.mismatch`, JSON body mismatches (statuses equal,
+bodies not) in `MirrorStats.body_mismatch`; both only for copies `sent`.
 """
 
 from __future__ import annotations
@@ -456,6 +457,8 @@ class Mirrorer:
         self._contexts: dict[UpstreamTls, ssl.SSLContext] = {}
         self._last_log: dict[tuple[str, str], float] = {}
         self._unlogged: dict[tuple[str, str], int] = {}
+        # (route, shadow) pairs already warned about an HTTP/2 shadow.
+        self._h2_shadows: set[tuple[str, str]] = set()
 
     def in_flight(self, route: str) -> int:
         """Copies of `route` in flight in this worker."""
@@ -502,6 +505,20 @@ class Mirrorer:
         if mirror is None:
             return None
         name = route.name
+        if shadow.protocol != "http1":
+            # Copies go out with aiohttp, which speaks HTTP/1.1 only: an HTTP/2 shadow (a gRPC
+            # service, say) cannot take them. Said once per route and shadow, counted always.
+            if (name, shadow.name) not in self._h2_shadows:
+                self._h2_shadows.add((name, shadow.name))
+                log.warning(
+                    "route %s: copies to mirror upstream %s are skipped: its protocol is %s and "
+                    "mirrored copies are sent over HTTP/1.1 only",
+                    name,
+                    shadow.name,
+                    shadow.protocol,
+                )
+            stats.outcomes["skipped"] += 1
+            return None
         in_flight = self._in_flight.get(name, 0)
         if self._closed or in_flight >= mirror.max_in_flight:
             stats.outcomes["dropped"] += 1

@@ -12,6 +12,7 @@ import ssl
 from proxy.core.health import EjectionRule, after_expiry, after_failure, after_success
 from proxy.core.spec import UpstreamTls
 from proxy.core.table import Table
+from proxy.dataplane.h2upstream import H2EndpointPool
 from proxy.dataplane.upstream import EndpointPool, UpstreamPool
 from proxy.dataplane.writes import WriteBatcher
 from proxy.runtime.tasks import TaskSet
@@ -43,7 +44,7 @@ class Pools:
         self._batcher = batcher
         self._tasks = tasks
         self.endpoints: dict[tuple[str, str], EndpointPool] = {}
-        self._client_contexts: dict[UpstreamTls, ssl.SSLContext] = {}
+        self._client_contexts: dict[tuple[UpstreamTls, str], ssl.SSLContext] = {}
         # Endpoints failing active health checks, from the supervisor.
         self.down: set[tuple[str, str]] = set()
 
@@ -52,26 +53,57 @@ class Pools:
         connections, health); one that goes is drained and closed after drain.reload."""
         endpoints: dict[tuple[str, str], EndpointPool] = {}
         pools: dict[str, UpstreamPool] = {}
-        # Client contexts by settings: one per distinct upstream `tls`, kept across tables.
-        contexts: dict[UpstreamTls, ssl.SSLContext] = {}
+        # Client contexts by settings and protocol (ALPN differs): one per distinct pair,
+        # kept across tables.
+        contexts: dict[tuple[UpstreamTls, str], ssl.SSLContext] = {}
+        header_limit = table.spec.limits.max_header_size
+        connect_timeout = table.spec.timeouts.connect
         for name, upstream in table.upstreams.items():
-            tls = upstream.tls
+            tls = upstream.effective_tls
+            protocol = upstream.protocol
+            h2 = protocol != "http1"
             context = None
             if tls is not None:
-                context = contexts.get(tls) or self._client_contexts.get(tls)
+                key = (tls, protocol)
+                context = contexts.get(key) or self._client_contexts.get(key)
                 if context is None:
                     context = self._client_context(name, tls)
-                contexts[tls] = context
+                    # ALPN says which protocol the connection speaks: an `h2` upstream must
+                    # select h2, an HTTP/1.1 one is offered nothing else.
+                    context.set_alpn_protocols(["h2"] if h2 else ["http/1.1"])
+                contexts[key] = context
             members = []
             for endpoint in upstream.endpoints:
-                key = (name, endpoint.address)
-                pool = self.endpoints.get(key)
-                if pool is None or pool.draining or pool.tls != tls:
-                    # A changed `tls` makes a new pool: no connection of the old kind is reused.
-                    pool = EndpointPool(name, endpoint, self._batcher, tls, context)
-                    pool.active_up = key not in self.down
+                key2 = (name, endpoint.address)
+                pool = self.endpoints.get(key2)
+                if (
+                    pool is None
+                    or pool.draining
+                    or pool.tls != tls
+                    or isinstance(pool, H2EndpointPool) != h2
+                ):
+                    # A changed `tls` or protocol makes a new pool: no connection of the old
+                    # kind is reused.
+                    if h2:
+                        pool = H2EndpointPool(
+                            name,
+                            endpoint,
+                            self._batcher,
+                            tls,
+                            context,
+                            header_limit,
+                            connect_timeout,
+                            self._tasks,
+                        )
+                    else:
+                        pool = EndpointPool(name, endpoint, self._batcher, tls, context)
+                    pool.active_up = key2 not in self.down
                     pool.refresh(now)
-                endpoints[key] = pool
+                elif isinstance(pool, H2EndpointPool):
+                    # New connections advertise the new table's header list limit.
+                    pool.header_limit = header_limit
+                    pool.connect_timeout = connect_timeout
+                endpoints[key2] = pool
                 members.append(pool)
             pools[name] = UpstreamPool(upstream, tuple(members))
         self._client_contexts = contexts

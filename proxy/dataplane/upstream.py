@@ -524,7 +524,7 @@ class EndpointPool:
         """Recompute `healthy` from the active check and passive ejection."""
         self.healthy = self.active_up and not self.ejection.out(now)
 
-    def take_idle(self, now: float) -> UpstreamConnection | None:
+    def take_idle(self, now: float) -> UpstreamCarrier | None:
         """The warmest idle connection that is still open and fresh, or None."""
         idle = self.idle
         while idle:
@@ -538,7 +538,7 @@ class EndpointPool:
             return conn
         return None
 
-    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+    async def connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamCarrier:
         """Open a new connection (the caller bounds the time)."""
         endpoint = self.endpoint
         if self.ssl is None:

@@ -1335,7 +1335,7 @@ def test_spec_to_dict_of_the_contract_example() -> None:
     ]
     upstreams = out["upstreams"]
     assert isinstance(upstreams, dict)
-    assert upstreams["green"] == {"endpoints": ["127.0.0.1:9101"]}
+    assert upstreams["green"] == {"endpoints": ["127.0.0.1:9101"], "protocol": "http1"}
     dumped = yaml.safe_dump(out, sort_keys=False)
     assert parse_config(dumped, "/etc/turnout/routes.yaml") == spec
 

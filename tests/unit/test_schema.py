@@ -102,6 +102,7 @@ FULL: dict[str, Any] = {
                 "key": "c.key",
                 "verify": True,
             },
+            "protocol": "h2",
         },
         "canary": {"endpoints": ["10.0.0.2:8000"]},
         "shadow": {"endpoints": ["10.0.0.3:8000"]},
