@@ -30,8 +30,9 @@ from proxy.dataplane.http2 import STREAM_BUFFER, STREAM_WINDOW, Http2Connection
 from tests.support import wait_until
 from tests.support.certs import write_ca, write_pair
 from tests.support.h2client import RawH2
+from tests.support.h2server import H2Upstream
 from tests.support.inprocess import InProcessTurnout, start_inprocess
-from tests.support.upstreams import EchoUpstream, pattern_bytes, pattern_sha256
+from tests.support.upstreams import EchoUpstream, UpstreamHost, pattern_bytes, pattern_sha256
 
 MAX_STREAMS = 8
 
@@ -481,11 +482,56 @@ def test_data_of_answered_streams_does_not_shrink_the_connection_window(
     assert orjson.loads(body)["body_len"] == 1_000_000
 
 
-def test_grpc_deadline_mid_response_ends_with_trailers(turnout: InProcessTurnout) -> None:
-    with RawH2(turnout.port) as client:
+@pytest.fixture(scope="module")
+def h2_turnout(upstream_host: UpstreamHost, blue: EchoUpstream) -> Iterator[InProcessTurnout]:
+    """Turnout in front of an HTTP/2 upstream (h2c): HTTP/2 end to end, as gRPC needs."""
+    upstream = H2Upstream("h2")
+    upstream_host.call(upstream.start())
+    cfg = config(blue)
+    cfg["upstreams"]["h2"] = {"endpoints": [upstream.address], "protocol": "h2c"}
+    cfg["routes"].insert(0, {"name": "h2", "match": {"path_prefix": "/h2"}, "split": {"h2": 100}})
+    try:
+        with start_inprocess(cfg, access_log=True) as process:
+            yield process
+    finally:
+        upstream_host.call(upstream.stop())
+
+
+def test_trailers_pass_end_to_end(h2_turnout: InProcessTurnout) -> None:
+    with RawH2(h2_turnout.port) as client:
+        sid = client.request("/h2/trailers", headers=[(b"te", b"trailers")])
+        status, _, body = client.response(sid)
+        trailers = next(
+            e
+            for e in client.events
+            if isinstance(e, h2.events.TrailersReceived) and e.stream_id == sid
+        )
+    assert status == 200
+    assert body
+    assert isinstance(trailers, h2.events.TrailersReceived)
+    fields = dict(trailers.headers or [])
+    assert fields[b"grpc-status"] == b"0"
+    assert b"x-checksum" in fields
+
+
+def test_early_hints_pass_as_interim_headers(h2_turnout: InProcessTurnout) -> None:
+    with RawH2(h2_turnout.port) as client:
+        sid = client.request("/h2/early-hints")
+        status, _, _ = client.response(sid)
+        interim = [
+            e
+            for e in client.events
+            if isinstance(e, h2.events.InformationalResponseReceived) and e.stream_id == sid
+        ]
+    assert status == 200
+    assert [dict(e.headers or [])[b":status"] for e in interim] == [b"103"]
+
+
+def test_grpc_deadline_mid_response_ends_with_trailers(h2_turnout: InProcessTurnout) -> None:
+    with RawH2(h2_turnout.port) as client:
         client.conn.increment_flow_control_window(100_000_000)
         sid = client.request(
-            "/fixed?n=4000000",
+            "/h2/stream?n=4000000&chunk=16384",
             method="POST",
             headers=[
                 (b"content-type", b"application/grpc"),
@@ -498,7 +544,9 @@ def test_grpc_deadline_mid_response_ends_with_trailers(turnout: InProcessTurnout
         client.events_until(
             lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid
         )
-        wait_until(lambda: "grpc_deadline" in str(turnout.access_log()), what="the deadline logged")
+        wait_until(
+            lambda: "grpc_deadline" in str(h2_turnout.access_log()), what="the deadline logged"
+        )
         # Reading again: what was held comes, then the call's status in trailers.
         status, _, body = client.response(sid)
         trailers = next(
