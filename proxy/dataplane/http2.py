@@ -40,7 +40,7 @@ from proxy.core.exchange_state import DONE, IDLE, RECEIVED
 from proxy.core.h2request import MalformedRequest, parse_request
 from proxy.core.headers import HOP_BY_HOP
 from proxy.dataplane.http1 import Exchange, HeadError, WorkerHooks
-from proxy.dataplane.upstream import UpstreamCarrier
+from proxy.dataplane.upstream import FRAMING_NONE, UpstreamCarrier
 from proxy.dataplane.writes import WRITE_HIGH, WRITE_LOW
 
 if TYPE_CHECKING:
@@ -163,6 +163,7 @@ class H2Stream:
         "ended",
         "ex",
         "forwarded_proto",
+        "head",
         "out",
         "out_size",
         "paused",
@@ -189,6 +190,9 @@ class H2Stream:
         self.tls_version = conn.tls_version
         self.sni = conn.sni
         self.ex: Exchange | None = None
+        # A head with no body to follow, held to go out with END_STREAM (one HEADERS frame:
+        # what a gRPC client needs of a "trailers-only" answer).
+        self.head: list[tuple[bytes, bytes]] | None = None
         self.paused = 0
         self.close_after = False
         self.out: deque[bytes] = deque()
@@ -249,7 +253,10 @@ class H2Stream:
         fields.append((b"via", ex.gen.via_value))
         if ex.set_cookie is not None:
             fields.append((b"set-cookie", ex.sticky_cookie()))
-        self.conn.send_headers(self, fields, end=False)
+        if body_framing == FRAMING_NONE:
+            self.head = fields
+        else:
+            self.conn.send_headers(self, fields, end=False)
         # A new upstream carrier: apply whatever pause the client side calls for.
         self.sync_upstream()
 
@@ -747,6 +754,11 @@ class Http2Connection(asyncio.Protocol):
                 stream.end_pending = False
                 ex = stream.ex
                 trailers = ex.trailers if ex is not None else None
+                head = stream.head
+                if head is not None:
+                    # No body came: the head ends the stream, unless trailers follow it.
+                    stream.head = None
+                    h2conn.send_headers(stream.sid, head, end_stream=trailers is None)
                 if trailers is not None:
                     fields = [
                         (lname, value)
@@ -754,7 +766,7 @@ class Http2Connection(asyncio.Protocol):
                         if lname not in HOP_BY_HOP and lname[:1] != b":"
                     ]
                     h2conn.send_headers(stream.sid, fields, end_stream=True)
-                else:
+                elif head is None:
                     h2conn.end_stream(stream.sid)
                 stream.ended = True
         except (h2.exceptions.ProtocolError, KeyError):

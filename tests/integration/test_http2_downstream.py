@@ -13,9 +13,11 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]  # grpcio ships no type stubs
 import h2.events
 import h2.settings
 import httpx
@@ -514,6 +516,35 @@ def test_trailers_pass_end_to_end(h2_turnout: InProcessTurnout) -> None:
     assert b"x-checksum" in fields
 
 
+def test_trailers_only_answer_stays_one_headers_frame(h2_turnout: InProcessTurnout) -> None:
+    with RawH2(h2_turnout.port) as client:
+        sid = client.request(
+            "/h2/trailers-only",
+            method="POST",
+            headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers")],
+            body=b"\x00\x00\x00\x00\x00",
+        )
+        head = client.events_until(
+            lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid
+        )
+        assert isinstance(head, h2.events.ResponseReceived)
+        # A gRPC client reads the status of a body-less answer only from a HEADERS frame that
+        # ends the stream.
+        assert head.stream_ended is not None
+        assert dict(head.headers or [])[b"grpc-status"] == b"5"
+
+
+def test_head_request_is_one_headers_frame(turnout: InProcessTurnout) -> None:
+    with RawH2(turnout.port) as client:
+        sid = client.request("/head", method="HEAD")
+        head = client.events_until(
+            lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid
+        )
+        assert isinstance(head, h2.events.ResponseReceived)
+        assert head.stream_ended is not None
+        assert dict(head.headers or [])[b":status"] == b"200"
+
+
 def test_early_hints_pass_as_interim_headers(h2_turnout: InProcessTurnout) -> None:
     with RawH2(h2_turnout.port) as client:
         sid = client.request("/h2/early-hints")
@@ -610,3 +641,48 @@ def test_upload_to_an_upstream_that_does_not_read_shuts_its_window(blue: EchoUps
         assert client.conn.local_flow_control_window(sid) == 0
         # The connection itself is not held: another stream is served.
         assert client.response(client.request("/other"))[0] == 200
+
+
+# -- a real gRPC client and server (grpcio) through Turnout ---------------------------------
+
+
+def _reverse(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request[::-1]
+
+
+def _count(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    for n in range(int(request)):
+        yield b"%d" % n
+
+
+@pytest.fixture(scope="module")
+def grpc_turnout(blue: EchoUpstream) -> Iterator[InProcessTurnout]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handlers = {
+        "Reverse": grpc.unary_unary_rpc_method_handler(_reverse),
+        "Count": grpc.unary_stream_rpc_method_handler(_count),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Svc", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    cfg = config(blue)
+    cfg["upstreams"]["grpc"] = {"endpoints": [f"127.0.0.1:{port}"], "protocol": "h2c"}
+    cfg["routes"].insert(
+        0, {"name": "grpc", "match": {"path_prefix": "/test.Svc"}, "split": {"grpc": 100}}
+    )
+    try:
+        with start_inprocess(cfg, access_log=True) as process:
+            yield process
+    finally:
+        server.stop(0)
+
+
+def test_grpc_client_through_h2c(grpc_turnout: InProcessTurnout) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_turnout.port}") as channel:
+        assert channel.unary_unary("/test.Svc/Reverse")(b"turnout", timeout=10) == b"tuonrut"
+        counted = list(channel.unary_stream("/test.Svc/Count")(b"500", timeout=10))
+        assert counted == [b"%d" % n for n in range(500)]
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/test.Svc/Missing")(b"", timeout=10)
+        # A trailers-only answer reaches the stub as the status it carries.
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
