@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import logging
 import os
 import random
@@ -254,6 +253,9 @@ class WorkerHooks(Protocol):
     def warn_limited(self, key: str, message: str, *args: object) -> None: ...
     def connection_opened(self, conn: ClientConnection) -> None: ...
     def connection_closed(self, conn: ClientConnection) -> None: ...
+    def adopt_http2(self, conn: ClientConnection, initial: bytes) -> None:
+        """Hand `conn` over to the HTTP/2 side (proxy.dataplane.http2 builds on this module,
+        so the worker, which imports both, makes the call)."""
 
 
 class Downstream(Protocol):
@@ -751,7 +753,8 @@ class Exchange:
             self.flag = "upstream_protocol"
             self.local_error(
                 502,
-                f"upstream '{upstream_name}' is reached over HTTP/1.1; gRPC needs protocol h2c or h2",
+                f"upstream '{upstream_name}' is reached over HTTP/1.1;"
+                " gRPC needs protocol h2c or h2",
                 close=False,
             )
             return
@@ -1549,8 +1552,7 @@ class ClientConnection(CoalescingProtocol):
         earlier = ex.raw_head if ex is not None else 0  # preface bytes of earlier reads
         self.parsing = None
         self.begun = 0
-        adopt = importlib.import_module("proxy.dataplane.http2").adopt
-        adopt(self, H2_PREFACE + data[len(H2_PREFACE) - earlier :])
+        self.ctx.adopt_http2(self, H2_PREFACE + data[len(H2_PREFACE) - earlier :])
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
@@ -1956,4 +1958,4 @@ class TlsClientConnection(ClientConnection):
         self.sni = sni_of(sslobj)
         super().connection_made(transport)
         if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
-            importlib.import_module("proxy.dataplane.http2").adopt(self, b"")
+            self.ctx.adopt_http2(self, b"")

@@ -28,7 +28,8 @@ from proxy.core.counters import WorkerSnapshot
 from proxy.core.spec import Listener, Timeouts
 from proxy.core.table import Table, compile_table
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.http1 import Exchange, Generation
+from proxy.dataplane.http1 import ClientConnection, Exchange, Generation
+from proxy.dataplane.http2 import adopt
 from proxy.dataplane.listeners import FD_RESERVE, Acceptor, ClientSide, client_capacity
 from proxy.dataplane.pools import Pools
 from proxy.dataplane.stats import WorkerStats
@@ -253,6 +254,10 @@ class WorkerContext:
     def count_h2_goaway(self, reason: str) -> None:
         """An HTTP/2 client connection was closed with GOAWAY for `reason`."""
         self.stats.count_h2_goaway(reason)
+
+    def adopt_http2(self, conn: ClientConnection, initial: bytes) -> None:
+        """A client connection turned out to speak HTTP/2 (h2c preface, or ALPN h2)."""
+        adopt(conn, initial)
 
     # ---- timers --------------------------------------------------------------------------
 
