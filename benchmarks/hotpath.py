@@ -16,7 +16,7 @@ import asyncio
 import cProfile
 import pstats
 import time
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
@@ -121,8 +121,9 @@ def run(requests: int, features: bool, profile: bool) -> None:
     def one() -> None:
         client.data_received(REQUEST)
         ctx.batcher.flush()
-        conn = client.current.upstream_conn if client.current is not None else None
-        assert conn is not None, "the request did not reach the pooled connection"
+        carrier = client.current.upstream_conn if client.current is not None else None
+        assert carrier is not None, "the request did not reach the pooled connection"
+        conn = cast(UpstreamConnection, carrier)
         conn.data_received(RESPONSE)
         ctx.batcher.flush()
         for pool_member in ctx.pools.endpoints.values():

@@ -8,8 +8,9 @@ proxy keep up with NGINX (see docs/benchmarks.md). The life of a request:
 2. The exchange snapshots `ctx.generation` once, when the request's first byte is parsed, and
    keeps it: head rules, routing, pools, counters, limits, timeouts and Via all come from it.
 3. `routing.decide` picks route and upstream; no route -> local 404, no endpoint -> local 503.
-4. An `UpstreamConnection` from the endpoint's pool carries the request; bodies are streamed and
-   each side's transport pauses the other when its buffer fills (backpressure).
+4. An `UpstreamCarrier` from the endpoint's pool (an HTTP/1.1 connection or an HTTP/2 stream)
+   carries the request; bodies are streamed and each side's transport pauses the other when
+   its buffer fills (backpressure).
 5. Failures are mapped once: connect failure -> next endpoint; reset before any response byte ->
    retried for idempotent methods with a small body; then 502/503/504 with a JSON body.
 6. Counters bound at compile time are updated; one access-log line is written.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import logging
 import os
 import random
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 import httptools
 import orjson
 
+from proxy.core import grpc
 from proxy.core.exchange_state import (
     ANSWER,
     BEGIN,
@@ -57,6 +60,7 @@ from proxy.core.exchange_state import (
     Event,
     advance,
 )
+from proxy.core.grpc import is_grpc, parse_timeout
 from proxy.core.headers import (
     HOP_BY_HOP,
     IDEMPOTENT_RETRY_METHODS,
@@ -74,7 +78,7 @@ from proxy.dataplane.upstream import (
     FRAMING_CLOSE,
     FRAMING_NONE,
     EndpointPool,
-    UpstreamConnection,
+    UpstreamCarrier,
     UpstreamPool,
 )
 from proxy.dataplane.writes import CoalescingProtocol
@@ -90,6 +94,11 @@ if TYPE_CHECKING:
     from proxy.runtime.tasks import TaskSet
 
 log: Final = logging.getLogger("turnout.dataplane")
+
+# A connection that starts with this is HTTP/2 with prior knowledge (RFC 9113 section 3.4);
+# llhttp stops on it with this error, having consumed all of it.
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_PREFACE_PAUSE: Final = "Pause on PRI/Upgrade"
 
 # Reason phrases for every registered status code (a proxy may replace the upstream's).
 REASONS: Final[dict[int, bytes]] = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -138,6 +147,8 @@ _ALLOW: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # Response headers never copied to the client (framing and our own are rebuilt).
 _RESPONSE_DROP: Final = HOP_BY_HOP | {b"x-request-id"}
+# Fields a trailer section must not carry (RFC 9110 section 6.5.1: framing, routing, controls).
+_TRAILER_DROP: Final = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"x-request-id"}
 
 # Connection options that are not header names, and headers whose removal would change the
 # framing or the target: a `Connection: content-length` must not smuggle a body (it would be
@@ -336,6 +347,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "added",
         "answer_here",
         "attempts",
         "bytes_in",
@@ -355,6 +367,9 @@ class Exchange:
         "frames_down",
         "frames_up",
         "gen",
+        "grpc",
+        "grpc_deadline",
+        "grpc_status",
         "head",
         "head_size",
         "header_count",
@@ -383,7 +398,9 @@ class Exchange:
         "start_time",
         "stats",
         "status",
+        "te_trailers",
         "te_values",
+        "trailers",
         "tried",
         "ttfb",
         "upgrade",
@@ -418,6 +435,14 @@ class Exchange:
         self.request_id_in: bytes | None = None
         self.max_forwards: bytes | None = None
         self.answer_here = False
+        self.te_trailers = False
+        # gRPC (HTTP/2 only): the call's deadline (loop time, 0: none) and its status (-1:
+        # none yet), from the response's head or trailers, or the proxy's own answer.
+        self.grpc = False
+        self.grpc_deadline = 0.0
+        self.grpc_status = -1
+        self.trailers: list[tuple[bytes, bytes, bytes]] | None = None
+        self.added: list[tuple[bytes, bytes]] = []
         self.method = ""
         self.version = "1.1"
         self.keep_alive = True
@@ -443,7 +468,7 @@ class Exchange:
         self.upstream_name = ""
         self.stats = gen.no_route
         self.upstream: UpstreamPool | None = None
-        self.upstream_conn: UpstreamConnection | None = None
+        self.upstream_conn: UpstreamCarrier | None = None
         self.endpoint: EndpointPool | None = None
         self.endpoint_address = ""
         self.mirror: MirrorCopy | None = None
@@ -528,6 +553,10 @@ class Exchange:
                 # RFC 9110 section 7.6.3: Via is how a proxy sees its own requests come back.
                 raise HeadError(508, "forwarding loop: the request already passed this proxy")
             self.kept_headers.append((lname, name, value))
+        elif kind == _H_HOP and lname == b"te" and b"trailers" in value.lower():
+            # TE is hop-by-hop, but an HTTP/2 upstream (gRPC) must hear that the client takes
+            # trailers.
+            self.te_trailers = True
         # _H_HOP and _H_DROP: not forwarded.
 
     def finish_head(self, method: str, version: str, keep_alive: bool, upgrading: bool) -> None:
@@ -544,7 +573,9 @@ class Exchange:
         self.version = version
         self.keep_alive = keep_alive
         if self.version != "1.1" and self.version != "1.0":
-            raise HeadError(505, "HTTP version not supported")
+            if self.version != "2":
+                raise HeadError(505, "HTTP version not supported")
+            self._http2_head()
         if self.te_values:
             if self.version != "1.1":
                 # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
@@ -593,6 +624,17 @@ class Exchange:
             self.request_id = self.request_id_in.decode("latin-1")
         else:
             self.request_id = self.conn.ctx.new_request_id()
+
+    def _http2_head(self) -> None:
+        """What only an HTTP/2 request can be: a gRPC call, with a deadline."""
+        for lname, _, value in self.kept_headers:
+            if lname == b"content-type":
+                self.grpc = is_grpc(value)
+            elif lname == b"grpc-timeout":
+                seconds = parse_timeout(value)
+                if seconds is None:
+                    raise HeadError(400, "malformed grpc-timeout")
+                self.grpc_deadline = self.conn.ctx.now + seconds
 
     def _max_forwards(self) -> None:
         """RFC 9110 section 7.6.2: OPTIONS stops here at 0, else goes on with one less."""
@@ -706,7 +748,7 @@ class Exchange:
             return
         self.upstream = pool
         added = self._added_headers()
-        self.head = self._build_head(added)
+        self.added = added
         if decision.mirror is not None and not self.upgrade:
             # A WebSocket cannot be replayed as a plain request: upgrades are never mirrored.
             self._start_mirror(gen, route, decision.mirror, added)
@@ -731,11 +773,15 @@ class Exchange:
         added.append((b"Via", self.gen.via_value))
         return added
 
-    def _build_head(self, added: list[tuple[bytes, bytes]]) -> bytes:
+    def http1_head(self) -> bytes:
+        """The request head as HTTP/1.1 bytes (built once: a retry sends the same)."""
+        head = self.head
+        if head:
+            return head
         parts = [f"{self.method} ".encode("latin-1"), self.url, b" HTTP/1.1\r\n"]
         for _, name, value in self.kept_headers:
             parts += (name, b": ", value, b"\r\n")
-        for name, value in added:
+        for name, value in self.added:
             parts += (name, b": ", value, b"\r\n")
         if self.host is None:
             # An HTTP/1.0 request may come without Host; HTTP/1.1 requires the field, empty when
@@ -748,7 +794,9 @@ class Exchange:
         elif self.chunked_in:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts)
+        head = b"".join(parts)
+        self.head = head
+        return head
 
     def _start_mirror(
         self,
@@ -831,7 +879,7 @@ class Exchange:
         self.conn.unpause(PAUSE_CONNECTING)
         self._send_on(upstream_conn)
 
-    def _send_on(self, upstream_conn: UpstreamConnection) -> None:
+    def _send_on(self, upstream_conn: UpstreamCarrier) -> None:
         ctx = self.conn.ctx
         self.upstream_conn = upstream_conn
         limits = self.gen.limits
@@ -846,23 +894,24 @@ class Exchange:
             upstream_conn.pause_reading()
         if ctx.access_log is not None:
             self.sent_at = perf_counter()
-        upstream_conn.write(self.head)
+        upstream_conn.send_head(self)
+        chunked = self.chunked_in
         if self.retained is not None and self.attempts > 1:
             for chunk in self.retained:
-                self._write_body(upstream_conn, chunk)
+                upstream_conn.send_body(chunk, chunked)
         else:
             for chunk in self.pending:
-                self._write_body(upstream_conn, chunk)
+                upstream_conn.send_body(chunk, chunked)
         self.pending = []
         self.pending_size = 0
         if self.request_state == RECEIVED:
-            if self.chunked_in:
-                upstream_conn.write(b"0\r\n\r\n")
-            self.deadline = ctx.now + self.gen.timeouts.response
+            upstream_conn.end_body(chunked)
+            self._response_deadline(ctx.now)
         else:
             # While the body streams, the idle timeout applies; the response timeout starts
-            # when the whole request is out (a long upload is not a slow upstream).
-            self.deadline = 0.0
+            # when the whole request is out (a long upload is not a slow upstream). A gRPC
+            # call's own deadline holds throughout.
+            self.deadline = self.grpc_deadline
         ctx.watched.add(self)
 
     def _out_of_resources(self, endpoint: EndpointPool, exc: OSError) -> None:
@@ -873,11 +922,10 @@ class Exchange:
         self.flag = "out_of_fds"
         self.local_error(503, "proxy out of file descriptors", close=self.request_state != RECEIVED)
 
-    def _write_body(self, upstream_conn: UpstreamConnection, chunk: bytes) -> None:
-        if self.chunked_in:
-            upstream_conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        else:
-            upstream_conn.write(chunk)
+    def _response_deadline(self, now: float) -> None:
+        deadline = now + self.gen.timeouts.response
+        grpc_deadline = self.grpc_deadline
+        self.deadline = grpc_deadline if grpc_deadline and grpc_deadline < deadline else deadline
 
     def _attempt_failed(self, kind: str, nothing_sent: bool) -> None:
         """An attempt ended before any response byte: retry or answer with an error."""
@@ -950,7 +998,7 @@ class Exchange:
             return
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
-            self._write_body(upstream_conn, chunk)
+            upstream_conn.send_body(chunk, self.chunked_in)
         else:
             self.pending.append(chunk)
             self.pending_size += size
@@ -981,10 +1029,9 @@ class Exchange:
             return
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
-            if self.chunked_in:
-                upstream_conn.write(b"0\r\n\r\n")
+            upstream_conn.end_body(self.chunked_in)
             if self.response_state == WAITING:
-                self.deadline = self.conn.ctx.now + self.gen.timeouts.response
+                self._response_deadline(self.conn.ctx.now)
 
     # ---- ResponseSink: the upstream side ------------------------------------------------
 
@@ -1024,9 +1071,26 @@ class Exchange:
                     content_type = value.decode("latin-1")
                     break
             mirror.primary_head(status, content_type)
+        if self.grpc:
+            # A trailers-only answer carries the call's status in its head.
+            self._grpc_status_of(headers)
         if body_framing != FRAMING_NONE:
             ctx.watched.add(self)
-            self.deadline = 0.0
+            self.deadline = self.grpc_deadline
+
+    def upstream_trailers(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """The response's trailers (an HTTP/2 upstream): passed on when the response ends."""
+        self.trailers = headers
+        if self.grpc:
+            self._grpc_status_of(headers)
+
+    def _grpc_status_of(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        for lname, _, value in headers:
+            if lname == b"grpc-status":
+                text = value.strip()
+                # A hostile value must not become a label: anything else counts as UNKNOWN.
+                self.grpc_status = int(text) if text.isdigit() and len(text) <= 2 else 2
+                return
 
     def sticky_cookie(self) -> bytes:
         """The Set-Cookie value that keeps a new visitor in its sticky cohort."""
@@ -1107,10 +1171,11 @@ class Exchange:
             self.conn.ctx.passive_result(endpoint, 0)
             self.endpoint = None
         self.upstream_conn = None
-        if self.response_state >= STREAMING:
+        if self.response_state >= STREAMING and not self.grpc:
             self.conn.abort()
             self._finish(BREAK)
         else:
+            # A gRPC call that has begun ends with its status in trailers (UNAVAILABLE).
             self.local_error(502, message, close=True)
 
     def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -1182,9 +1247,35 @@ class Exchange:
     # ---- endings ------------------------------------------------------------------------
 
     def local_error(self, status: int, message: str, close: bool) -> None:
-        """Answer with a proxy-made JSON error (or cut the connection if a response began)."""
+        """Answer with a proxy-made JSON error (or cut the connection if a response began).
+
+        A gRPC call is answered the gRPC way instead: HTTP 200 with the status in the head
+        (trailers-only), or in trailers when the response has begun.
+        """
+        if self.grpc:
+            passed = bool(self.grpc_deadline) and self.conn.ctx.now >= self.grpc_deadline
+            self._grpc_answer(grpc.status_for_local(status, passed), message, close)
+            return
         body = orjson.dumps({"error": message, "request_id": self.request_id})
         self._local_answer(status, body, _JSON_HEADERS, close)
+
+    def _grpc_answer(self, code: int, message: str, close: bool) -> None:
+        fields = (
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"%d" % code),
+            (b"grpc-message", grpc.encode_message(message)),
+        )
+        if not self.flag:
+            self.flag = "local"
+        self.grpc_status = code
+        if self.response_state == STREAMING:
+            # The upstream's messages are out: end the call with the status in trailers.
+            self._drop_attempt()
+            self.trailers = [(name, name, value) for name, value in fields]
+            self.conn.finish_response(self)
+            self._finish(RESPONSE_END)
+            return
+        self._local_answer(200, b"", fields, close)
 
     def _local_answer(
         self, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...], close: bool
@@ -1211,6 +1302,14 @@ class Exchange:
         state = self.response_state
         if state >= DONE:
             return
+        grpc_deadline = self.grpc_deadline
+        if grpc_deadline and self.conn.ctx.now >= grpc_deadline:
+            # The call's own deadline (grpc-timeout): not the endpoint's fault, so passive
+            # health is not told; the client gets DEADLINE_EXCEEDED as its stub would report.
+            self.stats.errors["timeout"] += 1
+            self.flag = "grpc_deadline"
+            self.local_error(504, "deadline exceeded", close=True)
+            return
         if state == WAITING:
             if self.deadline or self.conn.paused & PAUSE_BACKPRESSURE:
                 # The request is out (or the endpoint stopped reading it): the upstream is slow.
@@ -1225,6 +1324,9 @@ class Exchange:
             return
         self.stats.errors["timeout"] += 1
         self.flag = "upstream_timeout"
+        if self.grpc and state == STREAMING:
+            self.local_error(504, "upstream idle too long", close=True)
+            return
         self.conn.abort()
         self._drop_attempt()
         self._finish(BREAK)
@@ -1412,10 +1514,26 @@ class ClientConnection(CoalescingProtocol):
                 log.error("request handling failed", exc_info=error)
                 self._reject(500, "internal error")
         except httptools.HttpParserError as exc:
+            if self.begun == 1 and self.current is None and str(exc) == _PREFACE_PAUSE:
+                self._become_http2(data)
+                return
             self._reject(400, f"malformed request: {exc}")
         except Exception:
             log.exception("request handling failed")
             self._reject(500, "internal error")
+
+    def _become_http2(self, data: bytes) -> None:
+        """The connection began with the HTTP/2 preface (h2c with prior knowledge).
+
+        llhttp consumed the whole preface before it stopped; what followed it in this read
+        (the client's SETTINGS and first requests) goes to the HTTP/2 side with the preface.
+        """
+        ex = self.parsing
+        earlier = ex.raw_head if ex is not None else 0  # preface bytes of earlier reads
+        self.parsing = None
+        self.begun = 0
+        adopt = importlib.import_module("proxy.dataplane.http2").adopt
+        adopt(self, H2_PREFACE + data[len(H2_PREFACE) - earlier :])
 
     def eof_received(self) -> bool | None:
         # Half-close from the client: finish what is in flight, then close.
@@ -1689,9 +1807,18 @@ class ClientConnection(CoalescingProtocol):
             self.write(data)
 
     def finish_response(self, ex: Exchange) -> None:
-        """The response body is complete."""
+        """The response body is complete; trailers (from an HTTP/2 upstream) end a chunked body."""
         if ex.response_chunked:
-            self.write(b"0\r\n\r\n")
+            trailers = ex.trailers
+            if trailers is None:
+                self.write(b"0\r\n\r\n")
+                return
+            parts = [b"0\r\n"]
+            for lname, name, value in trailers:
+                if lname not in _TRAILER_DROP:
+                    parts += (name, b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            self.write(b"".join(parts))
 
     def send_local(
         self,
@@ -1811,3 +1938,5 @@ class TlsClientConnection(ClientConnection):
         self.tls_version = sslobj.version() if sslobj is not None else None
         self.sni = sni_of(sslobj)
         super().connection_made(transport)
+        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+            importlib.import_module("proxy.dataplane.http2").adopt(self, b"")

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -53,6 +53,9 @@ class ResponseSink(Protocol):
     def upstream_body(self, data: bytes) -> None:
         """A piece of the response body."""
 
+    def upstream_trailers(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """The response's trailer fields (HTTP/2), just before upstream_complete."""
+
     def upstream_complete(self) -> None:
         """The response ended cleanly."""
 
@@ -82,6 +85,52 @@ class ResponseSink(Protocol):
 
     def go_away(self) -> None:
         """The endpoint is being closed under the request (drain deadline, shutdown)."""
+
+
+class OutgoingRequest(Protocol):
+    """The request a carrier sends, as the exchange (http1.Exchange) holds it."""
+
+    method: str
+    url: bytes  # origin form, normalised
+    host: bytes | None
+    kept_headers: list[tuple[bytes, bytes, bytes]]  # (lower name, name, value) that pass
+    added: list[tuple[bytes, bytes]]  # the proxy's forwarding fields
+    content_length: int | None
+    chunked_in: bool  # the body's length is not known in advance
+    grpc: bool
+    te_trailers: bool
+
+    def http1_head(self) -> bytes: ...
+
+
+class UpstreamCarrier(Protocol):
+    """What carries one request to an endpoint, as the exchange sees it: an HTTP/1.1
+    connection (`UpstreamConnection`) or a stream of an HTTP/2 connection.
+
+    The exchange decides what is sent (method, target, which fields, the body's pieces); the
+    carrier decides how (a request line and chunks, or HEADERS and DATA frames).
+    """
+
+    endpoint: EndpointPool
+    reusable: bool
+
+    def start(
+        self,
+        sink: ResponseSink,
+        head_request: bool,
+        upgrade: bool,
+        max_head: int,
+        max_headers: int,
+    ) -> None: ...
+    def send_head(self, ex: OutgoingRequest) -> None: ...
+    def send_body(self, data: bytes, chunked: bool) -> None: ...
+    def end_body(self, chunked: bool) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def detach(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 # How the response body is delimited (RFC 9112 section 6.3).
@@ -369,6 +418,22 @@ class UpstreamConnection(CoalescingProtocol):
         self._body_framing = FRAMING_LENGTH
         self.uses += 1
 
+    def send_head(self, ex: OutgoingRequest) -> None:
+        """The request line and fields."""
+        self.write(ex.http1_head())
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        """A piece of the request body, as a chunk when the body's length is not known."""
+        if chunked:
+            self.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.write(data)
+
+    def end_body(self, chunked: bool) -> None:
+        """The request body is complete: only a chunked body says so on the wire."""
+        if chunked:
+            self.write(b"0\r\n\r\n")
+
     def detach(self) -> None:
         """Stop reporting to the current sink (the client went away)."""
         self.sink = None
@@ -487,8 +552,9 @@ class EndpointPool:
         self.connections.add(protocol)
         return protocol
 
-    def release(self, conn: UpstreamConnection, now: float) -> None:
+    def release(self, carrier: UpstreamCarrier, now: float) -> None:
         """Return a connection after a response; keep it only if it can carry another."""
+        conn = cast(UpstreamConnection, carrier)
         transport = conn.transport
         if (
             conn.reusable
