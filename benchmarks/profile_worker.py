@@ -44,7 +44,8 @@ GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("system calls", re.compile(r"^(\[\.\] )?(__)?(libc_)?(write|read|send|recv)\w* |^syscall ")),
     ("event loop (uvloop, libuv)", re.compile(r"uvloop|libuv|^uv_|uv__")),
     ("HTTP parser (httptools, llhttp)", re.compile(r"httptools|llhttp")),
-    ("HTTP/2 (h2, hpack)", re.compile(r"/h2/|/hpack/")),
+    # py-spy names these frames `Class.method (h2/stream.py:1314)`.
+    ("HTTP/2 (h2, hpack, hyperframe)", re.compile(r"\((h2|hpack|hyperframe)/")),
     ("TLS (OpenSSL)", re.compile(r"libssl|libcrypto|ssl")),
     ("Turnout, compiled", re.compile(r"CPyDef_|CPyPy_|hot__mypyc|__native_")),
     ("Turnout, Python", re.compile(r"proxy/")),
