@@ -905,7 +905,8 @@ class Exchange:
         self.pending = []
         self.pending_size = 0
         if self.request_state == RECEIVED:
-            upstream_conn.end_body(chunked)
+            if chunked or upstream_conn.framed_end:
+                upstream_conn.end_body(chunked)
             self._response_deadline(ctx.now)
         else:
             # While the body streams, the idle timeout applies; the response timeout starts
@@ -1029,7 +1030,8 @@ class Exchange:
             return
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
-            upstream_conn.end_body(self.chunked_in)
+            if self.chunked_in or upstream_conn.framed_end:
+                upstream_conn.end_body(self.chunked_in)
             if self.response_state == WAITING:
                 self._response_deadline(self.conn.ctx.now)
 

@@ -113,6 +113,9 @@ class UpstreamCarrier(Protocol):
 
     endpoint: EndpointPool
     reusable: bool
+    # The body's end is a signal of its own (HTTP/2 END_STREAM) even when its length is known:
+    # otherwise only a chunked body needs end_body, and the exchange saves the call.
+    framed_end: bool
 
     def start(
         self,
@@ -158,6 +161,7 @@ class UpstreamConnection(CoalescingProtocol):
         "_raw",
         "_te",
         "endpoint",
+        "framed_end",
         "got_bytes",
         "head_request",
         "idle_since",
@@ -173,6 +177,7 @@ class UpstreamConnection(CoalescingProtocol):
     def __init__(self, endpoint: EndpointPool) -> None:
         super().__init__(endpoint.batcher)
         self.endpoint = endpoint
+        self.framed_end = False
         self.sink: ResponseSink | None = None
         self._parser = httptools.HttpResponseParser(self)
         # (lower-cased name, name, value): names are lower-cased once, here.
