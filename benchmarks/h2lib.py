@@ -234,7 +234,9 @@ def h2load_argv(
         f"-c{connections}",
         f"-m{streams}",
         f"-D{seconds}",
-        "-T5",
+        # A connection silent for 5 s is given up (wrk's --timeout 5s); never -T, which would
+        # close busy connections mid-run.
+        "-N5",
     ]
     if body is not None:
         argv += ["-d", str(body)]

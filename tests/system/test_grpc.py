@@ -124,6 +124,38 @@ def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
     return lo, hi
 
 
+# --- the rig alone (no proxy): what every test below takes for granted -------------------------
+
+
+def test_the_rig_answers_every_call_shape_and_mode_directly(servers: dict[str, RigServer]) -> None:
+    v1 = servers["v1"]
+    with RigClient(v1.address) as client:
+        reply, call = client.unary("direct", metadata=[("x-canary", "1")])
+        assert (reply.version, reply.text, call.code()) == ("v1", "direct", grpc.StatusCode.OK)
+        assert v1.last_metadata["x-canary"] == "1"
+        assert [r.index for r in client.server_stream("s", 3)] == [0, 1, 2]
+        assert client.client_stream([2, 3]).total == 5
+        bidi = client.bidi()
+        assert bidi.exchange("b").text == "b"
+        assert bidi.close() == grpc.StatusCode.OK
+        v1.mode = "trailers"
+        assert dict(client.unary("t")[1].trailing_metadata())["x-rig-bin"] == BINARY_TRAILER
+        v1.mode = "internal"
+        with pytest.raises(grpc.RpcError) as failed:
+            client.unary("i")
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+    # A slow call with a deadline ends DEADLINE_EXCEEDED, whoever keeps the deadline; without a
+    # client timer the server itself ends it (grpcio servers honour grpc-timeout).
+    v1.mode = "slow"
+    answer = h2_request(
+        v1.port,
+        grpc_request_headers(v1.address, "Unary", extra=[("grpc-timeout", "200m")]),
+        unary_body("slow"),
+    )
+    assert answer.grpc_status() == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], answer
+    assert v1.calls == 7
+
+
 # --- the four call shapes ---------------------------------------------------------------------
 
 
