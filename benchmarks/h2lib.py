@@ -254,7 +254,11 @@ def h2load_figures(output: str, log_file: Path | None) -> dict[str, float]:
     if finished is None or counts is None:
         raise RuntimeError(f"h2load printed no summary:\n{output[-2000:]}")
     seconds = float(finished[1]) * _UNIT_S[finished[2]]
-    done, failed, errored, timeout = (int(counts[i]) for i in (3, 5, 6, 7))
+    started, done, failed, errored, timeout = (int(counts[i]) for i in (2, 3, 5, 6, 7))
+    if started and not done:
+        # h2load counts requests still open at the end as nothing at all: a server that stopped
+        # answering would show 0 req/s and no errors.
+        raise RuntimeError(f"{started} requests started and none completed: no answers")
     ok = _STATUS.search(output)
     traffic = _TRAFFIC.search(output)
     durations: list[float] = []

@@ -176,6 +176,23 @@ def test_unary_reaches_the_upstream_with_forwarding_metadata_and_comes_back(
     assert servers["v2"].calls == 0
 
 
+def test_a_call_with_a_content_length_passes_as_one_without(
+    turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
+) -> None:
+    # grpcio sends no content-length; other clients (h2load, some gateways) do. Both are framed
+    # by the stream's end on HTTP/2 and must reach the server alike.
+    turnout = turnout_factory(rig_config(endpoints_of(servers), {"v1": 100}))
+    body = unary_body("sized")
+    for extra in ([], [("content-length", str(len(body)))]):
+        answer = h2_request(
+            turnout.port, grpc_request_headers(target(turnout), "Unary", extra=extra), body
+        )
+        assert (answer.status, answer.grpc_status()) == (200, 0), (extra, answer)
+        reply = protos().pb2.EchoReply.FromString(answer.body[5:])
+        assert (reply.version, reply.text) == ("v1", "sized")
+    assert servers["v1"].calls == 2
+
+
 def test_server_streaming_sends_every_message_in_order(
     turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
 ) -> None:
