@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,7 +42,12 @@ from tests.support.grpcrig import (
     protos,
 )
 from tests.support.load import admin_call, admin_text, wait_generation
-from tests.support.turnout import TurnoutFactory, TurnoutProcess, free_port
+from tests.support.turnout import PROJECT_ROOT, TurnoutFactory, TurnoutProcess, free_port
+
+# benchmarks/ is not a package: its directory goes on the path, and h2lib is imported by the
+# name mypy knows it by (as tests/unit/test_rollout_simulation.py does).
+sys.path.append(str(PROJECT_ROOT / "benchmarks"))
+import h2lib
 
 DEADLINE = 20.0
 SPLIT_CALLS = 400
@@ -510,3 +516,13 @@ def test_tls_listener_speaks_h2_by_alpn_to_a_secure_channel(
     )
     assert (answer.status, answer.grpc_status()) == (200, 0), answer
     assert turnout.proc.poll() is None
+
+
+def test_the_benchmarks_hand_made_grpc_messages_are_the_protos() -> None:
+    # benchmarks/h2lib.py encodes its request and the backend's reply by hand (it must not need
+    # the test tree); they must be what the .proto says.
+    pb2 = protos().pb2
+    assert pb2.EchoRequest.FromString(h2lib.REQUEST_MESSAGE) == pb2.EchoRequest(text="bench")
+    reply = pb2.EchoReply(version="backend", text="bench")
+    assert pb2.EchoReply.FromString(h2lib.REPLY_MESSAGE) == reply
+    assert h2lib.grpc_frame(h2lib.REQUEST_MESSAGE) == unary_body("bench")
