@@ -36,7 +36,12 @@ import orjson
 
 from proxy.control.metrics import METRICS_GZIP_LEVEL, MetricsInput, Totals, render
 from proxy.core.config import parse_config
-from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot, read_worker_snapshot
+from proxy.core.counters import (
+    GOAWAY_REASONS,
+    RouteUpstreamStats,
+    WorkerSnapshot,
+    read_worker_snapshot,
+)
 from proxy.core.table import Table, compile_table
 
 ROUTE_COUNTS = (10, 100, 1000, 5000)
@@ -132,6 +137,7 @@ def worker_snapshot(table: Table, active: bool) -> WorkerSnapshot:
         "no_route": RouteUpstreamStats("", "").snapshot(),
         "mirror": [],
         "fail_open": {},
+        "h2_goaways": dict.fromkeys(GOAWAY_REASONS, 0),
         "endpoints": [],
         "connections": 0,
     }

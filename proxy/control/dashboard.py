@@ -8,7 +8,8 @@ and rollouts), `GET /admin/stats` (below) and the admin API's own `PUT`/`DELETE 
 `POST .../rollout/...` for the buttons. The page keeps the token in the tab's sessionStorage.
 
 `GET /admin/stats` answers the cumulative counters of every (route, upstream) of the table in
-force: requests, 5xx answers and the latency histogram, the same counters `/metrics` renders.
+force: requests, 5xx answers, errors as a rollout counts them (5xx and gRPC error statuses)
+and the latency histogram, the same counters `/metrics` renders.
 They are the supervisor's latest background poll of the workers (about once a second), read
 as they are: a page that refreshes costs the data plane nothing. The page computes rates,
 error shares and p99 from the differences between two answers, as Prometheus's `rate` and
@@ -81,10 +82,11 @@ def _load_asset(name: str) -> bytes:
 def _pair_json(pair: PairTotals | None) -> dict[str, Any]:
     if pair is None or not pair.count:
         # Most pairs of a large table never see a request: no buckets full of zeros for them.
-        return {"requests": 0, "errors_5xx": 0, "buckets": []}
+        return {"requests": 0, "errors_5xx": 0, "errors": 0, "buckets": []}
     return {
         "requests": pair.count,
         "errors_5xx": sum(n for code, n in pair.codes.items() if code >= 500),
+        "errors": pair.error_responses,
         "buckets": list(pair.buckets),
     }
 

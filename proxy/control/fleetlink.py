@@ -177,6 +177,7 @@ class FleetLink:
                 "upstream": upstream,
                 "codes": {str(code): count for code, count in pair.codes.items()},
                 "buckets": list(pair.buckets),
+                "grpc_errors": pair.grpc_errors,
             }
             for (route, upstream), pair in totals.pairs.items()
             if (route, upstream) in judged

@@ -43,11 +43,13 @@ from proxy.core.counters import (
     BUCKET_SLOTS,
     DURATION_BUCKETS,
     ERROR_KINDS,
+    GOAWAY_REASONS,
     MIRROR_OUTCOMES,
     MirrorSnapshot,
     PairSnapshot,
     WorkerSnapshot,
 )
+from proxy.core.grpc import NAMES as GRPC_NAMES
 from proxy.core.health import EndpointKey
 from proxy.core.table import Table
 from proxy.runtime.build import data_plane_build
@@ -104,6 +106,8 @@ class PairTotals:
     in_flight: int = 0
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
     retries: int = 0
+    grpc: dict[int, int] = field(default_factory=dict)
+    grpc_errors: int = 0
 
     def add_snapshot(self, snapshot: PairSnapshot, *, gauges: bool) -> None:
         """Add one worker's `RouteUpstreamStats.snapshot()`; `gauges` False skips in_flight."""
@@ -122,6 +126,11 @@ class PairTotals:
         for kind in ERROR_KINDS:
             self.errors[kind] += errors[kind]
         self.retries += snapshot["retries"]
+        grpc = self.grpc
+        for key, value in snapshot["grpc"].items():
+            status = int(key)
+            grpc[status] = grpc.get(status, 0) + value
+        self.grpc_errors += snapshot["grpc_errors"]
 
     def add(self, other: PairTotals) -> None:
         """Add another total of the same pair (counters and gauges alike)."""
@@ -135,6 +144,15 @@ class PairTotals:
         for kind, value in other.errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + value
         self.retries += other.retries
+        for status, value in other.grpc.items():
+            self.grpc[status] = self.grpc.get(status, 0) + value
+        self.grpc_errors += other.grpc_errors
+
+    @property
+    def error_responses(self) -> int:
+        """Answers that are errors for a rollout's tests: 5xx, and gRPC error statuses under
+        a lower HTTP status (`proxy.core.counters.Counts`)."""
+        return sum(n for code, n in self.codes.items() if code >= 500) + self.grpc_errors
 
     @property
     def seen(self) -> bool:
@@ -180,6 +198,7 @@ class Totals:
     no_route: PairTotals = field(default_factory=PairTotals)
     mirror: dict[Pair, MirrorTotals] = field(default_factory=dict)
     fail_open: dict[str, int] = field(default_factory=dict)
+    h2_goaways: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GOAWAY_REASONS, 0))
     ejected: set[EndpointKey] = field(default_factory=set)
 
     def add_snapshot(self, snapshot: WorkerSnapshot, *, gauges: bool = True) -> None:
@@ -200,6 +219,9 @@ class Totals:
             self.mirror.setdefault(key, MirrorTotals()).add_snapshot(mirror_snapshot)
         for upstream, value in snapshot["fail_open"].items():
             self.fail_open[upstream] = self.fail_open.get(upstream, 0) + value
+        goaways = snapshot["h2_goaways"]
+        for reason in GOAWAY_REASONS:
+            self.h2_goaways[reason] += goaways[reason]
         if gauges:
             for endpoint in snapshot["endpoints"]:
                 if endpoint["ejected"]:
@@ -214,6 +236,8 @@ class Totals:
             self.mirror.setdefault(key, MirrorTotals()).add(mirror)
         for upstream, value in other.fail_open.items():
             self.fail_open[upstream] = self.fail_open.get(upstream, 0) + value
+        for reason, value in other.h2_goaways.items():
+            self.h2_goaways[reason] = self.h2_goaways.get(reason, 0) + value
         self.ejected |= other.ejected
 
     def prune(self, table: Table) -> None:
@@ -358,6 +382,33 @@ def _per_pair(out: list[str], seen: list[tuple[str, PairTotals]]) -> None:
     )
     for labels, pair in seen:
         out.append(f"turnout_retries_total{{{labels}}} {_num(pair.retries)}\n")
+
+
+def _grpc(out: list[str], seen: list[tuple[str, PairTotals]]) -> None:
+    _family(
+        out,
+        "turnout_grpc_responses_total",
+        "counter",
+        "gRPC calls answered, by route, upstream and grpc-status (its name: OK, UNAVAILABLE...).",
+    )
+    for labels, pair in seen:
+        for status in sorted(pair.grpc):
+            out.append(
+                f'turnout_grpc_responses_total{{grpc_status="{GRPC_NAMES[status]}",{labels}}} '
+                f"{_num(pair.grpc[status])}\n"
+            )
+
+
+def _http2(out: list[str], view: MetricsInput) -> None:
+    _family(
+        out,
+        "turnout_http2_goaways_total",
+        "counter",
+        "Downstream HTTP/2 connections the proxy closed with GOAWAY, by reason.",
+    )
+    for reason in GOAWAY_REASONS:
+        value = view.totals.h2_goaways.get(reason, 0)
+        out.append(f'turnout_http2_goaways_total{{reason="{reason}"}} {_num(value)}\n')
 
 
 def _split_weight(out: list[str], table: Table) -> None:
@@ -586,6 +637,8 @@ def render(view: MetricsInput) -> bytes:
     seen = _seen_pairs(view)
     _requests(out, seen)
     _per_pair(out, [(labels, pair) for labels, pair in seen if pair is not view.totals.no_route])
+    _grpc(out, seen)
+    _http2(out, view)
     _split_weight(out, view.table)
     _mirror(out, view)
     _endpoints(out, view)

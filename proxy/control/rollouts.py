@@ -682,6 +682,7 @@ def _snapshot_json(snapshot: core.CounterSnapshot) -> Counts:
     return {
         "codes": {str(code): count for code, count in snapshot.codes.items()},
         "buckets": list(snapshot.buckets),
+        "grpc_errors": snapshot.grpc_errors,
     }
 
 

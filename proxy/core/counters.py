@@ -22,6 +22,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Collection, Mapping
 from typing import Final, TypedDict, TypeVar, cast
 
+from proxy.core.grpc import ERROR_CODES, NAMES, UNKNOWN
+
 # Proxy latencies: sub-millisecond to a minute (contract section 7 histogram).
 DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.0001,
@@ -50,6 +52,20 @@ ERROR_KINDS: Final[tuple[str, ...]] = ("connect", "reset", "timeout", "protocol"
 MIRROR_OUTCOMES: Final[tuple[str, ...]] = ("sent", "error", "dropped", "skipped")
 # One slot per finite bucket and a final +Inf slot.
 BUCKET_SLOTS: Final = len(DURATION_BUCKETS) + 1
+# Why the proxy closed a downstream HTTP/2 connection with GOAWAY; any other reason counts as
+# "other", so that a typo in the data plane cannot make a new series.
+GOAWAY_REASONS: Final[tuple[str, ...]] = (
+    "rapid_reset",
+    "continuation_flood",
+    "header_list_too_large",
+    "control_flood",
+    "flow_control_stall",
+    "protocol_error",
+    "drain",
+    "other",
+)
+# gRPC statuses as snapshot keys (JSON keys are text): "0" to "16".
+GRPC_STATUS_KEYS: Final = frozenset(str(status) for status in NAMES)
 
 T = TypeVar("T")
 
@@ -59,11 +75,14 @@ T = TypeVar("T")
 
 class Counts(TypedDict):
     """What a rollout judges an upstream on: responses per status code (the code as text, as
-    JSON keys are) and durations per slot of `DURATION_BUCKETS` plus +Inf (not cumulative).
-    Alone, the shape of a rollout's mark in the fleet's document."""
+    JSON keys are), durations per slot of `DURATION_BUCKETS` plus +Inf (not cumulative), and
+    `grpc_errors`: gRPC calls that ended with an error status (`proxy.core.grpc.ERROR_CODES`)
+    under an HTTP status below 500 (those of 500 or more are errors in `codes` already, and
+    count once). Alone, the shape of a rollout's mark in the fleet's document."""
 
     codes: dict[str, int]
     buckets: list[int]
+    grpc_errors: int
 
 
 class PairCounts(Counts):
@@ -81,6 +100,7 @@ class PairSnapshot(PairCounts):
     in_flight: int
     errors: dict[str, int]  # one key per ERROR_KINDS
     retries: int
+    grpc: dict[str, int]  # gRPC calls by status, the status as text ("0" to "16")
 
 
 class MirrorSnapshot(TypedDict):
@@ -117,6 +137,7 @@ class WorkerSnapshot(TypedDict):
     no_route: PairSnapshot
     mirror: list[MirrorSnapshot]
     fail_open: dict[str, int]
+    h2_goaways: dict[str, int]  # one key per GOAWAY_REASONS
     endpoints: list[EndpointSnapshot]
     connections: int
 
@@ -140,6 +161,8 @@ class RouteUpstreamStats:
         "count",
         "errors",
         "errors_5xx",
+        "grpc",
+        "grpc_errors",
         "in_flight",
         "retries",
         "route",
@@ -158,6 +181,9 @@ class RouteUpstreamStats:
         self.in_flight = 0
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
         self.errors_5xx = 0
+        # gRPC calls by status; error statuses under an HTTP status below 500 (see `Counts`).
+        self.grpc: dict[int, int] = {}
+        self.grpc_errors = 0
         self.retries = 0
 
     def observe(self, code: int, seconds: float) -> None:
@@ -169,6 +195,21 @@ class RouteUpstreamStats:
         self.count += 1
         if code >= 500:
             self.errors_5xx += 1
+
+    def observe_grpc(self, code: int, grpc_status: int, seconds: float) -> None:
+        """Count one finished gRPC call: as `observe`, and its gRPC status.
+
+        An error status is an error like a 5xx, counted once when the HTTP status is one too.
+        A status outside 0-16 (or none, -1) counts as UNKNOWN: what the client's stub reports,
+        and an upstream cannot make label values up.
+        """
+        self.observe(code, seconds)
+        if grpc_status not in NAMES:
+            grpc_status = UNKNOWN
+        grpc = self.grpc
+        grpc[grpc_status] = grpc.get(grpc_status, 0) + 1
+        if grpc_status in ERROR_CODES and code < 500:
+            self.grpc_errors += 1
 
     def snapshot(self) -> PairSnapshot:
         """A JSON-able copy for the supervisor."""
@@ -182,6 +223,8 @@ class RouteUpstreamStats:
             "in_flight": self.in_flight,
             "errors": dict(self.errors),
             "retries": self.retries,
+            "grpc": {str(status): n for status, n in self.grpc.items()},
+            "grpc_errors": self.grpc_errors,
         }
 
 
@@ -226,6 +269,7 @@ def read_counts(value: object, where: str = "") -> Counts:
     return {
         "codes": _get(raw, "codes", where, _codes),
         "buckets": _get(raw, "buckets", where, _buckets),
+        "grpc_errors": _get_count_or_zero(raw, "grpc_errors", where),
     }
 
 
@@ -237,6 +281,7 @@ def read_pair_counts(value: object, where: str = "") -> PairCounts:
         "upstream": _get(raw, "upstream", where, _text),
         "codes": _get(raw, "codes", where, _codes),
         "buckets": _get(raw, "buckets", where, _buckets),
+        "grpc_errors": _get_count_or_zero(raw, "grpc_errors", where),
     }
 
 
@@ -253,6 +298,8 @@ def read_pair_snapshot(value: object, where: str = "") -> PairSnapshot:
         "in_flight": _get(raw, "in_flight", where, _count),
         "errors": _get(raw, "errors", where, _error_counts),
         "retries": _get(raw, "retries", where, _count),
+        "grpc": _get(raw, "grpc", where, _grpc_counts),
+        "grpc_errors": _get(raw, "grpc_errors", where, _count),
     }
 
 
@@ -291,6 +338,7 @@ def read_worker_snapshot(value: object, where: str = "") -> WorkerSnapshot:
         "no_route": _get(raw, "no_route", where, _pair),
         "mirror": _get_each(raw, "mirror", where, read_mirror_snapshot),
         "fail_open": _get(raw, "fail_open", where, _counts_by_name),
+        "h2_goaways": _get(raw, "h2_goaways", where, _goaway_counts),
         "endpoints": _get_each(raw, "endpoints", where, read_endpoint_snapshot),
         "connections": _get(raw, "connections", where, _count),
     }
@@ -325,6 +373,11 @@ def _get(raw: Mapping[str, object], key: str, where: str, check: Check[T]) -> T:
     except KeyError:
         raise ValueError(f"{_at(where, key)}: missing") from None
     return check(value, where, key)
+
+
+def _get_count_or_zero(raw: Mapping[str, object], key: str, where: str) -> int:
+    """`raw[key]`, a count, or 0 when absent: a field that older instances do not publish."""
+    return _count(raw[key], where, key) if key in raw else 0
 
 
 def _get_each(
@@ -427,6 +480,19 @@ def _codes(value: object, where: str, key: str | int) -> dict[str, int]:
     return codes
 
 
+def _grpc_counts(value: object, where: str, key: str | int) -> dict[str, int]:
+    """Counts by gRPC status ("0" to "16")."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{_at(where, key)}: must be an object, got {_show(value)}")
+    counts = dict(value)
+    path = _at(where, key)
+    for status, count in counts.items():
+        if status not in GRPC_STATUS_KEYS:
+            raise ValueError(f"{path}: {_show(status)} is not a gRPC status")
+        _count(count, path, status)
+    return counts
+
+
 def _tally(value: object, keys: tuple[str, ...], where: str, key: str | int) -> dict[str, int]:
     """A count for each of `keys`, all required (other keys are dropped)."""
     if not isinstance(value, Mapping):
@@ -447,6 +513,10 @@ def _error_counts(value: object, where: str, key: str | int) -> dict[str, int]:
 
 def _outcome_counts(value: object, where: str, key: str | int) -> dict[str, int]:
     return _tally(value, MIRROR_OUTCOMES, where, key)
+
+
+def _goaway_counts(value: object, where: str, key: str | int) -> dict[str, int]:
+    return _tally(value, GOAWAY_REASONS, where, key)
 
 
 def _counts_by_name(value: object, where: str, key: str | int) -> dict[str, int]:

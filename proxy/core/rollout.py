@@ -68,11 +68,14 @@ class CounterSnapshot:
     """Cumulative counters of one (route, upstream), summed over the workers.
 
     `codes` counts responses per status code; `buckets` counts durations per slot of
-    `DURATION_BUCKETS` plus a final +Inf slot (each slot on its own, not cumulative).
+    `DURATION_BUCKETS` plus a final +Inf slot (each slot on its own, not cumulative);
+    `grpc_errors` the gRPC error statuses that `codes` does not count as 5xx already
+    (`proxy.core.counters.Counts`).
     """
 
     codes: Mapping[int, int] = field(default_factory=dict)
     buckets: tuple[int, ...] = (0,) * BUCKET_SLOTS
+    grpc_errors: int = 0
 
     @classmethod
     def from_stats(cls, snapshots: Iterable[Counts]) -> CounterSnapshot:
@@ -84,20 +87,23 @@ class CounterSnapshot:
         """
         codes: dict[int, int] = {}
         buckets = [0] * BUCKET_SLOTS
+        grpc_errors = 0
         for snapshot in snapshots:
             for key, count in snapshot["codes"].items():
                 code = int(key)
                 codes[code] = codes.get(code, 0) + count
             for index, count in enumerate(snapshot["buckets"]):
                 buckets[index] += count
-        return cls(codes=codes, buckets=tuple(buckets))
+            grpc_errors += snapshot["grpc_errors"]
+        return cls(codes=codes, buckets=tuple(buckets), grpc_errors=grpc_errors)
 
 
 @dataclass(frozen=True, slots=True)
 class Window:
     """What one upstream of a route served since the current step began (its evidence).
 
-    `errors` are responses with a 5xx code, proxy-made 502/503/504 included; `buckets` is the
+    `errors` are responses with a 5xx code, proxy-made 502/503/504 included, and gRPC calls
+    that ended with an error status (`proxy.core.grpc.ERROR_CODES`); `buckets` is the
     latency histogram of the window in the layout of `proxy.core.counters`. `reset` means that the
     counters went down since the step's evidence began (a worker died or restarted): there is
     no window to measure (the figures are 0) and `look` starts the step's evidence over.
@@ -128,7 +134,9 @@ def window_between(start: CounterSnapshot, end: CounterSnapshot) -> Window:
     difference is not what was served since `start`: the window is empty with `reset` set,
     and `look` starts the step's evidence over from `end` (clamping each field at 0 instead
     would mix counts from before `start` with a partial undercount, evidence that is no
-    longer cumulative). Raises ValueError when the histograms differ in layout.
+    longer cumulative). The same when more gRPC errors were served than answers below 500
+    (a worker's counters left the sum while another's grew): the counts do not add up. Raises
+    ValueError when the histograms differ in layout.
     """
     if len(start.buckets) != BUCKET_SLOTS or len(end.buckets) != BUCKET_SLOTS:
         raise ValueError(f"counter snapshots need {BUCKET_SLOTS} buckets")
@@ -140,6 +148,10 @@ def window_between(start: CounterSnapshot, end: CounterSnapshot) -> Window:
         requests += served
         if code >= 500:
             errors += served
+    grpc_errors = end.grpc_errors - start.grpc_errors
+    if not 0 <= grpc_errors <= requests - errors:
+        return Window(requests=0, errors=0, reset=True)
+    errors += grpc_errors
     buckets = tuple(
         after - before for before, after in zip(start.buckets, end.buckets, strict=True)
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from proxy.core.counters import MirrorStats, RouteUpstreamStats, WorkerSnapshot
+from proxy.core.counters import GOAWAY_REASONS, MirrorStats, RouteUpstreamStats, WorkerSnapshot
 from proxy.core.table import Table
 from proxy.dataplane.http1 import Generation
 from proxy.dataplane.upstream import EndpointPool
@@ -21,15 +21,26 @@ MirrorCounters = tuple[MirrorStats | None, ...]
 
 
 class WorkerStats:
-    """What a worker counts apart from a generation (fail-open picks), and the two jobs above."""
+    """What a worker counts apart from a generation (fail-open picks, HTTP/2 GOAWAYs), and the
+    two jobs above."""
 
     def __init__(self) -> None:
         # Upstream -> how often none of its endpoints was healthy and all were tried anyway.
         self.fail_open: dict[str, int] = {}
+        # Reason -> downstream HTTP/2 connections closed with GOAWAY for it.
+        self.h2_goaways = dict.fromkeys(GOAWAY_REASONS, 0)
 
     def count_fail_open(self, upstream: str) -> None:
         """No endpoint of `upstream` was healthy: all were tried anyway."""
         self.fail_open[upstream] = self.fail_open.get(upstream, 0) + 1
+
+    def count_h2_goaway(self, reason: str) -> None:
+        """A downstream HTTP/2 connection was closed with GOAWAY for `reason` (one of
+        `GOAWAY_REASONS`; anything else counts as "other")."""
+        goaways = self.h2_goaways
+        if reason not in goaways:
+            reason = "other"
+        goaways[reason] += 1
 
     @staticmethod
     def carry(
@@ -86,6 +97,7 @@ class WorkerStats:
             "no_route": gen.no_route.snapshot(),
             "mirror": [m.snapshot() for m in gen.mirror_stats if m is not None],
             "fail_open": dict(self.fail_open),
+            "h2_goaways": dict(self.h2_goaways),
             "endpoints": [
                 {
                     "upstream": pool.upstream,

@@ -469,7 +469,7 @@ def test_stats_are_the_metrics_counters(turnout: TurnoutProcess) -> None:
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("turnout_request")
+        if line.startswith(("turnout_request", "turnout_grpc_responses"))
     }
     pairs = 0
     for route in stats["routes"]:
@@ -482,6 +482,16 @@ def test_stats_are_the_metrics_counters(turnout: TurnoutProcess) -> None:
             }
             assert upstream["requests"] == sum(codes.values()), labels
             assert upstream["errors_5xx"] == sum(v for c, v in codes.items() if c >= 500), labels
+            grpc_errors = sum(
+                value
+                for key, value in samples.items()
+                if re.fullmatch(
+                    rf'turnout_grpc_responses_total\{{grpc_status="(UNKNOWN|DEADLINE_EXCEEDED|'
+                    rf'UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS)",{labels}\}}',
+                    key,
+                )
+            )
+            assert upstream["errors"] == upstream["errors_5xx"] + grpc_errors, labels
             if not upstream["requests"]:
                 assert upstream["buckets"] == []
                 continue

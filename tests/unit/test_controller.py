@@ -87,6 +87,7 @@ class FakeHost:
     def __init__(self, table: Table) -> None:
         self.table = table
         self.codes: dict[tuple[str, str], dict[int, int]] = {}
+        self.grpc_errors: dict[tuple[str, str], int] = {}
         self.changes = 0
         self.answering = True
         # False: a fleet's follower, which must never move a rollout.
@@ -94,10 +95,14 @@ class FakeHost:
         # False: the fleet refuses to store the controller's changes (a lost lease).
         self.storing = True
 
-    def serve(self, upstream: str, ok: int, errors: int = 0) -> None:
+    def serve(self, upstream: str, ok: int, errors: int = 0, grpc_errors: int = 0) -> None:
+        """`ok` 200s, `errors` 500s, and `grpc_errors` gRPC calls answered 200 with an error
+        status (grpc-status INTERNAL, say)."""
         codes = self.codes.setdefault(("api", upstream), {})
-        codes[200] = codes.get(200, 0) + ok
+        codes[200] = codes.get(200, 0) + ok + grpc_errors
         codes[500] = codes.get(500, 0) + errors
+        key = ("api", upstream)
+        self.grpc_errors[key] = self.grpc_errors.get(key, 0) + grpc_errors
 
     def may_judge(self) -> bool:
         return self.leading
@@ -116,6 +121,7 @@ class FakeHost:
                     "upstream": upstream,
                     "codes": {str(c): n for c, n in codes.items()},
                     "buckets": buckets,
+                    "grpc_errors": self.grpc_errors.get((route, upstream), 0),
                 }
             )
         return [routes]
@@ -183,6 +189,20 @@ async def test_a_failing_canary_is_rolled_back_at_the_first_look(setup: Setup) -
     entry = state.history[-1]
     assert entry.canary["errors"] == 30
     assert any(test.reject and test.name == "errors" for test in entry.tests)
+
+
+async def test_a_canary_failing_with_grpc_errors_is_rolled_back(setup: Setup) -> None:
+    host, clock, controller = setup
+    await controller.command(host.table, "api", "start")
+    host.serve("canary", ok=70, grpc_errors=30)
+    host.serve("blue", ok=1990, grpc_errors=10)
+    clock.now += 5
+    await controller.tick()
+    state = controller.states["api"]
+    assert (state.state, state.canary_weight) == ("failed", 0.0)
+    entry = state.history[-1]
+    assert (entry.canary["requests"], entry.canary["errors"]) == (100, 30)
+    assert entry.baseline["errors"] == 10
 
 
 async def test_each_look_is_in_the_view_and_looks_wait_for_check(setup: Setup) -> None:
@@ -394,6 +414,31 @@ async def test_a_new_leader_goes_on_with_the_shared_evidence(setup: Setup) -> No
         await successor.close()
     # Without the marks (the state file's form) a restored step starts its evidence over.
     assert "mark" not in controller.state_json()["api"]
+
+
+async def test_a_shared_mark_keeps_the_grpc_errors_before_it(setup: Setup) -> None:
+    host, clock, controller = setup
+    # gRPC errors served before the step began are not the step's evidence.
+    host.serve("canary", ok=0, grpc_errors=50)
+    host.serve("blue", ok=500)
+    await controller.command(host.table, "api", "start")
+    host.serve("canary", ok=40)
+    host.serve("blue", ok=760)
+    shared = orjson.loads(orjson.dumps(controller.state_json(marks=True)))
+    assert shared["api"]["mark"]["canary"]["grpc_errors"] == 50
+    successor = RolloutController(host, clock=clock)
+    try:
+        successor.adopt(shared, host.table)
+        clock.now += 60
+        await successor.tick()
+        (entry,) = successor.states["api"].history
+        assert (entry.verdict, entry.canary["requests"], entry.canary["errors"]) == (
+            "inconclusive",
+            40,
+            0,
+        )
+    finally:
+        await successor.close()
 
 
 @pytest.mark.parametrize(

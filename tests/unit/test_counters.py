@@ -18,10 +18,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.core import grpc
 from proxy.core.config import parse_config
 from proxy.core.counters import (
     BUCKET_SLOTS,
     ERROR_KINDS,
+    GOAWAY_REASONS,
     MIRROR_OUTCOMES,
     Counts,
     EndpointSnapshot,
@@ -40,6 +42,7 @@ from proxy.core.counters import (
     read_pair_snapshot,
     read_worker_snapshot,
 )
+from proxy.core.rollout import CounterSnapshot, window_between
 from proxy.core.table import compile_table
 from proxy.dataplane.worker import WorkerContext
 
@@ -52,6 +55,7 @@ counts = st.integers(min_value=0, max_value=2**63 - 1)
 seconds = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
 codes = st.dictionaries(st.integers(min_value=100, max_value=999).map(str), counts, max_size=4)
 buckets = st.lists(counts, min_size=BUCKET_SLOTS, max_size=BUCKET_SLOTS)
+grpc_statuses = st.dictionaries(st.integers(min_value=0, max_value=16).map(str), counts, max_size=4)
 
 
 def tally(keys: tuple[str, ...]) -> st.SearchStrategy[dict[str, int]]:
@@ -59,10 +63,16 @@ def tally(keys: tuple[str, ...]) -> st.SearchStrategy[dict[str, int]]:
 
 
 count_values: st.SearchStrategy[Counts] = st.fixed_dictionaries(
-    {"codes": codes, "buckets": buckets}
+    {"codes": codes, "buckets": buckets, "grpc_errors": counts}
 )  # type: ignore[assignment]
 pair_counts: st.SearchStrategy[PairCounts] = st.fixed_dictionaries(
-    {"route": names, "upstream": names, "codes": codes, "buckets": buckets}
+    {
+        "route": names,
+        "upstream": names,
+        "codes": codes,
+        "buckets": buckets,
+        "grpc_errors": counts,
+    }
 )  # type: ignore[assignment]
 pairs: st.SearchStrategy[PairSnapshot] = st.fixed_dictionaries(
     {
@@ -75,6 +85,8 @@ pairs: st.SearchStrategy[PairSnapshot] = st.fixed_dictionaries(
         "in_flight": counts,
         "errors": tally(ERROR_KINDS),
         "retries": counts,
+        "grpc": grpc_statuses,
+        "grpc_errors": counts,
     }
 )  # type: ignore[assignment]
 mirrors: st.SearchStrategy[MirrorSnapshot] = st.fixed_dictionaries(
@@ -104,6 +116,7 @@ workers: st.SearchStrategy[WorkerSnapshot] = st.fixed_dictionaries(
         "no_route": pairs,
         "mirror": st.lists(mirrors, max_size=2),
         "fail_open": st.dictionaries(keys, counts, max_size=3),
+        "h2_goaways": tally(GOAWAY_REASONS),
         "endpoints": st.lists(endpoints, max_size=3),
         "connections": counts,
     }
@@ -145,6 +158,7 @@ def test_the_stats_classes_build_readable_snapshots() -> None:
     pair = RouteUpstreamStats("api", "blue")
     pair.observe(200, 0.002)
     pair.observe(503, 75.0)
+    pair.observe_grpc(200, 14, 0.01)
     pair.errors["reset"] = 2
     pair.retries = 1
     mirror = MirrorStats("api", "shadow")
@@ -153,10 +167,98 @@ def test_the_stats_classes_build_readable_snapshots() -> None:
     assert read_pair_snapshot(over_json(pair.snapshot())) == pair.snapshot()
     assert read_mirror_snapshot(over_json(mirror.snapshot())) == mirror.snapshot()
     # What a fleet instance publishes of a pair, and a rollout's mark, are parts of it.
-    published = {key: pair.snapshot()[key] for key in ("route", "upstream", "codes", "buckets")}
+    sent = pair.snapshot()
+    published = {
+        "route": sent["route"],
+        "upstream": sent["upstream"],
+        "codes": sent["codes"],
+        "buckets": sent["buckets"],
+        "grpc_errors": sent["grpc_errors"],
+    }
     assert read_pair_counts(over_json(published)) == published
-    mark = {"codes": {"200": 1}, "buckets": [0] * BUCKET_SLOTS}
+    mark = {"codes": {"200": 1}, "buckets": [0] * BUCKET_SLOTS, "grpc_errors": 1}
     assert read_counts(over_json(mark)) == mark
+
+
+def test_counts_published_before_grpc_read_with_no_grpc_errors() -> None:
+    """Marks and fleet counters written by a Turnout without gRPC lack `grpc_errors`."""
+    old = {"codes": {"200": 3}, "buckets": [0] * BUCKET_SLOTS}
+    assert read_counts(old) == {**old, "grpc_errors": 0}
+    assert read_pair_counts({"route": "a", "upstream": "b", **old})["grpc_errors"] == 0
+    with pytest.raises(ValueError, match=r"^mark\.grpc_errors: must be an integer >= 0"):
+        read_counts({**old, "grpc_errors": -1}, "mark")
+
+
+# One finished request: its HTTP status, and its gRPC status (None: not a gRPC call). gRPC
+# statuses reach beyond 0-16 and below -1 (none): a hostile upstream sends anything.
+results = st.lists(
+    st.tuples(
+        st.integers(min_value=100, max_value=599),
+        st.none() | st.integers(min_value=-3, max_value=20) | st.integers(-(2**31), 2**31),
+    ),
+    max_size=60,
+)
+
+
+def is_error(code: int, grpc_status: int | None) -> bool:
+    """What the contract calls an error: a 5xx, or a gRPC error status (one outside 0-16 is
+    UNKNOWN, an error)."""
+    if code >= 500:
+        return True
+    if grpc_status is None:
+        return False
+    return grpc_status in grpc.ERROR_CODES or grpc_status not in grpc.NAMES
+
+
+def counted(served: list[tuple[int, int | None]]) -> RouteUpstreamStats:
+    pair = RouteUpstreamStats("api", "blue")
+    for index, (code, grpc_status) in enumerate(served):
+        seconds = index / 1000
+        if grpc_status is None:
+            pair.observe(code, seconds)
+        else:
+            pair.observe_grpc(code, grpc_status, seconds)
+    return pair
+
+
+@given(served=results)
+def test_a_grpc_error_counts_once_like_a_5xx(served: list[tuple[int, int | None]]) -> None:
+    pair = counted(served)
+    snapshot = read_pair_snapshot(over_json(pair.snapshot()))
+    errors = sum(n for code, n in snapshot["codes"].items() if int(code) >= 500)
+    assert errors + snapshot["grpc_errors"] == sum(is_error(*result) for result in served)
+    calls = [status for _, status in served if status is not None]
+    assert snapshot["count"] == len(served)
+    assert sum(snapshot["grpc"].values()) == len(calls)
+    # Bounded labels: only 0-16, anything else counted as UNKNOWN.
+    assert set(snapshot["grpc"]) <= {str(status) for status in grpc.NAMES}
+    unknown = sum(status == grpc.UNKNOWN or status not in grpc.NAMES for status in calls)
+    assert snapshot["grpc"].get(str(grpc.UNKNOWN), 0) == unknown
+    # And the rollout's evidence, from the snapshot as the supervisor reads it, agrees.
+    window = window_between(CounterSnapshot(), CounterSnapshot.from_stats([snapshot]))
+    assert (window.requests, window.errors) == (len(served), errors + snapshot["grpc_errors"])
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error"),
+    [
+        (200, grpc.OK, False),
+        (200, grpc.NOT_FOUND, False),
+        (200, grpc.CANCELLED, False),
+        (200, grpc.INTERNAL, True),
+        (200, grpc.UNAVAILABLE, True),
+        (200, -1, True),
+        (200, 99, True),
+        (503, grpc.UNAVAILABLE, True),
+        (503, grpc.OK, True),
+        (404, grpc.UNIMPLEMENTED, True),
+    ],
+)
+def test_one_grpc_call(code: int, status: int, error: bool) -> None:
+    pair = counted([(code, status)])
+    assert pair.codes == {code: 1}
+    assert pair.grpc == {status if status in grpc.NAMES else grpc.UNKNOWN: 1}
+    assert pair.errors_5xx + pair.grpc_errors == int(error)
 
 
 CONFIG = """
@@ -176,12 +278,17 @@ async def test_a_workers_snapshot_reads_back_as_it_was_sent() -> None:
     for per_route in ctx.generation.stats:
         for stats in per_route.values():
             stats.observe(200, 0.01)
+            stats.observe_grpc(200, 13, 0.01)
             stats.in_flight = 1
     ctx.generation.no_route.observe(404, 0.0001)
     ctx.count_fail_open("blue")
+    ctx.stats.count_h2_goaway("rapid_reset")
+    ctx.stats.count_h2_goaway("made-up")
     sent = ctx.stats_snapshot()
     assert sent["generation"] == 3
-    assert [(p["route"], p["upstream"], p["count"]) for p in sent["routes"]] == [("api", "blue", 1)]
+    assert sent["h2_goaways"] == {**dict.fromkeys(GOAWAY_REASONS, 0), "rapid_reset": 1, "other": 1}
+    assert [(p["route"], p["upstream"], p["count"]) for p in sent["routes"]] == [("api", "blue", 2)]
+    assert (sent["routes"][0]["grpc"], sent["routes"][0]["grpc_errors"]) == ({"13": 1}, 1)
     assert len(sent["endpoints"]) == 3
     assert read_worker_snapshot(over_json(sent)) == sent
 
@@ -267,7 +374,9 @@ def test_a_missing_field_is_refused_by_name(
 ) -> None:
     built = over_json(data.draw(shape))
     assert isinstance(built, dict)
-    key = data.draw(st.sampled_from(sorted(built)))
+    # What older fleet instances publish lacks grpc_errors: it reads as 0 (test above).
+    optional = {"grpc_errors"} if read in (read_counts, read_pair_counts) else set()
+    key = data.draw(st.sampled_from(sorted(built.keys() - optional)))
     del built[key]
     with pytest.raises(ValueError, match=f"^{key}: missing$"):
         read(built, "")
@@ -276,6 +385,7 @@ def test_a_missing_field_is_refused_by_name(
 def good_worker() -> dict[str, Any]:
     pair = RouteUpstreamStats("api", "blue")
     pair.observe(200, 0.01)
+    pair.observe_grpc(200, 0, 0.01)
     wire = over_json(
         {
             "generation": 1,
@@ -284,6 +394,7 @@ def good_worker() -> dict[str, Any]:
             "no_route": RouteUpstreamStats("", "").snapshot(),
             "mirror": [MirrorStats("api", "shadow").snapshot()],
             "fail_open": {"blue": 1},
+            "h2_goaways": dict.fromkeys(GOAWAY_REASONS, 0),
             "endpoints": [
                 {
                     "upstream": "blue",
@@ -314,6 +425,14 @@ def good_worker() -> dict[str, Any]:
         (lambda w: w["routes"][0]["codes"].update({"2e2": 1}), "routes[0].codes: '2e2' is not"),
         (lambda w: w["routes"][0]["codes"].update({"200": 1.0}), "routes[0].codes.200: must be"),
         (lambda w: w["routes"][0]["errors"].pop("tls"), "routes[0].errors.tls: missing"),
+        (lambda w: w["routes"][0]["grpc"].update({"17": 1}), "routes[0].grpc: '17' is not a gRPC"),
+        (lambda w: w["routes"][0]["grpc"].update({"-1": 1}), "routes[0].grpc: '-1' is not a gRPC"),
+        (lambda w: w["routes"][0]["grpc"].update({"OK": 1}), "routes[0].grpc: 'OK' is not a gRPC"),
+        (lambda w: w["routes"][0]["grpc"].update({"14": -2}), "routes[0].grpc.14: must be an"),
+        (lambda w: w["routes"][0].update(grpc=[]), "routes[0].grpc: must be an object"),
+        (lambda w: w["routes"][0].pop("grpc_errors"), "routes[0].grpc_errors: missing"),
+        (lambda w: w["h2_goaways"].pop("drain"), "h2_goaways.drain: missing"),
+        (lambda w: w["h2_goaways"].update(drain=True), "h2_goaways.drain: must be an integer"),
         (lambda w: w["no_route"].update(sum=math.nan), "no_route.sum: must be a finite number"),
         (lambda w: w["no_route"].update(sum=-0.5), "no_route.sum: must be a finite number"),
         (lambda w: w["mirror"][0]["outcomes"].pop("sent"), "mirror[0].outcomes.sent: missing"),

@@ -17,17 +17,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
 from proxy.control.admin import accepts_gzip
+from proxy.control.dashboard import stats_answer
 from proxy.control.metrics import LE_LABELS, MetricsInput, Totals, render
 from proxy.core.config import parse_config
 from proxy.core.counters import (
     DURATION_BUCKETS,
     ERROR_KINDS,
+    GOAWAY_REASONS,
     MirrorStats,
     RouteUpstreamStats,
     WorkerSnapshot,
     read_worker_snapshot,
 )
 from proxy.core.table import Table, compile_table
+from proxy.dataplane.stats import WorkerStats
 from proxy.runtime.build import data_plane_build
 
 CONFIG = """
@@ -72,6 +75,8 @@ def worker_snapshot(
     mirror: dict[str, int] | None = None,
     fail_open: dict[str, int] | None = None,
     ejected: tuple[str, str] | None = None,
+    calls: list[tuple[str, str, int, int]] | None = None,
+    goaways: list[str] | None = None,
 ) -> WorkerSnapshot:
     """A `stats_snapshot()` as a worker sends it, counted by the real stats classes, and as
     the supervisor reads it back from the channel (JSON, then `read_worker_snapshot`)."""
@@ -84,6 +89,17 @@ def worker_snapshot(
             else pairs.setdefault((route, upstream), RouteUpstreamStats(route, upstream))
         )
         stats.observe(code, seconds)
+    # gRPC calls: (route, upstream, HTTP status, grpc-status).
+    for route, upstream, code, status in calls or []:
+        stats = (
+            no_route
+            if route == ""
+            else pairs.setdefault((route, upstream), RouteUpstreamStats(route, upstream))
+        )
+        stats.observe_grpc(code, status, 0.001)
+    worker = WorkerStats()
+    for reason in goaways or []:
+        worker.count_h2_goaway(reason)
     for key, count in (in_flight or {}).items():
         pairs.setdefault(key, RouteUpstreamStats(*key)).in_flight = count
     shadow = MirrorStats("api", "shadow")
@@ -99,6 +115,7 @@ def worker_snapshot(
         "no_route": no_route.snapshot(),
         "mirror": [shadow.snapshot()],
         "fail_open": dict(fail_open or {}),
+        "h2_goaways": worker.h2_goaways,
         "endpoints": [
             {
                 "upstream": ejected[0],
@@ -460,3 +477,82 @@ def test_process_families_are_the_standard_collectors() -> None:
     assert 0 < value(samples, "process_start_time_seconds") <= time.time()
     assert value(samples, "process_resident_memory_bytes") > 0
     assert 0 < value(samples, "process_open_fds") <= value(samples, "process_max_fds")
+
+
+def test_grpc_responses_by_status_name() -> None:
+    one = worker_snapshot(
+        [],
+        calls=[("api", "blue", 200, 0)] * 3 + [("api", "blue", 200, 14), ("api", "blue", 200, 99)],
+    )
+    two = worker_snapshot(
+        [("api", "blue", 500, 0.01)],
+        calls=[("api", "blue", 503, 14), ("api", "green", 200, 5), ("", "", 200, 12)],
+    )
+    samples, types, text = scrape(table(), [one, two])
+    assert types["turnout_grpc_responses"] == "counter"
+    grpc = {
+        (dict(labels)["route"], dict(labels)["upstream"], dict(labels)["grpc_status"]): count
+        for (name, labels), count in samples.items()
+        if name == "turnout_grpc_responses_total"
+    }
+    assert grpc == {
+        ("api", "blue", "OK"): 3,
+        ("api", "blue", "UNAVAILABLE"): 2,
+        ("api", "blue", "UNKNOWN"): 1,  # grpc-status 99 from a hostile upstream
+        ("api", "green", "NOT_FOUND"): 1,
+        ("", "", "UNIMPLEMENTED"): 1,
+    }
+    # Each call is a request too, with its HTTP status.
+    assert value(samples, "turnout_requests_total", route="api", upstream="blue", code="200") == 5
+    assert value(samples, "turnout_requests_total", route="api", upstream="blue", code="503") == 1
+    assert (
+        'turnout_grpc_responses_total{grpc_status="UNAVAILABLE",route="api",upstream="blue"} 2.0'
+        in text.splitlines()
+    )
+
+
+def test_grpc_errors_are_counted_once_in_the_totals() -> None:
+    """The admin views and the dashboard count a pair's errors as a rollout does."""
+    snapshot = worker_snapshot(
+        [("api", "blue", 200, 0.01), ("api", "blue", 502, 0.01)],
+        calls=[
+            ("api", "blue", 200, 13),  # INTERNAL: an error
+            ("api", "blue", 503, 14),  # 503 and UNAVAILABLE: one error
+            ("api", "blue", 200, 5),  # NOT_FOUND: the caller's
+            ("api", "blue", 200, 0),
+        ],
+    )
+    totals = Totals()
+    totals.add_snapshot(snapshot)
+    retired = Totals()
+    retired.add_snapshot(snapshot, gauges=False)
+    totals.add(retired)
+    pair = totals.pairs[("api", "blue")]
+    assert (pair.count, pair.error_responses, pair.grpc_errors) == (12, 6, 2)
+    # GET /admin/stats, what the dashboard's error share is computed from.
+    answer = stats_answer(table(), totals, 1.0, 2.0)
+    (api,) = [route for route in answer["routes"] if route["name"] == "api"]
+    blue = {u["name"]: u for u in api["upstreams"]}["blue"]
+    assert (blue["requests"], blue["errors_5xx"], blue["errors"]) == (12, 4, 6)
+
+
+def test_goaways_by_reason_from_every_worker_and_the_retired() -> None:
+    one = worker_snapshot([], goaways=["rapid_reset", "drain", "drain"])
+    two = worker_snapshot([], goaways=["rapid_reset", "no such reason"])
+    retired = Totals()
+    retired.add_snapshot(worker_snapshot([], goaways=["control_flood"]), gauges=False)
+    samples, types, _ = scrape(table(), [one, two], retired)
+    assert types["turnout_http2_goaways"] == "counter"
+    got = {
+        dict(labels)["reason"]: count
+        for (name, labels), count in samples.items()
+        if name == "turnout_http2_goaways_total"
+    }
+    # Every reason is there, from 0; an unknown one is "other".
+    assert got == {
+        **dict.fromkeys(GOAWAY_REASONS, 0.0),
+        "rapid_reset": 2,
+        "drain": 2,
+        "other": 1,
+        "control_flood": 1,
+    }

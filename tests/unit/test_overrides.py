@@ -21,7 +21,7 @@ from proxy.control.overrides import (
 )
 from proxy.control.views import LoadedConfig, route_answer, routes_view, worker_counts
 from proxy.core.config import parse_config
-from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot
+from proxy.core.counters import GOAWAY_REASONS, RouteUpstreamStats, WorkerSnapshot
 from proxy.core.spec import ConfigSpec
 from proxy.core.table import compile_table, diff_tables
 
@@ -171,6 +171,7 @@ def test_worker_counts_of_a_snapshot() -> None:
         "no_route": no_route.snapshot(),
         "mirror": [],
         "fail_open": {},
+        "h2_goaways": dict.fromkeys(GOAWAY_REASONS, 0),
         "endpoints": [],
         "connections": 7,
     }

@@ -17,7 +17,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.core.counters import DURATION_BUCKETS, RouteUpstreamStats, read_counts
+from proxy.core import grpc
+from proxy.core.counters import (
+    DURATION_BUCKETS,
+    RouteUpstreamStats,
+    read_counts,
+    read_pair_snapshot,
+)
 from proxy.core.rollout import (
     BUCKET_SLOTS,
     HISTORY_LIMIT,
@@ -170,6 +176,74 @@ def test_window_between_is_the_difference_or_a_reset(
         assert got.buckets == tuple(
             after - before for before, after in zip(start_buckets, end_buckets, strict=True)
         )
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "requests", "errors"),
+    [
+        pytest.param(({200: 5}, 1), ({200: 15}, 4), 10, 3, id="grpc errors under 200"),
+        pytest.param(({200: 5, 503: 1}, 0), ({200: 9, 503: 3}, 4), 6, 6, id="with 5xx"),
+        pytest.param(({200: 5}, 5), ({200: 5}, 5), 0, 0, id="idle"),
+    ],
+)
+def test_window_between_counts_grpc_errors(
+    start: tuple[dict[int, int], int], end: tuple[dict[int, int], int], requests: int, errors: int
+) -> None:
+    got = window_between(
+        CounterSnapshot(start[0], grpc_errors=start[1]), CounterSnapshot(end[0], grpc_errors=end[1])
+    )
+    assert (got.requests, got.errors, got.reset) == (requests, errors, False)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        pytest.param(({200: 5}, 3), ({200: 9}, 2), id="grpc errors went down"),
+        # A worker with 10 answers left the sum while another served 12 gRPC errors: more
+        # errors than answers below 500, counts that do not add up.
+        pytest.param(({200: 10}, 0), ({200: 12, 503: 1}, 12), id="more than the non-5xx"),
+    ],
+)
+def test_window_between_grpc_errors_that_do_not_add_up_reset_the_evidence(
+    start: tuple[dict[int, int], int], end: tuple[dict[int, int], int]
+) -> None:
+    got = window_between(
+        CounterSnapshot(start[0], grpc_errors=start[1]), CounterSnapshot(end[0], grpc_errors=end[1])
+    )
+    assert got == Window(0, 0, reset=True)
+
+
+def grpc_evidence(calls: int, status: int, errors: int = 0) -> CounterSnapshot:
+    """One worker's counters after `calls` gRPC calls answered with HTTP 200 and `status` (and
+    `errors` of them INTERNAL), as the supervisor reads them back."""
+    stats = RouteUpstreamStats("api", "x")
+    for index in range(calls):
+        stats.observe_grpc(200, grpc.INTERNAL if index < errors else status, 0.05)
+    sent = read_pair_snapshot(orjson.loads(orjson.dumps(stats.snapshot())))
+    return CounterSnapshot.from_stats([sent])
+
+
+def test_a_canary_failing_only_with_grpc_internal_is_rolled_back() -> None:
+    """Every canary call is HTTP 200 with grpc-status INTERNAL: an error, as a 5xx would be."""
+    state = running(1)  # 5%
+    canary = window_between(CounterSnapshot(), grpc_evidence(300, grpc.INTERNAL))
+    baseline = window_between(CounterSnapshot(), grpc_evidence(3000, grpc.OK, errors=30))
+    assert (canary.requests, canary.errors, baseline.errors) == (300, 300, 30)
+    failed, entry = look(state, ROLLOUT, canary, baseline, state.step_started_at + 10.0, "t")
+    assert (failed.state, failed.canary_weight) == ("failed", 0.0)
+    assert entry is not None
+    assert (entry.verdict, entry.canary["errors"], entry.canary["error_rate"]) == ("fail", 300, 1.0)
+    assert any(test.reject and test.name == "errors" for test in entry.tests)
+    assert "canary errors 100.00% (300/300)" in failed.reason
+
+
+def test_grpc_statuses_that_are_not_errors_pass_like_2xx() -> None:
+    state = running()
+    canary = window_between(CounterSnapshot(), grpc_evidence(300, grpc.NOT_FOUND))
+    baseline = window_between(CounterSnapshot(), grpc_evidence(3000, grpc.OK))
+    passed, entry = look(state, ROLLOUT, canary, baseline, T0 + ROLLOUT.interval, "t")
+    assert entry is not None
+    assert (entry.verdict, passed.step, entry.canary["errors"]) == ("pass", 1, 0)
 
 
 def test_window_between_rejects_other_layouts() -> None:

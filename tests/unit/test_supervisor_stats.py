@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.control.supervisor import Supervisor, load_config
 from proxy.control.workers import BAD_STATS_LOG_EVERY, WorkerHandle
-from proxy.core.counters import RouteUpstreamStats, WorkerSnapshot
+from proxy.core.counters import GOAWAY_REASONS, RouteUpstreamStats, WorkerSnapshot
 from proxy.runtime.channel import OP_STATS, ControlChannel, open_channel
 from proxy.runtime.tasks import TaskSet
 
@@ -46,6 +47,7 @@ def good_snapshot(served: int) -> WorkerSnapshot:
         "no_route": RouteUpstreamStats("", "").snapshot(),
         "mirror": [],
         "fail_open": {},
+        "h2_goaways": dict.fromkeys(GOAWAY_REASONS, 0),
         "endpoints": [],
         "connections": 3,
     }
@@ -177,3 +179,34 @@ async def test_a_dead_workers_last_good_snapshot_is_retired(setup: Setup) -> Non
     assert supervisor.workers._workers == {}
     assert supervisor.workers._retired.pairs[("api", "blue")].count == 3
     assert f"{SERVED} 3.0\n" in await scrape(supervisor)
+
+
+async def test_grpc_statuses_and_goaways_survive_the_workers_death(setup: Setup) -> None:
+    """Through the channel, the supervisor's sum and the retired totals, to the exposition."""
+    supervisor, handle, worker, supervising = setup
+    pair = RouteUpstreamStats("api", "blue")
+    pair.observe_grpc(200, 14, 0.01)
+    pair.observe_grpc(200, 0, 0.01)
+    sent = {
+        **good_snapshot(0),
+        "routes": [pair.snapshot()],
+        "h2_goaways": {**dict.fromkeys(GOAWAY_REASONS, 0), "rapid_reset": 2},
+    }
+    worker.answers.append(sent)
+    assert len(await supervisor.workers.request_stats(3600.0)) == 1
+    handle.process.terminate()
+    assert await supervising == -signal.SIGTERM
+    assert supervisor.workers._retired.pairs[("api", "blue")].grpc_errors == 1
+    families = {
+        family.name: family for family in text_string_to_metric_families(await scrape(supervisor))
+    }
+    grpc = {
+        sample.labels["grpc_status"]: sample.value
+        for sample in families["turnout_grpc_responses"].samples
+    }
+    assert grpc == {"OK": 1.0, "UNAVAILABLE": 1.0}
+    goaways = {
+        sample.labels["reason"]: sample.value
+        for sample in families["turnout_http2_goaways"].samples
+    }
+    assert goaways == {**dict.fromkeys(GOAWAY_REASONS, 0.0), "rapid_reset": 2.0}

@@ -112,7 +112,7 @@
         const key = route.name + "\u0000" + upstream.name;
         present.add(key);
         const buckets = upstream.buckets.length === slots ? upstream.buckets : Array(slots).fill(0);
-        const sample = { t, requests: upstream.requests, errors: upstream.errors_5xx, buckets };
+        const sample = { t, requests: upstream.requests, errors: upstream.errors, buckets };
         let list = samples.get(key) || [];
         const last = list[list.length - 1];
         if (last && t <= last.t) continue; // no poll since the last answer
@@ -212,7 +212,7 @@
 
     const table = el("table", "versions");
     const headRow = table.createTHead().insertRow();
-    for (const title of ["version", "split", "req/s", "errors (5xx)", "p99", ""]) {
+    for (const title of ["version", "split", "req/s", "errors", "p99", ""]) {
       headRow.append(el("th", title ? "" : "actions", title));
     }
     const body = table.createTBody();
