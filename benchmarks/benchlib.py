@@ -339,11 +339,13 @@ def write_proxy_conf(
     workers: int,
     keepalive: int,
     tls: TlsListener | None = None,
+    extra: str = "",
 ) -> Path:
     """Write an nginx reverse-proxy config in front of the backend; return the conf path.
 
     `keepalive` is the number of idle upstream connections each worker keeps. With `tls`, the
-    same server also listens with TLS on `tls.port`.
+    same server also listens with TLS on `tls.port`. `extra` goes into the `http` block as it is
+    (more upstreams and servers: the h2 rows, h2lib.py).
     """
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -376,7 +378,7 @@ http {{
             proxy_set_header X-Request-Id $request_id;
             add_header X-Request-Id $request_id;
         }}
-    }}
+    }}{extra}
 }}
 """
     )

@@ -3,11 +3,13 @@
 
     .venv/bin/python benchmarks/profile_worker.py          # browser scenario, 10 s per tool
     .venv/bin/python benchmarks/profile_worker.py --scenario small --seconds 20
+    .venv/bin/python benchmarks/profile_worker.py --scenario h2-small   # h2load over h2c
 
 One worker pinned on core 0, the backend nginx and wrk on the last core (as `run.py --pin`), the
 route of `run.py --features` (sticky 90/10 split with a header override, metrics on, access log
-off). wrk runs for warm-up + both recordings; py-spy records first, then `perf record -e
-cpu-clock` (no hardware counters needed), one after the other so neither slows the other's view.
+off). wrk (for h2-small: h2load, --connections in flight as 8 streams per connection) runs
+for warm-up + both recordings; py-spy records first, then `perf record -e cpu-clock` (no
+hardware counters needed), one after the other so neither slows the other's view.
 The report lists the leaf functions taking the most samples and the same samples in a few
 groups (kernel, event loop, HTTP parser, Turnout's code, interpreter, allocator). py-spy stops
 the process to unwind native stacks and so over-samples system calls: take shares from perf's
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import benchlib as bl
+import h2lib as h2
 import run as bench
 
 TOP = 25
@@ -41,6 +44,8 @@ GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("system calls", re.compile(r"^(\[\.\] )?(__)?(libc_)?(write|read|send|recv)\w* |^syscall ")),
     ("event loop (uvloop, libuv)", re.compile(r"uvloop|libuv|^uv_|uv__")),
     ("HTTP parser (httptools, llhttp)", re.compile(r"httptools|llhttp")),
+    # py-spy names these frames `Class.method (h2/stream.py:1314)`.
+    ("HTTP/2 (h2, hpack, hyperframe)", re.compile(r"\((h2|hpack|hyperframe)/")),
     ("TLS (OpenSSL)", re.compile(r"libssl|libcrypto|ssl")),
     ("Turnout, compiled", re.compile(r"CPyDef_|CPyPy_|hot__mypyc|__native_")),
     ("Turnout, Python", re.compile(r"proxy/")),
@@ -130,16 +135,16 @@ def table(title: str, leaves: collections.Counter[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="browser", choices=["browser", "small"])
+    parser.add_argument("--scenario", default="browser", choices=["browser", "small", "h2-small"])
     parser.add_argument("--seconds", type=int, default=10, help="per recording (10)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--no-perf", action="store_true", help="py-spy only")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, bl.interrupt_on_sigterm)
-    tools = bench.ensure_tools(pin=True, perf=not args.no_perf)
+    scenario = bench.SCENARIOS[args.scenario]
+    tools = bench.ensure_tools(pin=True, perf=not args.no_perf, h2=bool(scenario.h2_streams))
     settings = bench.parse_args(["--workers", "1", "--pin", "--scenarios", args.scenario])
     pinning = bench.choose_pinning(True, [1])
-    scenario = bench.SCENARIOS[args.scenario]
     warmup = 3
     wrk_seconds = warmup + args.seconds * (1 if args.no_perf else 2) + 5
     with bl.session_dir("turnout-profile-") as tmp, contextlib.ExitStack() as stack:
@@ -149,9 +154,19 @@ def main() -> None:
         worker = worker_pid(subject.proc.pid)
         script = bench.write_lua(tmp, scenario)
         url = f"http://{bl.LOOPBACK}:{subject.port}{scenario.path}"
-        wrk = subprocess.Popen(
-            [
-                *bl.taskset_prefix(pinning.load),
+        if scenario.h2_streams:
+            # h2c with prior knowledge on the plain listener; connections x streams in flight.
+            load = h2.h2load_argv(
+                tools["h2load"],
+                url,
+                max(1, args.connections // scenario.h2_streams),
+                scenario.h2_streams,
+                wrk_seconds,
+                None,
+                None,
+            )
+        else:
+            load = [
                 tools["wrk"],
                 "-t2",
                 f"-c{args.connections}",
@@ -159,9 +174,9 @@ def main() -> None:
                 "-s",
                 str(script),
                 url,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
+            ]
+        wrk = subprocess.Popen(
+            [*bl.taskset_prefix(pinning.load), *load], stdout=subprocess.PIPE, text=True
         )
         stack.callback(wrk.kill)
         time.sleep(warmup)  # wrk has no ready signal; this is load ramp-up, not a wait for state
@@ -171,12 +186,13 @@ def main() -> None:
         build = subprocess.run(
             [*settings.turnout_cmd, "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", wrk_out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)|finished in [\d.]+\w+, ([\d.]+) req/s", wrk_out)
     lines = [
         f"# Profile of one Turnout worker: {args.scenario}, c{args.connections}",
         "",
         f"- {bl.timestamp()}, {build}; {pinning.description}",
-        f"- wrk during both recordings: {rps[1] if rps else '?'} req/s",
+        f"- {'h2load' if scenario.h2_streams else 'wrk'} during both recordings: "
+        f"{(rps[1] or rps[2]) if rps else '?'} req/s",
         "- py-spy: the process's own frames (Python functions, native symbols of compiled "
         "modules and C libraries); perf cpu-clock: the same process including the kernel",
         "",

@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/run.py --fixed-rate 2000   # open-loop latency instead of wrk
     .venv/bin/python benchmarks/run.py --fixed-rate-half-max   # ... at half Turnout's max req/s
     .venv/bin/python benchmarks/run.py --scenarios tls   # HTTPS: keep-alive and new handshakes
+    .venv/bin/python benchmarks/run.py --scenarios h2    # h2c and gRPC unary (h2load, h2lib.py)
 
 See docs/benchmarks.md for what is measured and how to read the table. All traffic stays on
 127.0.0.1; every process started here is stopped on exit, Ctrl-C or error.
@@ -32,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 import benchlib as bl
+import h2lib as h2
 import orjson
 import trustme
 from latency import GRACE_S, LatencyResult
@@ -77,7 +79,9 @@ class Scenario:
     over HTTPS; `close`: `Connection: close`, so every request is a new connection (over HTTPS
     wrk resumes the previous connection's TLS session); `full_handshake`: instead of wrk,
     `connections` parallel `openssl s_time -new` clients, one full handshake per request;
-    `headers`: sent with every request besides wrk's Host and the sticky header.
+    `headers`: sent with every request besides wrk's Host and the sticky header;
+    `h2_streams`: instead of wrk, h2load over h2c (prior knowledge) with this many streams in
+    flight per connection; `grpc`: h2load POSTs a gRPC unary call (h2lib.py).
     """
 
     name: str
@@ -88,6 +92,8 @@ class Scenario:
     close: bool = False
     full_handshake: bool = False
     headers: tuple[tuple[str, str], ...] = ()
+    h2_streams: int = 0
+    grpc: bool = False
 
 
 # What a browser sends on a page load (Chromium's own header set, two cookies), so that the head
@@ -120,12 +126,16 @@ SCENARIOS = {
         Scenario("tls-small", "/small", (64,), tls=True),
         Scenario("tls-handshake", "/small", (32,), tls=True, close=True),
         Scenario("tls-full-handshake", "/small", (8,), tls=True, full_handshake=True),
+        # 8 connections x 8 streams: 64 requests in flight, as wrk's c64 on `small`.
+        Scenario("h2-small", "/small", (8,), h2_streams=8),
+        Scenario("grpc-unary", h2.GRPC_PATH, (8,), h2_streams=8, grpc=True),
     )
 }
 # What `--scenarios` runs by default, and names standing for several scenarios.
 DEFAULT_SCENARIOS = ("small", "browser", "1m-download", "1m-upload")
 SCENARIO_GROUPS = {
     "tls": ("tls-small", "tls-handshake", "tls-full-handshake"),
+    "h2": ("h2-small", "grpc-unary"),
     "all": tuple(SCENARIOS),
 }
 # The issue-12 goal: Turnout's keep-alive TLS req/s at least this share of NGINX's.
@@ -171,6 +181,16 @@ class Settings:
         """Whether any scenario needs the proxies' TLS listeners."""
         return any(s.tls for s in self.scenarios)
 
+    @property
+    def h2(self) -> bool:
+        """Whether any scenario runs h2load (the proxies' h2c ports)."""
+        return any(s.h2_streams for s in self.scenarios)
+
+    @property
+    def grpc(self) -> bool:
+        """Whether the gRPC backend and the proxies' gRPC routes are needed."""
+        return any(s.grpc for s in self.scenarios)
+
 
 @dataclass(frozen=True)
 class Subject:
@@ -182,6 +202,8 @@ class Subject:
     tls_port: int | None = None
     # What a default Python client negotiated on the TLS port: protocol and cipher.
     tls_info: str = ""
+    # Where h2c (prior knowledge) is spoken: Turnout's plain port; NGINX's `listen ... http2`.
+    h2_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,9 @@ class Lab:
     raw_dir: Path
     backend: Subject
     cert: TestCert | None = None
+    # The gRPC backend (h2lib.py) and the request body file h2load posts to it.
+    grpc_backend: Subject | None = None
+    grpc_body: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -276,8 +301,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         choices=[*SCENARIOS, *SCENARIO_GROUPS],
         default=list(DEFAULT_SCENARIOS),
         metavar="NAME",
-        help=f"any of {', '.join(SCENARIOS)}; `tls` = tls-small tls-handshake, `all` = every "
-        f"one (default: {' '.join(DEFAULT_SCENARIOS)})",
+        help=f"any of {', '.join(SCENARIOS)}; `tls` = tls-small tls-handshake, `h2` = h2-small "
+        f"grpc-unary, `all` = every one (default: {' '.join(DEFAULT_SCENARIOS)})",
     )
     parser.add_argument(
         "--tls-key",
@@ -370,10 +395,13 @@ def parse_args(argv: list[str] | None) -> Settings:
         parser.error("workers, repeat and duration must be positive")
     if settings.fixed_rate is not None and settings.fixed_rate <= 0:
         parser.error("--fixed-rate must be positive")
-    if settings.fixed_rate is not None and settings.fixed_rate_half_max:
+    fixed_half = settings.fixed_rate_half_max
+    if settings.fixed_rate is not None and fixed_half:
         parser.error("--fixed-rate and --fixed-rate-half-max exclude each other")
     if settings.tls and settings.dry:
         parser.error("--dry does not cover the TLS scenarios")
+    if settings.h2 and (settings.fixed_rate is not None or fixed_half):
+        parser.error("the h2 scenarios run with h2load only, not with --fixed-rate*")
     return settings
 
 
@@ -392,12 +420,16 @@ def which(tool: str) -> str | None:
     return None
 
 
-def ensure_tools(pin: bool, perf: bool = False, tls: bool = False) -> dict[str, str]:
-    """Find nginx and wrk (and taskset when pinning, openssl for the TLS scenarios), installing
-    missing ones with apt-get; with `perf`, also find perf (not installed: its package follows
-    the kernel).
+def ensure_tools(
+    pin: bool, perf: bool = False, tls: bool = False, h2: bool = False
+) -> dict[str, str]:
+    """Find nginx and wrk (and taskset when pinning, openssl for the TLS scenarios, h2load for
+    the h2 ones), installing missing ones with apt-get; with `perf`, also find perf (not
+    installed: its package follows the kernel).
     """
     packages = {"nginx": "nginx", "wrk": "wrk"}
+    if h2:
+        packages["h2load"] = "nghttp2-client"
     if pin:
         packages["taskset"] = "util-linux"
     if tls:
@@ -462,6 +494,23 @@ def start_backend(
     if bl.http_status(port, "/1m") != 200:
         raise bl.StartError(f"backend GET /1m did not answer 200:\n{proc.log_tail()}")
     return Subject("backend", port, proc)
+
+
+def start_grpc_backend(
+    tmp: Path, tools: dict[str, str], pinning: Pinning, stack: contextlib.ExitStack
+) -> Subject:
+    """Start the gRPC backend nginx (h2lib.py) and check a real gRPC call gets its reply."""
+    prefix = tmp / "grpc-backend"
+    port = bl.free_port()
+    conf = h2.write_grpc_backend_conf(prefix, port)
+    proc = bl.Proc(
+        "grpc backend nginx",
+        bl.nginx_argv(tools["nginx"], prefix, conf, pinning.load),
+        prefix / "error.log",
+    )
+    stack.callback(proc.stop)
+    h2.wait_for_grpc(proc, port, 10.0)
+    return Subject("backend", port, proc, h2_port=port)
 
 
 def make_cert(tmp: Path, kind: str) -> TestCert:
@@ -535,16 +584,35 @@ def start_nginx_proxy(lab: Lab, label: str, workers: int, stack: contextlib.Exit
     tls = None
     if lab.cert is not None:
         tls = bl.TlsListener(bl.free_port(), lab.cert.cert, lab.cert.key)
-    conf = bl.write_proxy_conf(prefix, port, lab.backend.port, workers, lab.settings.keepalive, tls)
+    h2_port = bl.free_port() if lab.settings.h2 else None
+    extra = ""
+    if h2_port is not None:
+        grpc_port = lab.grpc_backend.port if lab.grpc_backend is not None else None
+        extra = h2.nginx_h2_lines(h2_port, grpc_port, lab.settings.keepalive)
+    conf = bl.write_proxy_conf(
+        prefix, port, lab.backend.port, workers, lab.settings.keepalive, tls, extra
+    )
     argv = bl.nginx_argv(lab.tools["nginx"], prefix, conf, lab.pinning.proxy)
     proc = bl.Proc(label, argv, prefix / "error.log")
     stack.callback(proc.stop)
     bl.wait_for_http(proc, port, "/small", 10.0)
+    wait_for_h2_rows(lab, proc, h2_port, label)
     if tls is None or lab.cert is None:
-        return Subject(label, port, proc)
+        return Subject(label, port, proc, h2_port=h2_port)
     info = wait_for_https(proc, tls.port, lab.cert, 10.0)
     print(f"  {label} TLS ready ({info})", flush=True)
-    return Subject(label, port, proc, tls.port, info)
+    return Subject(label, port, proc, tls.port, info, h2_port=h2_port)
+
+
+def wait_for_h2_rows(lab: Lab, proc: bl.Proc, h2_port: int | None, label: str) -> None:
+    """When h2 scenarios run: wait until `proc` answers h2c on `h2_port` (and a real gRPC call,
+    when the gRPC row runs); StartError (with the log) otherwise, never a hang."""
+    if h2_port is None:
+        return
+    h2.wait_for_h2(lab.tools["h2load"], proc, h2_port, "/small", 10.0)
+    if lab.grpc_backend is not None:
+        h2.wait_for_grpc(proc, h2_port, 10.0)
+    print(f"  {label} h2c ready{' (gRPC call OK)' if lab.grpc_backend else ''}", flush=True)
 
 
 def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subject:
@@ -552,6 +620,8 @@ def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subjec
     settings = lab.settings
     port, admin_port = bl.free_port(), bl.free_port()
     config = bl.turnout_config(port, admin_port, workers, lab.backend.port, settings.features)
+    if lab.grpc_backend is not None:
+        h2.turnout_grpc_route(config, lab.grpc_backend.port)
     tls_port = None
     if lab.cert is not None:
         # The list form of `listen` (docs/config.md): the plain listener and a TLS one.
@@ -573,11 +643,14 @@ def start_turnout(lab: Lab, workers: int, stack: contextlib.ExitStack) -> Subjec
     stack.callback(proc.stop)
     how = bl.wait_for_turnout(proc, port, admin_port, "/small", 15.0)
     print(f"  turnout ready ({how})", flush=True)
+    # h2c with prior knowledge on the plain listener (contract section 11).
+    h2_port = port if settings.h2 else None
+    wait_for_h2_rows(lab, proc, h2_port, "turnout")
     if tls_port is None or lab.cert is None:
-        return Subject("turnout", port, proc)
+        return Subject("turnout", port, proc, h2_port=h2_port)
     info = wait_for_https(proc, tls_port, lab.cert, 10.0)
     print(f"  turnout TLS ready ({info})", flush=True)
-    return Subject("turnout", port, proc, tls_port, info)
+    return Subject("turnout", port, proc, tls_port, info, h2_port=h2_port)
 
 
 def start_subjects(lab: Lab, workers: int, stack: contextlib.ExitStack) -> list[Subject]:
@@ -629,6 +702,24 @@ def run_wrk(
     ]
     done = bl.run_bounded(argv, timeout=seconds + 30)
     return wrk_figures(done), done.stdout
+
+
+def run_h2load(
+    lab: Lab, scenario: Scenario, url: str, connections: int, seconds: int, log: Path | None
+) -> tuple[dict[str, float], str]:
+    """Run h2load once (h2lib.py); return figures shaped like wrk's and the full output."""
+    body = lab.grpc_body if scenario.grpc else None
+    argv = [
+        *bl.taskset_prefix(lab.pinning.load),
+        *h2.h2load_argv(
+            lab.tools["h2load"], url, connections, scenario.h2_streams, seconds, body, log
+        ),
+    ]
+    done = bl.run_bounded(argv, timeout=seconds + 30)
+    try:
+        return h2.h2load_figures(done.stdout, log), done.stdout
+    except RuntimeError as exc:
+        raise BenchError(f"h2load exited {done.returncode}: {exc}") from exc
 
 
 S_TIME_COUNT = re.compile(r"^(\d+) connections in [\d.]+ real seconds", re.MULTILINE)
@@ -734,7 +825,11 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     if not subject.proc.alive():
         raise BenchError(f"{subject.label} is gone:\n{subject.proc.log_tail()}")
     scenario, connections = shape.scenario, shape.connections
-    if scenario.tls:
+    if scenario.h2_streams:
+        if subject.h2_port is None:
+            raise BenchError(f"{subject.label} has no h2c port for {scenario.name}")
+        url = f"http://{bl.LOOPBACK}:{subject.h2_port}{scenario.path}"
+    elif scenario.tls:
         if subject.tls_port is None:
             raise BenchError(f"{subject.label} has no TLS listener for {scenario.name}")
         url = f"https://{bl.LOOPBACK}:{subject.tls_port}{scenario.path}"
@@ -743,13 +838,19 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     if lab.settings.warmup:
         if scenario.full_handshake and subject.tls_port is not None:
             run_s_time(lab, subject.tls_port, connections, lab.settings.warmup, scenario.path)
+        elif scenario.h2_streams:
+            run_h2load(lab, scenario, url, connections, lab.settings.warmup, None)
         else:
             run_wrk(lab, url, connections, lab.settings.warmup, shape.script)
     pids = bl.process_tree(subject.proc.pid)
     # Everything this harness runs; CPU used by any other process is background noise.
     ours = {os.getpid()}
-    for started in (lab.backend, *subjects):
+    others = (lab.grpc_backend,) if lab.grpc_backend is not None else ()
+    for started in (lab.backend, *others, *subjects):
         ours.update(bl.process_tree(started.proc.pid))
+    name = f"{scenario.name}-c{connections}-w{shape.workers}-{subject.label}-{shape.repeat}"
+    # h2load's per-request log: the source of its latency percentiles.
+    log = lab.raw_dir / f"{name}.h2load-log.tsv" if scenario.h2_streams else None
     counter = bl.SyscallCounter(lab.tools["perf"], pids) if lab.settings.syscalls else None
     split_before = bl.cpu_ticks_split(pids)
     before = bl.cpu_snapshot()
@@ -759,6 +860,10 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
                 lab, subject.tls_port, connections, lab.settings.duration, scenario.path
             )
             output = orjson.dumps(figures).decode()
+        elif scenario.h2_streams:
+            figures, output = run_h2load(
+                lab, scenario, url, connections, lab.settings.duration, log
+            )
         else:
             figures, output = run_wrk(lab, url, connections, lab.settings.duration, shape.script)
     finally:
@@ -766,8 +871,7 @@ def measure(lab: Lab, subjects: list[Subject], subject: Subject, shape: Shape) -
     after = bl.cpu_snapshot()
     split_after = bl.cpu_ticks_split(pids)
     memory = bl.tree_memory(pids)
-    name = f"{scenario.name}-c{connections}-w{shape.workers}-{subject.label}-{shape.repeat}.txt"
-    (lab.raw_dir / name).write_text(output)
+    (lab.raw_dir / f"{name}.txt").write_text(output)
     if not subject.proc.alive():
         raise BenchError(f"{subject.label} died during the run:\n{subject.proc.log_tail()}")
     requests = int(figures["requests"])
@@ -822,10 +926,13 @@ def wrk_session(lab: Lab, subjects: list[Subject], workers: int, report: Report)
     lab.raw_dir.mkdir(parents=True, exist_ok=True)
     for scenario in lab.settings.scenarios:
         script = write_lua(lab.tmp, scenario)
+        # The gRPC backend alone, in the same rounds: its row shows how far from the
+        # bottleneck it is.
+        alone = [lab.grpc_backend] if scenario.grpc and lab.grpc_backend is not None else []
         for connections in scenario.connections:
             for repeat in range(1, lab.settings.repeat + 1):
                 shape = Shape(scenario, connections, workers, repeat, script)
-                for subject in subjects:
+                for subject in [*subjects, *alone]:
                     result = measure(lab, subjects, subject, shape)
                     report.runs.append(result)
                     print(describe(result), flush=True)
@@ -1229,7 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables and write benchmarks/out/results-<timestamp>.md."""
     settings = parse_args(argv)
     signal.signal(signal.SIGTERM, bl.interrupt_on_sigterm)
-    tools = ensure_tools(settings.pin, settings.syscalls, settings.tls)
+    tools = ensure_tools(settings.pin, settings.syscalls, settings.tls, settings.h2)
     pinning = choose_pinning(settings.pin, settings.workers)
     report = Report(settings, pinning)
     stamp = bl.timestamp()
@@ -1247,7 +1354,22 @@ def main(argv: list[str] | None = None) -> int:
             if cert is not None:
                 report.tls.append(f"- {cert_description(cert)}")
                 print(cert_description(cert), flush=True)
-            lab = Lab(settings, tools, pinning, tmp, raw_dir, backend, cert)
+            grpc_backend = grpc_body = None
+            if settings.grpc:
+                grpc_backend = start_grpc_backend(tmp, tools, pinning, stack)
+                grpc_body = tmp / "grpc-request.bin"
+                grpc_body.write_bytes(h2.grpc_frame(h2.REQUEST_MESSAGE))
+                print(f"gRPC backend nginx on {bl.LOOPBACK}:{grpc_backend.port}", flush=True)
+            if settings.h2:
+                report.notes.append(
+                    "h2-small, grpc-unary: h2load over h2c with prior knowledge, conns x "
+                    f"{SCENARIOS['h2-small'].h2_streams} streams in flight; NGINX on a "
+                    "`listen ... http2` server (grpc_pass for gRPC), Turnout on its plain "
+                    "listener; `backend` rows: the gRPC backend nginx alone (benchmarks/h2lib.py)"
+                )
+            lab = Lab(
+                settings, tools, pinning, tmp, raw_dir, backend, cert, grpc_backend, grpc_body
+            )
             for workers in settings.workers:
                 print(f"== {workers} worker(s)", flush=True)
                 with contextlib.ExitStack() as per_workers:
