@@ -17,7 +17,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc  # type: ignore[import-untyped]  # grpcio ships no type stubs
+import grpc
 import h2.events
 import h2.settings
 import httpx
