@@ -106,6 +106,17 @@ class _ServerH2(h2.connection.H2Connection):
         self._open_streams(1)
         return 0
 
+    def _receive_goaway_frame(
+        self, frame: GoAwayFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        # h2 (python-hyper/h2 issue 1181) closes on a received GOAWAY and then refuses to send
+        # anything, while RFC 9113 section 6.8 lets the streams already open finish: a client
+        # that says goodbye gracefully still gets its answers. The connection takes no new
+        # streams after it (Http2Connection closes once the open ones are done).
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+        return result
+
 
 class _BoundedFrames(FrameBuffer):
     """h2's frame reader, with a header block held across CONTINUATION frames bounded by
@@ -532,8 +543,12 @@ class Http2Connection(asyncio.Protocol):
             for stream in list(self.streams.values()):
                 self.pump(stream)
         elif isinstance(event, h2.events.ConnectionTerminated):
-            # The client's GOAWAY: h2 will send nothing more, so what is open is lost.
-            self._close_transport()
+            if event.error_code == ErrorCodes.NO_ERROR and self.streams:
+                # The client's graceful GOAWAY: its open streams finish, then the connection
+                # closes (_stream_gone); it opens no new ones.
+                self._closing = True
+            else:
+                self._close_transport()
         # Trailers of a request are not forwarded (as for HTTP/1.1); PING and SETTINGS are
         # answered by h2; PRIORITY is advisory.
 

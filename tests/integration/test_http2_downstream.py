@@ -12,6 +12,7 @@ import hashlib
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -25,7 +26,7 @@ import orjson
 import pytest
 import trustme
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame
+from hyperframe.frame import DataFrame, GoAwayFrame
 
 from proxy.dataplane.http1 import PAUSE_BACKPRESSURE
 from proxy.dataplane.http2 import STREAM_BUFFER, STREAM_WINDOW, Http2Connection
@@ -433,6 +434,26 @@ def test_drain_sends_goaway_and_lets_streams_finish(blue: EchoUpstream) -> None:
         stopping.join(30)
         assert not stopping.is_alive()
         client.close()
+
+
+def test_a_clients_graceful_goaway_lets_its_open_stream_finish(blue: EchoUpstream) -> None:
+    # RFC 9113 section 6.8: the streams a GOAWAY leaves open still complete. The client's
+    # GOAWAY is hand-built: h2's own client would refuse the response after sending one.
+    with start_inprocess(config(blue)) as turnout, RawH2(turnout.port) as client:
+        sid = client.request("/slow?ms=300")
+        wait_until(lambda: held_streams(turnout) == 1, what="the stream open in the worker")
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = 0
+        goaway.error_code = ErrorCodes.NO_ERROR
+        client.send_raw(goaway.serialize())
+        status, _, body = client.response(sid)
+        assert status == 200
+        assert orjson.loads(body)["path"] == "/slow?ms=300"
+        # Nothing is open any more and the client said goodbye: Turnout closes.
+        until = time.monotonic() + 10
+        while client.read_once():
+            assert time.monotonic() < until, "the connection stayed open"
+        assert client.error is None, client.error
 
 
 # -- abuse, as the worker counts it (the full set runs against a subprocess: system tests) ----

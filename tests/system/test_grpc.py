@@ -312,6 +312,23 @@ def test_refused_connect_and_no_route_are_grpc_statuses_not_error_pages(
     assert "http2 header" not in error.details()
 
 
+def test_a_call_routed_to_an_http1_upstream_is_unavailable_never_downgraded(
+    turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
+) -> None:
+    # The same gRPC server, but the upstream says http1: gRPC needs HTTP/2 end to end, so the
+    # call is answered by the proxy, naming the upstream, and the server never sees it.
+    config = rig_config(endpoints_of(servers), {"v1": 100})
+    config["upstreams"]["v1"]["protocol"] = "http1"
+    turnout = turnout_factory(config)
+    with RigClient(target(turnout)) as client, pytest.raises(grpc.RpcError) as failed:
+        client.unary("x")
+    error: Any = failed.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "'v1' is reached over HTTP/1.1" in error.details()
+    counts = grpc_counts(turnout)
+    assert counts.get(("rig", "v1", "UNAVAILABLE")) == 1, counts
+
+
 # --- choosing the upstream per call -----------------------------------------------------------
 
 
