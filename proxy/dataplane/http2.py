@@ -353,8 +353,8 @@ class H2Stream:
                 self.paused_upstream = carrier
         elif held is not None:
             self.paused_upstream = None
-            if held is carrier:
-                held.resume_reading()
+            if carrier is not None and held is carrier:
+                carrier.resume_reading()
 
 
 class Http2Connection(asyncio.Protocol):
