@@ -356,6 +356,7 @@ class H2Stream:
         "sink",
         "sink_paused",
         "stream_id",
+        "trailers",
     )
 
     def __init__(self, conn: H2ClientConnection) -> None:
@@ -389,6 +390,7 @@ class H2Stream:
         self.replay: list[bytes] | None = []
         self.replay_size = 0
         self.body_ended = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None
         self.moved = False
 
     # the exchange's side (UpstreamCarrier)
@@ -493,12 +495,16 @@ class H2Stream:
         self.out.append(data)
         self.push()
 
-    def end_body(self, chunked: bool) -> None:
-        """The request is complete: END_STREAM, after any data still waiting for window."""
+    def end_body(self, chunked: bool, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        """The request is complete: END_STREAM, after any data still waiting for window, on
+        the request's trailers when it has some."""
         self.body_ended = True
+        self.trailers = trailers or None
         if self.head_fields is not None:
-            self._open(self.head_fields, end_stream=True)
-            return
+            if self.trailers is None:
+                self._open(self.head_fields, end_stream=True)
+                return
+            self._open(self.head_fields, end_stream=False)
         if self.request_done or not self.stream_id:
             return
         self.end_pending = True
@@ -578,7 +584,10 @@ class H2Stream:
             if not out and self.end_pending:
                 self.end_pending = False
                 self.request_done = True
-                h2conn.end_stream(self.stream_id)
+                if self.trailers is not None:
+                    h2conn.send_headers(self.stream_id, self.trailers, end_stream=True)
+                else:
+                    h2conn.end_stream(self.stream_id)
         except h2.exceptions.StreamClosedError:
             # The server reset or ended the stream meanwhile: the rest of the body is moot.
             out.clear()
@@ -775,8 +784,9 @@ class H2Stream:
         if not self.body_ended and self.head_fields is not None:
             # The exchange has not sent the body yet: HEADERS leave at the end of the pass.
             return
-        self._open(fields, end_stream=self.body_ended and not replay)
-        if replay and self.stream_id:
+        ends_here = self.body_ended and not replay and self.trailers is None
+        self._open(fields, end_stream=ends_here)
+        if (replay or (self.body_ended and not ends_here)) and self.stream_id:
             self.out.extend(replay)
             self.end_pending = self.body_ended
             self.push()

@@ -152,7 +152,7 @@ _ALLOW: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # Response headers never copied to the client (framing and our own are rebuilt).
 _RESPONSE_DROP: Final = HOP_BY_HOP | {b"x-request-id"}
 # Fields a trailer section must not carry (RFC 9110 section 6.5.1: framing, routing, controls).
-_TRAILER_DROP: Final = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"x-request-id"}
+TRAILER_DROP: Final = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"x-request-id"}
 
 # Connection options that are not header names, and headers whose removal would change the
 # framing or the target: a `Connection: content-length` must not smuggle a body (it would be
@@ -395,6 +395,7 @@ class Exchange:
         "request_id",
         "request_id_in",
         "request_state",
+        "request_trailers",
         "response_chunked",
         "response_state",
         "retained",
@@ -449,6 +450,9 @@ class Exchange:
         self.grpc_deadline = 0.0
         self.grpc_status = -1
         self.trailers: list[tuple[bytes, bytes, bytes]] | None = None
+        # The request's trailer fields (lower name, value) from an HTTP/2 client, passed on
+        # when the upstream side can carry them (HTTP/2, or a chunked HTTP/1.1 body).
+        self.request_trailers: list[tuple[bytes, bytes]] | None = None
         self.added: list[tuple[bytes, bytes]] = []
         self.method = ""
         self.version = "1.1"
@@ -923,7 +927,7 @@ class Exchange:
         self.pending_size = 0
         if self.request_state == RECEIVED:
             if chunked or upstream_conn.framed_end:
-                upstream_conn.end_body(chunked)
+                upstream_conn.end_body(chunked, self.request_trailers)
             self._response_deadline(ctx.now)
         else:
             # While the body streams, the idle timeout applies; the response timeout starts
@@ -1048,7 +1052,7 @@ class Exchange:
         upstream_conn = self.upstream_conn
         if upstream_conn is not None:
             if self.chunked_in or upstream_conn.framed_end:
-                upstream_conn.end_body(self.chunked_in)
+                upstream_conn.end_body(self.chunked_in, self.request_trailers)
             if self.response_state == WAITING:
                 self._response_deadline(self.conn.ctx.now)
 
@@ -1839,7 +1843,7 @@ class ClientConnection(CoalescingProtocol):
                 return
             parts = [b"0\r\n"]
             for lname, name, value in trailers:
-                if lname not in _TRAILER_DROP:
+                if lname not in TRAILER_DROP:
                     parts += (name, b": ", value, b"\r\n")
             parts.append(b"\r\n")
             self.write(b"".join(parts))

@@ -39,7 +39,7 @@ from hyperframe.frame import Frame, GoAwayFrame
 from proxy.core.exchange_state import DONE, IDLE, RECEIVED
 from proxy.core.h2request import MalformedRequest, parse_request
 from proxy.core.headers import HOP_BY_HOP
-from proxy.dataplane.http1 import Exchange, HeadError, WorkerHooks
+from proxy.dataplane.http1 import TRAILER_DROP, Exchange, HeadError, WorkerHooks
 from proxy.dataplane.upstream import FRAMING_NONE, UpstreamCarrier
 from proxy.dataplane.writes import WRITE_HIGH, WRITE_LOW
 
@@ -526,6 +526,8 @@ class Http2Connection(asyncio.Protocol):
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
             self._data(event)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self._request_trailers(event)
         elif isinstance(event, h2.events.StreamEnded):
             self._request_end(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
@@ -549,8 +551,20 @@ class Http2Connection(asyncio.Protocol):
                 self._closing = True
             else:
                 self._close_transport()
-        # Trailers of a request are not forwarded (as for HTTP/1.1); PING and SETTINGS are
-        # answered by h2; PRIORITY is advisory.
+        # PING and SETTINGS are answered by h2; PRIORITY is advisory.
+
+    def _request_trailers(self, event: h2.events.TrailersReceived) -> None:
+        """The request's trailers (they end the stream: StreamEnded follows). Passed on when
+        the upstream side can carry them; framing and connection fields never are."""
+        stream = self.streams.get(event.stream_id)
+        ex = stream.ex if stream is not None else None
+        if ex is None or ex.request_state == RECEIVED:
+            return
+        ex.request_trailers = [
+            (name.lower(), value)
+            for name, value in event.headers or ()
+            if name[:1] != b":" and name.lower() not in TRAILER_DROP
+        ]
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id

@@ -127,7 +127,7 @@ class UpstreamCarrier(Protocol):
     ) -> None: ...
     def send_head(self, ex: OutgoingRequest) -> None: ...
     def send_body(self, data: bytes, chunked: bool) -> None: ...
-    def end_body(self, chunked: bool) -> None: ...
+    def end_body(self, chunked: bool, trailers: list[tuple[bytes, bytes]] | None) -> None: ...
     def write(self, data: bytes) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -434,10 +434,18 @@ class UpstreamConnection(CoalescingProtocol):
         else:
             self.write(data)
 
-    def end_body(self, chunked: bool) -> None:
-        """The request body is complete: only a chunked body says so on the wire."""
+    def end_body(self, chunked: bool, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        """The request body is complete: only a chunked body says so on the wire, with the
+        request's trailers in its trailer section (a body of known length has none)."""
         if chunked:
-            self.write(b"0\r\n\r\n")
+            if not trailers:
+                self.write(b"0\r\n\r\n")
+                return
+            parts = [b"0\r\n"]
+            for name, value in trailers:
+                parts += (name, b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            self.write(b"".join(parts))
 
     def detach(self) -> None:
         """Stop reporting to the current sink (the client went away)."""

@@ -66,6 +66,7 @@ class _Stream:
     body: asyncio.Queue[tuple[bytes, int] | None] = field(default_factory=asyncio.Queue)
     window: asyncio.Event = field(default_factory=asyncio.Event)
     reset: bool = False
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class _ServerConnection(asyncio.Protocol):
@@ -121,6 +122,10 @@ class _ServerConnection(asyncio.Protocol):
                 stream = self.streams.get(event.stream_id or 0)
                 if stream is not None:
                     stream.body.put_nowait((event.data or b"", event.flow_controlled_length or 0))
+            elif isinstance(event, h2.events.TrailersReceived):
+                stream = self.streams.get(event.stream_id or 0)
+                if stream is not None:
+                    stream.trailers = list(event.headers or [])
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self.streams.get(event.stream_id or 0)
                 if stream is not None:
@@ -311,6 +316,9 @@ class _ServerConnection(asyncio.Protocol):
             ],
             "body_length": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
+            "trailers": [
+                [name.decode("latin-1"), value.decode("latin-1")] for name, value in stream.trailers
+            ],
             "connection": self.index,
             "stream_id": stream.stream_id,
         }
