@@ -117,6 +117,23 @@ def test_curl_prior_knowledge(turnout: InProcessTurnout) -> None:
     assert entry["status"] == 200
 
 
+def test_a_stream_is_mirrored_like_an_http1_request(
+    blue: EchoUpstream, green: EchoUpstream
+) -> None:
+    # Mirror is one of the routing features every stream gets: the copy goes to the shadow
+    # over HTTP/1.1, the client's answer comes from the primary.
+    cfg = config(blue)
+    cfg["upstreams"]["green"] = {"endpoints": [green.address]}
+    cfg["routes"][1]["mirror"] = {"to": "green", "percent": 100}
+    before = green.requests
+    with start_inprocess(cfg) as turnout, RawH2(turnout.port) as client:
+        sid = client.request("/mirrored", method="POST", body=b"copy me")
+        status, _, body = client.response(sid)
+        assert status == 200
+        assert orjson.loads(body)["upstream"] == "blue"
+        wait_until(lambda: green.requests == before + 1, what="the shadow's copy")
+
+
 def test_body_without_length_goes_chunked(turnout: InProcessTurnout) -> None:
     with RawH2(turnout.port) as client:
         body = pattern_bytes(300_000)
