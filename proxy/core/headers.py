@@ -68,3 +68,13 @@ def via_names_us(value: bytes, name: bytes) -> bool:
         if len(parts) >= 2 and parts[1] == name:
             return True
     return False
+
+
+def last_chunk(trailers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The end of a chunked body (RFC 9112 section 7.1): the zero-size chunk, the trailer
+    fields, the blank line."""
+    parts = [b"0\r\n"]
+    for name, value in trailers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -34,6 +34,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
+from proxy.core.headers import HOP_BY_HOP
 from proxy.dataplane.upstream import (
     FRAMING_CHUNKED,
     FRAMING_LENGTH,
@@ -63,17 +64,7 @@ H2_IDLE_TIMEOUT: Final = 30.0
 
 # Request fields that belong to one HTTP/1.1 connection (RFC 9113 section 8.2.2) or that
 # HTTP/2 carries as pseudo-header fields.
-_CONNECTION_SPECIFIC: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-        b"host",
-    }
-)
+_CONNECTION_SPECIFIC: Final = HOP_BY_HOP | {b"host"}
 _TE_TRAILERS: Final = (b"te", b"trailers")
 
 # Stream error codes (RFC 9113 section 7).

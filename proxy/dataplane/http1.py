@@ -66,6 +66,7 @@ from proxy.core.headers import (
     RETRY_BODY_LIMIT,
     connection_tokens,
     forwarded_for,
+    last_chunk,
     via_names_us,
 )
 from proxy.core.routing import RequestView, decide, normalize_host, normalize_target, parse_cookies
@@ -1112,7 +1113,7 @@ class Exchange:
             if lname == b"grpc-status":
                 text = value.strip()
                 # A hostile value must not become a label: anything else counts as UNKNOWN.
-                self.grpc_status = int(text) if text.isdigit() and len(text) <= 2 else 2
+                self.grpc_status = int(text) if text.isdigit() and len(text) <= 2 else grpc.UNKNOWN
                 return
 
     def sticky_cookie(self) -> bytes:
@@ -1841,12 +1842,11 @@ class ClientConnection(CoalescingProtocol):
             if trailers is None:
                 self.write(b"0\r\n\r\n")
                 return
-            parts = [b"0\r\n"]
-            for lname, name, value in trailers:
-                if lname not in TRAILER_DROP:
-                    parts += (name, b": ", value, b"\r\n")
-            parts.append(b"\r\n")
-            self.write(b"".join(parts))
+            self.write(
+                last_chunk(
+                    (name, value) for lname, name, value in trailers if lname not in TRAILER_DROP
+                )
+            )
 
     def send_local(
         self,

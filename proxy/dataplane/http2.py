@@ -38,7 +38,6 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 from proxy.core.exchange_state import DONE, IDLE, RECEIVED
 from proxy.core.h2request import MalformedRequest, parse_request
-from proxy.core.headers import HOP_BY_HOP
 from proxy.dataplane.http1 import TRAILER_DROP, Exchange, HeadError, WorkerHooks
 from proxy.dataplane.upstream import FRAMING_NONE, UpstreamCarrier
 from proxy.dataplane.writes import WRITE_HIGH, WRITE_LOW
@@ -465,13 +464,7 @@ class Http2Connection(asyncio.Protocol):
         if self.stall_timer is not None:
             self.stall_timer.cancel()
             self.stall_timer = None
-        streams = list(self.streams.values())
-        self.streams.clear()
-        for stream in streams:
-            stream.reset = True
-            ex = stream.ex
-            if ex is not None and not stream.done:
-                ex.client_lost()
+        self._end_streams()
         self.ctx.connection_closed(self)
 
     def pause_writing(self) -> None:
@@ -792,7 +785,7 @@ class Http2Connection(asyncio.Protocol):
                     fields = [
                         (lname, value)
                         for lname, _, value in trailers
-                        if lname not in HOP_BY_HOP and lname[:1] != b":"
+                        if lname not in TRAILER_DROP and lname[:1] != b":"
                     ]
                     h2conn.send_headers(stream.sid, fields, end_stream=True)
                 elif head is None:

@@ -20,7 +20,7 @@ from typing import Final, Protocol, cast
 
 import httptools
 
-from proxy.core.headers import is_chunked
+from proxy.core.headers import is_chunked, last_chunk
 from proxy.core.health import CLEAR
 from proxy.core.routing import pick_endpoint
 from proxy.core.spec import Endpoint, UpstreamSpec, UpstreamTls
@@ -438,14 +438,7 @@ class UpstreamConnection(CoalescingProtocol):
         """The request body is complete: only a chunked body says so on the wire, with the
         request's trailers in its trailer section (a body of known length has none)."""
         if chunked:
-            if not trailers:
-                self.write(b"0\r\n\r\n")
-                return
-            parts = [b"0\r\n"]
-            for name, value in trailers:
-                parts += (name, b": ", value, b"\r\n")
-            parts.append(b"\r\n")
-            self.write(b"".join(parts))
+            self.write(last_chunk(trailers) if trailers else b"0\r\n\r\n")
 
     def detach(self) -> None:
         """Stop reporting to the current sink (the client went away)."""
