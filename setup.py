@@ -32,6 +32,8 @@ HOT_MODULES = [
     "proxy/core/exchange_state.py",
     "proxy/core/headers.py",
     "proxy/core/routing.py",
+    "proxy/core/spec.py",
+    "proxy/core/table.py",
     "proxy/core/sticky.py",
     "proxy/core/wsframes.py",
     "proxy/dataplane/accesslog.py",

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, NamedTuple
+from typing import Final
 
 from proxy.core.spec import Override
-from proxy.core.sticky import choose_cached, key_unit
+from proxy.core.sticky import key_unit
 from proxy.core.table import (
     CompiledRoute,
     PathError,
@@ -64,7 +64,7 @@ class RequestView:
         )
 
 
-class Decision(NamedTuple):
+class Decision:
     """Where one request goes and why.
 
     `reason` is one of "override", "sticky", "weight", "rollout", or "no_route" (then route and
@@ -74,12 +74,40 @@ class Decision(NamedTuple):
     "send" (sampled, method allowed) or "skip" (sampled, method not allowed: counted skipped).
     """
 
-    route: CompiledRoute | None
-    upstream: str | None
-    reason: str
-    sticky_key: str | None
-    set_cookie: str | None
-    mirror: str | None
+    # A plain class rather than a NamedTuple: compiled, one is made natively on every request.
+    __slots__ = ("mirror", "reason", "route", "set_cookie", "sticky_key", "upstream")
+
+    def __init__(
+        self,
+        route: CompiledRoute | None,
+        upstream: str | None,
+        reason: str,
+        sticky_key: str | None,
+        set_cookie: str | None,
+        mirror: str | None,
+    ) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.reason = reason
+        self.sticky_key = sticky_key
+        self.set_cookie = set_cookie
+        self.mirror = mirror
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.route,
+            self.upstream,
+            self.reason,
+            self.sticky_key,
+            self.set_cookie,
+            self.mirror,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return f"Decision({', '.join(map(repr, self._fields()))})"
 
 
 _NO_ROUTE: Final = Decision(None, None, "no_route", None, None, None)
@@ -298,11 +326,7 @@ def decide(
             upstream = upstreams[bisect_right(split.cumulative, rand, 0, len(upstreams) - 1)]
             reason = "weight"
         else:
-            upstream = (
-                split.upstreams[0]
-                if len(split.upstreams) == 1
-                else choose_cached(key, split.upstreams, split.weights)
-            )
+            upstream = split.upstreams[0] if len(split.upstreams) == 1 else split.memo.choose(key)
             reason = "sticky"
         if route.split_source == "rollout":
             reason = "rollout"

@@ -9,7 +9,9 @@ Durations are float seconds, sizes are int bytes, names are validated strings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copyreg
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 # The largest split weight anywhere: in the file, in a runtime split, in the state file. Far
 # above any useful ratio, and small enough that sums of many weights stay exact enough.
@@ -322,3 +324,39 @@ class ConfigSpec:
             if upstream.name == name:
                 return upstream
         raise KeyError(name)
+
+
+def _rebuild(cls: type[Any], values: dict[str, object]) -> object:
+    return cls(**values)
+
+
+def _reduce(obj: Any) -> tuple[Any, tuple[type[Any], dict[str, object]]]:
+    return _rebuild, (type(obj), {f.name: getattr(obj, f.name) for f in fields(obj)})
+
+
+# The supervisor pickles the spec for its workers. Compiled (mypyc), these classes are native
+# and pickle by setting attributes one by one, which a frozen class refuses: rebuild them
+# through their constructor instead, in both builds.
+for _cls in (
+    Timeouts,
+    Limits,
+    Drain,
+    HealthCheck,
+    Endpoint,
+    CertificateFiles,
+    ListenerTls,
+    Listener,
+    UpstreamTls,
+    UpstreamSpec,
+    Override,
+    Sticky,
+    Mirror,
+    Webhook,
+    Rollout,
+    Annotations,
+    Fleet,
+    Match,
+    RouteSpec,
+    ConfigSpec,
+):
+    copyreg.pickle(_cls, _reduce)

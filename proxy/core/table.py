@@ -14,7 +14,7 @@ Pure core: no asyncio, sockets, os, time or random here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from proxy.core.spec import (
@@ -28,6 +28,7 @@ from proxy.core.spec import (
     Sticky,
     UpstreamSpec,
 )
+from proxy.core.sticky import ChoiceMemo
 
 SPLIT_SOURCES = ("file", "runtime", "fleet", "rollout")
 
@@ -141,13 +142,14 @@ class CompiledSplit:
     `upstreams`/`weights` hold only upstreams with weight > 0, in file order; `cumulative` are
     the running sums divided by the total (last element exactly 1.0), for bisect with a uniform
     random number. `shares` has every upstream named by the split (zeros included) with its
-    effective share in percent; the shares sum to 100.
+    effective share in percent; the shares sum to 100. `memo` remembers sticky choices.
     """
 
     upstreams: tuple[str, ...]
     weights: tuple[float, ...]
     cumulative: tuple[float, ...]
     shares: Mapping[str, float]
+    memo: ChoiceMemo = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,11 +334,14 @@ def compile_split(
     # shares add up to 100.
     largest = max(positive, key=lambda pair: pair[1])[0]
     shares[largest] = 100.0 - sum(share for name, share in shares.items() if name != largest)
+    chosen = tuple(name for name, _ in positive)
+    chosen_weights = tuple(value for _, value in positive)
     return CompiledSplit(
-        upstreams=tuple(name for name, _ in positive),
-        weights=tuple(value for _, value in positive),
+        upstreams=chosen,
+        weights=chosen_weights,
         cumulative=tuple(cumulative),
         shares=MappingProxyType(shares),
+        memo=ChoiceMemo(chosen, chosen_weights),
     )
 
 

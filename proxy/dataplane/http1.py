@@ -236,6 +236,24 @@ class Generation:
         self.uses_host = any(r.host_exact or r.host_suffix for r in table.routes)
 
 
+class RequestIds:
+    """X-Request-Id values: a random prefix per worker process and a counter (32 hex digits),
+    unique without a system call per request; compiled with the data plane."""
+
+    __slots__ = ("_next", "_prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix  # 16 hex digits
+        self._next = 0
+
+    def new(self) -> str:
+        """The next id."""
+        n = self._next
+        self._next = n + 1
+        # to_bytes().hex() is the cheapest 16 hex digits compiled (a format spec costs more).
+        return self._prefix + n.to_bytes(8, "big").hex()
+
+
 class WorkerHooks(Protocol):
     """What the data plane needs of the worker that runs it (`worker.WorkerContext`).
 
@@ -250,8 +268,8 @@ class WorkerHooks(Protocol):
     batcher: WriteBatcher
     access_log: AccessLog | None
     watched: set[Exchange]  # exchanges with a deadline or an idle timeout, checked each tick
+    request_ids: RequestIds
 
-    def new_request_id(self) -> str: ...
     def mirrorer(self) -> Mirrorer: ...
     def count_fail_open(self, upstream: str) -> None: ...
     def passive_result(self, endpoint: EndpointPool, status: int) -> None: ...
@@ -635,7 +653,7 @@ class Exchange:
         if self.request_id_in is not None:
             self.request_id = self.request_id_in.decode("latin-1")
         else:
-            self.request_id = self.conn.ctx.new_request_id()
+            self.request_id = self.conn.ctx.request_ids.new()
 
     def _http2_head(self) -> None:
         """What only an HTTP/2 request can be: a gRPC call, with a deadline."""
@@ -801,10 +819,17 @@ class Exchange:
         if head:
             return head
         parts = [f"{self.method} ".encode("latin-1"), self.url, b" HTTP/1.1\r\n"]
+        # Appends, not `+= (...)`: no tuple made and freed per field.
         for _, name, value in self.kept_headers:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         for name, value in self.added:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         if self.host is None:
             # An HTTP/1.0 request may come without Host; HTTP/1.1 requires the field, empty when
             # the target has no authority (RFC 9112 section 3.2).
@@ -1663,10 +1688,14 @@ class ClientConnection(CoalescingProtocol):
         assert ex is not None
         try:
             parser = self.parser
+            keep_alive = bool(parser.should_keep_alive())
             ex.finish_head(
                 parser.get_method().decode("ascii"),
-                parser.get_http_version(),
-                bool(parser.should_keep_alive()),
+                # llhttp keeps an HTTP/1.0 request alive only when its Connection field says
+                # keep-alive: alive without that field it is HTTP/1.1, and asking the parser
+                # (which formats a string) is spared on the common request.
+                "1.1" if keep_alive and not ex.conn_tokens else parser.get_http_version(),
+                keep_alive,
                 bool(parser.should_upgrade()),
             )
             if self.current is None:
@@ -1802,7 +1831,11 @@ class ClientConnection(CoalescingProtocol):
                 close = True
         for lname, name, value in headers:
             if lname not in drop:
-                parts += (name, b": ", value, b"\r\n")
+                # Appends, not `+= (...)`: no tuple made and freed per field.
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
         parts += (b"X-Request-Id: ", ex.request_id.encode("latin-1"), b"\r\n")
         parts.append(ex.gen.via_line)
         if ex.set_cookie is not None:
@@ -1880,7 +1913,7 @@ class ClientConnection(CoalescingProtocol):
             ex.request_id = (
                 request_id.decode("latin-1")
                 if request_id is not None
-                else self.ctx.new_request_id()
+                else self.ctx.request_ids.new()
             )
         self.parsing = None
         self.close_after = True

@@ -641,7 +641,7 @@ class Http2Connection(asyncio.Protocol):
             ex.request_id = (
                 request_id.decode("latin-1")
                 if request_id is not None
-                else self.ctx.new_request_id()
+                else self.ctx.request_ids.new()
             )
         ex.flag = "refused"
         ex.local_error(status, message, close=False)

@@ -344,7 +344,11 @@ class UpstreamConnection(CoalescingProtocol):
             # RFC 9112 section 6.1: chunked is applied once, last; anything else is garbage.
             self._invalid = "chunked is not the final transfer coding"
             raise ValueError(self._invalid)
-        keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        # A connection that already carried a kept-alive response speaks HTTP/1.1: only its
+        # first response needs the version (the parser formats a string for it).
+        keep_alive = parser.should_keep_alive() and (
+            self.uses > 1 or parser.get_http_version() == "1.1"
+        )
         if status == 101:
             # llhttp reports the 101 message as complete before it stops at the upgrade: mark
             # the tunnel now so on_message_complete does not end the exchange.

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import ctypes
 import hashlib
-import itertools
 import logging
 import os
 import resource
@@ -28,7 +27,7 @@ from proxy.core.counters import WorkerSnapshot
 from proxy.core.spec import Listener, Timeouts
 from proxy.core.table import Table, compile_table
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.http1 import ClientConnection, Exchange, Generation
+from proxy.dataplane.http1 import ClientConnection, Exchange, Generation, RequestIds
 from proxy.dataplane.http2 import adopt
 from proxy.dataplane.listeners import FD_RESERVE, Acceptor, ClientSide, client_capacity
 from proxy.dataplane.pools import Pools
@@ -142,15 +141,8 @@ class WorkerContext:
         self.pools = Pools(index, self.batcher, self.tasks)
         self.stats = WorkerStats()
         self._ticks = 0
-        # Request ids: a random prefix per worker process and a counter, unique without a
-        # system call per request.
-        self._id_prefix = os.urandom(8).hex()
-        self._id_counter = itertools.count()
+        self.request_ids = RequestIds(os.urandom(8).hex())
         self._mirrorer: Mirrorer | None = None
-
-    def new_request_id(self) -> str:
-        """A fresh X-Request-Id (32 hex digits)."""
-        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def mirrorer(self) -> Mirrorer:
         """The shadow-traffic sender, created on first use (it owns an HTTP client session)."""

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.core.sticky import choose, choose_cached, key_unit
+from proxy.core.sticky import MEMO_SIZE, ChoiceMemo, choose, key_unit
 
 KEYS = tuple(f"user-{i}" for i in range(10_000))
 NAMES = ("blue", "green", "canary", "shadow", "v5", "v6")
@@ -133,10 +133,21 @@ def test_a_single_upstream_gets_every_key(key: str, name: str, w: float) -> None
     assert choose(key, ["other", name], [0.0, w]) == name
 
 
-@given(st.text(), some_weights)
-def test_the_memo_agrees(key: str, weights: list[float]) -> None:
+@given(st.lists(st.text(), max_size=20), some_weights)
+def test_the_memo_agrees(keys: list[str], weights: list[float]) -> None:
     names = NAMES[: len(weights)]
-    assert choose_cached(key, names, tuple(weights)) == choose(key, names, weights)
+    memo = ChoiceMemo(names, tuple(weights))
+    for key in keys + keys:  # the second time round, from the memo
+        assert memo.choose(key) == choose(key, names, weights)
+
+
+def test_a_full_memo_starts_over_and_still_agrees() -> None:
+    names, weights = ("blue", "green"), (90.0, 10.0)
+    memo = ChoiceMemo(names, weights)
+    keys = [f"user-{i}" for i in range(MEMO_SIZE + 10)]
+    for key in keys:
+        memo.choose(key)
+    assert [memo.choose(key) for key in keys] == [choose(key, names, weights) for key in keys]
 
 
 @given(
