@@ -1743,7 +1743,9 @@ class ClientConnection(CoalescingProtocol):
         """Stop reading the client for `reason` (reasons are bit flags)."""
         was = self.paused
         self.paused = was | reason
-        if not was and self.transport is not None and not self.transport.is_closing():
+        if not was and self.transport is not None:
+            # No is_closing() first: uvloop's transports ignore a pause once closing, and this
+            # runs on every request.
             self.transport.pause_reading()
 
     def unpause(self, reason: int) -> None:
@@ -1752,8 +1754,8 @@ class ClientConnection(CoalescingProtocol):
         if not was & reason:
             return
         self.paused = was & ~reason
-        if not self.paused and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if not self.paused and self.transport is not None:
+            self.transport.resume_reading()  # ignored by a closing transport, as above
 
     def exchange_done(self, ex: Exchange) -> None:
         """An exchange finished: close, or go on with the next pipelined request."""

@@ -167,6 +167,7 @@ class UpstreamConnection(CoalescingProtocol):
         "idle_since",
         "max_head",
         "max_headers",
+        "read_paused",
         "reusable",
         "sink",
         "tunnel",
@@ -191,6 +192,7 @@ class UpstreamConnection(CoalescingProtocol):
         self.upgrade_asked = False
         self.got_bytes = False
         self.reusable = False
+        self.read_paused = False
         self.tunnel = False
         self.idle_since = 0.0
         self.uses = 0
@@ -408,8 +410,9 @@ class UpstreamConnection(CoalescingProtocol):
         `max_head` and `max_headers` bound the response head (the request's limits).
         """
         self.sink = sink
-        # A pooled connection may have been paused by its previous request's slow client.
-        self.resume_reading()
+        if self.read_paused:
+            # A pooled connection paused by its previous request's slow client.
+            self.resume_reading()
         self.head_request = head_request
         self.upgrade_asked = upgrade
         self.max_head = max_head
@@ -451,12 +454,14 @@ class UpstreamConnection(CoalescingProtocol):
 
     def pause_reading(self) -> None:
         """Backpressure from the client side."""
+        self.read_paused = True
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.pause_reading()
 
     def resume_reading(self) -> None:
         """The client drained its buffer."""
+        self.read_paused = False
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
