@@ -6,7 +6,9 @@ What it measures is exactly the interpreter work a request costs in a worker (pa
 header rewriting, counters), which wrk figures mix with syscalls and machine noise. Use it to
 compare before/after a hot-path change, and with --profile to see where the time goes.
 
-    .venv/bin/python benchmarks/hotpath.py [--requests N] [--features] [--profile]
+    .venv/bin/python benchmarks/hotpath.py [--requests N] [--features] [--browser] [--profile]
+
+--browser sends run.py's browser-like head (~400 bytes, six more fields and two cookies).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from typing import Any, cast
 
 import uvloop
+from run import BROWSER_HEADERS
 
 from proxy.core.config import parse_config
 from proxy.core.table import compile_table
@@ -51,6 +54,12 @@ routes:
 REQUEST = (
     b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18080\r\nUser-Agent: wrk\r\n"
     b"Accept: */*\r\nX-User: user-42\r\n\r\n"
+)
+# What run.py's browser scenario sends: wrk's Host, the sticky key, the browser's fields.
+BROWSER_REQUEST = (
+    b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18080\r\nX-User: user-42\r\n"
+    + b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in BROWSER_HEADERS)
+    + b"\r\n"
 )
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 17:00:00 GMT\r\n"
@@ -100,7 +109,7 @@ class MemoryTransport(asyncio.Transport):
         return ("127.0.0.1", 50000) if name == "peername" else default
 
 
-def run(requests: int, features: bool, profile: bool) -> None:
+def run(requests: int, features: bool, browser: bool, profile: bool) -> None:
     """Push `requests` requests through one client connection and print ns per request."""
     loop = uvloop.new_event_loop()
     ctx = WorkerContext(loop, 0, access_log=False)
@@ -118,8 +127,10 @@ def run(requests: int, features: bool, profile: bool) -> None:
         if pool_member is not pool:
             pool_member.idle.append(upstream)
 
+    request = BROWSER_REQUEST if browser else REQUEST
+
     def one() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         ctx.batcher.flush()
         carrier = client.current.upstream_conn if client.current is not None else None
         assert carrier is not None, "the request did not reach the pooled connection"
@@ -147,6 +158,8 @@ def run(requests: int, features: bool, profile: bool) -> None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     mode = "features (override, sticky 90/10)" if features else "plain (one upstream)"
+    if browser:
+        mode += ", browser-like head"
     print(f"{mode}: {elapsed / requests * 1e9:,.0f} ns of Python per request ({requests:,})")
     loop.close()
 
@@ -156,9 +169,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--features", action="store_true")
+    parser.add_argument("--browser", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    run(args.requests, args.features, args.profile)
+    run(args.requests, args.features, args.browser, args.profile)
 
 
 if __name__ == "__main__":
