@@ -205,8 +205,10 @@ class Generation:
         "timeouts",
         "uses_host",
         "via_line",
+        "via_line_2",
         "via_name",
         "via_value",
+        "via_value_2",
         "wanted_headers",
     )
 
@@ -226,10 +228,13 @@ class Generation:
         self.no_route = no_route
         self.limits: Limits = table.spec.limits
         self.timeouts: Timeouts = table.spec.timeouts
-        # This instance's received-by name in Via (RFC 9110 section 7.6.3), ready to write.
+        # This instance's received-by name in Via (RFC 9110 section 7.6.3), ready to write,
+        # after the version of the message received: HTTP/1.1, or HTTP/2 (`_2`).
         self.via_name = via_name.encode("ascii")
         self.via_value = b"1.1 " + self.via_name
         self.via_line = b"Via: " + self.via_value + b"\r\n"
+        self.via_value_2 = b"2 " + self.via_name
+        self.via_line_2 = b"Via: " + self.via_value_2 + b"\r\n"
         self.route_by_name: dict[str, CompiledRoute] = {r.name: r for r in table.routes}
         self.wanted_headers = frozenset(name.encode("latin-1") for name in table.header_names)
         # Without a host-matching route the Host header need not be normalised per request.
@@ -801,6 +806,11 @@ class Exchange:
             conn.send_continue(self)
         self.attempt()
 
+    def upstream_http1(self) -> bool:
+        """The response comes from an HTTP/1.1 upstream (for Via's received-protocol)."""
+        upstream = self.upstream
+        return upstream is None or upstream.spec.protocol == "http1"
+
     def _added_headers(self) -> list[tuple[bytes, bytes]]:
         """The forwarding headers the proxy sets (contract section 3)."""
         added = [
@@ -810,7 +820,8 @@ class Exchange:
         if self.host is not None:
             added.append((b"X-Forwarded-Host", self.host))
         added.append((b"X-Request-Id", self.request_id.encode("latin-1")))
-        added.append((b"Via", self.gen.via_value))
+        gen = self.gen
+        added.append((b"Via", gen.via_value_2 if self.version == "2" else gen.via_value))
         return added
 
     def http1_head(self) -> bytes:
@@ -1839,7 +1850,7 @@ class ClientConnection(CoalescingProtocol):
                 parts.append(value)
                 parts.append(b"\r\n")
         parts += (b"X-Request-Id: ", ex.request_id.encode("latin-1"), b"\r\n")
-        parts.append(ex.gen.via_line)
+        parts.append(ex.gen.via_line if ex.upstream_http1() else ex.gen.via_line_2)
         if ex.set_cookie is not None:
             parts += (b"Set-Cookie: ", ex.sticky_cookie(), b"\r\n")
         if status == 101:

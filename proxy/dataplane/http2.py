@@ -260,7 +260,7 @@ class H2Stream:
         fields = [(b":status", b"%d" % status)]
         fields += [(lname, value) for lname, _, value in headers if lname not in drop]
         fields.append((b"x-request-id", ex.request_id.encode("latin-1")))
-        fields.append((b"via", ex.gen.via_value))
+        fields.append((b"via", ex.gen.via_value if ex.upstream_http1() else ex.gen.via_value_2))
         if ex.set_cookie is not None:
             fields.append((b"set-cookie", ex.sticky_cookie()))
         if body_framing == FRAMING_NONE:

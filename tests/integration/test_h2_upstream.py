@@ -130,7 +130,11 @@ def test_get_over_h2c_has_pseudo_headers_and_forwarding_fields(turnout: InProces
     assert fields["x-forwarded-for"] == ["127.0.0.1"]
     assert fields["x-forwarded-proto"] == ["http"]
     assert fields["x-forwarded-host"] == ["turnout.test"]
+    # Via names the version each hop received: HTTP/1.1 from the client, HTTP/2 from the
+    # upstream (RFC 9110 section 7.6.3).
     assert len(fields["via"]) == 1
+    assert fields["via"][0].startswith("1.1 ")
+    assert (response.header("via") or "").startswith("2 ")
 
 
 def test_header_case_hop_by_hop_and_te(turnout: InProcessTurnout) -> None:

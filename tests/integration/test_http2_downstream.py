@@ -108,6 +108,9 @@ def test_curl_prior_knowledge(turnout: InProcessTurnout) -> None:
     assert seen["path"] == "/hello?x=1"
     headers = seen_headers(body)
     assert ("host", f"127.0.0.1:{turnout.port}") in headers
+    # Via names the version each hop received: HTTP/2 from the client (to the upstream), and
+    # HTTP/1.1 from the upstream (above, to the client).
+    assert [v for n, v in headers if n == "via"][-1].startswith("2 turnout-")
     # RFC 9113 section 8.2.3: split cookie fields reach an HTTP/1.1 upstream as one.
     assert [v for n, v in headers if n == "cookie"] == ["a=1; b=2"]
     assert ("x-forwarded-proto", "http") in headers
