@@ -1670,11 +1670,16 @@ class ClientConnection(CoalescingProtocol):
         gen = ex.gen
         limits = gen.limits
         if ex.request_state:
-            # Past READING_HEAD (0): trailer fields. They come after the head and are not
-            # forwarded, but they are bounded like the head (with it).
+            # Past READING_HEAD (0): trailer fields of a chunked body, bounded like the head
+            # (with it). They end the upstream's request as trailers (a chunked body's trailer
+            # section, or HTTP/2 trailers); framing and connection fields never pass.
             if ex.head_size > limits.max_header_size or ex.header_count > limits.max_headers:
                 self.error = HeadError(431, "request trailers larger than the head limits")
                 raise self.error
+            if name.lower() not in TRAILER_DROP:
+                if ex.request_trailers is None:
+                    ex.request_trailers = []
+                ex.request_trailers.append((name, value))
             return
         lname = name.lower()
         wanted = gen.wanted_headers

@@ -524,7 +524,7 @@ def test_head_then_get_on_a_pooled_upstream_connection(turnout: InProcessTurnout
             )
 
 
-def test_chunked_request_trailers_are_not_forwarded_and_body_is_intact(
+def test_chunked_request_trailers_stay_out_of_the_head_and_body_is_intact(
     turnout: InProcessTurnout,
 ) -> None:
     raw = build_request("POST", "/trailers", [("Transfer-Encoding", "chunked")]) + (

@@ -35,6 +35,7 @@ from tests.support.certs import write_ca, write_pair
 from tests.support.h2client import RawH2
 from tests.support.h2server import H2Upstream
 from tests.support.inprocess import InProcessTurnout, start_inprocess
+from tests.support.rawhttp import RawConnection, build_request
 from tests.support.scripted import Connection, ScriptedUpstream
 from tests.support.upstreams import EchoUpstream, UpstreamHost, pattern_bytes, pattern_sha256
 
@@ -570,6 +571,19 @@ def test_request_trailers_reach_an_http2_upstream(h2_turnout: InProcessTurnout) 
         status, _, body = client.response(sid)
     assert status == 200
     seen = orjson.loads(body)
+    assert seen["body_length"] == 5
+    assert seen["trailers"] == [["x-checksum", "abc"]]
+
+
+def test_an_http1_clients_trailers_reach_an_http2_upstream(h2_turnout: InProcessTurnout) -> None:
+    raw = build_request("POST", "/h2/upload", [("Transfer-Encoding", "chunked")]) + (
+        b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nKeep-Alive: 5\r\n\r\n"
+    )
+    with RawConnection(h2_turnout.port) as conn:
+        conn.send(raw)
+        response = conn.read_final_response("POST")[1]
+    assert response.status == 200
+    seen = orjson.loads(response.body)
     assert seen["body_length"] == 5
     assert seen["trailers"] == [["x-checksum", "abc"]]
 
