@@ -122,7 +122,7 @@ def run(requests: int, features: bool, browser: bool, profile: bool) -> None:
     upstream.connection_made(MemoryTransport())
     pool.connections.add(upstream)
     upstream.reusable = True
-    pool.release(upstream, ctx.now)
+    pool.release(upstream, ctx.state.now)
     for pool_member in ctx.pools.endpoints.values():
         if pool_member is not pool:
             pool_member.idle.append(upstream)

@@ -259,6 +259,20 @@ class RequestIds:
         return self._prefix + n.to_bytes(8, "big").hex()
 
 
+class LoopState:
+    """What every exchange reads of its worker, as a compiled object (a read of the worker
+    itself is a dictionary lookup): the loop's time at the last tick, the exchanges with a
+    deadline or an idle timeout (checked each tick), the access log, the request-id source."""
+
+    __slots__ = ("access_log", "now", "request_ids", "watched")
+
+    def __init__(self, now: float, access_log: AccessLog | None, request_ids: RequestIds) -> None:
+        self.now = now
+        self.access_log = access_log
+        self.request_ids = request_ids
+        self.watched: set[Exchange] = set()
+
+
 class WorkerHooks(Protocol):
     """What the data plane needs of the worker that runs it (`worker.WorkerContext`).
 
@@ -267,13 +281,10 @@ class WorkerHooks(Protocol):
     """
 
     loop: asyncio.AbstractEventLoop
-    now: float  # the loop's time at the last tick
     generation: Generation  # the one in force; an exchange reads it once, when it begins
     tasks: TaskSet
     batcher: WriteBatcher
-    access_log: AccessLog | None
-    watched: set[Exchange]  # exchanges with a deadline or an idle timeout, checked each tick
-    request_ids: RequestIds
+    state: LoopState
 
     def mirrorer(self) -> Mirrorer: ...
     def count_fail_open(self, upstream: str) -> None: ...
@@ -428,6 +439,7 @@ class Exchange:
         "sent_at",
         "set_cookie",
         "start_time",
+        "state",
         "stats",
         "status",
         "te_trailers",
@@ -496,8 +508,10 @@ class Exchange:
         self.head = b""
         # The one read of the generation: a reload after this never reaches this request, so
         # a pipelined request waiting behind another is filtered and routed by the same table.
-        gen = conn.ctx.generation
+        ctx = conn.ctx
+        gen = ctx.generation
         self.gen: Generation = gen
+        self.state = ctx.state
         self.decision = ""
         self.route_name = ""
         self.upstream_name = ""
@@ -658,7 +672,7 @@ class Exchange:
         if self.request_id_in is not None:
             self.request_id = self.request_id_in.decode("latin-1")
         else:
-            self.request_id = self.conn.ctx.request_ids.new()
+            self.request_id = self.state.request_ids.new()
 
     def _http2_head(self) -> None:
         """What only an HTTP/2 request can be: a gRPC call, with a deadline."""
@@ -669,7 +683,7 @@ class Exchange:
                 seconds = parse_timeout(value)
                 if seconds is None:
                     raise HeadError(400, "malformed grpc-timeout")
-                self.grpc_deadline = self.conn.ctx.now + seconds
+                self.grpc_deadline = self.state.now + seconds
 
     def _max_forwards(self) -> None:
         """RFC 9110 section 7.6.2: OPTIONS stops here at 0, else goes on with one less."""
@@ -691,11 +705,10 @@ class Exchange:
     def begin(self) -> None:
         """Decide where the request goes and start the first attempt."""
         conn = self.conn
-        ctx = conn.ctx
         if self.response_state != BEGIN.source:
             raise BEGIN.illegal(self.response_state)
         self.response_state = BEGIN.target
-        self.last_io = ctx.now
+        self.last_io = self.state.now
         if self.answer_here:
             self._local_answer(200, b"", ((b"Allow", _ALLOW),), close=False)
             return
@@ -898,7 +911,7 @@ class Exchange:
         self.tried.add(endpoint)
         self.attempts += 1
         endpoint.in_flight += 1
-        conn = endpoint.take_idle(ctx.now)
+        conn = endpoint.take_idle(self.state.now)
         if conn is not None:
             self._send_on(cast(Carrier, conn))
             return
@@ -931,14 +944,13 @@ class Exchange:
             # The exchange was abandoned while connecting: the fresh connection is still good,
             # keep it warm in the pool (cancelling the connect instead could leak its socket).
             upstream_conn.reusable = True
-            endpoint.release(upstream_conn, ctx.now)
+            endpoint.release(upstream_conn, self.state.now)
             return
         self.connect_task = None
         self.conn.unpause(PAUSE_CONNECTING)
         self._send_on(cast(Carrier, upstream_conn))
 
     def _send_on(self, upstream_conn: Carrier) -> None:
-        ctx = self.conn.ctx
         self.upstream_conn = upstream_conn
         limits = self.gen.limits
         upstream_conn.start(
@@ -950,7 +962,7 @@ class Exchange:
         )
         if self.conn.write_paused:
             upstream_conn.pause_reading()
-        if ctx.access_log is not None:
+        if self.state.access_log is not None:
             self.sent_at = perf_counter()
         upstream_conn.send_head(self)
         chunked = self.chunked_in
@@ -965,13 +977,13 @@ class Exchange:
         if self.request_state == RECEIVED:
             if chunked or upstream_conn.framed_end:
                 upstream_conn.end_body(chunked, self.request_trailers)
-            self._response_deadline(ctx.now)
+            self._response_deadline(self.state.now)
         else:
             # While the body streams, the idle timeout applies; the response timeout starts
             # when the whole request is out (a long upload is not a slow upstream). A gRPC
             # call's own deadline holds throughout.
             self.deadline = self.grpc_deadline
-        ctx.watched.add(self)
+        self.state.watched.add(self)
 
     def _out_of_resources(self, endpoint: EndpointPool, exc: OSError) -> None:
         endpoint.in_flight -= 1
@@ -1039,8 +1051,7 @@ class Exchange:
         """A piece of the request body from the client."""
         size = len(chunk)
         self.bytes_in += size
-        ctx = self.conn.ctx
-        self.last_io = ctx.now
+        self.last_io = self.state.now
         if self.bytes_in > self.gen.limits.max_request_body:
             if self.response_state == WAITING:
                 self.local_error(
@@ -1091,7 +1102,7 @@ class Exchange:
             if self.chunked_in or upstream_conn.framed_end:
                 upstream_conn.end_body(self.chunked_in, self.request_trailers)
             if self.response_state == WAITING:
-                self._response_deadline(self.conn.ctx.now)
+                self._response_deadline(self.state.now)
 
     # ---- ResponseSink: the upstream side ------------------------------------------------
 
@@ -1105,14 +1116,13 @@ class Exchange:
     ) -> None:
         """Relay the response head, with framing and hop-by-hop headers rebuilt."""
         conn = self.conn
-        ctx = conn.ctx
-        ctx.watched.discard(self)
-        self.last_io = ctx.now
+        self.state.watched.discard(self)
+        self.last_io = self.state.now
         self.status = status
         if self.response_state != RESPONSE_HEAD.source:
             raise RESPONSE_HEAD.illegal(self.response_state)
         self.response_state = RESPONSE_HEAD.target
-        if ctx.access_log is not None:
+        if self.state.access_log is not None:
             self.ttfb = perf_counter() - self.sent_at
         # Hop-by-hop fields never pass (RFC 9110 section 7.6.1), nor those Connection names.
         drop = _RESPONSE_DROP
@@ -1135,7 +1145,7 @@ class Exchange:
             # A trailers-only answer carries the call's status in its head.
             self._grpc_status_of(headers)
         if body_framing != FRAMING_NONE:
-            ctx.watched.add(self)
+            self.state.watched.add(self)
             self.deadline = self.grpc_deadline
 
     def upstream_trailers(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -1166,7 +1176,7 @@ class Exchange:
     def upstream_body(self, data: bytes) -> None:
         """Relay a piece of the response body."""
         conn = self.conn
-        self.last_io = conn.ctx.now
+        self.last_io = self.state.now
         self.bytes_out += len(data)
         conn.send_data(self, data)
         mirror = self.mirror
@@ -1186,7 +1196,7 @@ class Exchange:
                 # A success with no failure streak to reset needs no bookkeeping.
                 ctx.passive_result(endpoint, self.status)
             if self.request_state == RECEIVED:
-                endpoint.release(upstream_conn, ctx.now)
+                endpoint.release(upstream_conn, self.state.now)
             else:
                 # The request is not fully sent: this connection cannot carry another.
                 upstream_conn.close()
@@ -1256,7 +1266,7 @@ class Exchange:
 
     def upstream_data(self, data: bytes) -> None:
         """Tunnelled bytes from the endpoint."""
-        self.last_io = self.conn.ctx.now
+        self.last_io = self.state.now
         self.bytes_out += len(data)
         if self.frames_down is not None:
             self.frames_down.feed(data)
@@ -1313,7 +1323,7 @@ class Exchange:
         (trailers-only), or in trailers when the response has begun.
         """
         if self.grpc:
-            passed = bool(self.grpc_deadline) and self.conn.ctx.now >= self.grpc_deadline
+            passed = bool(self.grpc_deadline) and self.state.now >= self.grpc_deadline
             self._grpc_answer(grpc.status_for_local(status, passed), message, close)
             return
         body = orjson.dumps({"error": message, "request_id": self.request_id})
@@ -1363,7 +1373,7 @@ class Exchange:
         if state >= DONE:
             return
         grpc_deadline = self.grpc_deadline
-        if grpc_deadline and self.conn.ctx.now >= grpc_deadline:
+        if grpc_deadline and self.state.now >= grpc_deadline:
             # The call's own deadline (grpc-timeout): not the endpoint's fault, so passive
             # health is not told; the client gets DEADLINE_EXCEEDED as its stub would report.
             self.stats.errors["timeout"] += 1
@@ -1420,8 +1430,7 @@ class Exchange:
             else:
                 mirror.cancel()
         conn = self.conn
-        ctx = conn.ctx
-        ctx.watched.discard(self)
+        self.state.watched.discard(self)
         stats = self.stats
         if self.in_flight_counted:
             stats.in_flight -= 1
@@ -1435,7 +1444,7 @@ class Exchange:
         elif state != TUNNEL:
             # A tunnel was counted as a 101 when it opened.
             stats.observe(self.status, duration)
-        access_log = ctx.access_log
+        access_log = self.state.access_log
         if access_log is not None:
             access_log.record(
                 AccessRecord(
@@ -1486,6 +1495,7 @@ class ClientConnection(CoalescingProtocol):
         "parsing",
         "paused",
         "queue",
+        "state",
         "tunnel",
         "upgrading",
         "write_paused",
@@ -1500,6 +1510,7 @@ class ClientConnection(CoalescingProtocol):
     def __init__(self, ctx: WorkerHooks) -> None:
         super().__init__(ctx.batcher)
         self.ctx = ctx
+        self.state = ctx.state
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None
         self.current: Exchange | None = None
@@ -1526,7 +1537,7 @@ class ClientConnection(CoalescingProtocol):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unknown"
-        self.idle_since = self.ctx.now
+        self.idle_since = self.state.now
         self.ctx.connection_opened(self)
 
     def received(self, data: bytes) -> None:
@@ -1536,7 +1547,7 @@ class ClientConnection(CoalescingProtocol):
             return
         tunnel = self.tunnel
         if tunnel is not None:
-            tunnel.last_io = self.ctx.now
+            tunnel.last_io = self.state.now
             tunnel.bytes_in += len(data)
             if tunnel.frames_up is not None:
                 tunnel.frames_up.feed(data)
@@ -1798,7 +1809,7 @@ class ClientConnection(CoalescingProtocol):
             self.unpause(PAUSE_PIPELINE)
             nxt.begin()
             return
-        self.idle_since = self.ctx.now
+        self.idle_since = self.state.now
         if self.paused:
             self.unpause(PAUSE_PIPELINE)
         if self.closing:
@@ -1931,7 +1942,7 @@ class ClientConnection(CoalescingProtocol):
             ex.request_id = (
                 request_id.decode("latin-1")
                 if request_id is not None
-                else self.ctx.request_ids.new()
+                else self.state.request_ids.new()
             )
         self.parsing = None
         self.close_after = True
@@ -1965,7 +1976,7 @@ class ClientConnection(CoalescingProtocol):
         if held:
             self._feed(held)
         elif self.current is None:
-            self.idle_since = self.ctx.now
+            self.idle_since = self.state.now
             if self.closing:
                 self.close()
 
@@ -1974,7 +1985,7 @@ class ClientConnection(CoalescingProtocol):
         self.tunnel = ex
         self.upgrading = None
         self.close_after = True
-        self.ctx.watched.add(ex)
+        self.state.watched.add(ex)
         ex.deadline = 0.0
         upstream_conn = ex.upstream_conn
         if upstream_conn is not None:

@@ -404,7 +404,7 @@ class Http2Connection(asyncio.Protocol):
         self.h2.incoming_buffer = _BoundedFrames(2 * self.max_header_list)
         self.streams: dict[int, H2Stream] = {}
         self.write_paused = False
-        self.idle_since = ctx.now
+        self.idle_since = ctx.state.now
         self._closing = False
         self.goaway_sent = False
         self.last_stream = 0  # the highest stream id taken (for GOAWAY)
@@ -641,7 +641,7 @@ class Http2Connection(asyncio.Protocol):
             ex.request_id = (
                 request_id.decode("latin-1")
                 if request_id is not None
-                else self.ctx.request_ids.new()
+                else self.ctx.state.request_ids.new()
             )
         ex.flag = "refused"
         ex.local_error(status, message, close=False)
@@ -797,7 +797,7 @@ class Http2Connection(asyncio.Protocol):
             stream.out_size = 0
         if blocked:
             if not stream.blocked_since:
-                stream.blocked_since = self.ctx.now
+                stream.blocked_since = self.ctx.state.now
                 self._watch_stalls()
         else:
             stream.blocked_since = 0.0
@@ -838,7 +838,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _stream_gone(self) -> None:
         if not self.streams:
-            self.idle_since = self.ctx.now
+            self.idle_since = self.ctx.state.now
             if self._closing:
                 self._close_transport()
 

@@ -27,7 +27,7 @@ from proxy.core.counters import WorkerSnapshot
 from proxy.core.spec import Listener, Timeouts
 from proxy.core.table import Table, compile_table
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.http1 import ClientConnection, Exchange, Generation, RequestIds
+from proxy.dataplane.http1 import ClientConnection, Generation, LoopState, RequestIds
 from proxy.dataplane.http2 import adopt
 from proxy.dataplane.listeners import FD_RESERVE, Acceptor, ClientSide, client_capacity
 from proxy.dataplane.pools import Pools
@@ -120,28 +120,26 @@ class WorkerContext:
     ) -> None:
         self.loop = loop
         self.index = index
-        self.now = loop.time()
+        self.state = LoopState(
+            loop.time(), AccessLog() if access_log else None, RequestIds(os.urandom(8).hex())
+        )
         self.fd_limit = fd_limit
         # The Via name of a config without `via` (see Generation).
         self.default_via = via_name
         self._logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
-        self._last_trim = self.now
+        self._last_trim = self.state.now
         self._trim: Callable[[int], int] | None = _malloc_trim()
         self.tasks = TaskSet(f"worker-{index}")
         self.batcher = WriteBatcher(loop)
-        self.access_log = AccessLog() if access_log else None
         self.generation: Generation = None  # type: ignore[assignment]  # set before serving
         # The timeouts of the generation in force, for what is not part of a request: idle
         # keep-alive clients and TLS handshakes. An exchange reads its own generation's.
         self.timeouts = Timeouts()
-        # Exchanges with a deadline or an idle timeout (added by the data plane); see tick().
-        self.watched: set[Exchange] = set()
         self.acceptor = Acceptor(loop, index, self.tasks, self, self.warn_limited, fd_limit)
         self.pools = Pools(index, self.batcher, self.tasks)
         self.stats = WorkerStats()
         self._ticks = 0
-        self.request_ids = RequestIds(os.urandom(8).hex())
         self._mirrorer: Mirrorer | None = None
 
     def mirrorer(self) -> Mirrorer:
@@ -157,7 +155,7 @@ class WorkerContext:
     def apply(self, table: Table) -> None:
         """Swap in a new table; keep warm pools, health and counters of what stays."""
         old = self.generation
-        pools = self.pools.build(table, self.now)
+        pools = self.pools.build(table, self.state.now)
         stats, no_route, mirror_stats = self.stats.carry(old, table)
         spec = table.spec
         self.generation = Generation(
@@ -200,7 +198,7 @@ class WorkerContext:
 
     def set_down(self, down: set[tuple[str, str]]) -> None:
         """Endpoints failing active health checks, from the supervisor."""
-        self.pools.set_down(down, self.now)
+        self.pools.set_down(down, self.state.now)
 
     def stats_snapshot(self) -> WorkerSnapshot:
         """This worker's counters for the supervisor (only series of the current table), which
@@ -233,7 +231,7 @@ class WorkerContext:
 
     def passive_result(self, endpoint: EndpointPool, status: int) -> None:
         """Outcome of one attempt: 0 for a connect/reset/timeout failure, else the status."""
-        self.pools.passive_result(endpoint, status, self.now)
+        self.pools.passive_result(endpoint, status, self.state.now)
 
     def connection_opened(self, conn: ClientSide) -> None:
         """A client connected (or an HTTP/1.1 connection turned HTTP/2)."""
@@ -262,16 +260,17 @@ class WorkerContext:
     def tick(self) -> None:
         """One pass of the timers (also called directly by tests)."""
         now = self.loop.time()
-        self.now = now
+        state = self.state
+        state.now = now
         # Each exchange's idle timeout is that of its own generation (a reload does not move it).
         expired = [
             ex
-            for ex in self.watched
+            for ex in state.watched
             if (ex.deadline and now > ex.deadline)
             or (not ex.deadline and now - ex.last_io > ex.gen.timeouts.idle)
         ]
         for ex in expired:
-            self.watched.discard(ex)
+            state.watched.discard(ex)
             ex.timed_out()
         self._ticks += 1
         connections = self.acceptor.connections
@@ -290,8 +289,8 @@ class WorkerContext:
                 # not to trim, see _tune_malloc) would keep for good: return them now and then.
                 self._last_trim = now
                 self._trim(0)
-        if self.access_log is not None:
-            self.access_log.flush()
+        if self.state.access_log is not None:
+            self.state.access_log.flush()
 
     # ---- shutdown ------------------------------------------------------------------------
 
@@ -337,8 +336,8 @@ class WorkerContext:
         self.pools.close_all()
         if self._mirrorer is not None:
             await self._mirrorer.close()
-        if self.access_log is not None:
-            self.access_log.flush()
+        if self.state.access_log is not None:
+            self.state.access_log.flush()
 
 
 def table_from_message(msg: Mapping[str, Any]) -> Table:

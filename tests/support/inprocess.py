@@ -203,7 +203,7 @@ class InProcessTurnout(AccessLogLines):
         via = "turnout-" + os.urandom(6).hex()
         ctx = WorkerContext(loop, 0, self._log_fd >= 0, raise_fd_limit(), via)
         if self._log_fd >= 0:
-            ctx.access_log = AccessLog(self._log_fd)
+            ctx.state.access_log = AccessLog(self._log_fd)
         self._ctx = ctx
         table = table_from_message(self._table_message(self.config))
         ctx.apply(table)

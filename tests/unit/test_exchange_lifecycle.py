@@ -148,7 +148,7 @@ def plane() -> Iterator[Plane]:
     upstream.connection_made(upstream_transport)
     pool.connections.add(upstream)
     upstream.reusable = True
-    pool.release(upstream, ctx.now)
+    pool.release(upstream, ctx.state.now)
     try:
         yield Plane(ctx, client, client_transport, upstream, upstream_transport)
     finally:
