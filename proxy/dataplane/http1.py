@@ -888,7 +888,15 @@ class Exchange:
         headers += added
         has_body = self.chunked_in or (self.content_length or 0) > 0
         copy = self.conn.ctx.mirrorer().start(
-            route, shadow, mirror_stats, self.method, self.url, headers, has_body
+            route,
+            shadow,
+            mirror_stats,
+            self.method,
+            self.url,
+            headers,
+            has_body,
+            gen.pools.get(mirror.to),
+            gen.limits,
         )
         if copy is None:
             return

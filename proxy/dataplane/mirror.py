@@ -3,7 +3,7 @@
 `routing.decide` samples the request; the data plane then calls `Mirrorer.start` and tees the
 request body into the returned `MirrorCopy` as it streams it to the primary, and (with
 `compare_json`) the primary's response too. Each copy is one task in a `TaskSet`, sending with
-aiohttp to one endpoint of the shadow upstream (round-robin), reading the shadow's answer to the
+aiohttp (or as an HTTP/2 stream, below) to one endpoint of the shadow upstream (round-robin), reading the shadow's answer to the
 end, and comparing it with the primary's.
 
 What this module must never do: delay, fail or alter the primary exchange. So no method the
@@ -16,8 +16,10 @@ Every started copy ends with exactly one outcome in `MirrorStats.outcomes`: `sen
 response came back whole), `error` (connect, reset or timeout; also: the shadow's endpoints
 are resting after failed copies, see REST_AFTER), `dropped` (the route's copies in flight
 were at `max_in_flight`; nothing was sent) or `skipped` (the body went over `max_body`, the
-client went away before its body was complete, an `OPTIONS *` / absolute-form target that a
-copy cannot repeat, or a shadow upstream with `protocol: h2c | h2`: copies speak HTTP/1.1).
+client went away before its body was complete, or an `OPTIONS *` / absolute-form target that a
+copy cannot repeat). A shadow with `protocol: h2c | h2` (a gRPC service, say) gets its copies as
+streams on the worker's own HTTP/2 connections to it (the pools the data plane uses), with the
+same bounds, outcomes and comparisons.
 Status mismatches count in `MirrorStats.mismatch`, JSON body mismatches (statuses equal,
 bodies not) in `MirrorStats.body_mismatch`; both only for copies `sent`.
 """
@@ -37,8 +39,9 @@ from yarl import URL
 from proxy.core.counters import MirrorStats
 from proxy.core.health import CLEAR, Ejection, EjectionRule, after_failure, after_success
 from proxy.core.jsondiff import IgnorePaths, diff
-from proxy.core.spec import Mirror, UpstreamSpec, UpstreamTls
+from proxy.core.spec import Limits, Mirror, UpstreamSpec, UpstreamTls
 from proxy.core.table import CompiledRoute
+from proxy.dataplane.upstream import EndpointPool, UpstreamCarrier, UpstreamPool
 from proxy.runtime.tasks import TaskSet
 from proxy.runtime.tls import TlsFileError, client_context
 
@@ -139,6 +142,115 @@ class _BodyStream:
             await self.waiter
             self.waiter = None
         return self.chunks.popleft()
+
+
+class _H2Request:
+    """A copy's request as an HTTP/2 stream sends it (`upstream.OutgoingRequest`)."""
+
+    __slots__ = (
+        "added",
+        "chunked_in",
+        "content_length",
+        "grpc",
+        "host",
+        "kept_headers",
+        "method",
+        "te_trailers",
+        "url",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        url: bytes,
+        kept_headers: list[tuple[bytes, bytes, bytes]],
+        has_body: bool,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.kept_headers = kept_headers
+        self.added: list[tuple[bytes, bytes]] = []
+        fields = {lname: value for lname, _, value in kept_headers}
+        self.host = fields.get(b"host")
+        length = fields.get(b"content-length")
+        self.content_length = int(length) if length is not None else None
+        self.chunked_in = has_body and length is None
+        self.grpc = fields.get(b"content-type", b"").startswith(b"application/grpc")
+        self.te_trailers = self.grpc  # TE is hop-by-hop: the primary's was not copied
+
+    def http1_head(self) -> bytes:
+        """Never asked of an HTTP/2 stream."""
+        raise NotImplementedError
+
+
+class _H2Sink:
+    """Where an HTTP/2 stream reports the shadow's answer (`upstream.ResponseSink`): the
+    status, the body when it is kept for comparison, and how it ended (`done`: "" for a whole
+    response, else why not)."""
+
+    __slots__ = ("body", "done", "limit", "status", "want_body")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, want_body: bool, limit: int) -> None:
+        self.done: asyncio.Future[str] = loop.create_future()
+        self.want_body = want_body
+        self.limit = limit
+        self.status = 0
+        self.body: list[bytes] | None = None
+
+    def _end(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_result(why)
+
+    def upstream_head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes, bytes]],
+        body_framing: int,
+        keep_alive: bool,
+        connection: list[bytes],
+    ) -> None:
+        self.status = status
+        if self.want_body:
+            content_type = next((v for n, _, v in headers if n == b"content-type"), None)
+            if is_json_type(content_type.decode("latin-1") if content_type else None):
+                self.body = []
+
+    def upstream_body(self, data: bytes) -> None:
+        body = self.body
+        if body is not None:
+            body.append(data)
+            if sum(map(len, body)) > self.limit:
+                self.body = None
+
+    def upstream_trailers(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """Trailers (a gRPC status) are not compared."""
+
+    def upstream_complete(self) -> None:
+        self._end("")
+
+    def upstream_lost(self, got_response_bytes: bool) -> None:
+        self._end("the stream broke")
+
+    def upstream_invalid(self, reason: str) -> None:
+        self._end(reason or "an invalid response")
+
+    def upstream_interim(self, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """Interim answers of the shadow are nobody's business."""
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        self._end("an upgrade")  # never asked for: copies are not upgrades
+
+    def upstream_pause_writing(self) -> None:
+        """The copy's body is bounded by max_body: it waits in the stream, not in the client."""
+
+    def upstream_resume_writing(self) -> None:
+        """See upstream_pause_writing."""
+
+    def upstream_data(self, data: bytes) -> None:
+        """No tunnel: see upstream_upgraded."""
+
+    def go_away(self) -> None:
+        self._end("the connection was closed under the copy")
 
 
 class MirrorCopy:
@@ -349,6 +461,59 @@ class MirrorCopy:
         self._compare_status()
         self._schedule_body_compare()
 
+    async def run_h2(
+        self, endpoint: EndpointPool, request: _H2Request, max_head: int, max_headers: int
+    ) -> None:
+        """Send the copy as a stream on one of the worker's HTTP/2 connections to `endpoint`
+        (an h2c or h2 shadow) and read the answer to the end (the task's body)."""
+        mirror = self._mirror
+        loop = asyncio.get_running_loop()
+        sink = _H2Sink(loop, self._primary_chunks is not None, mirror.max_body)
+        carrier: UpstreamCarrier | None = None
+        endpoint.in_flight += 1
+        try:
+            async with asyncio.timeout(mirror.timeout):
+                carrier = endpoint.take_idle(loop.time())
+                if carrier is None:
+                    carrier = await endpoint.connect(loop)
+                carrier.start(sink, request.method == "HEAD", False, max_head, max_headers)
+                carrier.send_head(request)
+                if self._stream is not None:
+                    async for chunk in self._stream:
+                        carrier.send_body(chunk, False)
+                carrier.end_body(False, None)
+                problem = await sink.done
+        except TimeoutError:
+            log.debug("copy of %s timed out", self._request_id)
+            self._settle("error")
+            return
+        except _GivenUp:
+            return  # given up by the data plane: already counted
+        except OSError as exc:  # refused, reset, or a TLS handshake that failed
+            log.debug("copy of %s failed: %r", self._request_id, exc)
+            self._mirrorer.copy_failed(self._address)
+            self._settle("error")
+            return
+        finally:
+            endpoint.in_flight -= 1
+            if carrier is not None:
+                # Frees the stream's slot, and resets the stream if it is still open.
+                endpoint.release(carrier, loop.time())
+        if problem:
+            log.debug("copy of %s failed: %s", self._request_id, problem)
+            self._mirrorer.copy_failed(self._address)
+            self._settle("error")
+            return
+        self._mirrorer.answered(self._address)
+        self._settle("sent")
+        self._shadow_status = sink.status
+        if sink.body is None:
+            self._no_body_compare()
+        else:
+            self._shadow_body = b"".join(sink.body)
+        self._compare_status()
+        self._schedule_body_compare()
+
     def attach(self, task: asyncio.Task[None]) -> None:
         """Keep the task that runs this copy, to cancel it and to account for its end."""
         self._task = task
@@ -457,8 +622,6 @@ class Mirrorer:
         self._contexts: dict[UpstreamTls, ssl.SSLContext] = {}
         self._last_log: dict[tuple[str, str], float] = {}
         self._unlogged: dict[tuple[str, str], int] = {}
-        # (route, shadow) pairs already warned about an HTTP/2 shadow.
-        self._h2_shadows: set[tuple[str, str]] = set()
 
     def in_flight(self, route: str) -> int:
         """Copies of `route` in flight in this worker."""
@@ -473,6 +636,8 @@ class Mirrorer:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         has_body: bool,
+        pool: UpstreamPool | None = None,
+        limits: Limits | None = None,
     ) -> MirrorCopy | None:
         """Begin one copy.
 
@@ -483,9 +648,15 @@ class Mirrorer:
         returned); without it the body goes chunked and is checked against `max_body` as it
         is fed. Returns None (and counts outcome `dropped`) when the route's copies in flight
         are already at `mirror.max_in_flight`. Never raises, never blocks.
+
+        `pool` is the worker's pool of the shadow and `limits` the request's limits: an h2c or
+        h2 shadow is reached through that pool's HTTP/2 connections, its answer's head bounded
+        by those limits. Without them an HTTP/2 shadow's copies are skipped.
         """
         try:
-            return self._start(route, shadow, stats, method, target, headers, has_body)
+            return self._start(
+                route, shadow, stats, method, target, headers, has_body, pool, limits
+            )
         except Exception:
             log.exception("could not start a copy (route %s)", route.name)
             stats.outcomes["error"] += 1
@@ -500,23 +671,17 @@ class Mirrorer:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         has_body: bool,
+        pool: UpstreamPool | None,
+        limits: Limits | None,
     ) -> MirrorCopy | None:
         mirror = route.mirror
         if mirror is None:
             return None
         name = route.name
-        if shadow.protocol != "http1":
-            # Copies go out with aiohttp, which speaks HTTP/1.1 only: an HTTP/2 shadow (a gRPC
-            # service, say) cannot take them. Said once per route and shadow, counted always.
-            if (name, shadow.name) not in self._h2_shadows:
-                self._h2_shadows.add((name, shadow.name))
-                log.warning(
-                    "route %s: copies to mirror upstream %s are skipped: its protocol is %s and "
-                    "mirrored copies are sent over HTTP/1.1 only",
-                    name,
-                    shadow.name,
-                    shadow.protocol,
-                )
+        h2 = shadow.protocol != "http1"
+        if h2 and (pool is None or limits is None):
+            # Copies to an HTTP/2 shadow ride the worker's HTTP/2 pool of it; without one
+            # (nobody to send them) they are skipped, counted always.
             stats.outcomes["skipped"] += 1
             return None
         in_flight = self._in_flight.get(name, 0)
@@ -547,6 +712,10 @@ class Mirrorer:
             # No endpoint, or every endpoint resting after failed copies.
             stats.outcomes["error"] += 1
             return None
+        if h2 and pool is not None and limits is not None:
+            return self._start_h2(
+                route, mirror, stats, method, target, headers, has_body, pool, limits, address
+            )
         tls: tuple[ssl.SSLContext, str] | None = None
         if shadow.tls is not None:
             context = self._contexts.get(shadow.tls)
@@ -578,6 +747,48 @@ class Mirrorer:
         task = self._tasks.spawn(copy.run(self._client(), method, url, copied, tls), "mirror")
         # Counted only once the task exists: its done callback is what gives the slot back.
         self._in_flight[name] = in_flight + 1
+        copy.attach(task)
+        return copy
+
+    def _start_h2(
+        self,
+        route: CompiledRoute,
+        mirror: Mirror,
+        stats: MirrorStats,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        has_body: bool,
+        pool: UpstreamPool,
+        limits: Limits,
+        address: str,
+    ) -> MirrorCopy | None:
+        """A copy to an h2c or h2 shadow: a stream on the worker's connections to `address`."""
+        endpoint = next((e for e in pool.endpoints if e.address == address), None)
+        if endpoint is None:
+            stats.outcomes["error"] += 1
+            return None
+        kept = [
+            (name.lower(), name, value)
+            for name, value in headers
+            if name.lower() not in _NOT_COPIED
+        ]
+        kept.append((b"x-turnout-mirror", MIRROR_HEADER[0].encode(), MIRROR_HEADER[1].encode()))
+        request = _H2Request(method, target, kept, has_body)
+        request_id = next((v for n, _, v in kept if n == b"x-request-id"), b"").decode("latin-1")
+        ignore: IgnorePaths | None = None
+        if mirror.compare_json:
+            ignore = self._ignores.get(mirror.compare_json_ignore)
+            if ignore is None:
+                ignore = self._ignores[mirror.compare_json_ignore] = IgnorePaths(
+                    mirror.compare_json_ignore
+                )
+        stream = _BodyStream(self.loop) if has_body else None
+        copy = MirrorCopy(self, route.name, mirror, stats, ignore, request_id, stream, address)
+        task = self._tasks.spawn(
+            copy.run_h2(endpoint, request, limits.max_header_size, limits.max_headers), "mirror"
+        )
+        self._in_flight[route.name] = self._in_flight.get(route.name, 0) + 1
         copy.attach(task)
         return copy
 

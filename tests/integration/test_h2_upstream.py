@@ -549,9 +549,11 @@ def test_health_checks_speak_http2(servers: Servers) -> None:
     assert refused is not None
 
 
-def test_mirror_to_an_http2_shadow_is_skipped_and_counted(
+def test_mirror_to_an_http2_shadow_goes_as_streams(
     servers: Servers, upstream_host: UpstreamHost
 ) -> None:
+    # An h2c shadow (a gRPC service, say) gets its copies as streams over HTTP/2, the body
+    # included, marked as copies; the client's answer is the primary's.
     shadow = start(upstream_host, H2Upstream("shadow"))
     config = {
         "upstreams": {
@@ -562,15 +564,26 @@ def test_mirror_to_an_http2_shadow_is_skipped_and_counted(
     }
     try:
         with start_inprocess(config) as mirrored:
-            for _ in range(2):
-                assert rawhttp.get(mirrored.port, "/c/echo").status == 200
-            metrics = mirrored.metrics_text()
-            assert (
-                'turnout_mirror_requests_total{outcome="skipped",route="c",upstream="shadow"} 2.0'
-                in metrics
-            ), metrics
-            assert shadow.streams == 0
-            assert mirrored.stderr_text().count("copies to mirror upstream shadow are skipped") == 1
+            assert rawhttp.get(mirrored.port, "/c/echo").status == 200
+            with rawhttp.RawConnection(mirrored.port) as conn:
+                posted = conn.request("POST", "/c/upload", body=b"copy me")
+            assert posted.status == 200
+            assert posted.json()["body_length"] == 7
+            wait_until(
+                lambda: (
+                    'turnout_mirror_requests_total{outcome="sent",route="c",upstream="shadow"}'
+                    " 2.0" in mirrored.metrics_text()
+                ),
+                what="both copies answered",
+            )
+            assert shadow.streams == 2
+            assert sorted(shadow.paths) == ["/c/echo", "/c/upload"]
+            for head in shadow.heads:
+                fields = dict(head)
+                assert fields[b"x-turnout-mirror"] == b"1"
+                assert b"x-request-id" in fields
+                assert b"transfer-encoding" not in fields
+            assert "skipped" not in mirrored.stderr_text()
     finally:
         upstream_host.call(shadow.stop())
 

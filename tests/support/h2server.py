@@ -30,7 +30,8 @@ Answers are chosen by the last path segment, so they work behind any route prefi
   pause between, then answers its length and sha256.
 
 It records connections made (`connections`), streams seen (`streams`), the most streams open
-at once on one connection (`max_open`), and the paths of requests (`paths`).
+at once on one connection (`max_open`), and the paths and header fields of requests (`paths`,
+`heads`).
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ class _ServerConnection(asyncio.Protocol):
         query = {key: values[0] for key, values in parse_qs(query_text).items()}
         last = target.rsplit("/", 1)[-1]
         self.server.paths.append(path)
+        self.server.heads.append(list(stream.headers))
         if last == "reset":
             self.reset(stream, int(query.get("code", "2")))
             return
@@ -365,6 +367,7 @@ class H2Upstream:
         self.goaways_received = 0
         self.refused_by_goaway = 0
         self.paths: list[str] = []
+        self.heads: list[list[tuple[bytes, bytes]]] = []
         self._server: asyncio.Server | None = None
         self._conns: list[_ServerConnection] = []
         self.released = asyncio.Event()

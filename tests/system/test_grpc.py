@@ -182,6 +182,35 @@ def test_unary_reaches_the_upstream_with_forwarding_metadata_and_comes_back(
     assert servers["v2"].calls == 0
 
 
+def test_calls_are_mirrored_to_a_grpc_shadow(
+    turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
+) -> None:
+    # Shadow traffic for a gRPC service: every call reaches v1 (the caller's answer) and a copy
+    # reaches v2 over HTTP/2, marked as a copy, streaming calls included.
+    config = rig_config({"v1": [servers["v1"].address]}, {"v1": 100})
+    config["upstreams"]["v2"] = {"endpoints": [servers["v2"].address], "protocol": "h2c"}
+    config["routes"][0]["mirror"] = {"to": "v2", "percent": 100}
+    turnout = turnout_factory(config)
+    with RigClient(target(turnout)) as client:
+        reply, call = client.unary("shadowed")
+        total = client.client_stream([1, 2, 3])
+    assert (reply.version, reply.text) == ("v1", "shadowed")
+    assert call.code() == grpc.StatusCode.OK
+    assert total.total == 6
+    wait_until(lambda: servers["v2"].calls == 2, what="both copies at the shadow")
+    assert servers["v1"].calls == 2
+    assert servers["v2"].last_metadata["x-turnout-mirror"] == "1"
+
+    def sent() -> float:
+        status, text = admin_text(turnout.admin_url, "/metrics")
+        assert status == 200
+        line = 'turnout_mirror_requests_total{outcome="sent",route="rig",upstream="v2"} '
+        found = [row for row in text.splitlines() if row.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    wait_until(lambda: sent() == 2.0, what="both copies counted as sent")
+
+
 def test_a_call_with_a_content_length_passes_as_one_without(
     turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
 ) -> None:
