@@ -3,8 +3,8 @@
 `routing.decide` samples the request; the data plane then calls `Mirrorer.start` and tees the
 request body into the returned `MirrorCopy` as it streams it to the primary, and (with
 `compare_json`) the primary's response too. Each copy is one task in a `TaskSet`, sending with
-aiohttp (or as an HTTP/2 stream, below) to one endpoint of the shadow upstream (round-robin), reading the shadow's answer to the
-end, and comparing it with the primary's.
+aiohttp (or as an HTTP/2 stream, below) to one endpoint of the shadow upstream (round-robin),
+reading the shadow's answer to the end, and comparing it with the primary's.
 
 What this module must never do: delay, fail or alter the primary exchange. So no method the
 data plane calls awaits, blocks or raises (each is wrapped; a bug is logged and the copy is
