@@ -58,6 +58,16 @@ _UNITS: Final[dict[int, float]] = {
 }
 
 
+def status_of(headers: list[tuple[bytes, bytes, bytes]]) -> int:
+    """The `grpc-status` among (lower-cased name, name, value) fields: its code, UNKNOWN for a
+    value that is not one (a hostile value must not become a metric label), -1 for none."""
+    for lname, _, value in headers:
+        if lname == b"grpc-status":
+            text = value.strip()
+            return int(text) if text.isdigit() and len(text) <= 2 else UNKNOWN
+    return -1
+
+
 def is_grpc(content_type: bytes) -> bool:
     """Whether a Content-Type names gRPC: `application/grpc`, `+proto`, `;charset`..."""
     value = content_type.strip().lower()

@@ -1163,12 +1163,9 @@ class Exchange:
             self._grpc_status_of(headers)
 
     def _grpc_status_of(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
-        for lname, _, value in headers:
-            if lname == b"grpc-status":
-                text = value.strip()
-                # A hostile value must not become a label: anything else counts as UNKNOWN.
-                self.grpc_status = int(text) if text.isdigit() and len(text) <= 2 else grpc.UNKNOWN
-                return
+        code = grpc.status_of(headers)
+        if code >= 0:
+            self.grpc_status = code
 
     def sticky_cookie(self) -> bytes:
         """The Set-Cookie value that keeps a new visitor in its sticky cohort."""
@@ -1434,7 +1431,7 @@ class Exchange:
         mirror = self.mirror
         if mirror is not None:
             if self.request_state == RECEIVED:
-                mirror.primary_end()
+                mirror.primary_end(self.grpc_status if self.grpc else -1)
             else:
                 mirror.cancel()
         conn = self.conn

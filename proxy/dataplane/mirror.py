@@ -36,6 +36,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from proxy.core import grpc
 from proxy.core.counters import MirrorStats
 from proxy.core.health import CLEAR, Ejection, EjectionRule, after_failure, after_success
 from proxy.core.jsondiff import IgnorePaths, diff
@@ -188,13 +189,14 @@ class _H2Sink:
     status, the body when it is kept for comparison, and how it ended (`done`: "" for a whole
     response, else why not)."""
 
-    __slots__ = ("body", "done", "limit", "status", "want_body")
+    __slots__ = ("body", "done", "grpc_status", "limit", "status", "want_body")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, want_body: bool, limit: int) -> None:
         self.done: asyncio.Future[str] = loop.create_future()
         self.want_body = want_body
         self.limit = limit
         self.status = 0
+        self.grpc_status = -1  # from a trailers-only head, or from the trailers
         self.body: list[bytes] | None = None
 
     def _end(self, why: str) -> None:
@@ -210,6 +212,7 @@ class _H2Sink:
         connection: list[bytes],
     ) -> None:
         self.status = status
+        self.grpc_status = grpc.status_of(headers)
         if self.want_body:
             content_type = next((v for n, _, v in headers if n == b"content-type"), None)
             if is_json_type(content_type.decode("latin-1") if content_type else None):
@@ -223,7 +226,9 @@ class _H2Sink:
                 self.body = None
 
     def upstream_trailers(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
-        """Trailers (a gRPC status) are not compared."""
+        code = grpc.status_of(headers)
+        if code >= 0:
+            self.grpc_status = code
 
     def upstream_complete(self) -> None:
         self._end("")
@@ -265,17 +270,20 @@ class MirrorCopy:
         "_address",
         "_body_size",
         "_ended",
+        "_grpc_compared",
         "_ignore",
         "_mirror",
         "_mirrorer",
         "_outcome",
         "_primary_chunks",
         "_primary_done",
+        "_primary_grpc",
         "_primary_size",
         "_primary_status",
         "_request_id",
         "_route",
         "_shadow_body",
+        "_shadow_grpc",
         "_shadow_status",
         "_stats",
         "_status_compared",
@@ -314,6 +322,10 @@ class MirrorCopy:
         self._shadow_status = 0
         self._shadow_body: bytes | None = None
         self._status_compared = False
+        # gRPC calls: the grpc-status of each side (-1 until known), compared once.
+        self._primary_grpc = -1
+        self._shadow_grpc = -1
+        self._grpc_compared = False
         self.wants_primary_body = ignore is not None
 
     # ---- request side: called by the data plane ---------------------------------------------
@@ -381,10 +393,13 @@ class MirrorCopy:
             log.exception("primary_body failed (route %s)", self._route)
             self._no_body_compare()
 
-    def primary_end(self) -> None:
-        """The primary response is complete: compare now, or when the shadow's arrives."""
+    def primary_end(self, grpc_status: int = -1) -> None:
+        """The primary response is complete (`grpc_status`: a gRPC call's status, else -1):
+        compare now, or when the shadow's arrives."""
         try:
             self._primary_done = True
+            self._primary_grpc = grpc_status
+            self._compare_grpc()
             self._schedule_body_compare()
         except Exception:
             log.exception("primary_end failed (route %s)", self._route)
@@ -507,11 +522,13 @@ class MirrorCopy:
         self._mirrorer.answered(self._address)
         self._settle("sent")
         self._shadow_status = sink.status
+        self._shadow_grpc = sink.grpc_status
         if sink.body is None:
             self._no_body_compare()
         else:
             self._shadow_body = b"".join(sink.body)
         self._compare_status()
+        self._compare_grpc()
         self._schedule_body_compare()
 
     def attach(self, task: asyncio.Task[None]) -> None:
@@ -565,6 +582,23 @@ class MirrorCopy:
                 "status",
                 self._request_id,
                 f"shadow {self._shadow_status}, primary {self._primary_status}",
+            )
+
+    def _compare_grpc(self) -> None:
+        """A gRPC call's outcome is its grpc-status (its HTTP status is 200 either way): count
+        a status mismatch once both are known, for a copy `sent` whose HTTP status agreed."""
+        primary, shadow = self._primary_grpc, self._shadow_grpc
+        if self._grpc_compared or primary < 0 or shadow < 0 or self._outcome != "sent":
+            return
+        self._grpc_compared = True
+        if primary != shadow and self._shadow_status == self._primary_status:
+            self._stats.mismatch += 1
+            self._mirrorer.log_mismatch(
+                self._route,
+                "status",
+                self._request_id,
+                f"shadow grpc-status {grpc.NAMES.get(shadow, shadow)}, "
+                f"primary grpc-status {grpc.NAMES.get(primary, primary)}",
             )
 
     def _schedule_body_compare(self) -> None:

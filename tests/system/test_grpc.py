@@ -211,6 +211,35 @@ def test_calls_are_mirrored_to_a_grpc_shadow(
     wait_until(lambda: sent() == 2.0, what="both copies counted as sent")
 
 
+def test_a_grpc_shadow_that_fails_is_a_status_mismatch(
+    turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
+) -> None:
+    # For gRPC the outcome is grpc-status (HTTP 200 either way): a shadow answering INTERNAL
+    # where the primary answered OK is what shadow traffic is there to show.
+    servers["v2"].mode = "internal"
+    config = rig_config({"v1": [servers["v1"].address]}, {"v1": 100})
+    config["upstreams"]["v2"] = {"endpoints": [servers["v2"].address], "protocol": "h2c"}
+    config["routes"][0]["mirror"] = {"to": "v2", "percent": 100}
+    turnout = turnout_factory(config)
+    with RigClient(target(turnout)) as client:
+        for text in ("one", "two"):
+            reply, call = client.unary(text)
+            assert (reply.version, call.code()) == ("v1", grpc.StatusCode.OK)
+
+    def metric(name: str) -> float:
+        status, text = admin_text(turnout.admin_url, "/metrics")
+        assert status == 200
+        line = f'{name}{{route="rig",upstream="v2"}} '
+        found = [row for row in text.splitlines() if row.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    wait_until(
+        lambda: metric("turnout_mirror_status_mismatch_total") == 2.0,
+        what="both copies counted as status mismatches",
+    )
+    assert servers["v2"].calls == 2
+
+
 def test_a_call_with_a_content_length_passes_as_one_without(
     turnout_factory: TurnoutFactory, servers: dict[str, RigServer]
 ) -> None:

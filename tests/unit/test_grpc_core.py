@@ -55,3 +55,21 @@ def test_message_decoding_keeps_bad_escapes() -> None:
     assert grpc.decode_message(b"50%") == "50%"
     assert grpc.decode_message(b"%zz") == "%zz"
     assert grpc.decode_message(b"a%20b") == "a b"
+
+
+def test_status_of_the_fields() -> None:
+    def fields(*pairs: tuple[bytes, bytes]) -> list[tuple[bytes, bytes, bytes]]:
+        return [(name.lower(), name, value) for name, value in pairs]
+
+    assert grpc.status_of(fields((b"grpc-status", b"13"))) == grpc.INTERNAL
+    assert grpc.status_of(fields((b"x-other", b"1"), (b"grpc-status", b" 0 "))) == grpc.OK
+    assert grpc.status_of(fields((b"x-other", b"1"))) == -1
+    assert grpc.status_of([]) == -1
+
+
+@given(st.binary(max_size=8))
+def test_any_status_value_is_a_code_from_0_to_99(value: bytes) -> None:
+    code = grpc.status_of([(b"grpc-status", b"grpc-status", value)])
+    assert 0 <= code <= 99
+    if not value.strip().isdigit() or len(value.strip()) > 2:
+        assert code == grpc.UNKNOWN
