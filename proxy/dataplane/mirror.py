@@ -189,7 +189,7 @@ class _H2Sink:
     status, the body when it is kept for comparison, and how it ended (`done`: "" for a whole
     response, else why not)."""
 
-    __slots__ = ("body", "done", "grpc_status", "limit", "status", "want_body")
+    __slots__ = ("body", "done", "grpc_status", "limit", "size", "status", "want_body")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, want_body: bool, limit: int) -> None:
         self.done: asyncio.Future[str] = loop.create_future()
@@ -198,6 +198,7 @@ class _H2Sink:
         self.status = 0
         self.grpc_status = -1  # from a trailers-only head, or from the trailers
         self.body: list[bytes] | None = None
+        self.size = 0
 
     def _end(self, why: str) -> None:
         if not self.done.done():
@@ -222,7 +223,8 @@ class _H2Sink:
         body = self.body
         if body is not None:
             body.append(data)
-            if sum(map(len, body)) > self.limit:
+            self.size += len(data)
+            if self.size > self.limit:
                 self.body = None
 
     def upstream_trailers(self, headers: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -746,12 +748,20 @@ class Mirrorer:
             # No endpoint, or every endpoint resting after failed copies.
             stats.outcomes["error"] += 1
             return None
-        if h2 and pool is not None and limits is not None:
-            return self._start_h2(
-                route, mirror, stats, method, target, headers, has_body, pool, limits, address
-            )
+        endpoint: EndpointPool | None = None
+        request: _H2Request | None = None
         tls: tuple[ssl.SSLContext, str] | None = None
-        if shadow.tls is not None:
+        if h2 and pool is not None:
+            # A stream on the worker's own HTTP/2 connections to that endpoint (its TLS too).
+            endpoint = next((e for e in pool.endpoints if e.address == address), None)
+            if endpoint is None:
+                stats.outcomes["error"] += 1
+                return None
+            kept = [(n.lower(), n, v) for n, v in headers if n.lower() not in _NOT_COPIED]
+            marker, flag = (part.encode() for part in MIRROR_HEADER)
+            kept.append((marker.lower(), marker, flag))
+            request = _H2Request(method, target, kept, has_body)
+        elif shadow.tls is not None:
             context = self._contexts.get(shadow.tls)
             if context is None:
                 try:
@@ -767,8 +777,6 @@ class Mirrorer:
                     return None
             host = address.rpartition(":")[0].strip("[]")
             tls = (context, shadow.tls.server_name or host)
-        scheme = "http" if tls is None else "https"
-        url = URL(f"{scheme}://{address}{target.decode('latin-1')}", encoded=True)
         ignore: IgnorePaths | None = None
         if mirror.compare_json:
             ignore = self._ignores.get(mirror.compare_json_ignore)
@@ -778,51 +786,17 @@ class Mirrorer:
                 )
         stream = _BodyStream(self.loop) if has_body else None
         copy = MirrorCopy(self, name, mirror, stats, ignore, request_id, stream, address)
-        task = self._tasks.spawn(copy.run(self._client(), method, url, copied, tls), "mirror")
+        if endpoint is not None and request is not None and limits is not None:
+            task = self._tasks.spawn(
+                copy.run_h2(endpoint, request, limits.max_header_size, limits.max_headers),
+                "mirror",
+            )
+        else:
+            scheme = "http" if tls is None else "https"
+            url = URL(f"{scheme}://{address}{target.decode('latin-1')}", encoded=True)
+            task = self._tasks.spawn(copy.run(self._client(), method, url, copied, tls), "mirror")
         # Counted only once the task exists: its done callback is what gives the slot back.
         self._in_flight[name] = in_flight + 1
-        copy.attach(task)
-        return copy
-
-    def _start_h2(
-        self,
-        route: CompiledRoute,
-        mirror: Mirror,
-        stats: MirrorStats,
-        method: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        has_body: bool,
-        pool: UpstreamPool,
-        limits: Limits,
-        address: str,
-    ) -> MirrorCopy | None:
-        """A copy to an h2c or h2 shadow: a stream on the worker's connections to `address`."""
-        endpoint = next((e for e in pool.endpoints if e.address == address), None)
-        if endpoint is None:
-            stats.outcomes["error"] += 1
-            return None
-        kept = [
-            (name.lower(), name, value)
-            for name, value in headers
-            if name.lower() not in _NOT_COPIED
-        ]
-        kept.append((b"x-turnout-mirror", MIRROR_HEADER[0].encode(), MIRROR_HEADER[1].encode()))
-        request = _H2Request(method, target, kept, has_body)
-        request_id = next((v for n, _, v in kept if n == b"x-request-id"), b"").decode("latin-1")
-        ignore: IgnorePaths | None = None
-        if mirror.compare_json:
-            ignore = self._ignores.get(mirror.compare_json_ignore)
-            if ignore is None:
-                ignore = self._ignores[mirror.compare_json_ignore] = IgnorePaths(
-                    mirror.compare_json_ignore
-                )
-        stream = _BodyStream(self.loop) if has_body else None
-        copy = MirrorCopy(self, route.name, mirror, stats, ignore, request_id, stream, address)
-        task = self._tasks.spawn(
-            copy.run_h2(endpoint, request, limits.max_header_size, limits.max_headers), "mirror"
-        )
-        self._in_flight[route.name] = self._in_flight.get(route.name, 0) + 1
         copy.attach(task)
         return copy
 
