@@ -36,7 +36,6 @@ from tests.support.h2client import RawH2
 from tests.support.h2server import H2Upstream
 from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request
-from tests.support.scripted import Connection, ScriptedUpstream
 from tests.support.upstreams import EchoUpstream, UpstreamHost, pattern_bytes, pattern_sha256
 
 MAX_STREAMS = 8
@@ -586,39 +585,6 @@ def test_an_http1_clients_trailers_reach_an_http2_upstream(h2_turnout: InProcess
     seen = orjson.loads(response.body)
     assert seen["body_length"] == 5
     assert seen["trailers"] == [["x-checksum", "abc"]]
-
-
-def test_request_trailers_end_a_chunked_body_to_an_http1_upstream() -> None:
-    received: list[bytes] = []
-
-    def script(conn: Connection) -> None:
-        data = conn.head
-        # The whole chunked body: its last chunk, then the trailer section's blank line.
-        while not (b"\r\n0\r\n" in data[data.index(b"\r\n\r\n") :] and data.endswith(b"\r\n\r\n")):
-            chunk = conn.sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        received.append(data)
-        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    upstream = ScriptedUpstream(script)
-    cfg = {
-        "upstreams": {"raw": {"endpoints": [upstream.address]}},
-        "routes": [{"name": "all", "split": {"raw": 100}}],
-    }
-    try:
-        with start_inprocess(cfg) as turnout, RawH2(turnout.port) as client:
-            sid = client.request("/up", method="POST", body=b"hello", end=False)
-            client.conn.send_headers(sid, [(b"x-checksum", b"abc")], end_stream=True)
-            client.flush()
-            status, _, body = client.response(sid)
-    finally:
-        upstream.close()
-    assert (status, body) == (200, b"ok")
-    raw = received[0]
-    assert b"transfer-encoding: chunked\r\n" in raw.lower()
-    assert raw.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"), raw
 
 
 def test_a_request_without_trailers_reaches_an_http2_upstream_without_any(
