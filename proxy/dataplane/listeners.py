@@ -10,9 +10,11 @@ them at shutdown after taking in what the kernel already completed.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -57,6 +59,33 @@ def bind_listener(listener: Listener) -> socket.socket:
     sock.bind((listener.host, listener.port))
     sock.listen(1024)
     return sock
+
+
+# Linux's SO_ATTACH_FILTER and a classic BPF program of one instruction, `ret #0`: every
+# packet the socket would receive is dropped.
+SO_ATTACH_FILTER = 26
+DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_new_connections(sock: socket.socket) -> bool:
+    """Make the kernel drop every new connection attempt (SYN) to a listening socket.
+
+    Closing a listener resets the connections completed into its backlog, and one completed
+    between the last `accept()` and `close()` is reset after its client may have sent a
+    request. With this filter no connection completes any more: the accept loop that follows
+    empties the backlog for good, and a client whose SYN was dropped retries it (after a
+    second) and finds the port closed. False where the kernel refuses the filter (the race
+    then stays as narrow as the accept loop).
+    """
+    program = ctypes.create_string_buffer(DROP_ALL, len(DROP_ALL))
+    # struct sock_fprog: the instruction count and a pointer to the instructions, copied by
+    # the kernel during the call.
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
 
 
 class ClientSide(Protocol):
@@ -242,13 +271,15 @@ class Acceptor:
         """Stop accepting and close the listening sockets: new connections are refused.
 
         Connections the kernel already completed sit in the backlog, and closing a listener
-        would reset them although their clients may have sent a request: they are taken in
-        first and served (with `Connection: close`).
+        would reset them although their clients may have sent a request: new ones are stopped
+        first (`refuse_new_connections`), then those are taken in and served (with
+        `Connection: close`).
         """
         self.stop_accepting()
         listeners = self.listeners
         self.listeners = []
         for bound in listeners:
+            refuse_new_connections(bound.sock)
             while True:
                 try:
                     sock, _ = bound.sock.accept()

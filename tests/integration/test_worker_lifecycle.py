@@ -31,6 +31,7 @@ import trustme
 import yaml
 
 from proxy.core.config import config_sha256, parse_config
+from proxy.dataplane.listeners import refuse_new_connections
 from proxy.dataplane.worker import DRAIN_IDLE_GRACE, serve
 from proxy.runtime.channel import (
     OP_APPLIED,
@@ -239,6 +240,43 @@ def test_drain_finishes_a_request_in_flight_and_refuses_new_connections(
         assert conn.wait_closed(5.0)
     stopper.join(DEADLINE)
     assert codes == [0]
+
+
+def test_drain_serves_a_request_waiting_in_the_backlog(draining: InProcessTurnout) -> None:
+    # Not accepting (as when max_connections is reached): the connection completes into the
+    # kernel's backlog and its request waits there when the drain closes the listener.
+    draining.call_soon(draining.ctx.acceptor.stop_accepting)
+    with RawConnection(draining.port) as conn:
+        conn.send(build_request("GET", "/queued"))
+        stopper, codes = stop_in_background(draining)
+        _, response = conn.read_final_response()
+        assert response.status == 200
+        assert response.header("connection") == "close"
+    stopper.join(DEADLINE)
+    assert codes == [0]
+
+
+def test_a_refusing_listener_completes_no_new_connection_but_keeps_its_backlog() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as queued:
+            queued.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert refuse_new_connections(listener)
+            # The SYN is dropped: the connection never completes, so closing the listener
+            # below cannot reset a client that already sent its request.
+            with pytest.raises(TimeoutError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            listener.setblocking(False)
+            taken, _ = listener.accept()
+            with taken:
+                assert taken.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+    # Closed: a client trying again is refused at once.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
 
 
 def test_drain_cuts_what_still_runs_at_the_deadline() -> None:
