@@ -177,7 +177,8 @@ PAUSE_UPGRADE: Final = 8
 # How long a WebSocket client gets to answer our close frame before its connection is closed.
 CLOSE_HANDSHAKE_WAIT: Final = 1.0
 
-# Bytes of request body held while the endpoint connection is being opened.
+# Bytes of request body held while the endpoint connection is being opened, or while a
+# pipelined request waits for the one before it.
 CONNECT_BUFFER: Final = 64 * 1024
 
 # errno values that mean this process is short of descriptors or memory, not that the
@@ -1748,11 +1749,17 @@ class ClientConnection(CoalescingProtocol):
             if ex.response_state != IDLE:
                 ex.body(body)
             else:
-                ex.bytes_in += len(body)
+                # A pipelined request waiting for the one before it: hold its body up to
+                # CONNECT_BUFFER, then stop reading until it begins.
+                size = len(body)
+                ex.bytes_in += size
                 ex.pending.append(body)
+                ex.pending_size += size
                 ex.keep_for_retry(body)
                 if ex.bytes_in > ex.gen.limits.max_request_body:
                     raise HeadError(413, "request body larger than limits.max_request_body")
+                if ex.pending_size > CONNECT_BUFFER:
+                    self.pause(PAUSE_PIPELINE)
         except Exception as exc:
             self.error = exc
             raise
@@ -1765,8 +1772,11 @@ class ClientConnection(CoalescingProtocol):
         ex.body_complete()
         if ex.upgrade:
             return
-        if self.current is not None and self.current.response_state < DONE:
-            # Pipelined requests wait until the current response is out.
+        current = self.current
+        if current is not ex and current is not None and current.response_state < DONE:
+            # A pipelined request is complete while an earlier one is still answered: read no
+            # further until that response is out. The request being answered does not pause
+            # reading by itself: toggling it on every request cost two epoll_ctl calls each.
             self.pause(PAUSE_PIPELINE)
 
     # exchange plumbing

@@ -2,7 +2,9 @@
 
 A refused head is timed from its first byte (not from the host's boot); a client that leaves
 before its response is complete is recorded with NGINX's 499, whatever status had begun; an
-aborted upload releases its upstream connection at once instead of at `timeouts.idle`.
+aborted upload releases its upstream connection at once instead of at `timeouts.idle`; a
+client that resets its connection while the upstream has not answered yet is noticed at once,
+not when the answer comes.
 """
 
 from __future__ import annotations
@@ -71,3 +73,18 @@ def test_an_aborted_upload_is_499_at_once(turnout: InProcessTurnout) -> None:
         assert conn.wait_closed(10.0)
     entry = entry_for(turnout, "abort-upload")
     assert (entry["status"], entry["flags"]) == (499, "client_abort")
+
+
+def test_a_reset_while_waiting_for_the_upstream_is_499_at_once(turnout: InProcessTurnout) -> None:
+    started = time.monotonic()
+    with RawConnection(turnout.port) as conn:
+        conn.send(build_request("GET", "/slow?ms=30000", [("X-Request-Id", "abort-waiting")]))
+        conn.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+    # Reading the client goes on while its request is answered, so the reset ends the exchange
+    # (and frees its upstream connection) long before the upstream's 30 s answer.
+    entry = entry_for(turnout, "abort-waiting")
+    assert (entry["status"], entry["flags"]) == (499, "client_abort")
+    assert entry["duration_ms"] < 30_000
+    assert time.monotonic() - started < 30

@@ -1,16 +1,20 @@
 """Every pipelined request is answered, in order, whatever precedes it on the connection.
 
 After a body larger than the connect buffer with the next head split across reads, behind
-thousands of small requests in one write, and after an Upgrade the upstream declines.
+thousands of small requests in one write, and after an Upgrade the upstream declines. The body
+of a request pipelined behind one still being answered is held only up to the connect buffer.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from proxy.dataplane.http1 import CONNECT_BUFFER, PAUSE_PIPELINE, ClientConnection
+from tests.support import wait_until
 from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request
 from tests.support.upstreams import EchoUpstream
@@ -40,6 +44,42 @@ def test_request_after_a_large_body_with_its_head_split(turnout: InProcessTurnou
         answer = conn.read_final_response("GET")[1]
         assert answer.status == 200
         assert answer.json()["path"] == "/second"
+
+
+def test_a_pipelined_body_is_held_only_up_to_the_connect_buffer(turnout: InProcessTurnout) -> None:
+    body = b"q" * 8_000_000
+    ctx = turnout.ctx
+
+    def held() -> list[tuple[int, int]]:
+        # (pause reasons, body bytes held) of a request waiting behind another, per client.
+        return [
+            (conn.paused, conn.queue[0].pending_size)
+            for conn in ctx.acceptor.connections
+            if isinstance(conn, ClientConnection) and conn.queue
+        ]
+
+    with RawConnection(turnout.port, deadline=30) as conn:
+        conn.send(build_request("GET", "/slow?ms=2000"))
+        # The second request goes out from a thread: its body is more than the kernel's
+        # buffers hold, so sending it blocks once Turnout stops reading.
+        sender = threading.Thread(
+            target=conn.sock.sendall, args=(build_request("POST", "/echo", body=body),)
+        )
+        sender.start()
+        wait_until(
+            lambda: any(paused for paused, _ in turnout.call_soon(held)),
+            what="reading paused behind the slow request",
+        )
+        [(paused, size)] = turnout.call_soon(held)
+        assert paused & PAUSE_PIPELINE
+        # One read past the buffer at most (uvloop reads up to 256 KiB at a time).
+        assert CONNECT_BUFFER < size <= CONNECT_BUFFER + 256 * 1024
+        first = conn.read_final_response("GET")[1]
+        assert first.status == 200
+        answer = conn.read_final_response("POST")[1]
+        sender.join(30)
+        assert answer.status == 200
+        assert answer.json()["body_len"] == len(body)
 
 
 def test_thousands_of_pipelined_requests_in_one_write(turnout: InProcessTurnout) -> None:
