@@ -6,7 +6,7 @@ decodes a header it only copies. Pure core: no I/O, no asyncio.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 # RFC 9110 section 7.6.1 plus the legacy ones the contract names. Lower-case. The one list:
@@ -48,7 +48,7 @@ def is_chunked(transfer_encoding: bytes) -> bool:
     return last.strip().lower() == b"chunked"
 
 
-def forwarded_for(existing: list[bytes], client: str) -> bytes:
+def forwarded_for(existing: Sequence[bytes], client: str) -> bytes:
     """X-Forwarded-For: the values received, in order, with the client's address appended."""
     encoded = client.encode("ascii", "replace")
     if not existing:

@@ -31,6 +31,7 @@ import os
 import random
 import ssl
 from collections import deque
+from collections.abc import Callable
 from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, Protocol, cast
@@ -176,6 +177,14 @@ PAUSE_UPGRADE: Final = 8
 
 # How long a WebSocket client gets to answer our close frame before its connection is closed.
 CLOSE_HANDSHAKE_WAIT: Final = 1.0
+
+# Methods bound once: compiled, `name.lower()` or `parser.feed_data(data)` looks the method up
+# by name on every call.
+_lower: Final[Callable[[bytes], bytes]] = bytes.lower
+_feed_data: Final = httptools.HttpRequestParser.feed_data
+_should_keep_alive: Final = httptools.HttpRequestParser.should_keep_alive
+_get_method: Final = httptools.HttpRequestParser.get_method
+_should_upgrade: Final = httptools.HttpRequestParser.should_upgrade
 
 # Bytes of request body held while the endpoint connection is being opened, or while a
 # pipelined request waits for the one before it.
@@ -464,7 +473,9 @@ class Exchange:
         self.url = b""
         self.kept_headers: list[tuple[bytes, bytes, bytes]] = []  # (lower name, name, value)
         self.wanted: dict[str, str] = {}
-        self.cookie_values: list[str] = []
+        # Tuples, not lists, for fields few requests carry: the empty one is shared, and a
+        # request that has one pays for it (`+=`) instead of every request for a list.
+        self.cookie_values: tuple[str, ...] = ()
         self.head_size = 0
         self.raw_head = 0
         self.header_count = 0
@@ -472,11 +483,11 @@ class Exchange:
         self.host_count = 0
         self.content_length: int | None = None
         self.chunked_in = False
-        self.te_values: list[bytes] = []
-        self.conn_tokens: list[bytes] = []
-        self.upgrade_values: list[bytes] = []
+        self.te_values: tuple[bytes, ...] = ()
+        self.conn_tokens: tuple[bytes, ...] = ()
+        self.upgrade_values: tuple[bytes, ...] = ()
         self.expect_continue = False
-        self.xff: list[bytes] = []
+        self.xff: tuple[bytes, ...] = ()
         self.request_id_in: bytes | None = None
         self.max_forwards: bytes | None = None
         self.answer_here = False
@@ -577,24 +588,24 @@ class Exchange:
             self.content_length = int(value)
             self.kept_headers.append((lname, name, value))
         elif kind == _H_TRANSFER_ENCODING:
-            self.te_values.append(value)
+            self.te_values += (value,)
         elif kind == _H_CONNECTION:
-            self.conn_tokens.append(value)
+            self.conn_tokens += (value,)
         elif kind == _H_UPGRADE:
-            self.upgrade_values.append(value)
+            self.upgrade_values += (value,)
         elif kind == _H_EXPECT:
             if value.strip().lower() == b"100-continue":
                 self.expect_continue = True
             else:
                 raise HeadError(417, "unsupported expectation")
         elif kind == _H_XFF:
-            self.xff.append(value.strip())
+            self.xff += (value.strip(),)
         elif kind == _H_REQUEST_ID:
             if self.request_id_in is None:
                 self.request_id_in = value
         elif kind == _H_COOKIE:
             self.kept_headers.append((lname, name, value))
-            self.cookie_values.append(value.decode("latin-1"))
+            self.cookie_values += (value.decode("latin-1"),)
         elif kind == _H_MAX_FORWARDS:
             self.max_forwards = value
             self.kept_headers.append((lname, name, value))
@@ -664,7 +675,7 @@ class Exchange:
                 self.kept_headers = [h for h in self.kept_headers if h[0] not in extra]
                 self.wanted = {k: v for k, v in self.wanted.items() if k.encode() not in extra}
                 if b"x-forwarded-for" in extra:
-                    self.xff = []
+                    self.xff = ()
                 if b"x-request-id" in extra:
                     self.request_id_in = None
         limit = self.gen.limits.max_request_body
@@ -981,8 +992,9 @@ class Exchange:
         else:
             for chunk in self.pending:
                 upstream_conn.send_body(chunk, chunked)
-        self.pending = []
-        self.pending_size = 0
+        if self.pending:
+            self.pending = []
+            self.pending_size = 0
         if self.request_state == RECEIVED:
             if chunked or upstream_conn.framed_end:
                 upstream_conn.end_body(chunked, self.request_trailers)
@@ -1573,7 +1585,7 @@ class ClientConnection(CoalescingProtocol):
             before = self.parsing
             begun = self.begun
             self.body_seen = False
-            self.parser.feed_data(data)
+            _feed_data(self.parser, data)
             ex = self.parsing
             if ex is not None and self.body_seen:
                 ex.raw_head = 0  # only an unbroken run of reads without body bytes counts
@@ -1693,12 +1705,12 @@ class ClientConnection(CoalescingProtocol):
             if ex.head_size > limits.max_header_size or ex.header_count > limits.max_headers:
                 self.error = HeadError(431, "request trailers larger than the head limits")
                 raise self.error
-            if name.lower() not in TRAILER_DROP:
+            if _lower(name) not in TRAILER_DROP:
                 if ex.request_trailers is None:
                     ex.request_trailers = []
                 ex.request_trailers.append((name, value))
             return
-        lname = name.lower()
+        lname = _lower(name)
         wanted = gen.wanted_headers
         if (
             lname not in _SPECIAL
@@ -1721,15 +1733,15 @@ class ClientConnection(CoalescingProtocol):
         assert ex is not None
         try:
             parser = self.parser
-            keep_alive = bool(parser.should_keep_alive())
+            keep_alive = bool(_should_keep_alive(parser))
             ex.finish_head(
-                parser.get_method().decode("ascii"),
+                _get_method(parser).decode("ascii"),
                 # llhttp keeps an HTTP/1.0 request alive only when its Connection field says
                 # keep-alive: alive without that field it is HTTP/1.1, and asking the parser
                 # (which formats a string) is spared on the common request.
                 "1.1" if keep_alive and not ex.conn_tokens else parser.get_http_version(),
                 keep_alive,
-                bool(parser.should_upgrade()),
+                bool(_should_upgrade(parser)),
             )
             if self.current is None:
                 self.current = ex

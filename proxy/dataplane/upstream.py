@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 import httptools
@@ -30,6 +31,12 @@ log: Final = logging.getLogger("turnout.upstream")
 
 POOL_IDLE_TIMEOUT: Final = 4.0
 POOL_MAX_IDLE: Final = 256
+# Methods bound once: compiled, `name.lower()` or `parser.feed_data(data)` looks the method up
+# by name on every call.
+_lower: Final[Callable[[bytes], bytes]] = bytes.lower
+_feed_data: Final = httptools.HttpResponseParser.feed_data
+_should_keep_alive: Final = httptools.HttpResponseParser.should_keep_alive
+_get_status_code: Final = httptools.HttpResponseParser.get_status_code
 
 
 class ResponseSink(Protocol):
@@ -221,7 +228,7 @@ class UpstreamConnection(CoalescingProtocol):
         self.got_bytes = True
         self._body_seen = False
         try:
-            self._parser.feed_data(data)
+            _feed_data(self._parser, data)
         except httptools.HttpParserUpgrade as upgrade:
             if self.sink is not sink or not self.tunnel:
                 self._fail("unsolicited 101 Switching Protocols")
@@ -300,7 +307,7 @@ class UpstreamConnection(CoalescingProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # Trailer fields land here too, after the head: they are never forwarded, and start()
         # clears them (they must not become the next response's head).
-        lname = name.lower()
+        lname = _lower(name)
         self._headers.append((lname, name, value))
         if lname in _FRAMING_HEADERS:
             if lname == b"transfer-encoding":
@@ -319,7 +326,7 @@ class UpstreamConnection(CoalescingProtocol):
             self._invalid = "too many response header fields"
             raise ValueError(self._invalid)
         parser = self._parser
-        status = parser.get_status_code()
+        status = _get_status_code(parser)
         if status == 101 and not self.upgrade_asked:
             # RFC 9110 section 15.2.2: a server must not switch protocols unasked; tunnelling
             # it would turn the client's connection into a raw pipe to the endpoint.
@@ -348,7 +355,7 @@ class UpstreamConnection(CoalescingProtocol):
             raise ValueError(self._invalid)
         # A connection that already carried a kept-alive response speaks HTTP/1.1: only its
         # first response needs the version (the parser formats a string for it).
-        keep_alive = parser.should_keep_alive() and (
+        keep_alive = _should_keep_alive(parser) and (
             self.uses > 1 or parser.get_http_version() == "1.1"
         )
         if status == 101:
@@ -391,7 +398,7 @@ class UpstreamConnection(CoalescingProtocol):
         if self._complete or self._body_framing == FRAMING_CLOSE or self.tunnel:
             return
         # A trailer section may say `Connection: close` too: llhttp's verdict at the end wins.
-        if not self._parser.should_keep_alive():
+        if not _should_keep_alive(self._parser):
             self.reusable = False
         self._complete = True
 
