@@ -145,7 +145,7 @@ class H2ClientConnection(CoalescingProtocol):
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush_h2()
 
-    def received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:

@@ -1558,7 +1558,7 @@ class ClientConnection(CoalescingProtocol):
         self.idle_since = self.state.now
         self.ctx.connection_opened(self)
 
-    def received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.lingering:
             # The client's answer to our close frame: the handshake is done.
             self.close()

@@ -214,7 +214,7 @@ class UpstreamConnection(CoalescingProtocol):
 
     # asyncio.Protocol
 
-    def received(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.tunnel:
             sink = self.sink
             if sink is not None:
@@ -584,6 +584,7 @@ class EndpointPool:
             and transport is not None
             and not transport.is_closing()
             # Request bytes still unsent (the endpoint answered early): not reusable.
+            and conn.out is None
             and not transport.get_write_buffer_size()
             and len(self.idle) < POOL_MAX_IDLE
         ):
