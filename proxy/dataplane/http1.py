@@ -1630,7 +1630,9 @@ class ClientConnection(CoalescingProtocol):
         self.ctx.adopt_http2(self, H2_PREFACE + data[len(H2_PREFACE) - earlier :])
 
     def eof_received(self) -> bool | None:
-        # Half-close from the client: finish what is in flight, then close.
+        # Half-close from the client: finish what is in flight, then close. A response this
+        # loop pass wrote is still buffered here, and returning None closes the transport.
+        self.flush()
         if self.current is None and self.tunnel is None:
             return None
         current = self.current

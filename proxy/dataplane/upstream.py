@@ -276,6 +276,7 @@ class UpstreamConnection(CoalescingProtocol):
 
     def eof_received(self) -> bool | None:
         # A close-delimited body ends here; anything else ending here is a broken response.
+        self.flush()  # the transport closes on return: bytes this loop pass wrote go first
         if self.sink is not None and not self.tunnel and self._body_framing == FRAMING_CLOSE:
             sink = self.sink
             self.sink = None

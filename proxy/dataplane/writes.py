@@ -74,6 +74,12 @@ class CoalescingProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def eof_received(self) -> bool | None:
+        """The peer sent FIN and the transport closes on return: what this pass wrote goes
+        first (subclasses that keep the connection open flush the same way)."""
+        self.flush()
+        return None
+
     def write(self, data: bytes) -> None:
         """Queue bytes for this connection; they leave at the end of the loop pass."""
         out = self.out
