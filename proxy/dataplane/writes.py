@@ -8,7 +8,7 @@ Together, not each at the end of its own callback: uvloop writes at once when it
 flushing per callback spread a pass's sends between the reads and parsing of the others, and
 the peers (clients, endpoints) were woken one send at a time, each time from idle. Sent in one
 burst they are woken once per burst: on a 2-vCPU VM with the load generator on the other core,
-wake-up IPIs fell from 0.26 to 0.06 per request and throughput rose 17-25 %
+wake-up IPIs fell from 0.21-0.42 to 0.06 per request and throughput rose 20-30 %
 (benchmarks/RESULTS.md).
 """
 
@@ -76,7 +76,7 @@ class CoalescingProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The peer sent FIN and the transport closes on return: what this pass wrote goes
-        first (subclasses that keep the connection open flush the same way)."""
+        first (subclasses that override this flush first too)."""
         self.flush()
         return None
 
