@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from proxy.core.headers import field
+
 OK: Final = 0
 CANCELLED: Final = 1
 UNKNOWN: Final = 2
@@ -61,11 +63,11 @@ _UNITS: Final[dict[int, float]] = {
 def status_of(headers: list[tuple[bytes, bytes, bytes]]) -> int:
     """The `grpc-status` among (lower-cased name, name, value) fields: its code, UNKNOWN for a
     value that is not one (a hostile value must not become a metric label), -1 for none."""
-    for lname, _, value in headers:
-        if lname == b"grpc-status":
-            text = value.strip()
-            return int(text) if text.isdigit() and len(text) <= 2 else UNKNOWN
-    return -1
+    value = field(headers, b"grpc-status")
+    if value is None:
+        return -1
+    text = value.strip()
+    return int(text) if text.isdigit() and len(text) <= 2 else UNKNOWN
 
 
 def is_grpc(content_type: bytes) -> bool:

@@ -48,6 +48,14 @@ def is_chunked(transfer_encoding: bytes) -> bool:
     return last.strip().lower() == b"chunked"
 
 
+def field(fields: Iterable[tuple[bytes, bytes, bytes]], lname: bytes) -> bytes | None:
+    """The value of the first field named `lname` among (lower-cased name, name, value)."""
+    for name, _, value in fields:
+        if name == lname:
+            return value
+    return None
+
+
 def forwarded_for(existing: Sequence[bytes], client: str) -> bytes:
     """X-Forwarded-For: the values received, in order, with the client's address appended."""
     encoded = client.encode("ascii", "replace")

@@ -66,6 +66,7 @@ from proxy.core.headers import (
     IDEMPOTENT_RETRY_METHODS,
     RETRY_BODY_LIMIT,
     connection_tokens,
+    field,
     forwarded_for,
     last_chunk,
     via_names_us,
@@ -1156,12 +1157,8 @@ class Exchange:
         conn.send_head(self, status, headers, drop, body_framing)
         mirror = self.mirror
         if mirror is not None:
-            content_type = None
-            for lname, _, value in headers:
-                if lname == b"content-type":
-                    content_type = value.decode("latin-1")
-                    break
-            mirror.primary_head(status, content_type)
+            content_type = field(headers, b"content-type")
+            mirror.primary_head(status, content_type.decode("latin-1") if content_type else None)
         if self.grpc:
             # A trailers-only answer carries the call's status in its head.
             self._grpc_status_of(headers)

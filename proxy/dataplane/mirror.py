@@ -38,6 +38,7 @@ from yarl import URL
 
 from proxy.core import grpc
 from proxy.core.counters import MirrorStats
+from proxy.core.headers import field
 from proxy.core.health import CLEAR, Ejection, EjectionRule, after_failure, after_success
 from proxy.core.jsondiff import IgnorePaths, diff
 from proxy.core.spec import Limits, Mirror, UpstreamSpec, UpstreamTls
@@ -176,7 +177,7 @@ class _H2Request:
         length = fields.get(b"content-length")
         self.content_length = int(length) if length is not None else None
         self.chunked_in = has_body and length is None
-        self.grpc = fields.get(b"content-type", b"").startswith(b"application/grpc")
+        self.grpc = grpc.is_grpc(fields.get(b"content-type", b""))
         self.te_trailers = self.grpc  # TE is hop-by-hop: the primary's was not copied
 
     def http1_head(self) -> bytes:
@@ -215,7 +216,7 @@ class _H2Sink:
         self.status = status
         self.grpc_status = grpc.status_of(headers)
         if self.want_body:
-            content_type = next((v for n, _, v in headers if n == b"content-type"), None)
+            content_type = field(headers, b"content-type")
             if is_json_type(content_type.decode("latin-1") if content_type else None):
                 self.body = []
 
@@ -725,6 +726,7 @@ class Mirrorer:
             stats.outcomes["dropped"] += 1
             return None
         copied: list[tuple[str, str]] = []
+        kept: list[tuple[bytes, bytes, bytes]] = []  # the same fields, as an HTTP/2 copy sends them
         request_id = ""
         length: int | None = None
         for raw_name, raw_value in headers:
@@ -737,6 +739,8 @@ class Mirrorer:
             elif lower == b"x-request-id":
                 request_id = value
             copied.append((raw_name.decode("latin-1"), value))
+            if h2:
+                kept.append((lower, raw_name, raw_value))
         copied.append(MIRROR_HEADER)
         if (length is not None and length > mirror.max_body) or target[:1] != b"/":
             # Over the cap before a byte is read; or an `OPTIONS *` / absolute-form target,
@@ -757,7 +761,6 @@ class Mirrorer:
             if endpoint is None:
                 stats.outcomes["error"] += 1
                 return None
-            kept = [(n.lower(), n, v) for n, v in headers if n.lower() not in _NOT_COPIED]
             marker, flag = (part.encode() for part in MIRROR_HEADER)
             kept.append((marker.lower(), marker, flag))
             request = _H2Request(method, target, kept, has_body)
