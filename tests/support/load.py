@@ -389,6 +389,16 @@ class BackgroundLoad:
         )
         assert self.load.done >= target, f"the load stopped early: {self._error!r}"
 
+    def wait_for_total(self, total: int, *, timeout: float = 15.0) -> None:
+        """Wait until `total` requests have finished since the start (bounded): unlike
+        `wait_for_more`, not raced by requests that finish before the call."""
+        wait_until(
+            lambda: self.load.done >= total or not self._thread.is_alive(),
+            timeout=timeout,
+            what=f"{total} requests under load",
+        )
+        assert self.load.done >= total, f"the load stopped early: {self._error!r}"
+
     def stop(self, timeout: float = 30.0) -> list[Outcome]:
         """Stop, wait for in-flight requests to finish, and return every outcome."""
         self.load.stop()

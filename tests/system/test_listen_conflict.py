@@ -76,7 +76,7 @@ def assert_only_first_serves(first: TurnoutProcess) -> None:
     upstream = next(iter(first.config["upstreams"]))
     load = Load(first.port, clients=4, count=REQUESTS, path="/x", headers=[("Connection", "close")])
     with BackgroundLoad(load) as running:
-        running.wait_for_more(REQUESTS)
+        running.wait_for_total(REQUESTS)
         outcomes = running.stop()
     assert len(outcomes) == REQUESTS
     assert {(o.status, o.upstream) for o in outcomes} == {(200, upstream)}
