@@ -175,6 +175,7 @@ PAUSE_BACKPRESSURE: Final = 1
 PAUSE_PIPELINE: Final = 2
 PAUSE_CONNECTING: Final = 4
 PAUSE_UPGRADE: Final = 8
+PAUSE_BROKEN: Final = 16  # a malformed request follows the one answered: nothing more to read
 
 # How long a WebSocket client gets to answer our close frame before its connection is closed.
 CLOSE_HANDSHAKE_WAIT: Final = 1.0
@@ -1875,7 +1876,11 @@ class ClientConnection(CoalescingProtocol):
     ) -> None:
         """The response head: the upstream's fields but `drop`, the proxy's own fields, and
         framing for this client (chunked for HTTP/1.1, the connection's end for 1.0)."""
-        close = not ex.keep_alive or ex.request_state != RECEIVED or self.closing
+        # close_after: the connection ends after this response (a half-closed client, or a
+        # broken request pipelined behind it); the head says so, as RFC 9112 section 9.6 asks.
+        close = (
+            not ex.keep_alive or ex.request_state != RECEIVED or self.closing or self.close_after
+        )
         if status == 101:
             close = False
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b""))]
@@ -1973,7 +1978,10 @@ class ClientConnection(CoalescingProtocol):
         self.parsing = None
         self.close_after = True
         if self.current is not None and self.current is not ex:
-            # A response is in progress: the broken follow-up request just ends the connection.
+            # A response is in progress: the broken follow-up request just ends the connection
+            # after it. The parser is in its error state, so nothing read from here on could
+            # be parsed: stop reading rather than fail llhttp again on every read.
+            self.pause(PAUSE_BROKEN)
             return
         self.current = ex
         ex.flag = "refused"

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import rawhttp
+from proxy.dataplane.http1 import PAUSE_BROKEN, ClientConnection
+from tests.support import rawhttp, wait_until
 from tests.support.inprocess import InProcessTurnout, start_inprocess
 from tests.support.rawhttp import RawConnection, build_request, chunked
 from tests.support.upstreams import EchoUpstream, RawUpstream, UpstreamHost, pattern_bytes
@@ -362,12 +363,26 @@ def test_a_request_body_that_stops_arriving_gets_408(blue: EchoUpstream) -> None
 def test_a_broken_request_pipelined_behind_a_running_one_ends_the_connection_after_it(
     turnout: InProcessTurnout,
 ) -> None:
+    def broken() -> list[int]:
+        # The pause reasons of every client connection that met a broken pipelined request.
+        return [
+            conn.paused
+            for conn in turnout.ctx.acceptor.connections
+            if isinstance(conn, ClientConnection) and conn.paused & PAUSE_BROKEN
+        ]
+
     with RawConnection(turnout.port) as conn:
-        conn.send(build_request("GET", "/slow?ms=300") + b"this is not http\r\n\r\n")
+        conn.send(build_request("GET", "/slow?ms=2000") + b"this is not http\r\n\r\n")
+        # Nothing after the broken request can be parsed: reading stops while the running
+        # request is answered, instead of failing the parser again on each read.
+        wait_until(lambda: bool(turnout.call_soon(broken)), what="reading stopped")
+        conn.send(b"more garbage\r\n\r\n")
         _, first = conn.read_final_response()
-        # The running request is answered whole; the broken one gets no answer of its own.
+        # The running request is answered whole, saying the connection ends after it; the
+        # broken one gets no answer of its own.
         assert first.status == 200
-        assert first.json()["path"] == "/slow?ms=300"
+        assert first.json()["path"] == "/slow?ms=2000"
+        assert first.header("connection") == "close"
         assert conn.wait_closed(5.0)
         assert conn.buffered == b""
 
