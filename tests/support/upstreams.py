@@ -143,7 +143,11 @@ class EchoUpstream:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         app.on_response_prepare.append(self._tag)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        # A handler ends when its client goes: a slow answer nobody waits for does not outlive
+        # the test (nor leave its task pending when the loop closes).
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

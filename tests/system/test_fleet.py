@@ -520,22 +520,30 @@ def test_a_rollout_started_on_a_follower_is_judged_by_the_leader_on_the_others_t
 
     state, step, weight, split, history = wait_alike(fleet, "the end")
     assert (state, split) == ("succeeded", {"blue": 0.0, "green": 100.0})
-    assert [(s, v) for s, v, _ in history] == [(0, "pass"), (1, "pass")]
+    # On a loaded machine an interval may end before the followers' counters show
+    # min_requests: an inconclusive entry, and the step goes on. Never a failure.
+    judged = [(s, v) for s, v, _ in history if v != "inconclusive"]
+    assert judged == [(0, "pass"), (1, "pass")]
     # The leader's own data plane served nothing: every request it judged came from the others.
     assert metric_total(fleet.nodes[leader], "turnout_requests_total", route="api") == 0
-    entries = rollout_of(fleet.nodes[leader])["history"]
-    for entry in entries:
+    passed = [e for e in rollout_of(fleet.nodes[leader])["history"] if e["verdict"] == "pass"]
+    for entry in passed:
         assert entry["canary"]["requests"] >= MIN_REQUESTS, entry
     # The steps' evidence never adds up to more than the canary served (each step's is
     # counted from the counters at its start; a restarted instance's are a new series).
     served = fleet.green.requests - served_before
-    assert 0 < sum(entry["canary"]["requests"] for entry in entries) <= served
+    assert 0 < sum(entry["canary"]["requests"] for entry in passed) <= served
     # Each verdict is counted once, on the leader that made it.
     verdicts = {
-        name: metric_total(node, "turnout_rollout_verdicts_total", route="api")
+        name: metric_total(node, "turnout_rollout_verdicts_total", route="api", verdict="pass")
         for name, node in fleet.nodes.items()
     }
     assert verdicts == {name: (2.0 if name == leader else 0.0) for name in fleet.nodes}
+    failed = sum(
+        metric_total(node, "turnout_rollout_verdicts_total", route="api", verdict="fail")
+        for node in fleet.nodes.values()
+    )
+    assert failed == 0
 
 
 # --- 7. instances whose tables disagree -----------------------------------------------------------

@@ -74,7 +74,10 @@ def all_connected(fleet: Fleet) -> bool:
 
 
 def passes(node: TurnoutProcess) -> list[tuple[int, str]]:
-    return [(e["step"], e["verdict"]) for e in rollout_of(node).get("history", [])]
+    """The rollout's verdicts, without inconclusive intervals (a loaded machine may end one
+    before min_requests are counted; the step just goes on)."""
+    history = rollout_of(node).get("history", [])
+    return [(e["step"], e["verdict"]) for e in history if e["verdict"] != "inconclusive"]
 
 
 def epochs_led(node: TurnoutProcess) -> list[int]:

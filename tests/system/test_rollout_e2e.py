@@ -224,8 +224,11 @@ def test_identical_versions_with_2_percent_errors_reach_100(
             )
         final = rollout_of(turnout)
         assert final["effective_split"] == {"blue": 0, "good": 100}
-        assert [(h["step"], h["verdict"]) for h in final["history"]] == [(0, "pass"), (1, "pass")]
-        for entry in final["history"]:
+        # An interval that ends short of min_requests on a loaded machine is inconclusive,
+        # and the step goes on: not a verdict.
+        judged = [h for h in final["history"] if h["verdict"] != "inconclusive"]
+        assert [(h["step"], h["verdict"]) for h in judged] == [(0, "pass"), (1, "pass")]
+        for entry in judged:
             assert entry["canary"]["requests"] >= 30
             assert entry["canary"]["errors"] > 0  # the canary's 2% were seen, and tolerated
             assert not any(test["reject"] for test in entry["tests"])
@@ -270,7 +273,8 @@ def test_restart_mid_rollout_resumes_where_it_was(
         assert resumed["state"] == "running"
         assert resumed["step"] == 1
         assert resumed["effective_split"] == {"blue": 50, "good": 50}
-        assert resumed["history"][0]["verdict"] == "pass"
+        verdicts = [h["verdict"] for h in resumed["history"]]
+        assert [v for v in verdicts if v != "inconclusive"] == ["pass"]
         with PacedLoad(turnout.port):
             wait_until(
                 lambda: rollout_of(turnout).get("state") == "succeeded",
