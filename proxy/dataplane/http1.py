@@ -1798,8 +1798,7 @@ class ClientConnection(CoalescingProtocol):
         was = self.paused
         self.paused = was | reason
         if not was and self.transport is not None:
-            # No is_closing() first: uvloop's transports ignore a pause once closing, and this
-            # runs on every request.
+            # No is_closing() first: uvloop's transports ignore a pause once closing.
             self.transport.pause_reading()
 
     def unpause(self, reason: int) -> None:
