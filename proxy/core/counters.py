@@ -59,6 +59,7 @@ GOAWAY_REASONS: Final[tuple[str, ...]] = (
     "continuation_flood",
     "header_list_too_large",
     "control_flood",
+    "frame_flood",
     "flow_control_stall",
     "protocol_error",
     "drain",

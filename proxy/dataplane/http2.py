@@ -12,8 +12,9 @@ this module decides what they mean:
   holds at most its own stream window. Response DATA leaves within the client's windows; a
   stream's unsent bytes are bounded, and past the bound its upstream is not read.
 - Limits and abuse: MAX_CONCURRENT_STREAMS (extra streams refused one by one), the header
-  list size, a budget of resets (rapid reset), bounded output (control-frame floods), and
-  streams stalled at window 0. Each connection-ending case sends GOAWAY and is counted.
+  list size, a budget of resets (rapid reset), bounded output (control-frame floods), a
+  credit of bytes read that only useful bytes refill (frames that carry nothing), and streams
+  stalled at window 0. Each connection-ending case sends GOAWAY and is counted.
 
 This module must never let one stream's error, slowness or abuse reach another connection,
 and never let an exception escape into the event loop.
@@ -34,7 +35,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame
 
 from proxy.core.exchange_state import DONE, IDLE, RECEIVED
 from proxy.core.h2request import MalformedRequest, parse_request
@@ -65,6 +66,15 @@ OUTPUT_LIMIT: Final = 4 * WRITE_HIGH
 # Streams a client may reset (or get refused or rejected as malformed) beyond the ones it let
 # finish: each finished response earns one back, up to this (CVE-2023-44487, "rapid reset").
 RESET_BUDGET: Final = 200
+# Frames that carry no request or response (empty DATA, PING, SETTINGS, PRIORITY, WINDOW_UPDATE,
+# padding) cost h2 some microseconds each and show nowhere else: CVE-2019-9512, -9515, -9518.
+# NGINX's rule, with a response's bytes counted as useful too (a long download's WINDOW_UPDATEs):
+# each byte read spends one unit of credit, each useful byte (a header block or DATA payload
+# in, whatever the stream's fate; a response's body out) earns FLOOD_RATIO, up to FLOOD_CREDIT,
+# which is also where a connection starts. Below zero: GOAWAY ENHANCE_YOUR_CALM. The cap bounds
+# what a connection's history can buy: about 116,000 empty frames, under a second of a worker.
+FLOOD_RATIO: Final = 8
+FLOOD_CREDIT: Final = 1024 * 1024
 # How often streams stuck at a zero window are looked at.
 STALL_CHECK: Final = 1.0
 # How long a connection ended by an error GOAWAY still reads (and drops) what comes.
@@ -78,6 +88,7 @@ GOAWAY_RAPID_RESET: Final = "rapid_reset"
 GOAWAY_CONTINUATION: Final = "continuation_flood"
 GOAWAY_HEADER_LIST: Final = "header_list_too_large"
 GOAWAY_FLOOD: Final = "control_flood"
+GOAWAY_FRAME_FLOOD: Final = "frame_flood"
 GOAWAY_STALLED: Final = "flow_control_stall"
 GOAWAY_DRAIN: Final = "drain"
 GOAWAY_IDLE: Final = "idle"
@@ -124,8 +135,14 @@ class _BoundedFrames(FrameBuffer):
     def __init__(self, limit: int) -> None:
         super().__init__(server=True)
         self.limit = limit
+        # Bytes of header blocks and DATA payloads (not padding) read since the connection last
+        # took them: counted here, for every frame, since DATA of a stream already reset (still
+        # on its way when it ended) makes no event.
+        self.payload_bytes = 0
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, (DataFrame, HeadersFrame, ContinuationFrame)):
+            self.payload_bytes += len(f.data)
         frame = super()._update_header_buffer(f)
         held = self._headers_buffer
         if held and sum(len(part.data) for part in held) > self.limit:
@@ -401,7 +418,8 @@ class Http2Connection(asyncio.Protocol):
         # The decoder stops (an HPACK bomb) as soon as a decoded list passes the limit; an
         # encoded block is held up to twice the limit (HPACK may code a field longer).
         self.h2.decoder.max_header_list_size = self.max_header_list
-        self.h2.incoming_buffer = _BoundedFrames(2 * self.max_header_list)
+        self.frames = _BoundedFrames(2 * self.max_header_list)
+        self.h2.incoming_buffer = self.frames
         self.streams: dict[int, H2Stream] = {}
         self.write_paused = False
         self.idle_since = ctx.state.now
@@ -409,6 +427,7 @@ class Http2Connection(asyncio.Protocol):
         self.goaway_sent = False
         self.last_stream = 0  # the highest stream id taken (for GOAWAY)
         self.reset_credit = RESET_BUDGET
+        self.flood_credit = FLOOD_CREDIT
         self.queued = 0  # DATA bytes handed to h2 since the last flush
         self.receiving = False
         self.flush_scheduled = False
@@ -431,16 +450,29 @@ class Http2Connection(asyncio.Protocol):
         if self.closed:
             return
         self.receiving = True
+        self.flood_credit -= len(data)
         try:
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
                 self._protocol_error(exc)
                 return
+            frames = self.frames
+            if frames.payload_bytes:
+                self.earn(frames.payload_bytes)
+                frames.payload_bytes = 0
             for event in events:
                 self._event(event)
                 if self.closed:
                     return
+            if self.flood_credit < 0:
+                self.ctx.warn_limited(
+                    "h2-frame-flood",
+                    "HTTP/2 client %s sends frames that carry no request or response: closed",
+                    self.client_ip,
+                )
+                self._go_away(ErrorCodes.ENHANCE_YOUR_CALM, GOAWAY_FRAME_FLOOD)
+                return
             # The connection's window is given back at once: each stream's window bounds what
             # it may hold (a stalled upload must not stall the others). Topped up from h2's
             # count, which also has the DATA of streams already reset (no event for those).
@@ -646,6 +678,10 @@ class Http2Connection(asyncio.Protocol):
         ex.flag = "refused"
         ex.local_error(status, message, close=False)
 
+    def earn(self, useful: int) -> None:
+        """`useful` bytes of a request or response went through: credit against a frame flood."""
+        self.flood_credit = min(FLOOD_CREDIT, self.flood_credit + FLOOD_RATIO * useful)
+
     def _data(self, event: h2.events.DataReceived) -> None:
         sid = event.stream_id
         size = event.flow_controlled_length or 0
@@ -772,6 +808,7 @@ class Http2Connection(asyncio.Protocol):
                 h2conn.send_data(stream.sid, chunk)
                 stream.out_size -= size
                 self.queued += size
+                self.earn(size)
             if not out and stream.end_pending and not stream.ended:
                 stream.end_pending = False
                 ex = stream.ex

@@ -8,6 +8,7 @@ a second, well-behaved connection is served all along, and that the reason is co
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 import urllib.request
@@ -18,7 +19,7 @@ import h2.settings
 import hpack
 import pytest
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame
 
 from tests.support import wait_until
 from tests.support.h2client import RawH2
@@ -44,19 +45,22 @@ def well_behaved(turnout: TurnoutProcess) -> None:
     assert b"/still-here" in body
 
 
-def counted(turnout: TurnoutProcess, reason: str, times: int = 1) -> None:
-    """`turnout_http2_goaways_total{reason}` reaches `times` (the supervisor reads workers)."""
-    series = f'turnout_http2_goaways_total{{reason="{reason}"}} '
+def counted(turnout: TurnoutProcess, *reasons: str, times: int = 1) -> None:
+    """`turnout_http2_goaways_total{reason}` summed over `reasons` reaches `times` (the
+    supervisor reads workers)."""
+    series = [f'turnout_http2_goaways_total{{reason="{reason}"}} ' for reason in reasons]
 
     def seen() -> bool:
         with urllib.request.urlopen(f"{turnout.admin_url}/metrics", timeout=5) as response:
             text: str = response.read().decode()
         values = [
-            float(line[len(series) :]) for line in text.splitlines() if line.startswith(series)
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if any(line.startswith(name) for name in series)
         ]
-        return values == [times]
+        return len(values) == len(series) and sum(values) == times
 
-    wait_until(seen, what=f"{series}{times}")
+    wait_until(seen, what=f"{' + '.join(series)}= {times}")
 
 
 def no_traceback(turnout: TurnoutProcess) -> None:
@@ -163,7 +167,44 @@ def test_ping_flood_without_reading_is_cut(turnout: TurnoutProcess) -> None:
         sock.close()
     assert cut, "a client that never reads its PING ACKs was not cut off"
     well_behaved(turnout)
-    counted(turnout, "control_flood")
+    # Cut for the ACKs it leaves unread, or for the PINGs themselves (frames that carry no
+    # request): whichever limit the flood meets first.
+    counted(turnout, "control_flood", "frame_flood")
+    no_traceback(turnout)
+
+
+def test_empty_frame_flood_is_closed(turnout: TurnoutProcess) -> None:
+    with RawH2(turnout.port) as client:
+        sid = client.request("/upload", method="POST", end=False)
+        # What the server sends first is read: from here, anything readable is its answer.
+        client.events_until(lambda e: isinstance(e, h2.events.SettingsAcknowledged))
+        batch = DataFrame(sid, b"").serialize() * 4096  # empty DATA: no body, no end
+        sent = 0
+        try:
+            # Bounded: 2.7 MB, past the credit (1 MiB of reads) and its refill by the head.
+            while sent < 300_000 and not select.select([client.sock], [], [], 0)[0]:
+                client.send_raw(batch)
+                sent += 4096
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        goaway = client.goaway()
+        assert goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert goaway.additional_data == b"frame_flood"
+        well_behaved(turnout)
+    counted(turnout, "frame_flood")
+    no_traceback(turnout)
+
+
+def test_frames_without_payload_are_fine_beside_useful_traffic(turnout: TurnoutProcess) -> None:
+    # 1.4 MB of PINGs, more than a connection's credit, but between them responses of 64 KiB
+    # that earn eight times their size: a busy connection is never judged a flood.
+    pings = PingFrame(0, b"12345678").serialize() * 1000
+    with RawH2(turnout.port) as client:
+        for _ in range(80):
+            client.send_raw(pings)
+            status, _, body = client.response(client.request("/fixed?n=65536"))
+            assert (status, len(body)) == (200, 65536)
+        assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
     no_traceback(turnout)
 
 
