@@ -37,7 +37,7 @@ from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame
 
-from proxy.core.exchange_state import DONE, IDLE, RECEIVED
+from proxy.core.exchange_state import DONE, IDLE, RECEIVED, WAITING
 from proxy.core.h2request import MalformedRequest, parse_request
 from proxy.dataplane.http1 import TRAILER_DROP, Exchange, HeadError, WorkerHooks
 from proxy.dataplane.upstream import FRAMING_NONE, UpstreamCarrier
@@ -102,12 +102,27 @@ class Http2Hooks(WorkerHooks, Protocol):
     def count_h2_goaway(self, reason: str) -> None: ...
 
 
-class _ServerH2(h2.connection.H2Connection):
-    """h2's connection, with the concurrent-stream limit left to `Http2Connection`.
+def body_length_message(actual: int, expected: int) -> str:
+    """Why a request body that does not match its content-length is refused."""
+    if actual > expected:
+        return f"request body longer than its content-length ({expected} bytes)"
+    return f"request body of {actual} bytes, shorter than its content-length ({expected})"
 
-    h2 answers a stream over SETTINGS_MAX_CONCURRENT_STREAMS with a connection error, which
-    would end every other stream too; RFC 9113 section 5.1.2 asks for a stream error, which
-    the connection sends itself (REFUSED_STREAM).
+
+class BodyLengthMismatch(h2.events.Event):
+    """A request's DATA went past its content-length, or ended short of it (h2 found it)."""
+
+    def __init__(self, stream_id: int, message: str) -> None:
+        self.stream_id = stream_id
+        self.message = message
+
+
+class _ServerH2(h2.connection.H2Connection):
+    """h2's connection, with the concurrent-stream limit and a request body that does not
+    match its content-length left to `Http2Connection`.
+
+    h2 answers both with a connection error, which would end every other stream too; RFC 9113
+    asks for stream errors (sections 5.1.2 and 8.1.1), which the connection makes itself.
     """
 
     @property
@@ -126,6 +141,16 @@ class _ServerH2(h2.connection.H2Connection):
         result = super()._receive_goaway_frame(frame)
         self.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
         return result
+
+    def _receive_data_frame(self, frame: DataFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        # h2 counts the body against content-length after it has taken the frame into the
+        # flow-control windows and the stream's state: only the END_STREAM, if any, is not
+        # taken, and the stream stays open for the connection to answer or reset.
+        try:
+            return super()._receive_data_frame(frame)
+        except h2.exceptions.InvalidBodyLengthError as exc:
+            message = body_length_message(exc.actual_length, exc.expected_length)
+            return [], [BodyLengthMismatch(frame.stream_id, message)]
 
 
 class _BoundedFrames(FrameBuffer):
@@ -569,6 +594,8 @@ class Http2Connection(asyncio.Protocol):
             # A new initial window may have opened every stream's window.
             for stream in list(self.streams.values()):
                 self.pump(stream)
+        elif isinstance(event, BodyLengthMismatch):
+            self._malformed_body(event.stream_id, event.message)
         elif isinstance(event, h2.events.ConnectionTerminated):
             if event.error_code == ErrorCodes.NO_ERROR and self.streams:
                 # The client's graceful GOAWAY: its open streams finish, then the connection
@@ -711,11 +738,36 @@ class Http2Connection(asyncio.Protocol):
         stream = self.streams.get(sid)
         if stream is None or stream.request_ended:
             return
-        stream.request_ended = True
         ex = stream.ex
         if ex is not None and not stream.done and ex.request_state != RECEIVED:
+            length = ex.content_length
+            if length is not None and ex.bytes_in != length:
+                # Ended by trailers, or by the head itself: h2 counts only DATA frames.
+                self._malformed_body(sid, body_length_message(ex.bytes_in, length))
+                return
+            stream.request_ended = True
             ex.body_complete()
+        stream.request_ended = True
         self.stream_progress(stream)
+
+    def _malformed_body(self, sid: int, message: str) -> None:
+        """A request whose body does not match its content-length: a stream error (RFC 9113
+        section 8.1.1), the connection's other streams go on. Answered 400 if its response
+        has not begun (then RST_STREAM NO_ERROR, as for any answer given before the body
+        ends), else reset with PROTOCOL_ERROR; either way its upstream request is dropped."""
+        stream = self.streams.get(sid)
+        self.ctx.warn_limited("h2-body-length", "HTTP/2 client %s: %s", self.client_ip, message)
+        self._charge_reset()
+        if stream is None:
+            self._refuse(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        ex = stream.ex
+        if ex is not None and not stream.done and ex.response_state == WAITING:
+            ex.local_error(400, message, close=True)
+            return
+        if ex is not None and not stream.done:
+            ex.client_lost()
+        self.reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
 
     def _client_reset(self, event: h2.events.StreamReset) -> None:
         stream = self.streams.pop(event.stream_id, None)

@@ -163,6 +163,40 @@ def test_body_with_length_is_not_chunked(turnout: InProcessTurnout) -> None:
     assert not any(n == "transfer-encoding" for n, _ in headers)
 
 
+@pytest.mark.parametrize(
+    ("declared", "frames", "trailers", "message"),
+    [
+        (10, [b"x" * 20], False, "request body longer than its content-length (10 bytes)"),
+        (100, [b"x" * 10], False, "request body of 10 bytes, shorter than its content-length"),
+        # Ended by trailers: h2 counts only DATA frames ending a stream, Turnout checks this.
+        (100, [b"x" * 10], True, "request body of 10 bytes, shorter than its content-length"),
+        (5, [], False, "request body of 0 bytes, shorter than its content-length (5)"),
+    ],
+)
+def test_a_body_that_does_not_match_its_content_length_is_a_stream_error(
+    turnout: InProcessTurnout, declared: int, frames: list[bytes], trailers: bool, message: str
+) -> None:
+    # RFC 9113 section 8.1.1: a malformed request, a stream error. The request is answered
+    # 400 (its response had not begun) and the connection's other streams go on.
+    request_id = f"cl-{declared}-{len(frames)}-{trailers}"
+    head = [(b"content-length", str(declared).encode()), (b"x-request-id", request_id.encode())]
+    with RawH2(turnout.port) as client:
+        sid = client.request("/upload", method="POST", headers=head, end=not frames)
+        for n, data in enumerate(frames):
+            client.conn.send_data(sid, data, end_stream=not trailers and n == len(frames) - 1)
+        if trailers:
+            client.conn.send_headers(sid, [(b"x-checksum", b"abc")], end_stream=True)
+        client.flush()
+        status, _, body = client.response(sid)
+        assert status == 400
+        assert orjson.loads(body)["error"].startswith(message)
+        after = client.request("/after")
+        assert client.response(after)[0] == 200
+        assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+    entry = turnout.wait_for_log({request_id})[request_id]
+    assert (entry["status"], entry["flags"]) == (400, "refused")
+
+
 def test_httpx_multiplexes_on_one_connection(turnout: InProcessTurnout) -> None:
     with httpx.Client(http1=False, http2=True, base_url=turnout.url) as client:
         for n in range(20):
