@@ -747,7 +747,8 @@ class Http2Connection(asyncio.Protocol):
                 return
             stream.request_ended = True
             ex.body_complete()
-        stream.request_ended = True
+        else:
+            stream.request_ended = True
         self.stream_progress(stream)
 
     def _malformed_body(self, sid: int, message: str) -> None:

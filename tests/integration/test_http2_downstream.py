@@ -193,6 +193,16 @@ def test_a_body_that_does_not_match_its_content_length_is_a_stream_error(
         after = client.request("/after")
         assert client.response(after)[0] == 200
         assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+
+        def open_streams() -> list[int]:
+            return [
+                len(conn.streams)
+                for conn in turnout.ctx.acceptor.connections
+                if isinstance(conn, Http2Connection)
+            ]
+
+        # Nothing is left of either stream (a leaked one would count against the limit).
+        wait_until(lambda: turnout.call_soon(open_streams) == [0], what="both streams gone")
     entry = turnout.wait_for_log({request_id})[request_id]
     assert (entry["status"], entry["flags"]) == (400, "refused")
 
