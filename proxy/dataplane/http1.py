@@ -1511,6 +1511,7 @@ class ClientConnection(CoalescingProtocol):
         "parsing",
         "paused",
         "queue",
+        "refusal",
         "state",
         "tunnel",
         "upgrading",
@@ -1531,6 +1532,8 @@ class ClientConnection(CoalescingProtocol):
         self.parsing: Exchange | None = None
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
+        # A malformed request pipelined behind others: its answer, due when they are answered.
+        self.refusal: tuple[Exchange, int, str] | None = None
         self.client_ip = ""
         self.paused = 0
         self.write_paused = False
@@ -1837,6 +1840,15 @@ class ClientConnection(CoalescingProtocol):
             return
         self.idle_since = self.state.now
         if self.paused:
+            refusal = self.refusal
+            if refusal is not None:
+                # Every request before the malformed one is answered: now its 400, and close.
+                self.refusal = None
+                refused, status, message = refusal
+                self.current = refused
+                refused.flag = "refused"
+                refused.local_error(status, message, close=True)
+                return
             self.unpause(PAUSE_PIPELINE)
         if self.closing:
             self.close()
@@ -1875,8 +1887,8 @@ class ClientConnection(CoalescingProtocol):
     ) -> None:
         """The response head: the upstream's fields but `drop`, the proxy's own fields, and
         framing for this client (chunked for HTTP/1.1, the connection's end for 1.0)."""
-        # close_after: the connection ends after this response (a half-closed client, or a
-        # broken request pipelined behind it); the head says so, as RFC 9112 section 9.6 asks.
+        # close_after: the connection ends after this response (a half-closed client); the
+        # head says so, as RFC 9112 section 9.6 asks.
         close = (
             not ex.keep_alive or ex.request_state != RECEIVED or self.closing or self.close_after
         )
@@ -1975,13 +1987,19 @@ class ClientConnection(CoalescingProtocol):
                 else self.state.request_ids.new()
             )
         self.parsing = None
-        self.close_after = True
         if self.current is not None and self.current is not ex:
-            # A response is in progress: the broken follow-up request just ends the connection
-            # after it. The parser is in its error state, so nothing read from here on could
-            # be parsed: stop reading rather than fail llhttp again on every read.
+            # A response is in progress: the malformed request is answered after the requests
+            # before it, as NGINX does (exchange_done). The parser is in its error state, so
+            # nothing read from here on could be parsed: stop reading rather than fail llhttp
+            # again on every read.
+            queue = self.queue
+            if queue and queue[-1] is ex:
+                queue.pop()  # queued at its head, refused in its body: it never begins
+            if self.refusal is None:
+                self.refusal = (ex, status, message)
             self.pause(PAUSE_BROKEN)
             return
+        self.close_after = True
         self.current = ex
         ex.flag = "refused"
         ex.local_error(status, message, close=True)

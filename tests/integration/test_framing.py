@@ -360,7 +360,7 @@ def test_a_request_body_that_stops_arriving_gets_408(blue: EchoUpstream) -> None
         assert turnout.wait_for_log({"b1"})["b1"]["flags"] == "client_timeout"
 
 
-def test_a_broken_request_pipelined_behind_a_running_one_ends_the_connection_after_it(
+def test_a_broken_request_pipelined_behind_running_ones_is_answered_after_them(
     turnout: InProcessTurnout,
 ) -> None:
     def broken() -> list[int]:
@@ -372,17 +372,28 @@ def test_a_broken_request_pipelined_behind_a_running_one_ends_the_connection_aft
         ]
 
     with RawConnection(turnout.port) as conn:
-        conn.send(build_request("GET", "/slow?ms=2000") + b"this is not http\r\n\r\n")
-        # Nothing after the broken request can be parsed: reading stops while the running
-        # request is answered, instead of failing the parser again on each read.
+        conn.send(
+            build_request("GET", "/slow?ms=2000")
+            + build_request("GET", "/second")
+            + b"this is not http\r\n\r\n"
+        )
+        # Nothing after the broken request can be parsed: reading stops while the requests
+        # before it are answered, instead of failing the parser again on each read.
         wait_until(lambda: bool(turnout.call_soon(broken)), what="reading stopped")
         conn.send(b"more garbage\r\n\r\n")
+        # Every request before the broken one is answered, in order, on a connection that
+        # stays open for them; then the broken one gets its 400, and the connection ends.
         _, first = conn.read_final_response()
-        # The running request is answered whole, saying the connection ends after it; the
-        # broken one gets no answer of its own.
         assert first.status == 200
         assert first.json()["path"] == "/slow?ms=2000"
-        assert first.header("connection") == "close"
+        assert first.header("connection") is None
+        _, second = conn.read_final_response()
+        assert second.status == 200
+        assert second.json()["path"] == "/second"
+        _, refused = conn.read_final_response()
+        assert refused.status == 400
+        assert refused.json()["error"].startswith("malformed request")
+        assert refused.header("connection") == "close"
         assert conn.wait_closed(5.0)
         assert conn.buffered == b""
 
@@ -404,6 +415,10 @@ def test_a_queued_request_whose_body_passes_the_limit_is_never_forwarded(
         conn.send(build_request("GET", "/slow?ms=300") + second)
         _, first = conn.read_final_response()
         assert first.status == 200
+        # Its turn comes after the running request's: 413, and the connection ends.
+        _, refused = conn.read_final_response()
+        assert refused.status == 413
+        assert refused.header("connection") == "close"
         assert conn.wait_closed(5.0)
         assert conn.buffered == b""
     assert blue.requests == before + 1, "the over-limit request reached the upstream"
