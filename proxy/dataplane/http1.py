@@ -1842,12 +1842,9 @@ class ClientConnection(CoalescingProtocol):
         if self.paused:
             refusal = self.refusal
             if refusal is not None:
-                # Every request before the malformed one is answered: now its 400, and close.
+                # Every request before the malformed one is answered: now its turn.
                 self.refusal = None
-                refused, status, message = refusal
-                self.current = refused
-                refused.flag = "refused"
-                refused.local_error(status, message, close=True)
+                self._answer_refused(*refusal)
                 return
             self.unpause(PAUSE_PIPELINE)
         if self.closing:
@@ -1999,6 +1996,10 @@ class ClientConnection(CoalescingProtocol):
                 self.refusal = (ex, status, message)
             self.pause(PAUSE_BROKEN)
             return
+        self._answer_refused(ex, status, message)
+
+    def _answer_refused(self, ex: Exchange, status: int, message: str) -> None:
+        """Answer a request refused while it was parsed (4xx), then end the connection."""
         self.close_after = True
         self.current = ex
         ex.flag = "refused"

@@ -763,10 +763,10 @@ class Http2Connection(asyncio.Protocol):
             self._refuse(sid, ErrorCodes.PROTOCOL_ERROR)
             return
         ex = stream.ex
-        if ex is not None and not stream.done and ex.response_state == WAITING:
-            ex.local_error(400, message, close=True)
-            return
         if ex is not None and not stream.done:
+            if ex.response_state == WAITING:
+                ex.local_error(400, message, close=True)
+                return
             ex.client_lost()
         self.reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
 
